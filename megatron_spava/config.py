@@ -1,0 +1,105 @@
+"""Spava hyper-parameters and ablation switches (SPAVA.md sections 5 and 6).
+
+`SpavaConfig` is a frozen dataclass that validates itself, as megatron-core's
+configs do. It holds no sequence lengths: `SpavaLayout.plan` turns a config and
+the lengths of one request into concrete budgets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+#: Attention kernels `ops.attention.attend` can run; "auto" picks per device.
+KERNELS = ("auto", "cpu_flash", "flash", "cudnn", "efficient", "flex", "math")
+
+
+def round_up(x: int, multiple: int) -> int:
+    """Smallest multiple of `multiple` that is >= x (x >= 0, multiple >= 1)."""
+    return -(-x // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class SpavaConfig:
+    """Budgets and switches of Spava. Every field is validated on construction.
+
+    Budgets (tokens; n is the context length of the request):
+      anchor_len: tokens of the anchor A, replicated on every rank. None gives the
+        reference default round_up(n // anchor_divisor, budget_align), clamped to n.
+      passing_len: passing-block budget l_p per virtual block and per KV head. None gives
+        round_up(n // passing_divisor, budget_align). A block keeps
+        min(passing_len, its length) tokens.
+      anchor_divisor, passing_divisor: the n // divisor of the defaults (64 and 128).
+      budget_align: defaults are rounded up to it, and budgets set explicitly must be
+        multiples of it (128 = the row tile of the flash kernels the reference targets).
+        Set 1 to allow any budget.
+      pool_kernel: odd width of the max-pool that smooths the selection scores.
+      max_query_len: longest query (question + assistant prefix) accepted. The query is
+        replicated on every rank and its rows are computed in full on every rank, so a
+        long query costs every rank; raise it deliberately.
+
+    Switches (the paper's ablations, SPAVA.md section 5):
+      zigzag: two virtual hosts per rank, r and 2W-1-r. Off: one block per rank.
+      overlap: compute while the passing blocks are in flight. Off: wait for each
+        exchange as soon as it is launched.
+      shard_anchor: the query rows attend to the anchor in W shards, one per rank.
+        Off: rank 0 attends to the whole anchor for the query.
+      passing: exchange passing blocks. Off (with the anchor the size of a block): Star
+        Attention.
+
+    Execution:
+      kernel: attention kernel, one of KERNELS; "auto" picks the fastest measured one
+        for the device and dtype (see ops.attention).
+      check_ranks_agree: validate inputs collectively, so that a bad input seen on one
+        rank only still raises on every rank. Costs one small all-reduce and a host sync
+        per call; inputs that are bad on every rank raise everywhere without it.
+    """
+
+    anchor_len: Optional[int] = None
+    passing_len: Optional[int] = None
+    anchor_divisor: int = 64
+    passing_divisor: int = 128
+    budget_align: int = 128
+    pool_kernel: int = 5
+    max_query_len: int = 8192
+    zigzag: bool = True
+    overlap: bool = True
+    shard_anchor: bool = True
+    passing: bool = True
+    kernel: str = "auto"
+    check_ranks_agree: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("zigzag", "overlap", "shard_anchor", "passing", "check_ranks_agree"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SpavaConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        for name, low in (("anchor_divisor", 1), ("passing_divisor", 1), ("budget_align", 1),
+                          ("pool_kernel", 1), ("max_query_len", 1)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                raise ValueError(f"SpavaConfig.{name} must be an integer >= {low}, got {value!r}")
+        if self.pool_kernel % 2 == 0:
+            raise ValueError(f"SpavaConfig.pool_kernel must be odd (it is centred on each token), "
+                             f"got {self.pool_kernel}")
+        for name in ("anchor_len", "passing_len"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"SpavaConfig.{name} must be None or an integer >= 0, got {value!r}")
+            if value % self.budget_align:
+                raise ValueError(
+                    f"SpavaConfig.{name}={value} is not a multiple of budget_align="
+                    f"{self.budget_align}; use {round_up(value, self.budget_align)}, "
+                    f"or set budget_align=1 to allow any size")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"SpavaConfig.kernel must be one of {KERNELS}, got {self.kernel!r}")
+
+    def replace(self, **changes) -> "SpavaConfig":
+        """A copy with `changes` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,170 @@
+"""Spava context-parallel attention: the functional core (SPAVA.md sections 2-3).
+
+`spava_attn_func` runs one attention layer on one CP rank. Every rank of the CP group
+calls it with its local q/k/v in the layout's local order [A | blocks | Q]:
+
+  1-3  score this rank's blocks against the query probe and select passing blocks;
+  4    all-gather the passing blocks of the first blocks, then of the second blocks,
+       asynchronously;
+  8    attend the query rows to this rank's share of the keys and launch the all-gather
+       of those partials;
+  5    anchor rows: causal attention of A over A;
+  6-7  block rows: causal attention within the block, and (once its exchange has landed)
+       attention to [passing blocks before it | A], merged by LSE;
+  8    merge the query partials of every rank: exact query rows, the same on every rank.
+
+The exchanged passing blocks land in one buffer X = [G2 | A | G1], where G1 holds the
+first blocks' passing blocks in rank order (P_0 .. P_{W-1}) and G2 the second blocks'
+(P_{2W-1} .. P_W). Rows of B_r then read the contiguous slice [A | P_0 .. P_{r-1}] and
+rows of B_{2W-1-r} the slice [P_{2W-2-r} .. P_W | A | P_0 .. P_{W-1}]: no concatenation.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .layout import SpavaLayout
+from .ops.attention import attend, attend_many, merge_partials
+from .ops.selection import query_probe, select_passing
+
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def group_rank_world(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
+    """(rank, size) in `group`; None means no context parallelism: (0, 1)."""
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _all_gather(output: torch.Tensor, local: torch.Tensor, group, world: int, async_op: bool):
+    """Gather `local` from every rank into `output` (rank-major along dim 0). Returns a
+    work handle to wait on, or None when nothing is left in flight."""
+    if world == 1:
+        output.copy_(local)
+        return None
+    work = _all_gather_single(output, local, group=group, async_op=async_op)
+    return work if async_op else None
+
+
+def input_error(q, k, v, layout: SpavaLayout, rank: int, world: int) -> Optional[str]:
+    """Why (q, k, v) cannot go through `layout` on this rank, or None. Pure."""
+    if world != layout.cp_size:
+        return (f"the layout was planned for cp_size={layout.cp_size} but the CP group has "
+                f"{world} ranks; plan it with cp_size={world}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            return f"{name} must be a 4-D tensor [s, b, heads, head_dim], got " + (
+                f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__)
+    if k.shape != v.shape:
+        return f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+    if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
+        return (f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in sequence, batch and "
+                f"head_dim ([s, b, heads, head_dim])")
+    if q.shape[2] % k.shape[2]:
+        return (f"query heads ({q.shape[2]}) must be a multiple of key/value heads "
+                f"({k.shape[2]}) for grouped-query attention")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        return (f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
+                f"{q.device}/{k.device}/{v.device}")
+    expected = layout.local_len(rank)
+    if q.shape[0] != expected:
+        return (f"rank {rank} holds {expected} tokens in this layout "
+                f"(anchor {layout.anchor_len} + its blocks + query {layout.query_len}) but q has "
+                f"{q.shape[0]}; shard inputs with layout.local_indices(rank)")
+    return None
+
+
+def _agree_on_error(error: Optional[str], group, world: int) -> Optional[str]:
+    """The first rank's error, seen by every rank (one all_gather_object)."""
+    if world == 1:
+        return error
+    errors: List[Optional[str]] = [None] * world
+    dist.all_gather_object(errors, error, group=group)
+    return next((f"(rank {r}) {e}" for r, e in enumerate(errors) if e), None)
+
+
+def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: SpavaLayout,
+                    cp_group: Optional[dist.ProcessGroup] = None,
+                    softmax_scale: Optional[float] = None) -> torch.Tensor:
+    """Spava attention of one layer on this CP rank.
+
+    q: [s_local, b, hq, d]; k, v: [s_local, b, hk, d], post-RoPE, hq % hk == 0, in the
+    layout's local order (`layout.local_indices(rank)`). cp_group: the context-parallel
+    group the layout was planned for (None: a single rank). softmax_scale: default
+    d ** -0.5. Returns [s_local, b, hq, d] in q's dtype; anchor and query rows are the
+    same on every rank. Raises ValueError (before any collective) for bad input.
+    """
+    rank, world = group_rank_world(cp_group)
+    error = input_error(q, k, v, layout, rank, world)
+    if layout.config.check_ranks_agree:
+        error = _agree_on_error(error, cp_group, world)
+    if error:
+        raise ValueError(f"spava_attn_func: {error}")
+
+    cfg = layout.config
+    seg = layout.segments(rank)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    b, hk, d = k.shape[1], k.shape[2], k.shape[3]
+    a_hi = seg.anchor[1]
+    q_lo, q_hi = seg.query
+    lp, nblk = layout.passing_len, len(seg.blocks)
+    out = torch.empty_like(q)
+
+    # X = [G2 | A | G1]: gathered passing blocks around a copy of the anchor's K|V.
+    slots = world * lp
+    off_a = slots * (nblk - 1)
+    off_g1 = off_a + a_hi
+    x = k.new_empty(off_g1 + slots, b, hk, 2 * d)
+    x[off_a:off_g1] = torch.cat([k[:a_hi], v[:a_hi]], dim=-1)
+
+    # 1-4. Select each block's passing block and launch its all-gather.
+    works = []
+    if lp:
+        probe = query_probe(q[q_lo:q_hi], hk)
+        for j, (vblock, lo, hi) in enumerate(seg.blocks):
+            if vblock == layout.num_blocks - 1:  # the last block's passing block is never read
+                mine = k.new_zeros(lp, b, hk, 2 * d)
+            else:
+                mine = select_passing(k[lo:hi], v[lo:hi], probe, lp, cfg.pool_kernel)
+            region = x[off_g1:off_g1 + slots] if j == 0 else x[:slots]
+            works.append(_all_gather(region, mine, cp_group, world, async_op=cfg.overlap))
+
+    # 8a. Query rows over this rank's share of the keys; launch the gather of partials.
+    s_lo, s_hi = seg.anchor_shard
+    c_lo, c_hi = seg.blocks[0][1], seg.blocks[-1][2]  # this rank's blocks are contiguous
+    keys = [(k[s_lo:s_hi], v[s_lo:s_hi], False), (k[c_lo:c_hi], v[c_lo:c_hi], False)]
+    if rank == 0:
+        keys.append((k[q_lo:q_hi], v[q_lo:q_hi], True))
+    q_out, q_lse = attend_many(q[q_lo:q_hi], keys, scale=scale, kernel=cfg.kernel)
+    packed = torch.cat([q_out, q_lse.unsqueeze(-1)], dim=-1)  # [lq, b, hq, d + 1] fp32
+    gathered = packed.new_empty(world, *packed.shape)
+    q_work = _all_gather(gathered, packed, cp_group, world, async_op=cfg.overlap)
+
+    # 5. Anchor rows: exact, A is the true prefix.
+    if a_hi:
+        out[:a_hi] = attend(q[:a_hi], k[:a_hi], v[:a_hi], causal=True, scale=scale,
+                            kernel=cfg.kernel)[0]
+
+    # 6-7. Block rows: causal within the block now, the exchanged prefix once it lands.
+    own = [attend(q[lo:hi], k[lo:hi], v[lo:hi], causal=True, scale=scale, kernel=cfg.kernel)
+           for _, lo, hi in seg.blocks]
+    prefixes = [(off_a, off_g1 + rank * lp), ((rank + 1) * lp, off_g1 + slots)]
+    for j, (_, lo, hi) in enumerate(seg.blocks):
+        if j < len(works) and works[j] is not None:
+            works[j].wait()
+        p_lo, p_hi = prefixes[j]
+        parts = [own[j]]
+        if p_hi > p_lo:
+            parts.append(attend(q[lo:hi], x[p_lo:p_hi, ..., :d], x[p_lo:p_hi, ..., d:],
+                                scale=scale, kernel=cfg.kernel))
+        out[lo:hi] = merge_partials(parts)[0]
+
+    # 8b. Exact query rows: merge every rank's partial.
+    if q_work is not None:
+        q_work.wait()
+    out[q_lo:q_hi] = merge_partials([(g[..., :d], g[..., d]) for g in gathered])[0]
+    return out

@@ -1,0 +1,6 @@
+"""Tensor operations Spava is built from: the attention primitive and passing-block selection."""
+
+from .attention import attend, merge_partials
+from .selection import query_probe, select_passing, selection_scores
+
+__all__ = ["attend", "merge_partials", "query_probe", "select_passing", "selection_scores"]
