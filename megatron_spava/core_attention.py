@@ -141,7 +141,7 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
         keys.append((k[q_lo:q_hi], v[q_lo:q_hi], True))
     q_out, q_lse = attend_many(q[q_lo:q_hi], keys, scale=scale, kernel=cfg.kernel)
     packed = torch.cat([q_out, q_lse.unsqueeze(-1)], dim=-1)  # [lq, b, hq, d + 1] fp32
-    gathered = packed.new_empty(world, *packed.shape)
+    gathered = packed.new_empty(world * packed.shape[0], *packed.shape[1:])
     q_work = _all_gather(gathered, packed, cp_group, world, async_op=cfg.overlap)
 
     # 5. Anchor rows: exact, A is the true prefix.
@@ -166,5 +166,6 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
     # 8b. Exact query rows: merge every rank's partial.
     if q_work is not None:
         q_work.wait()
+    gathered = gathered.view(world, *packed.shape)
     out[q_lo:q_hi] = merge_partials([(g[..., :d], g[..., d]) for g in gathered])[0]
     return out

@@ -1,0 +1,153 @@
+"""The attention primitive, the LSE merge and passing-block selection, against plain
+float64 PyTorch computed in the test."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_spava.ops import attend, merge_partials, query_probe, select_passing, selection_scores
+from megatron_spava.ops.attention import attend_many, resolve_kernel
+
+CPU_KERNELS = ["cpu_flash", "math"]
+
+
+def _ref(q, k, v, causal, scale=None):
+    """float64 out and lse by explicit softmax. q [sq,b,hq,d], k/v [sk,b,hk,d]."""
+    group = q.shape[2] // k.shape[2]
+    qd = q.double().permute(1, 2, 0, 3)
+    kd = k.double().repeat_interleave(group, dim=2).permute(1, 2, 0, 3)
+    vd = v.double().repeat_interleave(group, dim=2).permute(1, 2, 0, 3)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = qd @ kd.transpose(-1, -2) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    lse = s.logsumexp(-1)
+    out = torch.softmax(s, -1) @ vd
+    return out.permute(2, 0, 1, 3), lse.permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("hq,hk", [(4, 4), (8, 2)])
+def test_attend_matches_float64_softmax(kernel, causal, hq, hk):
+    torch.manual_seed(0)
+    sq, sk = 37, 37 if causal else 53
+    q, k, v = torch.randn(sq, 2, hq, 16), torch.randn(sk, 2, hk, 16), torch.randn(sk, 2, hk, 16)
+    out, lse = attend(q, k, v, causal=causal, scale=0.3, kernel=kernel)
+    ref_out, ref_lse = _ref(q, k, v, causal, scale=0.3)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (sq, 2, hq) and lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_attend_accepts_strided_views():
+    torch.manual_seed(1)
+    packed = torch.randn(40, 1, 2, 32)  # K|V packed along the last dim, as Spava's buffer
+    q = torch.randn(10, 1, 4, 16)
+    out, _ = attend(q, packed[..., :16], packed[..., 16:])
+    ref, _ = _ref(q, packed[..., :16].contiguous(), packed[..., 16:].contiguous(), False)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_attend_empty_keys_is_neutral():
+    q = torch.randn(5, 1, 2, 8)
+    out, lse = attend(q, torch.randn(0, 1, 2, 8), torch.randn(0, 1, 2, 8))
+    assert torch.equal(out, torch.zeros_like(q)) and torch.isneginf(lse).all()
+    k, v = torch.randn(7, 1, 2, 8), torch.randn(7, 1, 2, 8)
+    merged, _ = merge_partials([attend(q, k, v), (out, lse)])
+    torch.testing.assert_close(merged, attend(q, k, v)[0])
+
+
+def test_attend_rejects_rectangular_causal():
+    with pytest.raises(ValueError, match="causal needs as many keys"):
+        attend(torch.randn(3, 1, 1, 4), torch.randn(5, 1, 1, 4), torch.randn(5, 1, 1, 4), causal=True)
+
+
+@pytest.mark.parametrize("splits", [[10, 30, 24], [1, 63], [64]])
+def test_merge_of_key_splits_equals_attention_over_union(splits):
+    torch.manual_seed(2)
+    q, k, v = torch.randn(9, 2, 6, 8), torch.randn(64, 2, 3, 8), torch.randn(64, 2, 3, 8)
+    parts, lo = [], 0
+    for size in splits:
+        parts.append(attend(q, k[lo:lo + size], v[lo:lo + size]))
+        lo += size
+    out, lse = merge_partials(parts)
+    ref_out, ref_lse = _ref(q, k, v, False)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_attend_many_bottom_right_causal():
+    """[prefix fully visible | own block causal] == bottom-right causal over the concat."""
+    torch.manual_seed(3)
+    q = torch.randn(12, 1, 4, 8)
+    pk, pv = torch.randn(20, 1, 2, 8), torch.randn(20, 1, 2, 8)
+    bk, bv = torch.randn(12, 1, 2, 8), torch.randn(12, 1, 2, 8)
+    out, _ = attend_many(q, [(pk, pv, False), (bk, bv, True)], scale=None, kernel="auto")
+    k, v = torch.cat([pk, bk]), torch.cat([pv, bv])
+    mask = torch.ones(12, 32, dtype=torch.bool).tril(diagonal=20)
+    ref = F.scaled_dot_product_attention(q.double().permute(1, 2, 0, 3), k.double().permute(1, 2, 0, 3),
+                                         v.double().permute(1, 2, 0, 3), attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(out.double(), ref.permute(2, 0, 1, 3), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_kernel_choice():
+    assert resolve_kernel("auto", torch.device("cpu"), torch.float32) == "cpu_flash"
+    assert resolve_kernel("auto", torch.device("cuda"), torch.bfloat16) in {"flash", "cudnn", "flex", "efficient"}
+    with pytest.raises(ValueError):
+        resolve_kernel("nope", torch.device("cpu"), torch.float32)
+
+
+def test_probe_scores_equal_mean_of_per_token_dot_products():
+    torch.manual_seed(4)
+    lq, b, hq, hk, d = 6, 2, 8, 2, 16
+    qq, kb = torch.randn(lq, b, hq, d), torch.randn(30, b, hk, d)
+    probe = query_probe(qq, hk)
+    assert probe.shape == (b, hk, d) and probe.dtype == torch.float32
+    raw = torch.matmul(kb.permute(1, 2, 0, 3).float(), probe.unsqueeze(-1)).squeeze(-1)
+    # independent: average of k_t . q_i over the query tokens and the GQA group
+    group = hq // hk
+    expected = torch.einsum("tbhd,ibhgd->bht", kb.double(),
+                            qq.double().reshape(lq, b, hk, group, d)) / (lq * group)
+    torch.testing.assert_close(raw.double(), expected, rtol=1e-5, atol=1e-5)
+    pooled = selection_scores(kb, probe, pool_kernel=5)
+    padded = F.pad(expected, (2, 2), value=float("-inf"))
+    expected_pool = torch.stack([padded[..., t:t + 5].amax(-1) for t in range(30)], dim=-1)
+    torch.testing.assert_close(pooled.double(), expected_pool, rtol=1e-5, atol=1e-5)
+
+
+def test_selection_keeps_top_scored_tokens_per_head():
+    torch.manual_seed(5)
+    l, b, hk, d = 40, 2, 3, 8
+    k, v = torch.randn(l, b, hk, d), torch.randn(l, b, hk, d)
+    probe = torch.randn(b, hk, d)
+    sel = select_passing(k, v, probe, budget=7, pool_kernel=1)  # kernel 1: no smoothing
+    assert sel.shape == (7, b, hk, 2 * d)
+    scores = torch.einsum("tbhd,bhd->bht", k.double(), probe.double())
+    heads_differ = False
+    for bi in range(b):
+        chosen_per_head = []
+        for h in range(hk):
+            top = set(scores[bi, h].topk(7).indices.tolist())
+            rows = {int(torch.nonzero((k[:, bi, h] == sel[j, bi, h, :d]).all(-1))[0])
+                    for j in range(7)}
+            assert rows == top
+            for j in range(7):  # values travel with their keys
+                t = int(torch.nonzero((k[:, bi, h] == sel[j, bi, h, :d]).all(-1))[0])
+                assert torch.equal(sel[j, bi, h, d:], v[t, bi, h])
+            chosen_per_head.append(rows)
+        heads_differ |= len({frozenset(c) for c in chosen_per_head}) > 1
+    assert heads_differ
+
+
+def test_selection_pools_within_block_only():
+    """A high score just outside the block must not leak in through the max-pool."""
+    d = 4
+    k = torch.zeros(10, 1, 1, d)
+    probe = torch.zeros(1, 1, d)
+    probe[..., 0] = 1.0
+    k[:, 0, 0, 0] = torch.arange(10.0)  # increasing scores, max at the last token
+    pooled = selection_scores(k, probe, 5)
+    # last two tokens pool only over in-block neighbours (padding is -inf, not data)
+    assert pooled[0, 0].tolist() == [2, 3, 4, 5, 6, 7, 8, 9, 9, 9]
