@@ -2,9 +2,6 @@ import pytest
 import torch
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs CUDA GPUs (skipped without them)")
-
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

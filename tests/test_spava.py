@@ -10,7 +10,8 @@ import torch.distributed as dist
 
 from megatron_spava import SpavaConfig, SpavaLayout, spava_attn_func
 from megatron_spava.testing import run_ranks
-from megatron_spava.testing.reference import full_attention, random_qkv, relative_error, star_mask
+from megatron_spava.testing.reference import (full_attention, random_qkv, relative_error, spava_mask,
+                                              star_mask)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -205,3 +206,21 @@ def test_query_aware_selection_keeps_the_keys_that_matter(world):
     # Measured (seed 1): spava ~0.02, star ~1.7-1.9. The budget (128 per block) holds every
     # needle with its max-pool neighbours, so Spava misses only low-score keys.
     assert errors["spava"] < 0.1 and errors["spava"] < 0.05 * errors["star"], errors
+
+
+@pytest.mark.parametrize("world,zigzag", [(2, True), (3, True), (4, True), (3, False)])
+def test_small_budgets_match_dense_mask_oracle(world, zigzag):
+    """Approximate budgets, checked exactly: a dense-mask SDPA whose mask is written from
+    SPAVA.md's rules (reference.spava_mask) must equal Spava row for row. pool_kernel=1
+    keeps the top-k free of ties, so the selected set is unambiguous."""
+    n, lq, hq, hk, d = 700, 6, 4, 2, 16
+    cfg = dict(anchor_len=20, passing_len=24, budget_align=1, pool_kernel=1, zigzag=zigzag)
+    results = _run(world, n, lq, 2, hq, hk, d, seed=31, **cfg)
+    layout = SpavaLayout.plan(context_len=n, query_len=lq, cp_size=world, config=SpavaConfig(**cfg))
+    assert layout.passing_len < layout.block_len
+    q, k, v = random_qkv(n + lq, 2, hq, hk, d, seed=31)
+    ref = full_attention(q, k, v, mask=spava_mask(layout, q, k))
+    exact = full_attention(q, k, v)
+    for idx, out in results:
+        torch.testing.assert_close(out.double(), ref[idx], rtol=1e-5, atol=1e-5)
+    assert relative_error(results[-1][1], exact[results[-1][0]]) > 1e-3  # really approximate

@@ -62,3 +62,39 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64."""
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def spava_mask(layout, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Dense bool mask [b, hq, S, S] of the keys each row sees under Spava (SPAVA.md
+    section 2), written from the contract with plain loops, for a dense-SDPA oracle.
+
+    Row of block v: the anchor, its own block causally, and for every earlier block u < v
+    the passing block P_u: per (batch, KV head) the min(passing, len(B_u)) tokens of B_u
+    with the highest max-pooled scores k . probe, probe = the query tokens' queries
+    averaged over the GQA group and the query tokens. Query and anchor rows: causal.
+    Only unambiguous when the top-k has no ties at its boundary (e.g. pool_kernel=1).
+    """
+    n, lq, cfg = layout.context_len, layout.query_len, layout.config
+    total, b, hq, d = q.shape
+    hk = k.shape[2]
+    group = hq // hk
+    probe = q[n:n + lq].double().reshape(lq, b, hk, group, d).mean(dim=(0, 3))  # [b, hk, d]
+    base = star_mask(layout)
+    mask = base.expand(b, hq, total, total).clone()
+    half = cfg.pool_kernel // 2
+    for u in range(layout.num_blocks):
+        lo, hi = layout.block_range(u)
+        budget = min(layout.passing_len, hi - lo)
+        if budget == 0:
+            continue
+        later = torch.zeros(total, dtype=torch.bool)
+        later[hi:n] = True  # rows of every later block
+        for bi in range(b):
+            for h in range(hk):
+                raw = [float(k[t, bi, h].double() @ probe[bi, h]) for t in range(lo, hi)]
+                pooled = [max(raw[max(0, i - half):i + half + 1]) for i in range(len(raw))]
+                top = sorted(range(len(pooled)), key=lambda i: -pooled[i])[:budget]
+                cols = torch.tensor(top) + lo
+                for hh in range(h * group, (h + 1) * group):
+                    mask[bi, hh][later.nonzero().squeeze(1)[:, None], cols[None, :]] = True
+    return mask

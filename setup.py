@@ -1,0 +1,28 @@
+"""megatron_spava: Spava context-parallel approximate attention for Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_spava",
+    version="0.1.0",
+    description="Spava sequence-parallel approximate attention for long-video prefill in Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_spava", "megatron_spava.*"]),
+    python_requires=">=3.10",
+    # torch is not pinned here: install it first (the README says how) so that pip never
+    # pulls a CUDA build onto a CPU machine. constraints.txt pins what CI installs.
+    install_requires=[
+        "torch>=2.5",
+        "megatron-core==0.16.1",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        "te": ["transformer-engine[pytorch]"],  # optional, detected at runtime
+    },
+    entry_points={
+        "console_scripts": [
+            "megatron-spava-demo=megatron_spava.demo:main",
+        ],
+    },
+)
