@@ -66,7 +66,7 @@ def _efficient(q, k, v, causal, scale):
 @functools.lru_cache(maxsize=None)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)  # recompiles once as dynamic when shapes change
 
 
 @functools.lru_cache(maxsize=64)
