@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_spava import SpavaConfig, SpavaLayout, spava_attn_func
+from megatron_spava.config import round_up
 from megatron_spava.ops import attend
 from megatron_spava.testing import run_ranks
 from megatron_spava.testing.reference import full_attention, random_qkv, relative_error
@@ -40,7 +41,7 @@ def test_cuda_kernel_matches_float32_math(kernel, causal, hq, hk):
 def _spava_nccl(n, lq, hq, hk, d, kernel, seed):
     rank, world = dist.get_rank(), dist.get_world_size()
     q, k, v = random_qkv(n + lq, 1, hq, hk, d, seed=seed, dtype=torch.bfloat16, device="cuda")
-    cfg = SpavaConfig(anchor_len=256, passing_len=n, kernel=kernel)  # passing >= block length
+    cfg = SpavaConfig(anchor_len=256, passing_len=round_up(n, 128), kernel=kernel)  # >= block length
     layout = SpavaLayout.plan(context_len=n, query_len=lq, cp_size=world, config=cfg)
     idx = layout.local_indices(rank)
     out = spava_attn_func(q[idx], k[idx], v[idx], layout=layout, cp_group=dist.group.WORLD)

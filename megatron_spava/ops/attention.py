@@ -117,7 +117,7 @@ _KERNELS: Dict[str, Callable] = {
 }
 
 #: Kernels that read grouped K/V directly, without repeating it per query head.
-GQA_NATIVE = {"cpu_flash", "flash", "flex", "math"}
+GQA_NATIVE = {"cpu_flash", "cudnn", "flash", "flex", "math"}
 
 
 def resolve_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> str:
