@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 #: Attention kernels `ops.attention.attend` can run; "auto" picks per device.
 KERNELS = ("auto", "cpu_flash", "flash", "cudnn", "efficient", "flex", "math")
@@ -27,9 +27,12 @@ class SpavaConfig:
     Budgets (tokens; n is the context length of the request):
       anchor_len: tokens of the anchor A, replicated on every rank. None gives the
         reference default round_up(n // anchor_divisor, budget_align), clamped to n.
+        "block" makes the anchor as long as a context block (Star Attention).
       passing_len: passing-block budget l_p per virtual block and per KV head. None gives
-        round_up(n // passing_divisor, budget_align). A block keeps
+        passing_scale * round_up(n // passing_divisor, budget_align). A block keeps
         min(passing_len, its length) tokens.
+      passing_scale: multiplies the default passing budget (APB uses 2: half as many
+        blocks, the same exchanged volume). Ignored when passing_len is set.
       anchor_divisor, passing_divisor: the n // divisor of the defaults (64 and 128).
       budget_align: defaults are rounded up to it, and budgets set explicitly must be
         multiples of it (128 = the row tile of the flash kernels the reference targets).
@@ -56,10 +59,11 @@ class SpavaConfig:
         per call; inputs that are bad on every rank raise everywhere without it.
     """
 
-    anchor_len: Optional[int] = None
+    anchor_len: Optional[Union[int, str]] = None
     passing_len: Optional[int] = None
     anchor_divisor: int = 64
     passing_divisor: int = 128
+    passing_scale: int = 1
     budget_align: int = 128
     pool_kernel: int = 5
     max_query_len: int = 8192
@@ -74,7 +78,8 @@ class SpavaConfig:
         for name in ("zigzag", "overlap", "shard_anchor", "passing", "check_ranks_agree"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SpavaConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        for name, low in (("anchor_divisor", 1), ("passing_divisor", 1), ("budget_align", 1),
+        for name, low in (("anchor_divisor", 1), ("passing_divisor", 1), ("passing_scale", 1),
+                          ("budget_align", 1),
                           ("pool_kernel", 1), ("max_query_len", 1)):
             value = getattr(self, name)
             if not _is_int(value) or value < low:
@@ -84,10 +89,12 @@ class SpavaConfig:
                              f"got {self.pool_kernel}")
         for name in ("anchor_len", "passing_len"):
             value = getattr(self, name)
-            if value is None:
+            if value is None or (name == "anchor_len" and value == "block"):
                 continue
             if not _is_int(value) or value < 0:
-                raise ValueError(f"SpavaConfig.{name} must be None or an integer >= 0, got {value!r}")
+                extra = ', "block"' if name == "anchor_len" else ""
+                raise ValueError(f"SpavaConfig.{name} must be None{extra} or an integer >= 0, "
+                                 f"got {value!r}")
             if value % self.budget_align:
                 raise ValueError(
                     f"SpavaConfig.{name}={value} is not a multiple of budget_align="

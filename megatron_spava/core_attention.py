@@ -21,71 +21,15 @@ rows of B_{2W-1-r} the slice [P_{2W-2-r} .. P_W | A | P_0 .. P_{W-1}]: no concat
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from .distributed import all_gather, check_inputs
 from .layout import SpavaLayout
 from .ops.attention import attend, attend_many, merge_partials
 from .ops.selection import query_probe, select_passing
-
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def group_rank_world(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
-    """(rank, size) in `group`; None means no context parallelism: (0, 1)."""
-    if group is None:
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-def _all_gather(output: torch.Tensor, local: torch.Tensor, group, world: int, async_op: bool):
-    """Gather `local` from every rank into `output` (rank-major along dim 0). Returns a
-    work handle to wait on, or None when nothing is left in flight."""
-    if world == 1:
-        output.copy_(local)
-        return None
-    work = _all_gather_single(output, local, group=group, async_op=async_op)
-    return work if async_op else None
-
-
-def input_error(q, k, v, layout: SpavaLayout, rank: int, world: int) -> Optional[str]:
-    """Why (q, k, v) cannot go through `layout` on this rank, or None. Pure."""
-    if world != layout.cp_size:
-        return (f"the layout was planned for cp_size={layout.cp_size} but the CP group has "
-                f"{world} ranks; plan it with cp_size={world}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            return f"{name} must be a 4-D tensor [s, b, heads, head_dim], got " + (
-                f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__)
-    if k.shape != v.shape:
-        return f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
-    if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
-        return (f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in sequence, batch and "
-                f"head_dim ([s, b, heads, head_dim])")
-    if q.shape[2] % k.shape[2]:
-        return (f"query heads ({q.shape[2]}) must be a multiple of key/value heads "
-                f"({k.shape[2]}) for grouped-query attention")
-    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
-        return (f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
-                f"{q.device}/{k.device}/{v.device}")
-    expected = layout.local_len(rank)
-    if q.shape[0] != expected:
-        return (f"rank {rank} holds {expected} tokens in this layout "
-                f"(anchor {layout.anchor_len} + its blocks + query {layout.query_len}) but q has "
-                f"{q.shape[0]}; shard inputs with layout.local_indices(rank)")
-    return None
-
-
-def _agree_on_error(error: Optional[str], group, world: int) -> Optional[str]:
-    """The first rank's error, seen by every rank (one all_gather_object)."""
-    if world == 1:
-        return error
-    errors: List[Optional[str]] = [None] * world
-    dist.all_gather_object(errors, error, group=group)
-    return next((f"(rank {r}) {e}" for r, e in enumerate(errors) if e), None)
-
 
 def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: SpavaLayout,
                     cp_group: Optional[dist.ProcessGroup] = None,
@@ -98,13 +42,8 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
     d ** -0.5. Returns [s_local, b, hq, d] in q's dtype; anchor and query rows are the
     same on every rank. Raises ValueError (before any collective) for bad input.
     """
-    rank, world = group_rank_world(cp_group)
-    error = input_error(q, k, v, layout, rank, world)
-    if layout.config.check_ranks_agree:
-        error = _agree_on_error(error, cp_group, world)
-    if error:
-        raise ValueError(f"spava_attn_func: {error}")
-
+    rank, world = check_inputs(q, k, v, layout, cp_group, caller="spava_attn_func",
+                               collective=layout.config.check_ranks_agree)
     cfg = layout.config
     seg = layout.segments(rank)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
@@ -131,7 +70,7 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
             else:
                 mine = select_passing(k[lo:hi], v[lo:hi], probe, lp, cfg.pool_kernel)
             region = x[off_g1:off_g1 + slots] if j == 0 else x[:slots]
-            works.append(_all_gather(region, mine, cp_group, world, async_op=cfg.overlap))
+            works.append(all_gather(region, mine, cp_group, world, async_op=cfg.overlap))
 
     # 8a. Query rows over this rank's share of the keys; launch the gather of partials.
     s_lo, s_hi = seg.anchor_shard
@@ -142,7 +81,7 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
     q_out, q_lse = attend_many(q[q_lo:q_hi], keys, scale=scale, kernel=cfg.kernel)
     packed = torch.cat([q_out, q_lse.unsqueeze(-1)], dim=-1)  # [lq, b, hq, d + 1] fp32
     gathered = packed.new_empty(world * packed.shape[0], *packed.shape[1:])
-    q_work = _all_gather(gathered, packed, cp_group, world, async_op=cfg.overlap)
+    q_work = all_gather(gathered, packed, cp_group, world, async_op=cfg.overlap)
 
     # 5. Anchor rows: exact, A is the true prefix.
     if a_hi:

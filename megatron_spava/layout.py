@@ -79,6 +79,8 @@ class SpavaLayout:
         num_blocks = 2 * world if config.zigzag else world
         if config.anchor_len is None:
             anchor = min(round_up(n // config.anchor_divisor, config.budget_align), n)
+        elif config.anchor_len == "block":  # Star Attention: anchor as long as a block
+            anchor = min(-(-n // (num_blocks + 1)), max(n - num_blocks, 0))
         elif config.anchor_len > n:
             raise ValueError(f"Spava layout: anchor_len={config.anchor_len} is longer than the "
                              f"context ({n} tokens)")
@@ -101,7 +103,8 @@ class SpavaLayout:
         if not config.passing:
             passing = 0
         elif config.passing_len is None:
-            passing = min(round_up(n // config.passing_divisor, config.budget_align), block)
+            default = round_up(n // config.passing_divisor, config.budget_align)
+            passing = min(config.passing_scale * default, block)
         else:
             passing = min(config.passing_len, block)
         return cls(context_len=n, query_len=lq, cp_size=world, anchor_len=anchor,

@@ -1,0 +1,118 @@
+"""`ring`: exact ZigZag ring attention, the exact context-parallel baseline.
+
+The whole prompt (context and query, S tokens) is cut into 2W contiguous chunks of
+ceil(S / 2W) tokens (the last may be short); rank r holds chunks r and 2W-1-r, so
+every rank does the same causal work. K/V travel around the ring in W-1 steps; each
+step's transfer overlaps the attention of the step before. Chunk i attends to chunk j
+fully when j < i, causally when j == i, not at all when j > i; partials merge by LSE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..config import SpavaConfig
+from ..distributed import check_inputs
+from ..ops.attention import attend, merge_partials
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    """ZigZag layout of the whole prompt. context_len: n; query_len: l_q; cp_size: W;
+    chunk_len: ceil((n + l_q) / 2W). config: only its `kernel` and `check_ranks_agree`
+    are used."""
+
+    context_len: int
+    query_len: int
+    cp_size: int
+    chunk_len: int
+    config: SpavaConfig = field(default_factory=SpavaConfig)
+
+    @classmethod
+    def plan(cls, *, context_len: int, query_len: int, cp_size: int,
+             config: Optional[SpavaConfig] = None) -> "RingLayout":
+        """Plan the ring layout; raises ValueError when 2W chunks cannot all hold a token."""
+        for name, value in (("context_len", context_len), ("query_len", query_len),
+                            ("cp_size", cp_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ring layout: {name} must be an integer >= 1, got {value!r}")
+        total, chunks = context_len + query_len, 2 * cp_size
+        chunk = -(-total // chunks)
+        if total < chunks or (chunks - 1) * chunk >= total:
+            raise ValueError(
+                f"ring layout: {total} tokens cannot be cut into {chunks} non-empty chunks of "
+                f"ceil({total}/{chunks})={chunk} tokens; use a longer prompt or fewer ranks")
+        return cls(context_len, query_len, cp_size, chunk, config or SpavaConfig())
+
+    @property
+    def total_len(self) -> int:
+        return self.context_len + self.query_len
+
+    def chunk_range(self, c: int) -> Tuple[int, int]:
+        """Global [start, end) of chunk c."""
+        start = c * self.chunk_len
+        return start, min(start + self.chunk_len, self.total_len)
+
+    def chunks_of(self, rank: int) -> Tuple[int, int]:
+        if not 0 <= rank < self.cp_size:
+            raise ValueError(f"rank {rank} out of range for cp_size={self.cp_size}")
+        return rank, 2 * self.cp_size - 1 - rank
+
+    def local_len(self, rank: int) -> int:
+        return sum(hi - lo for lo, hi in map(self.chunk_range, self.chunks_of(rank)))
+
+    def local_indices(self, rank: int) -> torch.Tensor:
+        """LongTensor [local_len(rank)]: the global positions of chunks r and 2W-1-r."""
+        return torch.cat([torch.arange(*self.chunk_range(c)) for c in self.chunks_of(rank)])
+
+
+def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: RingLayout,
+                   cp_group: Optional[dist.ProcessGroup] = None,
+                   softmax_scale: Optional[float] = None) -> torch.Tensor:
+    """Exact causal attention over the whole prompt, ZigZag ring over `cp_group`.
+
+    q: [s_local, b, hq, d]; k, v: [s_local, b, hk, d] in `layout.local_indices(rank)`
+    order. Returns [s_local, b, hq, d] in q's dtype.
+    """
+    rank, world = check_inputs(q, k, v, layout, cp_group, caller="ring_attn_func",
+                               collective=layout.config.check_ranks_agree)
+    kernel = layout.config.kernel
+    d = k.shape[-1]
+    mine = layout.chunks_of(rank)
+    lens = [hi - lo for lo, hi in map(layout.chunk_range, mine)]
+    q_chunks = [q[:lens[0]], q[lens[0]:]]
+
+    # K|V packed along the last dim and padded to two full chunks, so that every rank
+    # sends and receives the same shape.
+    slot = 2 * layout.chunk_len
+    buf = k.new_zeros(slot, *k.shape[1:-1], 2 * d)
+    buf[: k.shape[0]] = torch.cat([k, v], dim=-1)
+    acc = [None, None]  # running (out, lse) of each local chunk
+    for step in range(world):
+        src = (rank - step) % world
+        pending = None
+        if step < world - 1:  # pass the buffer on while this step computes
+            nxt = torch.empty_like(buf)
+            ops = [dist.P2POp(dist.isend, buf, (rank + 1) % world, group=cp_group),
+                   dist.P2POp(dist.irecv, nxt, (rank - 1) % world, group=cp_group)]
+            pending = dist.batch_isend_irecv(ops)
+        src_chunks = layout.chunks_of(src)
+        src_lens = [hi - lo for lo, hi in map(layout.chunk_range, src_chunks)]
+        offsets = [0, src_lens[0]]
+        for i, qc in zip(mine, range(2)):
+            for j, off, length in zip(src_chunks, offsets, src_lens):
+                if j > i:
+                    continue
+                kv = buf[off:off + length]
+                part = attend(q_chunks[qc], kv[..., :d], kv[..., d:], causal=(j == i),
+                              scale=softmax_scale, kernel=kernel)
+                acc[qc] = part if acc[qc] is None else merge_partials([acc[qc], part])
+        if pending is not None:
+            for work in pending:
+                work.wait()
+            buf = nxt
+    return torch.cat([acc[0][0], acc[1][0]]).to(q.dtype)

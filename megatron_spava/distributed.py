@@ -1,0 +1,78 @@
+"""Small distributed helpers shared by the CP attention algorithms: group rank/size,
+an all-gather that returns its work handle, and input validation that raises the same
+ValueError on every rank before any collective."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def group_rank_world(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
+    """(rank, size) in `group`; None means no context parallelism: (0, 1)."""
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def all_gather(output: torch.Tensor, local: torch.Tensor, group, world: int, async_op: bool):
+    """Gather `local` from every rank into `output` (rank-major along dim 0). Returns a
+    work handle to wait on, or None when nothing is left in flight."""
+    if world == 1:
+        output.copy_(local)
+        return None
+    work = _all_gather_single(output, local, group=group, async_op=async_op)
+    return work if async_op else None
+
+
+def input_error(q, k, v, layout, rank: int, world: int) -> Optional[str]:
+    """Why (q, k, v) cannot go through `layout` (any CP layout: it needs cp_size and
+    local_len) on this rank, or None. Pure."""
+    if world != layout.cp_size:
+        return (f"the layout was planned for cp_size={layout.cp_size} but the CP group has "
+                f"{world} ranks; plan it with cp_size={world}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            return f"{name} must be a 4-D tensor [s, b, heads, head_dim], got " + (
+                f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__)
+    if k.shape != v.shape:
+        return f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+    if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
+        return (f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in sequence, batch and "
+                f"head_dim ([s, b, heads, head_dim])")
+    if q.shape[2] % k.shape[2]:
+        return (f"query heads ({q.shape[2]}) must be a multiple of key/value heads "
+                f"({k.shape[2]}) for grouped-query attention")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        return (f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
+                f"{q.device}/{k.device}/{v.device}")
+    expected = layout.local_len(rank)
+    if q.shape[0] != expected:
+        return (f"rank {rank} holds {expected} tokens in this layout but q has {q.shape[0]}; "
+                f"shard inputs with layout.local_indices(rank)")
+    return None
+
+
+def check_inputs(q, k, v, layout, group, *, collective: bool, caller: str) -> Tuple[int, int]:
+    """Validate before any collective; raise ValueError naming `caller`. With
+    `collective`, every rank learns the first rank's error. Returns (rank, world)."""
+    rank, world = group_rank_world(group)
+    error = input_error(q, k, v, layout, rank, world)
+    if collective:
+        error = _agree_on_error(error, group, world)
+    if error:
+        raise ValueError(f"{caller}: {error}")
+    return rank, world
+
+
+def _agree_on_error(error: Optional[str], group, world: int) -> Optional[str]:
+    """The first rank's error, seen by every rank (one all_gather_object)."""
+    if world == 1:
+        return error
+    errors: List[Optional[str]] = [None] * world
+    dist.all_gather_object(errors, error, group=group)
+    return next((f"(rank {r}) {e}" for r, e in enumerate(errors) if e), None)
