@@ -92,13 +92,16 @@ def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout:
     buf = k.new_zeros(slot, *k.shape[1:-1], 2 * d)
     buf[: k.shape[0]] = torch.cat([k, v], dim=-1)
     acc = [None, None]  # running (out, lse) of each local chunk
+    if world > 1:  # P2P ops name peers by global rank
+        send_to = dist.get_global_rank(cp_group, (rank + 1) % world)
+        recv_from = dist.get_global_rank(cp_group, (rank - 1) % world)
     for step in range(world):
         src = (rank - step) % world
         pending = None
         if step < world - 1:  # pass the buffer on while this step computes
             nxt = torch.empty_like(buf)
-            ops = [dist.P2POp(dist.isend, buf, (rank + 1) % world, group=cp_group),
-                   dist.P2POp(dist.irecv, nxt, (rank - 1) % world, group=cp_group)]
+            ops = [dist.P2POp(dist.isend, buf, send_to, group=cp_group),
+                   dist.P2POp(dist.irecv, nxt, recv_from, group=cp_group)]
             pending = dist.batch_isend_irecv(ops)
         src_chunks = layout.chunks_of(src)
         src_lens = [hi - lo for lo, hi in map(layout.chunk_range, src_chunks)]

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from typing import Any, Callable, Dict, List
 
 _CONTEXT = None
@@ -63,6 +64,8 @@ def _resolve(ref):
 def _worker(rank, world, init_file, fn_ref, args, kwargs, timeout, backend, threads, sys_path, out):
     try:
         sys.path[:] = sys_path
+        # megatron-core warns about missing apex/TE and CUDA-only tuning in every process
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")
         import torch
         import torch.distributed as dist
 

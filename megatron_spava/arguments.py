@@ -1,0 +1,120 @@
+"""`--context-parallel-algo` and `--spava-*` options for Megatron launch scripts.
+
+    from megatron_spava.arguments import add_spava_args, validate_spava_args
+    initialize_megatron(extra_args_provider=add_spava_args)   # or pretrain(..., extra_args_provider=...)
+    config = validate_spava_args(get_args())                  # SpavaConfig, or ValueError
+
+`add_spava_args` leaves `--context-parallel-algo` alone when the parser already has it
+(the Megatron-LM patch in patches/ adds it to Megatron's own arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+from .algos import ALGOS, plan_layout
+from .config import KERNELS, SpavaConfig
+
+
+def _anchor(value: str):
+    if value == "block":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'block', got {value!r}")
+
+
+def add_spava_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the options to `parser` (Megatron's extra_args_provider contract). Returns it."""
+    group = parser.add_argument_group(
+        "context-parallel attention (megatron_spava)",
+        "Which algorithm attends across the context-parallel group, and Spava's budgets "
+        "and ablation switches (SPAVA.md sections 5-6).")
+    if "--context-parallel-algo" not in parser._option_string_actions:
+        group.add_argument(
+            "--context-parallel-algo", choices=ALGOS, default=None,
+            help="full: exact, no CP; ring: exact ZigZag ring attention; star: Star Attention; "
+                 "apb: one block per rank, no overlap, doubled passing; spava: Spava. "
+                 "Unset: Megatron's own CP attention.")
+    group.add_argument("--spava-query-len", type=int, default=128,
+                       help="tokens at the end of each sequence that form the query (question + "
+                            "assistant prefix); they are replicated and computed exactly "
+                            "(default: %(default)s)")
+    group.add_argument("--spava-anchor-len", type=_anchor, default=None,
+                       help="anchor tokens, or 'block' for a block-sized anchor "
+                            "(default: n // --spava-anchor-divisor rounded up to --spava-budget-align)")
+    group.add_argument("--spava-passing-len", type=int, default=None,
+                       help="passing tokens kept per block and KV head (default: n // "
+                            "--spava-passing-divisor, rounded up, times --spava-passing-scale)")
+    group.add_argument("--spava-anchor-divisor", type=int, default=64, help="(default: %(default)s)")
+    group.add_argument("--spava-passing-divisor", type=int, default=128, help="(default: %(default)s)")
+    group.add_argument("--spava-passing-scale", type=int, default=1,
+                       help="multiplier on the default passing budget (default: %(default)s)")
+    group.add_argument("--spava-budget-align", type=int, default=128,
+                       help="budgets are multiples of this (default: %(default)s)")
+    group.add_argument("--spava-pool-kernel", type=int, default=5,
+                       help="odd max-pool width smoothing selection scores (default: %(default)s)")
+    group.add_argument("--spava-max-query-len", type=int, default=8192,
+                       help="longest query accepted (default: %(default)s)")
+    group.add_argument("--spava-no-zigzag", action="store_true",
+                       help="ablation: one block per rank instead of two ZigZag virtual hosts")
+    group.add_argument("--spava-no-overlap", action="store_true",
+                       help="ablation: wait for each passing-block exchange before computing")
+    group.add_argument("--spava-no-shard-anchor", action="store_true",
+                       help="ablation: rank 0 attends the whole anchor for the query rows")
+    group.add_argument("--spava-no-passing", action="store_true",
+                       help="ablation: exchange no passing blocks")
+    group.add_argument("--spava-kernel", choices=KERNELS, default="auto",
+                       help="attention kernel (default: %(default)s: fastest measured for the device)")
+    group.add_argument("--spava-check-ranks-agree", action="store_true",
+                       help="validate inputs collectively, so a bad input on one rank raises "
+                            "on all (one extra all-gather per layer)")
+    return parser
+
+
+def spava_config_from_args(args: argparse.Namespace) -> SpavaConfig:
+    """The SpavaConfig the `--spava-*` options describe (ValueError if invalid)."""
+    return SpavaConfig(
+        anchor_len=args.spava_anchor_len, passing_len=args.spava_passing_len,
+        anchor_divisor=args.spava_anchor_divisor, passing_divisor=args.spava_passing_divisor,
+        passing_scale=args.spava_passing_scale, budget_align=args.spava_budget_align,
+        pool_kernel=args.spava_pool_kernel, max_query_len=args.spava_max_query_len,
+        zigzag=not args.spava_no_zigzag, overlap=not args.spava_no_overlap,
+        shard_anchor=not args.spava_no_shard_anchor, passing=not args.spava_no_passing,
+        kernel=args.spava_kernel, check_ranks_agree=args.spava_check_ranks_agree)
+
+
+def validate_spava_args(args: argparse.Namespace, seq_length: Optional[int] = None) -> SpavaConfig:
+    """Check the options against the model and parallel sizes in `args` (Megatron's
+    names: num_attention_heads, num_query_groups, tensor_model_parallel_size,
+    context_parallel_size, seq_length). Raises ValueError naming the problem; returns the
+    SpavaConfig. Every rank parses the same arguments, so every rank raises the same error."""
+    algo = args.context_parallel_algo
+    if algo not in ALGOS:
+        raise ValueError(f"--context-parallel-algo must be one of {ALGOS}, got {algo!r}")
+    config = spava_config_from_args(args)
+    tp = getattr(args, "tensor_model_parallel_size", 1) or 1
+    cp = getattr(args, "context_parallel_size", 1) or 1
+    heads = getattr(args, "num_attention_heads", None)
+    groups = getattr(args, "num_query_groups", None) or heads
+    if heads is not None:
+        if heads % tp:
+            raise ValueError(f"--num-attention-heads {heads} is not divisible by "
+                             f"--tensor-model-parallel-size {tp}")
+        if groups % tp and tp % groups:
+            raise ValueError(f"--num-query-groups {groups} and --tensor-model-parallel-size {tp}: "
+                             f"one must divide the other")
+    seq_length = seq_length if seq_length is not None else getattr(args, "seq_length", None)
+    if seq_length is not None:
+        query = args.spava_query_len
+        if not 1 <= query < seq_length:
+            raise ValueError(f"--spava-query-len {query} must be in [1, seq_length={seq_length})")
+        try:
+            plan_layout(algo, context_len=seq_length - query, query_len=query, cp_size=cp,
+                        config=config)
+        except ValueError as err:
+            raise ValueError(f"--context-parallel-algo {algo} with --context-parallel-size {cp} "
+                             f"and --seq-length {seq_length}: {err}") from None
+    return config

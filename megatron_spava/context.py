@@ -1,0 +1,69 @@
+"""How the per-request layout reaches Megatron's modules without changing their signatures.
+
+Megatron builds one core-attention module per layer at model construction and calls
+it with (query, key, value, attention_mask, ...) only; the rotary embedding is called
+with a sequence length. Neither call can carry a per-request layout. So the caller
+activates a request around the forward:
+
+    with cp_request(layout, positions=local_positions):
+        logits = model(tokens, position_ids, None)
+
+and `SpavaCoreAttention` and the Spava rotary embeddings read it with
+`current_request()`. The request lives in a `contextvars.ContextVar`, so it is scoped
+to the `with` block (and to the thread or task), nests, and is reset on exceptions.
+`megatron_spava.batch.get_batch_on_this_cp_rank` returns everything the `with` needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class CPRequest:
+    """One request's context-parallel state.
+
+    layout: the algorithm's layout (`megatron_spava.algos.plan_layout`).
+    positions: LongTensor [s_local], the global position of every local token, for 1-D
+      RoPE; None means this rank's `layout.local_indices(rank)`.
+    """
+
+    layout: object
+    positions: Optional[torch.Tensor] = None
+
+
+_ACTIVE: contextvars.ContextVar[Optional[CPRequest]] = contextvars.ContextVar(
+    "megatron_spava_request", default=None)
+
+
+@contextlib.contextmanager
+def cp_request(layout, *, positions: Optional[torch.Tensor] = None) -> Iterator[CPRequest]:
+    """Make `layout` (and the local tokens' global `positions`) the active request."""
+    request = CPRequest(layout, positions)
+    token = _ACTIVE.set(request)
+    try:
+        yield request
+    finally:
+        _ACTIVE.reset(token)
+
+
+def current_request() -> Optional[CPRequest]:
+    """The active request, or None outside `cp_request`."""
+    return _ACTIVE.get()
+
+
+def require_request(cp_group, who: str) -> Optional[CPRequest]:
+    """The active request; None is allowed only without context parallelism. Raises
+    RuntimeError (on every rank: all of them run the same forward) otherwise."""
+    request = _ACTIVE.get()
+    if request is None and cp_group is not None and cp_group.size() > 1:
+        raise RuntimeError(
+            f"{who}: no context-parallel request is active. Shard the batch with "
+            f"megatron_spava.batch.get_batch_on_this_cp_rank and run the forward inside "
+            f"`with megatron_spava.context.cp_request(layout, positions=...)`")
+    return request

@@ -1,0 +1,1 @@
+"""Models run with context-parallel attention."""

@@ -1,0 +1,133 @@
+"""Megatron-Core modules: the context-parallel core attention and layout-aware RoPE.
+
+`SpavaCoreAttention` is a drop-in `core_attention` for megatron-core's SelfAttention
+(see `megatron_spava.specs`). It runs whichever algorithm the active request's layout
+was planned for (full, ring, star, apb, spava) over the CP group of its
+`pg_collection`, and it composes with tensor parallelism because each TP rank attends
+over its own heads: selection is per KV head, so the result does not depend on TP.
+
+RoPE must see global positions. Megatron's rotary embeddings slice themselves for its
+own ZigZag CP layout; `use_spava_rope(model)` swaps a GPTModel's rotary module for one
+that reads each local token's global position from the active request (1-D RoPE) or
+takes already-sharded 3-D M-RoPE position ids as they are, never slicing again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from megatron.core.models.common.embeddings.rotary_pos_embedding import (
+    MultimodalRotaryEmbedding,
+    RotaryEmbedding,
+)
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .algos import FullLayout, cp_attn_func
+from .context import require_request
+
+
+class SpavaCoreAttention(MegatronModule):
+    """Context-parallel core attention (Megatron's `core_attention` contract).
+
+    Built by SelfAttention with Megatron's keywords; takes its CP group from
+    `pg_collection.cp`. forward: query [sq, b, np/tp, hn], key/value [sk, b, ng/tp, hn]
+    (post-RoPE, sq == sk == this rank's local length) -> [sq, b, np/tp * hn].
+    The layout comes from `megatron_spava.context.current_request()`; without an active
+    request it runs plain causal attention, which is only valid at CP size 1.
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
+                 pg_collection: Optional[ProcessGroupCollection] = None):
+        super().__init__(config=config)
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise ValueError(f"SpavaCoreAttention is causal self-attention; got {attn_mask_type}")
+        if attention_type != "self":
+            raise ValueError(f"SpavaCoreAttention supports self-attention only, got {attention_type!r}")
+        if (attention_dropout if attention_dropout is not None else config.attention_dropout) > 0:
+            raise ValueError("SpavaCoreAttention is for prefill/inference: attention_dropout must be 0")
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        self.cp_group = pg_collection.cp
+        self.layer_number = max(1, layer_number)
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        if config.apply_query_key_layer_scaling:
+            raise ValueError("apply_query_key_layer_scaling is not supported with SpavaCoreAttention")
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
+                packed_seq_params=None) -> Tensor:
+        """query [sq, b, np, hn], key/value [sk, b, ng, hn] -> [sq, b, np * hn]. The causal
+        structure comes from the layout; `attention_mask` is not used."""
+        if attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("SpavaCoreAttention supports neither attention_bias nor packed "
+                             "sequences (THD); pass one request per forward")
+        request = require_request(self.cp_group, "SpavaCoreAttention")
+        if request is None:  # no context parallelism: plain causal attention
+            layout = FullLayout(query.shape[0], 0)
+            group = None
+        else:
+            layout, group = request.layout, self.cp_group
+        out = cp_attn_func(query, key, value, layout=layout, cp_group=group,
+                           softmax_scale=self.softmax_scale)
+        return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+class _NoCP:
+    """Stand-in process group of size 1: tells Megatron's rotary code not to CP-slice."""
+
+    @staticmethod
+    def size() -> int:
+        return 1
+
+
+class SpavaRotaryEmbedding(RotaryEmbedding):
+    """1-D RoPE at each local token's global position (from the active request).
+
+    Called by GPTModel as rotary(max_seq_len, ...); returns [s_local, 1, 1, dim].
+    Outside a request it is Megatron's RotaryEmbedding.
+    """
+
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False,
+                cp_group=None) -> Tensor:
+        request = require_request(cp_group or self.cp_group, "SpavaRotaryEmbedding")
+        if request is None:
+            return super().forward(max_seq_len, offset, packed_seq, cp_group)
+        layout = request.layout
+        positions = request.positions
+        if positions is None:
+            raise RuntimeError("the active request has no positions: pass positions= to "
+                               "cp_request (get_batch_on_this_cp_rank returns them)")
+        total = layout.context_len + layout.query_len
+        emb = self.get_emb(total, offset)  # [S, 1, 1, dim]
+        return emb[positions.to(emb.device)]
+
+
+class SpavaMultimodalRotaryEmbedding(MultimodalRotaryEmbedding):
+    """3-D M-RoPE from position ids that are already this rank's ([3, b, s_local],
+    gathered by the layout's indices): computed as given, never CP-sliced again."""
+
+    def forward(self, position_ids: Tensor, mrope_section, cp_group=None) -> Tensor:
+        return super().forward(position_ids, mrope_section, cp_group=_NoCP())
+
+
+def use_spava_rope(model):
+    """Make a megatron-core GPTModel's rotary embedding layout-aware, in place. Returns the
+    model. Models without RoPE are returned unchanged."""
+    rotary = getattr(model, "rotary_pos_emb", None)
+    if isinstance(rotary, MultimodalRotaryEmbedding):
+        rotary.__class__ = SpavaMultimodalRotaryEmbedding
+    elif type(rotary) is RotaryEmbedding:
+        rotary.__class__ = SpavaRotaryEmbedding
+    elif rotary is not None and not isinstance(rotary, (SpavaRotaryEmbedding,)):
+        raise ValueError(f"use_spava_rope: unsupported rotary embedding {type(rotary).__name__}")
+    return model
