@@ -52,6 +52,15 @@ def cp_request(layout, *, positions: Optional[torch.Tensor] = None) -> Iterator[
         _ACTIVE.reset(token)
 
 
+def activate(layout, *, positions: Optional[torch.Tensor] = None) -> CPRequest:
+    """Make a request active until the next `activate` (no `with` block). For loops that
+    fetch a batch in one function and run the model in another, as Megatron-LM's
+    get_batch/forward_step do; prefer `cp_request` elsewhere."""
+    request = CPRequest(layout, positions)
+    _ACTIVE.set(request)
+    return request
+
+
 def current_request() -> Optional[CPRequest]:
     """The active request, or None outside `cp_request`."""
     return _ACTIVE.get()

@@ -68,6 +68,9 @@ class SpavaCoreAttention(MegatronModule):
                 packed_seq_params=None) -> Tensor:
         """query [sq, b, np, hn], key/value [sk, b, ng, hn] -> [sq, b, np * hn]. The causal
         structure comes from the layout; `attention_mask` is not used."""
+        if torch.is_grad_enabled() and query.requires_grad:
+            raise RuntimeError("SpavaCoreAttention is forward-only (prefill and evaluation): its "
+                               "collectives carry no gradients. Run the model under torch.no_grad()")
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("SpavaCoreAttention supports neither attention_bias nor packed "
                              "sequences (THD); pass one request per forward")
