@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_spava import SpavaConfig, SpavaLayout, spava_attn_func
+from megatron_spava.algos import cp_attn_func, plan_layout
 from megatron_spava.config import round_up
 from megatron_spava.ops import attend
 from megatron_spava.testing import run_ranks
@@ -63,3 +64,26 @@ def test_spava_full_budget_exact_over_nccl_bf16(world, kernel):
         err = relative_error(out, ref[idx])
         assert err < 2 * noise, (err, noise)
     assert all(torch.equal(results[0][1][-lq:], out[-lq:]) for _, out in results)
+
+
+def _ring_nccl(n, lq, hq, hk, d, seed):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    q, k, v = random_qkv(n + lq, 1, hq, hk, d, seed=seed, dtype=torch.bfloat16, device="cuda")
+    layout = plan_layout("ring", context_len=n, query_len=lq, cp_size=world)
+    idx = layout.local_indices(rank)
+    out = cp_attn_func(q[idx], k[idx], v[idx], layout=layout, cp_group=dist.group.WORLD)
+    torch.cuda.synchronize()
+    return idx, out.cpu()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_exact_over_nccl_bf16(world):
+    if _gpus() < world:
+        pytest.skip(f"needs {world} GPUs, found {_gpus()}")
+    n, lq, hq, hk, d = 8000, 37, 28, 4, 128  # 8037 tokens: the last chunk is short
+    results = run_ranks(_ring_nccl, world, n, lq, hq, hk, d, 6, backend="nccl", timeout=300)
+    q, k, v = random_qkv(n + lq, 1, hq, hk, d, seed=6, dtype=torch.bfloat16, device="cuda")
+    ref = full_attention(q, k, v, dtype=torch.float32).cpu()
+    noise = relative_error(full_attention(q, k, v, dtype=torch.bfloat16).cpu(), ref)
+    for idx, out in results:
+        assert relative_error(out, ref[idx]) < 2 * noise
