@@ -30,11 +30,16 @@ class CPRequest:
 
     layout: the algorithm's layout (`megatron_spava.algos.plan_layout`).
     positions: LongTensor [s_local], the global position of every local token, for 1-D
-      RoPE; None means this rank's `layout.local_indices(rank)`.
+      RoPE (not needed for M-RoPE, whose ids the model receives directly).
+    cache: a `megatron_spava.inference.DistributedKVCache`: prefill fills it, decode reads
+      and extends it. None: no caching.
+    decode: this forward is one decode step (one new token, the same on every rank).
     """
 
     layout: object
     positions: Optional[torch.Tensor] = None
+    cache: Optional[object] = None
+    decode: bool = False
 
 
 _ACTIVE: contextvars.ContextVar[Optional[CPRequest]] = contextvars.ContextVar(
@@ -42,9 +47,11 @@ _ACTIVE: contextvars.ContextVar[Optional[CPRequest]] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def cp_request(layout, *, positions: Optional[torch.Tensor] = None) -> Iterator[CPRequest]:
-    """Make `layout` (and the local tokens' global `positions`) the active request."""
-    request = CPRequest(layout, positions)
+def cp_request(layout, *, positions: Optional[torch.Tensor] = None, cache=None,
+               decode: bool = False) -> Iterator[CPRequest]:
+    """Make `layout` (and the local tokens' global `positions`, the KV cache, the decode
+    flag) the active request."""
+    request = CPRequest(layout, positions, cache, decode)
     token = _ACTIVE.set(request)
     try:
         yield request

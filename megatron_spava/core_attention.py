@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .distributed import all_gather, check_inputs
+from .distributed import all_gather, check_inputs, gather_partials, merge_gathered
 from .layout import SpavaLayout
 from .ops.attention import attend, attend_many, merge_partials
 from .ops.selection import query_probe, select_passing
@@ -78,10 +78,8 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
     keys = [(k[s_lo:s_hi], v[s_lo:s_hi], False), (k[c_lo:c_hi], v[c_lo:c_hi], False)]
     if rank == 0:
         keys.append((k[q_lo:q_hi], v[q_lo:q_hi], True))
-    q_out, q_lse = attend_many(q[q_lo:q_hi], keys, scale=scale, kernel=cfg.kernel)
-    packed = torch.cat([q_out, q_lse.unsqueeze(-1)], dim=-1)  # [lq, b, hq, d + 1] fp32
-    gathered = packed.new_empty(world * packed.shape[0], *packed.shape[1:])
-    q_work = all_gather(gathered, packed, cp_group, world, async_op=cfg.overlap)
+    q_partial = attend_many(q[q_lo:q_hi], keys, scale=scale, kernel=cfg.kernel)
+    gathered, q_work = gather_partials(q_partial, cp_group, world, async_op=cfg.overlap)
 
     # 5. Anchor rows: exact, A is the true prefix.
     if a_hi:
@@ -105,6 +103,5 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
     # 8b. Exact query rows: merge every rank's partial.
     if q_work is not None:
         q_work.wait()
-    gathered = gathered.view(world, *packed.shape)
-    out[q_lo:q_hi] = merge_partials([(g[..., :d], g[..., d]) for g in gathered])[0]
+    out[q_lo:q_hi] = merge_gathered(gathered, world)
     return out

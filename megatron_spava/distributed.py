@@ -76,3 +76,21 @@ def _agree_on_error(error: Optional[str], group, world: int) -> Optional[str]:
     errors: List[Optional[str]] = [None] * world
     dist.all_gather_object(errors, error, group=group)
     return next((f"(rank {r}) {e}" for r, e in enumerate(errors) if e), None)
+
+
+def gather_partials(partial, group, world: int, async_op: bool):
+    """All-gather an attention partial (out [s, b, h, d], lse [s, b, h]) from every rank,
+    packed with its LSE in one float32 buffer. Returns (buffer, work or None); finish with
+    `merge_gathered` after the work completes."""
+    out, lse = partial
+    packed = torch.cat([out.float(), lse.float().unsqueeze(-1)], dim=-1)  # [s, b, h, d + 1]
+    gathered = packed.new_empty(world * packed.shape[0], *packed.shape[1:])
+    return gathered, all_gather(gathered, packed, group, world, async_op=async_op)
+
+
+def merge_gathered(gathered: torch.Tensor, world: int) -> torch.Tensor:
+    """Merge the partials of `gather_partials` by LSE: float32 out [s, b, h, d]."""
+    from .ops.attention import merge_partials
+
+    parts = gathered.view(world, -1, *gathered.shape[1:])
+    return merge_partials([(p[..., :-1], p[..., -1]) for p in parts])[0]

@@ -31,6 +31,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .algos import FullLayout, cp_attn_func
 from .context import require_request
+from .inference.decode import decode_attn_func
 
 
 class SpavaCoreAttention(MegatronModule):
@@ -76,12 +77,18 @@ class SpavaCoreAttention(MegatronModule):
                              "sequences (THD); pass one request per forward")
         request = require_request(self.cp_group, "SpavaCoreAttention")
         if request is None:  # no context parallelism: plain causal attention
-            layout = FullLayout(query.shape[0], 0)
-            group = None
+            layout, group = FullLayout(query.shape[0], 0), None
         else:
             layout, group = request.layout, self.cp_group
-        out = cp_attn_func(query, key, value, layout=layout, cp_group=group,
-                           softmax_scale=self.softmax_scale)
+        if request is not None and request.decode:
+            out = decode_attn_func(query, key, value, cache=request.cache, layer=self.layer_number,
+                                   cp_group=group, softmax_scale=self.softmax_scale,
+                                   kernel=layout.config.kernel)
+        else:
+            out = cp_attn_func(query, key, value, layout=layout, cp_group=group,
+                               softmax_scale=self.softmax_scale)
+            if request is not None and request.cache is not None:
+                request.cache.store_prefill(self.layer_number, key, value)
         return out.reshape(out.shape[0], out.shape[1], -1)
 
 

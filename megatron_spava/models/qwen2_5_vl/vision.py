@@ -1,0 +1,244 @@
+"""Qwen2.5-VL's vision encoder on megatron-core tensor-parallel linears.
+
+Same computation and parameter names as HF transformers'
+`Qwen2_5_VisionTransformerPretrainedModel` (patch embed, 2-D rotary, window and
+full attention blocks with RMSNorm and a gated SiLU MLP, then the 2x2 patch merger),
+with two layout differences that make tensor parallelism a contiguous split:
+`attn.qkv` rows are grouped per head ([q_h, k_h, v_h] for h = 0..H-1) instead of
+[all q | all k | all v], and the merger's Sequential indices are kept (mlp.0, mlp.2).
+`checkpoint.py` converts between the two layouts.
+
+Every temporal group (2 frames) is an independent attention segment in every layer
+(windows and "full" layers alike), so encoding a subset of a video's groups is exact:
+`encode_frames_parallel` gives each context-parallel rank a disjoint slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ...ops.attention import attend
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The vision_config fields of an HF Qwen2.5-VL config.json."""
+
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    out_hidden_size: int = 3584
+    fullatt_block_indexes: Tuple[int, ...] = (7, 15, 23, 31)
+    tokens_per_second: float = 2.0
+    rope_theta: float = 10000.0
+    hidden_act: str = "silu"
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "VisionConfig":
+        names = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in cfg.items() if k in names}
+        values.setdefault("depth", cfg.get("num_hidden_layers", cls.depth))
+        values.setdefault("num_heads", cfg.get("num_attention_heads", cls.num_heads))
+        if "fullatt_block_indexes" in values:
+            values["fullatt_block_indexes"] = tuple(values["fullatt_block_indexes"])
+        rope = cfg.get("rope_parameters") or {}
+        if "rope_theta" in rope:
+            values["rope_theta"] = float(rope["rope_theta"])
+        return cls(**values)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per flattened patch: channels x temporal x patch x patch."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+
+class RMSNorm(nn.Module):
+    """HF Qwen2's RMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def vision_position_ids(grid_thw: Tensor, merge: int) -> Tensor:
+    """(h, w) patch coordinates [N, 2] in the processor's merge-block-major order,
+    repeated for every temporal group. grid_thw: [n_items, 3] (t, h, w) in patches."""
+    out = []
+    for t, h, w in grid_thw.tolist():
+        hpos, wpos = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        shape = (h // merge, merge, w // merge, merge)
+        hpos = hpos.reshape(shape).transpose(1, 2).flatten()
+        wpos = wpos.reshape(shape).transpose(1, 2).flatten()
+        out.append(torch.stack([hpos, wpos], dim=-1).repeat(t, 1))
+    return torch.cat(out)
+
+
+def window_index(grid_thw: Tensor, cfg: VisionConfig) -> Tuple[Tensor, List[int]]:
+    """HF's window permutation. Returns (index over merge units [N / m^2], segment
+    lengths in patches of the windows in permuted order). Windows are
+    `window_size // m // patch` merge units square, anchored top-left, inside one frame."""
+    merge, unit = cfg.spatial_merge_size, cfg.spatial_merge_size ** 2
+    ws = cfg.window_size // merge // cfg.patch_size
+    indices, lengths, offset = [], [], 0
+    for t, h, w in grid_thw.tolist():
+        gh, gw = h // merge, w // merge
+        index = torch.arange(t * gh * gw).reshape(t, gh, gw)
+        pad_h, pad_w = -gh % ws, -gw % ws
+        padded = F.pad(index, (0, pad_w, 0, pad_h), value=-1)
+        nh, nw = (gh + pad_h) // ws, (gw + pad_w) // ws
+        padded = padded.reshape(t, nh, ws, nw, ws).permute(0, 1, 3, 2, 4).reshape(t, nh * nw, ws * ws)
+        counts = (padded >= 0).sum(-1).flatten()
+        flat = padded.flatten()
+        indices.append(flat[flat >= 0] + offset)
+        lengths += [int(c) * unit for c in counts if c > 0]
+        offset += t * gh * gw
+    return torch.cat(indices), lengths
+
+
+def segment_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Sequence[int], scale: float) -> Tensor:
+    """Bidirectional attention within consecutive segments of the given lengths.
+
+    q, k, v: [N, heads, d] with N = sum(lengths). Segments of equal length are batched
+    into one kernel call ([L, n_segments, heads, d]), so a frame of equal windows is one
+    call. Returns [N, heads, d].
+    """
+    out = torch.empty_like(q)
+    starts = torch.tensor([0] + list(lengths[:-1])).cumsum(0).tolist()
+    by_len = {}
+    for start, length in zip(starts, lengths):
+        by_len.setdefault(length, []).append(start)
+    for length, group in by_len.items():
+        rows = (torch.tensor(group)[:, None] + torch.arange(length)[None, :]).to(q.device)  # [n, L]
+        qs, ks, vs = (t[rows].transpose(0, 1) for t in (q, k, v))  # [L, n, heads, d]
+        o = attend(qs, ks, vs, causal=False, scale=scale)[0]
+        out[rows] = o.transpose(0, 1)
+    return out
+
+
+class Container(MegatronModule):
+    """A named group of submodules. Being a MegatronModule, its sharded_state_dict recurses
+    into the tensor-parallel linears (a plain nn.Module would be checkpointed as replicated)."""
+
+    def __init__(self, config: TransformerConfig, **children: nn.Module):
+        super().__init__(config=config)
+        for name, child in children.items():
+            self.add_module(name, child)
+
+
+class VisionBlock(MegatronModule):
+    """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x))."""
+
+    def __init__(self, cfg: VisionConfig, tp_config: TransformerConfig):
+        super().__init__(config=tp_config)
+        init = tp_config.init_method
+        d, inter = cfg.hidden_size, cfg.intermediate_size
+        col = dict(config=tp_config, init_method=init, bias=True, gather_output=False)
+        row = dict(config=tp_config, init_method=init, bias=True, input_is_parallel=True,
+                   skip_bias_add=False)
+        self.norm1 = RMSNorm(d)
+        self.norm2 = RMSNorm(d)
+        self.attn = Container(tp_config, qkv=tensor_parallel.ColumnParallelLinear(d, 3 * d, **col),
+                              proj=tensor_parallel.RowParallelLinear(d, d, **row))
+        self.mlp = Container(tp_config,
+                             gate_proj=tensor_parallel.ColumnParallelLinear(d, inter, **col),
+                             up_proj=tensor_parallel.ColumnParallelLinear(d, inter, **col),
+                             down_proj=tensor_parallel.RowParallelLinear(inter, d, **row))
+        self.head_dim = cfg.head_dim
+        self.act = getattr(F, cfg.hidden_act)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, lengths: Sequence[int]) -> Tensor:
+        """x: [N, D]; cos/sin: [N, head_dim] float32; lengths: attention segments."""
+        n = x.shape[0]
+        qkv = self.attn.qkv(self.norm1(x))[0].view(n, -1, 3, self.head_dim)  # [N, heads/tp, 3, d]
+        q, k, v = qkv.unbind(2)
+        c, s = cos[:, None], sin[:, None]
+        q = (q.float() * c + _rotate_half(q.float()) * s).to(x.dtype)
+        k = (k.float() * c + _rotate_half(k.float()) * s).to(x.dtype)
+        o = segment_attention(q, k, v, lengths, self.head_dim ** -0.5)
+        x = x + self.attn.proj(o.reshape(n, -1))[0]
+        h = self.norm2(x)
+        up = self.act(self.mlp.gate_proj(h)[0]) * self.mlp.up_proj(h)[0]
+        return x + self.mlp.down_proj(up)[0]
+
+
+class VisionEncoder(MegatronModule):
+    """pixel patches [N, C*T*P*P] + grid_thw [n, 3] -> merged tokens [N / m^2, out_hidden].
+
+    Output rows follow the LLM's placeholder order (item, t, h/m, w/m)."""
+
+    def __init__(self, cfg: VisionConfig, tp_config: TransformerConfig):
+        super().__init__(config=tp_config)
+        self.cfg = cfg
+        p, tp = cfg.patch_size, cfg.temporal_patch_size
+        proj = nn.Module()  # Conv3d-shaped weight, no bias: the HF parameter as is
+        proj.weight = nn.Parameter(torch.empty(cfg.hidden_size, cfg.in_channels, tp, p, p))
+        nn.init.normal_(proj.weight, std=0.02)
+        self.patch_embed = Container(tp_config, proj=proj)
+        self.blocks = Container(tp_config, **{str(i): VisionBlock(cfg, tp_config)
+                                              for i in range(cfg.depth)})
+        merged = cfg.hidden_size * cfg.spatial_merge_size ** 2
+        mlp = Container(tp_config)
+        mlp.add_module("0", tensor_parallel.ColumnParallelLinear(
+            merged, merged, config=tp_config, init_method=tp_config.init_method, bias=True,
+            gather_output=False))
+        mlp.add_module("2", tensor_parallel.RowParallelLinear(
+            merged, cfg.out_hidden_size, config=tp_config, init_method=tp_config.init_method,
+            bias=True, input_is_parallel=True, skip_bias_add=False))
+        self.merger = Container(tp_config, ln_q=RMSNorm(cfg.hidden_size), mlp=mlp)
+        half = cfg.head_dim // 2
+        self.register_buffer("inv_freq", 1.0 / cfg.rope_theta ** (
+            torch.arange(0, half, 2, dtype=torch.float32) / half), persistent=False)
+
+    def forward(self, pixels: Tensor, grid_thw: Tensor) -> Tensor:
+        cfg = self.cfg
+        unit = cfg.spatial_merge_size ** 2
+        weight = self.patch_embed.proj.weight
+        x = pixels.to(weight.dtype) @ weight.reshape(weight.shape[0], -1).t()  # Conv3d, stride = kernel
+        n = x.shape[0]
+        pos = vision_position_ids(grid_thw, cfg.spatial_merge_size).to(x.device)
+        freqs = (pos[..., None].float() * self.inv_freq).flatten(1)  # [N, half]: h freqs | w freqs
+        emb = torch.cat([freqs, freqs], dim=-1)
+        windows, window_lengths = window_index(grid_thw, cfg)
+        windows = windows.to(x.device)
+        permute = lambda t: t.reshape(n // unit, unit, -1)[windows].reshape(n, -1)  # noqa: E731
+        x, emb = permute(x), permute(emb)
+        cos, sin = emb.cos(), emb.sin()
+        frame_lengths = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
+        for i, block in enumerate(self.blocks.children()):
+            lengths = frame_lengths if i in cfg.fullatt_block_indexes else window_lengths
+            x = block(x, cos, sin, lengths)
+        merged = self.merger.ln_q(x).reshape(n // unit, -1)
+        mlp = self.merger.mlp
+        merged = getattr(mlp, "2")(F.gelu(getattr(mlp, "0")(merged)[0]))[0]
+        return merged[torch.argsort(windows)]
