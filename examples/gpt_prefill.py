@@ -87,8 +87,8 @@ def main(argv=None):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         args.device_obj = torch.device("cuda", torch.cuda.current_device())
     else:
-        from megatron_spava.testing import cpu_shim
-        cpu_shim.apply()
+        from megatron_spava import cpu_compat
+        cpu_compat.apply()
         args.device_obj = torch.device("cpu")
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     rank = dist.get_rank()

@@ -20,8 +20,8 @@ def _tokens(n, lq):
 def _gpt_rank(tp, cp, algo, n, lq, cfg, num_layers):
     """One rank of a TP x CP model. Returns (local global-indices, logits [b, s_local, V])
     and this rank's (tp, cp) coordinates."""
-    from megatron_spava.testing import cpu_shim
-    cpu_shim.apply()
+    from megatron_spava import cpu_compat
+    cpu_compat.apply()
     from megatron.core import parallel_state as ps
     from megatron_spava.algos import plan_layout
     from megatron_spava.models.gpt import build_gpt_model, cp_prefill, gpt_config
@@ -140,8 +140,8 @@ def test_te_spec_without_te_names_the_package(monkeypatch):
 
 
 def _no_request_rank():
-    from megatron_spava.testing import cpu_shim
-    cpu_shim.apply()
+    from megatron_spava import cpu_compat
+    cpu_compat.apply()
     from megatron.core import parallel_state as ps
     from megatron_spava.models.gpt import build_gpt_model, gpt_config
     ps.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=2)

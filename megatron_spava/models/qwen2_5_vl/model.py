@@ -30,11 +30,13 @@ from .config import Qwen25VLConfig
 from .vision import VisionEncoder
 
 
-def _vision_tp_config(cfg: Qwen25VLConfig, tp: int, dtype: torch.dtype, cpu_init: bool) -> TransformerConfig:
+def _vision_tp_config(cfg: Qwen25VLConfig, tp: int, dtype: torch.dtype, cpu_init: bool,
+                      init: bool) -> TransformerConfig:
     v = cfg.vision
     return TransformerConfig(
         num_layers=v.depth, hidden_size=v.hidden_size, num_attention_heads=v.num_heads,
         tensor_model_parallel_size=tp, use_cpu_initialization=cpu_init, params_dtype=dtype,
+        perform_initialization=init,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, hidden_dropout=0.0,
         attention_dropout=0.0, gradient_accumulation_fusion=False, bias_activation_fusion=False,
         bias_dropout_fusion=False, persist_layer_norm=False, masked_softmax_fusion=False)
@@ -49,7 +51,8 @@ class Qwen25VLModel(MegatronModule):
 
     def __init__(self, cfg: Qwen25VLConfig, *, tensor_parallel: int = 1, context_parallel: int = 1,
                  dtype: torch.dtype = torch.float32, backend: str = "local",
-                 use_cpu_initialization: bool = True, max_sequence_length: int = 1 << 20):
+                 use_cpu_initialization: bool = True, perform_initialization: bool = True,
+                 max_sequence_length: int = 1 << 20):
         cfg.validate(tensor_parallel)
         text = gpt_config(
             num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads,
@@ -57,17 +60,20 @@ class Qwen25VLModel(MegatronModule):
             tensor_parallel=tensor_parallel, context_parallel=context_parallel, dtype=dtype,
             kv_channels=cfg.head_dim, layernorm_epsilon=cfg.rms_norm_eps, add_qkv_bias=True,
             activation_func=F.silu, mrope_section=list(cfg.mrope_section),
-            use_cpu_initialization=use_cpu_initialization)
+            use_cpu_initialization=use_cpu_initialization,
+            perform_initialization=perform_initialization)
         super().__init__(config=text)
         self.cfg = cfg
-        self.visual = VisionEncoder(cfg.vision, _vision_tp_config(cfg, tensor_parallel, dtype,
-                                                                  use_cpu_initialization))
+        self.visual = VisionEncoder(cfg.vision, _vision_tp_config(
+            cfg, tensor_parallel, dtype, use_cpu_initialization, perform_initialization))
         self.language_model = GPTModel(
             config=text, transformer_layer_spec=get_gpt_layer_spec(backend, normalization="RMSNorm"),
             vocab_size=cfg.vocab_size, max_sequence_length=max_sequence_length,
             position_embedding_type="mrope", rotary_base=cfg.rope_theta,
             share_embeddings_and_output_weights=cfg.tie_word_embeddings, parallel_output=False)
         use_spava_rope(self.language_model)
+        for p in self.parameters():  # megatron-core builds its norms in float32 whatever the dtype
+            p.data = p.data.to(dtype)
 
     def decoder_input(self, input_ids: Tensor, video_embeds: Optional[Tensor] = None,
                       video_ordinal: Optional[Tensor] = None) -> Tensor:

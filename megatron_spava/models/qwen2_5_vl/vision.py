@@ -74,9 +74,9 @@ class VisionConfig:
 class RMSNorm(nn.Module):
     """HF Qwen2's RMSNorm: normalise in float32, cast back, then scale."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
@@ -166,8 +166,8 @@ class VisionBlock(MegatronModule):
         col = dict(config=tp_config, init_method=init, bias=True, gather_output=False)
         row = dict(config=tp_config, init_method=init, bias=True, input_is_parallel=True,
                    skip_bias_add=False)
-        self.norm1 = RMSNorm(d)
-        self.norm2 = RMSNorm(d)
+        self.norm1 = RMSNorm(d, dtype=tp_config.params_dtype)
+        self.norm2 = RMSNorm(d, dtype=tp_config.params_dtype)
         self.attn = Container(tp_config, qkv=tensor_parallel.ColumnParallelLinear(d, 3 * d, **col),
                               proj=tensor_parallel.RowParallelLinear(d, d, **row))
         self.mlp = Container(tp_config,
@@ -202,7 +202,8 @@ class VisionEncoder(MegatronModule):
         self.cfg = cfg
         p, tp = cfg.patch_size, cfg.temporal_patch_size
         proj = nn.Module()  # Conv3d-shaped weight, no bias: the HF parameter as is
-        proj.weight = nn.Parameter(torch.empty(cfg.hidden_size, cfg.in_channels, tp, p, p))
+        proj.weight = nn.Parameter(torch.empty(cfg.hidden_size, cfg.in_channels, tp, p, p,
+                                               dtype=tp_config.params_dtype))
         nn.init.normal_(proj.weight, std=0.02)
         self.patch_embed = Container(tp_config, proj=proj)
         self.blocks = Container(tp_config, **{str(i): VisionBlock(cfg, tp_config)
@@ -215,7 +216,8 @@ class VisionEncoder(MegatronModule):
         mlp.add_module("2", tensor_parallel.RowParallelLinear(
             merged, cfg.out_hidden_size, config=tp_config, init_method=tp_config.init_method,
             bias=True, input_is_parallel=True, skip_bias_add=False))
-        self.merger = Container(tp_config, ln_q=RMSNorm(cfg.hidden_size), mlp=mlp)
+        self.merger = Container(tp_config, ln_q=RMSNorm(cfg.hidden_size, dtype=tp_config.params_dtype),
+                                mlp=mlp)
         half = cfg.head_dim // 2
         self.register_buffer("inv_freq", 1.0 / cfg.rope_theta ** (
             torch.arange(0, half, 2, dtype=torch.float32) / half), persistent=False)

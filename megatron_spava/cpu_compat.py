@@ -1,11 +1,11 @@
-"""Run megatron-core's local (non-TE) layers on a machine without CUDA, for tests.
+"""Run megatron-core's local (non-TE) layers and dist checkpointing without CUDA.
 
-megatron-core 0.16.1 hard-codes CUDA in a few places its local layers reach even with
+megatron-core 0.16.1 hard-codes CUDA in a few places reached even with
 `use_cpu_initialization=True`: `torch.cuda.current_device()` (rotary `inv_freq`, some
-buffers) and the default causal mask built on "cuda". `apply()` redirects those to the
-CPU, and only when CUDA is absent; on a GPU machine it does nothing.
-
-Use it in test processes only, before building models.
+buffers), the default causal mask built on "cuda", and `torch.cuda.synchronize()` in the
+dist-checkpoint writer. `apply()` redirects those to the CPU, and only when CUDA is
+absent; on a GPU machine it does nothing. Call it before building models in a process
+that runs on CPU (tests, the CPU demo, the conversion tools).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def apply() -> bool:
     if _APPLIED:
         return True
     torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *args, **kwargs: None
 
     from megatron.core.fusions import fused_softmax
     from megatron.core.transformer import utils
