@@ -22,7 +22,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "megatron-spava-demo=megatron_spava.demo:main",
+            "megatron-spava-demo=megatron_spava.video_qa:main",
+            "megatron-spava-attention-demo=megatron_spava.attention_demo:main",
         ],
     },
 )

@@ -16,7 +16,7 @@ def _run(cmd, timeout=300):
 
 
 def test_demo_prints_the_comparison_table():
-    out = _run([sys.executable, "-m", "megatron_spava.demo", "--context-len", "2048",
+    out = _run([sys.executable, "-m", "megatron_spava.attention_demo", "--context-len", "2048",
                 "--query-len", "16", "--repeats", "1"])
     rows = {m.group(1).strip(): m for m in re.finditer(
         r"^(full \(1 process\)|spava, full budget|spava|star \(no passing\))\s+(\d+)\s+(\d+)\s+"
@@ -28,7 +28,7 @@ def test_demo_prints_the_comparison_table():
 
 
 def test_demo_rejects_bad_sizes_before_launching():
-    out = subprocess.run([sys.executable, "-m", "megatron_spava.demo", "--context-len", "3"],
+    out = subprocess.run([sys.executable, "-m", "megatron_spava.attention_demo", "--context-len", "3"],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "context too short" in out.stderr
 

@@ -5,6 +5,8 @@ main job and anyone without a real checkpoint. Same architecture as the real mod
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Optional
 
 import torch
@@ -63,3 +65,99 @@ def tiny_hf_model(config: Optional[dict] = None, *, seed: int = 0, dtype=torch.f
             else:
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
     return model
+
+
+#: Qwen2.5-VL's control tokens, in the order the real vocabulary has them.
+QWEN_CONTROL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)
+
+#: The Qwen2.5-VL-Instruct chat format: a default system turn, images and videos as
+#: <|vision_start|><|image_pad|/video_pad|><|vision_end|>, and the assistant prefix.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "You are a helpful assistant.", "What is happening in this video?", "Describe the video.",
+    "Which square moves fastest?", "The red square moves from left to right.",
+    "How many squares are there? There are three squares.", "Answer yes or no. Yes. No.",
+    "What colour is the background? It is a gradient.", "system user assistant",
+]
+
+
+def build_tiny_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained in code on a tiny corpus, with Qwen's
+    pre-tokenizer, control tokens and chat template (no download)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab = dict(model["vocab"])
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    for token in QWEN_CONTROL_TOKENS:
+        vocab[token] = len(vocab)
+    return Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None,
+                          eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                          extra_special_tokens=list(QWEN_CONTROL_TOKENS[1:]),
+                          model_max_length=1 << 20, chat_template=CHAT_TEMPLATE)
+
+
+def make_tiny_checkpoint(out_dir: str, *, seed: int = 0, text_layers: int = 2,
+                         vision_depth: int = 2, dtype=torch.float32) -> str:
+    """Write a complete tiny Qwen2.5-VL checkpoint directory: config.json, safetensors
+    weights, tokenizer with chat template, and preprocessor configs (small pixel budget).
+    Idempotent: an existing complete directory is left as it is."""
+    if os.path.isfile(os.path.join(out_dir, "model.safetensors")):
+        return out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = build_tiny_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_CONTROL_TOKENS}
+    config = tiny_hf_config(text_layers=text_layers, vision_depth=vision_depth)
+    config["text_config"]["vocab_size"] = -(-len(tokenizer) // 64) * 64
+    config["text_config"]["bos_token_id"] = ids["<|endoftext|>"]
+    config["text_config"]["eos_token_id"] = ids["<|im_end|>"]
+    config.update(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"],
+                  vision_end_token_id=ids["<|vision_end|>"])
+    model = tiny_hf_model(config, seed=seed, dtype=dtype)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "chat_template.jinja"), "w") as f:
+        f.write(CHAT_TEMPLATE)
+    shared = {"patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+              "image_mean": [0.48145466, 0.4578275, 0.40821073],
+              "image_std": [0.26862954, 0.26130258, 0.27577711],
+              "processor_class": "Qwen2_5_VLProcessor"}
+    pixels = {"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 64}
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+        json.dump({**shared, "image_processor_type": "Qwen2VLImageProcessor", "size": pixels,
+                   "min_pixels": pixels["shortest_edge"], "max_pixels": pixels["longest_edge"]},
+                  f, indent=1)
+    with open(os.path.join(out_dir, "video_preprocessor_config.json"), "w") as f:
+        json.dump({**shared, "video_processor_type": "Qwen2VLVideoProcessor", "size": pixels,
+                   "do_sample_frames": False}, f, indent=1)
+    return out_dir

@@ -4,8 +4,8 @@ Runs Spava on W context-parallel ranks (default 2, CPU/gloo) and compares it wit
 full causal attention over the whole prompt on one process: time, error and tokens per
 rank. Launch with torchrun, or run it plainly and it launches its own ranks:
 
-    megatron-spava-demo                              # 2 CPU ranks, built-in defaults
-    torchrun --nproc-per-node 2 -m megatron_spava.demo --context-len 32768
+    megatron-spava-attention-demo                    # 2 CPU ranks, built-in defaults
+    torchrun --nproc-per-node 2 -m megatron_spava.attention_demo --context-len 32768
 
 The synthetic prompt is "needle" shaped, like a long video with a few relevant frames:
 one key in 1024 aligns with the question, so the attention that matters is sparse
@@ -32,7 +32,7 @@ from .testing.reference import random_qkv, relative_error
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="megatron-spava-demo", description=__doc__,
+        prog="megatron-spava-attention-demo", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=2,
                    help="ranks to launch when not started by torchrun (default: %(default)s)")
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     if "WORLD_SIZE" not in os.environ:  # not under torchrun: launch our own ranks
         from torch.distributed.run import main as torchrun
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-        torchrun(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "megatron_spava.demo",
+        torchrun(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "megatron_spava.attention_demo",
                   *(sys.argv[1:] if argv is None else argv)])
         return 0
     if args.device == "cuda":
