@@ -105,7 +105,9 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
     out = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        procs = [ctx.Process(target=_worker, daemon=True,
+        # not daemonic: ranks may start processes of their own (the dist-checkpoint writer
+        # does); they are stopped in the finally block below.
+        procs = [ctx.Process(target=_worker, daemon=False,
                              args=(r, world_size, init_file, (fn.__module__, fn.__qualname__),
                                    args, kwargs, timeout, backend, threads, list(sys.path), out))
                  for r in range(world_size)]

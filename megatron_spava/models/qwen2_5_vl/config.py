@@ -41,6 +41,8 @@ class Qwen25VLConfig:
         """From an HF checkpoint directory, a config.json path, or its dict."""
         if isinstance(source, str):
             path = os.path.join(source, "config.json") if os.path.isdir(source) else source
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"checkpoint not found: no config.json at {source}")
             with open(path) as f:
                 source = json.load(f)
         cfg = dict(source)

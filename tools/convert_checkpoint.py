@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Convert Qwen2.5-VL checkpoints between Hugging Face and megatron-core.
+
+    python tools/convert_checkpoint.py hf-to-megatron --hf-path Qwen2.5-VL-7B-Instruct --out ckpt/
+    python tools/convert_checkpoint.py megatron-to-hf --megatron-path ckpt/ --out hf_again/
+
+hf-to-megatron writes a megatron-core distributed checkpoint (torch_dist format). It is
+tensor-parallel agnostic: load it at any TP size (megatron-core reshards it), e.g. with
+`megatron-spava-demo --megatron-path ckpt/ --tensor-model-parallel-size 2`.
+--tensor-model-parallel-size only checks that heads, KV groups, vocabulary and MLP
+widths divide. The tokenizer, processor configs and chat template are copied along.
+megatron-to-hf writes safetensors with the source's key names (on-disk layout), so
+HF -> megatron -> HF is bit-exact. Both stream tensor by tensor; peak memory is about
+one copy of the model. Runs on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="direction", required=True)
+    a = sub.add_parser("hf-to-megatron", help="HF safetensors directory -> megatron-core dist checkpoint")
+    a.add_argument("--hf-path", required=True, help="HF Qwen2.5-VL directory (config.json + *.safetensors)")
+    a.add_argument("--out", required=True, help="output directory (created)")
+    a.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="validate divisibility for this TP size (default: %(default)s)")
+    b = sub.add_parser("megatron-to-hf", help="megatron-core dist checkpoint -> HF safetensors")
+    b.add_argument("--megatron-path", required=True, help="a directory written by hf-to-megatron")
+    b.add_argument("--out", required=True, help="output directory (created)")
+    b.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (default: %(default)s)")
+    for p in (a, b):
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    from megatron_spava.models.qwen2_5_vl.convert import dist_to_hf, hf_to_dist
+
+    try:
+        if args.direction == "hf-to-megatron":
+            if args.tensor_model_parallel_size < 1:
+                raise ValueError("--tensor-model-parallel-size must be >= 1")
+            out = hf_to_dist(args.hf_path, args.out, tensor_parallel=args.tensor_model_parallel_size,
+                             progress=not args.no_progress)
+        else:
+            out = dist_to_hf(args.megatron_path, args.out, max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
+                             progress=not args.no_progress)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
