@@ -15,6 +15,13 @@ setup(
     install_requires=[
         "torch>=2.5",
         "megatron-core==0.16.1",
+        "transformers>=5.0",   # Qwen2.5-VL reference model, tokenizer and processors
+        "safetensors",         # checkpoint I/O
+        "sentencepiece",
+        "av",                  # PyAV: video decoding (bundles FFmpeg)
+        "pillow",              # frame directories, HF image processor
+        "tqdm",                # progress bars
+        "psutil",              # undeclared need of megatron-core's dist-checkpoint writer
     ],
     extras_require={
         "test": ["pytest"],

@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--hf-path", help="HF Qwen2.5-VL checkpoint directory (converted on the fly)")
     src.add_argument("--megatron-path", help="a checkpoint made by tools/convert_checkpoint.py "
                      "hf-to-megatron (holds the tokenizer and processor configs too)")
+    src.add_argument("--model-shape", choices=["tiny", "3b", "7b"], default="tiny",
+                     help="without a checkpoint: the generated model's shape; 3b/7b are the "
+                          "released Qwen2.5-VL shapes and need --random-weights (default: %(default)s)")
+    src.add_argument("--random-weights", action="store_true",
+                     help="random weights (seeded, the same in every run) instead of the checkpoint's")
+    src.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     src.add_argument("--work-dir", default=DEFAULT_WORK_DIR,
                      help="where the tiny checkpoint and synthetic video go (default: %(default)s)")
     src.add_argument("--bf16", action="store_true", help="bf16 weights and activations")
@@ -72,7 +78,8 @@ def resolve_paths(args) -> str:
     """Fill in the default video path; return the checkpoint directory. Pure."""
     if not args.video and not args.frames_dir:
         args.video = os.path.join(args.work_dir, "synthetic.mp4")
-    return args.hf_path or args.megatron_path or os.path.join(args.work_dir, "tiny-qwen2.5-vl")
+    name = "tiny-qwen2.5-vl" if args.model_shape == "tiny" else f"qwen2.5-vl-{args.model_shape}-shape"
+    return args.hf_path or args.megatron_path or os.path.join(args.work_dir, name)
 
 
 def create_defaults(args, checkpoint: str) -> None:
@@ -82,7 +89,7 @@ def create_defaults(args, checkpoint: str) -> None:
             raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
     else:
         from .models.qwen2_5_vl.tiny import make_tiny_checkpoint
-        make_tiny_checkpoint(checkpoint)
+        make_tiny_checkpoint(checkpoint, shape=None if args.model_shape == "tiny" else args.model_shape)
     if args.video == os.path.join(args.work_dir, "synthetic.mp4") and not os.path.isfile(args.video):
         from .video import write_synthetic_video
         os.makedirs(args.work_dir, exist_ok=True)
@@ -106,6 +113,14 @@ def _build_model(args, checkpoint: str, tp: int, cp: int, device):
     ps = _setup_parallel(tp, cp)
     cfg = Qwen25VLConfig.from_hf(checkpoint)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
+    if args.random_weights:  # the same seed everywhere: equal weights on every CP rank and run
+        torch.manual_seed(args.seed)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(args.seed)
+        with torch.device(device):
+            model = Qwen25VLModel(cfg, tensor_parallel=tp, context_parallel=cp, dtype=dtype,
+                                  use_cpu_initialization=device.type == "cpu")
+        return model.to(device).eval(), ps
     model = Qwen25VLModel(cfg, tensor_parallel=tp, context_parallel=cp, dtype=dtype,
                           use_cpu_initialization=True, perform_initialization=False)
     if args.megatron_path:
@@ -205,6 +220,8 @@ def main(argv=None) -> int:
                              f"--context-parallel-size {cp}: they must multiply to the world size")
         if args.max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be >= 1")
+        if args.model_shape != "tiny" and not args.random_weights and not (args.hf_path or args.megatron_path):
+            raise ValueError(f"--model-shape {args.model_shape} has no weights to load: add --random-weights")
         spava_config_from_args(args)
         checkpoint = resolve_paths(args)
         if "WORLD_SIZE" not in os.environ or os.environ.get("RANK") == "0":

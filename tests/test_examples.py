@@ -43,3 +43,33 @@ def test_gpt_prefill_example_tp2_cp2_full_budget_is_exact():
     assert "spava: TP=2 x CP=2, 1024 tokens (16 query)" in out
     diffs = dict(re.findall(r"(\w+) rows ([\d.e+-]+)", out))
     assert set(diffs) == {"query", "all", "anchor"} and max(map(float, diffs.values())) < 1e-4, out
+
+
+def test_video_qa_main_job(tmp_path):
+    """README's first command, on a fresh work dir: tiny checkpoint and synthetic video are
+    generated, Spava on 2 CPU ranks answers, and the exact comparison is printed."""
+    out = _run([sys.executable, "-m", "megatron_spava.video_qa", "--work-dir", str(tmp_path),
+                "--max-new-tokens", "4", "--json", str(tmp_path / "r.json")], timeout=600)
+    import json
+    result = json.load(open(tmp_path / "r.json"))
+    assert set(result["runs"]) == {"spava", "full"}
+    assert result["runs"]["spava"]["cp"] == 2 and result["runs"]["full"]["cp"] == 1
+    assert result["video_tokens"] > 500 and len(result["runs"]["spava"]["tokens"]) == 4
+    assert "first-token logits, spava vs full" in out and "answer tokens" in out
+    assert 0 < result["first_logits_rel_err"] < 0.5  # default budgets: approximate, close
+
+
+def test_video_qa_full_budget_agrees_with_full(tmp_path):
+    out = _run([sys.executable, "-m", "megatron_spava.video_qa", "--work-dir", str(tmp_path),
+                "--max-new-tokens", "4", "--spava-passing-len", "1024", "--json",
+                str(tmp_path / "r.json")], timeout=600)
+    import json
+    result = json.load(open(tmp_path / "r.json"))
+    assert result["first_logits_max_abs_diff"] < 1e-3 and result["same_answer"], out
+
+
+def test_video_qa_reports_bad_input_before_launching(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "megatron_spava.video_qa", "--work-dir", str(tmp_path),
+                          "--hf-path", str(tmp_path / "missing")], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "checkpoint directory not found" in out.stderr

@@ -125,26 +125,59 @@ def build_tiny_tokenizer(vocab_size: int = 400):
                           model_max_length=1 << 20, chat_template=CHAT_TEMPLATE)
 
 
+#: Released model shapes (public config.json values), for random-weight runs.
+SHAPES = {
+    "3b": dict(text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+                         num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2),
+               out_hidden_size=2048, tie=True),
+    "7b": dict(text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                         num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4),
+               out_hidden_size=3584, tie=False),
+}
+
+
+def shaped_hf_config(shape: str) -> dict:
+    """config.json of a released shape ("3b", "7b"): real layer counts, widths and heads."""
+    spec = SHAPES[shape]
+    config = tiny_hf_config(tie=spec["tie"])
+    config["text_config"].update(spec["text"], rope_parameters={
+        "rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6})
+    config["vision_config"].update(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                   out_hidden_size=spec["out_hidden_size"],
+                                   fullatt_block_indexes=[7, 15, 23, 31], window_size=112)
+    return config
+
+
 def make_tiny_checkpoint(out_dir: str, *, seed: int = 0, text_layers: int = 2,
-                         vision_depth: int = 2, dtype=torch.float32) -> str:
-    """Write a complete tiny Qwen2.5-VL checkpoint directory: config.json, safetensors
-    weights, tokenizer with chat template, and preprocessor configs (small pixel budget).
+                         vision_depth: int = 2, dtype=torch.float32, shape: Optional[str] = None) -> str:
+    """Write a complete Qwen2.5-VL checkpoint directory: config.json, tokenizer with chat
+    template, preprocessor configs, and (for the tiny shape) random safetensors weights.
+
+    shape: None for the tiny model; "3b" or "7b" for a released shape without weight files
+    (build such models with random weights: megatron-spava-demo --random-weights).
     Idempotent: an existing complete directory is left as it is."""
-    if os.path.isfile(os.path.join(out_dir, "model.safetensors")):
+    marker = "model.safetensors" if shape is None else "config.json"
+    if os.path.isfile(os.path.join(out_dir, marker)):
         return out_dir
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_CONTROL_TOKENS}
-    config = tiny_hf_config(text_layers=text_layers, vision_depth=vision_depth)
-    config["text_config"]["vocab_size"] = -(-len(tokenizer) // 64) * 64
+    config = (tiny_hf_config(text_layers=text_layers, vision_depth=vision_depth) if shape is None
+              else shaped_hf_config(shape))
+    if shape is None:
+        config["text_config"]["vocab_size"] = -(-len(tokenizer) // 64) * 64
     config["text_config"]["bos_token_id"] = ids["<|endoftext|>"]
     config["text_config"]["eos_token_id"] = ids["<|im_end|>"]
     config.update(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"],
                   vision_end_token_id=ids["<|vision_end|>"])
-    model = tiny_hf_model(config, seed=seed, dtype=dtype)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.save_pretrained(out_dir, safe_serialization=True)
+    if shape is None:
+        model = tiny_hf_model(config, seed=seed, dtype=dtype)
+        model.generation_config.eos_token_id = ids["<|im_end|>"]
+        model.save_pretrained(out_dir, safe_serialization=True)
+    else:
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
     tokenizer.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "chat_template.jinja"), "w") as f:
         f.write(CHAT_TEMPLATE)
@@ -152,7 +185,8 @@ def make_tiny_checkpoint(out_dir: str, *, seed: int = 0, text_layers: int = 2,
               "image_mean": [0.48145466, 0.4578275, 0.40821073],
               "image_std": [0.26862954, 0.26130258, 0.27577711],
               "processor_class": "Qwen2_5_VLProcessor"}
-    pixels = {"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 64}
+    pixels = ({"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 64} if shape is None else
+              {"shortest_edge": 128 * 28 * 28, "longest_edge": 768 * 28 * 28})  # HF's video defaults
     with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
         json.dump({**shared, "image_processor_type": "Qwen2VLImageProcessor", "size": pixels,
                    "min_pixels": pixels["shortest_edge"], "max_pixels": pixels["longest_edge"]},
