@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="text-after-video M-RoPE rule: Qwen's original (as trained) or "
                           "transformers 5.x (default: %(default)s)")
     run.add_argument("--json", help="write the results as JSON here")
+    run.add_argument("--save-logits", help="save each run's first-token logits (torch.save) here")
     add_spava_args(p)
     p.set_defaults(context_parallel_algo="spava")
     return p
@@ -180,6 +181,8 @@ def run(args) -> dict:
         result["first_logits_max_abs_diff"] = float(diff.max())
         result["first_logits_rel_err"] = float(diff.norm() / runs["full"].first_logits.norm())
         result["same_answer"] = main.tokens == runs["full"].tokens
+    if rank == 0 and args.save_logits:
+        torch.save({name: out.first_logits for name, out in runs.items()}, args.save_logits)
     if rank == 0:
         print_report(result, args)
         if args.json:
