@@ -34,6 +34,11 @@ from .context import require_request
 from .inference.decode import decode_attn_func
 
 
+#: Set to a list to time every core-attention call with CUDA events (start, end) pairs;
+#: tools/bench_prefill.py uses it. None (the default) records nothing.
+ATTENTION_EVENTS: Optional[list] = None
+
+
 class SpavaCoreAttention(MegatronModule):
     """Context-parallel core attention (Megatron's `core_attention` contract).
 
@@ -80,6 +85,10 @@ class SpavaCoreAttention(MegatronModule):
             layout, group = FullLayout(query.shape[0], 0), None
         else:
             layout, group = request.layout, self.cp_group
+        events = ATTENTION_EVENTS if query.is_cuda else None
+        if events is not None:
+            events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            events[-1][0].record()
         if request is not None and request.decode:
             out = decode_attn_func(query, key, value, cache=request.cache, layer=self.layer_number,
                                    cp_group=group, softmax_scale=self.softmax_scale,
@@ -89,6 +98,8 @@ class SpavaCoreAttention(MegatronModule):
                                softmax_scale=self.softmax_scale)
             if request is not None and request.cache is not None:
                 request.cache.store_prefill(self.layer_number, key, value)
+        if events is not None:
+            events[-1][1].record()
         return out.reshape(out.shape[0], out.shape[1], -1)
 
 

@@ -75,9 +75,11 @@ def generate(model: Qwen25VLModel, inputs: VideoQAInputs, *, algo: str = "spava"
              config: Optional[SpavaConfig] = None, cp_group: Optional[dist.ProcessGroup] = None,
              max_new_tokens: int = 16, query_len: Optional[int] = None,
              rope_convention: str = "qwen", eos_token_ids: Optional[Sequence[int]] = None,
-             device: Optional[torch.device] = None) -> GenerationOutput:
+             device: Optional[torch.device] = None, vision_group="cp") -> GenerationOutput:
     """Greedy answer to one video prompt; every rank of the model's TP x CP grid calls it
-    with the same inputs. Stops at an EOS token or after max_new_tokens."""
+    with the same inputs. Stops at an EOS token or after max_new_tokens.
+    vision_group: the group that shares the vision encoding ("cp": frame parallelism over
+    the CP group; None: every rank encodes the whole video)."""
     cfg = model.cfg
     device = device or next(model.parameters()).device
     rank, world = group_rank_world(cp_group)
@@ -97,15 +99,17 @@ def generate(model: Qwen25VLModel, inputs: VideoQAInputs, *, algo: str = "spava"
     _sync(device)
     start = time.perf_counter()
     embeds = encode_video_frame_parallel(model.visual, inputs.pixel_values_videos.to(device),
-                                         inputs.video_grid_thw, cp_group)
+                                         inputs.video_grid_thw,
+                                         cp_group if vision_group == "cp" else vision_group)
     _sync(device)
     vision_s = time.perf_counter() - start
     ordinals = video_ordinals(ids, cfg.video_token_id)
     x = model.decoder_input(ids[:, idx.to(device)], embeds, ordinals[:, idx.to(device)])
-    with cp_request(layout, cache=cache):
-        logits = model(x, positions[:, :, idx].to(device))
     holds_last = bool((idx == S - 1).any())
-    last = logits[0, int((idx == S - 1).nonzero()[0])].float() if holds_last else None
+    row = int((idx == S - 1).nonzero()[0]) if holds_last else 0  # others compute a dummy row
+    with cp_request(layout, cache=cache):
+        logits = model(x, positions[:, :, idx].to(device), logits_rows=torch.tensor([row]))
+    last = logits[0, 0].float() if holds_last else None
     token = _pick_once(last, device)
     first_logits = _broadcast_from_holder(last, logits.shape[-1], holds_last, device)
     _sync(device)

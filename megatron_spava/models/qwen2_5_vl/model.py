@@ -86,9 +86,19 @@ class Qwen25VLModel(MegatronModule):
             x[where] = video_embeds[video_ordinal.t()[where]].to(x.dtype)
         return x
 
-    def forward(self, decoder_input: Tensor, position_ids: Tensor) -> Tensor:
-        return self.language_model(input_ids=None, position_ids=position_ids, attention_mask=None,
-                                   decoder_input=decoder_input)
+    def forward(self, decoder_input: Tensor, position_ids: Tensor,
+                logits_rows: Optional[Tensor] = None) -> Tensor:
+        """decoder_input [s, b, hidden], position_ids [3, b, s] -> logits [b, s', vocab] for the
+        local rows `logits_rows` (default: all). A prefill needs only the last token's logits:
+        computing all of them costs s x vocab memory (39 GB at 128K tokens for 7B)."""
+        lm = self.language_model
+        rotary = lm.rotary_pos_emb(position_ids, lm.mrope_section)
+        hidden = lm.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary)
+        if logits_rows is not None:
+            hidden = hidden.index_select(0, logits_rows.to(hidden.device))
+        weight = lm.shared_embedding_or_output_weight() if lm.share_embeddings_and_output_weights else None
+        logits, _ = lm.output_layer(hidden, weight=weight, runtime_gather_output=True)
+        return logits.transpose(0, 1).contiguous()
 
 
 def frame_groups(grid_thw: Tensor) -> List[Tuple[int, int, int, int]]:

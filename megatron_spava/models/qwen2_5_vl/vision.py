@@ -126,23 +126,27 @@ def window_index(grid_thw: Tensor, cfg: VisionConfig) -> Tuple[Tensor, List[int]
     return torch.cat(indices), lengths
 
 
-def segment_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Sequence[int], scale: float) -> Tensor:
-    """Bidirectional attention within consecutive segments of the given lengths.
-
-    q, k, v: [N, heads, d] with N = sum(lengths). Segments of equal length are batched
-    into one kernel call ([L, n_segments, heads, d]), so a frame of equal windows is one
-    call. Returns [N, heads, d].
-    """
-    out = torch.empty_like(q)
+def segment_groups(lengths: Sequence[int], device) -> List[Tensor]:
+    """Row indices [n_segments, L] of the consecutive segments of `lengths`, one tensor per
+    distinct length L. Built once per forward and shared by every block."""
     starts = torch.tensor([0] + list(lengths[:-1])).cumsum(0).tolist()
     by_len = {}
     for start, length in zip(starts, lengths):
         by_len.setdefault(length, []).append(start)
-    for length, group in by_len.items():
-        rows = (torch.tensor(group)[:, None] + torch.arange(length)[None, :]).to(q.device)  # [n, L]
+    return [(torch.tensor(group)[:, None] + torch.arange(length)[None, :]).to(device)
+            for length, group in by_len.items()]
+
+
+def segment_attention(q: Tensor, k: Tensor, v: Tensor, groups: Sequence[Tensor], scale: float) -> Tensor:
+    """Bidirectional attention within segments.
+
+    q, k, v: [N, heads, d]; groups: from `segment_groups`. Segments of equal length are
+    batched into one kernel call ([L, n_segments, heads, d]). Returns [N, heads, d].
+    """
+    out = torch.empty_like(q)
+    for rows in groups:
         qs, ks, vs = (t[rows].transpose(0, 1) for t in (q, k, v))  # [L, n, heads, d]
-        o = attend(qs, ks, vs, causal=False, scale=scale)[0]
-        out[rows] = o.transpose(0, 1)
+        out[rows] = attend(qs, ks, vs, causal=False, scale=scale)[0].transpose(0, 1)
     return out
 
 
@@ -177,15 +181,16 @@ class VisionBlock(MegatronModule):
         self.head_dim = cfg.head_dim
         self.act = getattr(F, cfg.hidden_act)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, lengths: Sequence[int]) -> Tensor:
-        """x: [N, D]; cos/sin: [N, head_dim] float32; lengths: attention segments."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, groups: Sequence[Tensor]) -> Tensor:
+        """x: [N, D]; cos/sin: [N, head_dim] float32; groups: attention segments
+        (`segment_groups`)."""
         n = x.shape[0]
         qkv = self.attn.qkv(self.norm1(x))[0].view(n, -1, 3, self.head_dim)  # [N, heads/tp, 3, d]
         q, k, v = qkv.unbind(2)
         c, s = cos[:, None], sin[:, None]
         q = (q.float() * c + _rotate_half(q.float()) * s).to(x.dtype)
         k = (k.float() * c + _rotate_half(k.float()) * s).to(x.dtype)
-        o = segment_attention(q, k, v, lengths, self.head_dim ** -0.5)
+        o = segment_attention(q, k, v, groups, self.head_dim ** -0.5)
         x = x + self.attn.proj(o.reshape(n, -1))[0]
         h = self.norm2(x)
         up = self.act(self.mlp.gate_proj(h)[0]) * self.mlp.up_proj(h)[0]
@@ -236,10 +241,10 @@ class VisionEncoder(MegatronModule):
         permute = lambda t: t.reshape(n // unit, unit, -1)[windows].reshape(n, -1)  # noqa: E731
         x, emb = permute(x), permute(emb)
         cos, sin = emb.cos(), emb.sin()
-        frame_lengths = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
+        frames = segment_groups([h * w for t, h, w in grid_thw.tolist() for _ in range(t)], x.device)
+        windows_ = segment_groups(window_lengths, x.device)
         for i, block in enumerate(self.blocks.children()):
-            lengths = frame_lengths if i in cfg.fullatt_block_indexes else window_lengths
-            x = block(x, cos, sin, lengths)
+            x = block(x, cos, sin, frames if i in cfg.fullatt_block_indexes else windows_)
         merged = self.merger.ln_q(x).reshape(n // unit, -1)
         mlp = self.merger.mlp
         merged = getattr(mlp, "2")(F.gelu(getattr(mlp, "0")(merged)[0]))[0]

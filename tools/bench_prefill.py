@@ -1,0 +1,279 @@
+#!/usr/bin/env python3
+"""Video prefill time-to-first-token of Qwen2.5-VL-shaped models, every algorithm in one run.
+
+    torchrun --standalone --nproc-per-node 4 tools/bench_prefill.py --shape 7b \\
+        --tokens 32768 65536 131072 --json prefill.json --plot prefill.png
+
+For each LLM length n it synthesises a 448x448 video of n/256 temporal groups (random
+patches, i.e. the vision encoder's real input size) inside a chat prompt, builds the model
+with random bf16 weights at the released shape (real layer counts, widths and heads), and
+times `generate(max_new_tokens=1)`: frame-parallel vision + prefill until the first token
+is known on every rank. Algorithms (--algos):
+  full                       one GPU, exact (every rank runs its own replica)
+  ring                       exact ZigZag ring attention over W GPUs
+  star, apb, spava           SPAVA.md section 5
+  spava-no-overlap, spava-no-zigzag, spava-no-shard-anchor
+                             one ablation switch each
+  spava-no-frame-parallel    every rank encodes the whole video
+Reported per (n, algo): median / min / max TTFT over --repeats after --warmup runs, the
+vision / LLM split, the share of LLM time inside core attention (CUDA events around
+every core-attention call), peak GPU memory (max over ranks), and speedups against full,
+ring and apb from the same run. With --profile-comm, one extra spava run per n under
+torch.profiler measures exposed communication: time when an NCCL kernel runs and no
+other kernel does, over the run's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+ALGOS = ["full", "ring", "star", "apb", "spava", "spava-no-overlap", "spava-no-zigzag",
+         "spava-no-shard-anchor", "spava-no-frame-parallel"]
+TOKENS_PER_GROUP = 256  # 448x448 frames: 32x32 patches -> 16x16 merged tokens per 2 frames
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=["tiny", "3b", "7b"], default="7b",
+                   help="model shape; tiny is for a CPU dry run (default: %(default)s)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: gloo ranks, for checking the tool itself (default: %(default)s)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[32768, 65536, 131072],
+                   help="LLM prompt lengths n (default: %(default)s)")
+    p.add_argument("--algos", nargs="+", default=ALGOS, choices=ALGOS, metavar="ALGO",
+                   help=f"from {ALGOS}")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: %(default)s)")
+    p.add_argument("--full-max-tokens", type=int, default=1 << 30,
+                   help="skip 'full' above this n (one GPU's memory/time) (default: no limit)")
+    p.add_argument("--profile-comm", action="store_true", help="measure exposed communication")
+    p.add_argument("--json", help="write results here (rewritten after every n)")
+    p.add_argument("--plot", help="write a PNG of speedup vs tokens here (needs matplotlib)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def spava_config(algo: str):
+    from megatron_spava import SpavaConfig
+    switch = {"spava-no-overlap": dict(overlap=False), "spava-no-zigzag": dict(zigzag=False),
+              "spava-no-shard-anchor": dict(shard_anchor=False)}.get(algo, {})
+    return SpavaConfig(**switch)
+
+
+def build(shape: str, cp: int, seed: int, device: torch.device):
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+    from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig, Qwen25VLModel
+    from megatron_spava.models.qwen2_5_vl.tiny import shaped_hf_config, tiny_hf_config
+
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=cp)
+    initialize_rng_tracker(inference_rng_tracker=True)
+    torch.manual_seed(seed)
+    cfg = Qwen25VLConfig.from_hf(tiny_hf_config() if shape == "tiny" else shaped_hf_config(shape))
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen25VLModel(cfg, dtype=torch.bfloat16 if cuda else torch.float32,
+                              context_parallel=cp, use_cpu_initialization=not cuda).eval()
+    return model.to(device), ps
+
+
+def synthetic_inputs(cfg, n: int, seed: int):
+    """A chat prompt of about n tokens around a 448x448 video of n/256 temporal groups."""
+    from megatron_spava.models.qwen2_5_vl.generate import VideoQAInputs
+    gen = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(0, 200, (20,), generator=gen)  # ordinary tokens in every vocabulary here
+    question = torch.randint(0, 200, (24,), generator=gen)
+    groups = max(1, (n - 46) // TOKENS_PER_GROUP)
+    ids = torch.cat([prefix, torch.tensor([cfg.vision_start_token_id]),
+                     torch.full((groups * TOKENS_PER_GROUP,), cfg.video_token_id),
+                     torch.tensor([cfg.vision_end_token_id]), question])[None]
+    pixels = torch.randn(groups * 4 * TOKENS_PER_GROUP, cfg.vision.patch_dim, generator=gen)
+    return VideoQAInputs(ids, pixels, torch.tensor([[groups, 32, 32]]), torch.tensor([1.0]))
+
+
+def exposed_comm_share(prof) -> float:
+    """Fraction of the run's GPU wall time where an NCCL kernel runs and nothing else does."""
+    kernels = [(e.time_range.start, e.time_range.end, "nccl" in e.name.lower())
+               for e in prof.events() if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start]
+    if not kernels:
+        return float("nan")
+    def union(intervals):
+        out = []
+        for s, e in sorted(intervals):
+            if out and s <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], e)
+            else:
+                out.append([s, e])
+        return out
+    comm, compute = union([(s, e) for s, e, c in kernels if c]), union([(s, e) for s, e, c in kernels if not c])
+    exposed, j = 0.0, 0
+    for s, e in comm:  # comm time minus its overlap with compute
+        covered = 0.0
+        for cs, ce in compute:
+            covered += max(0.0, min(e, ce) - max(s, cs))
+        exposed += (e - s) - covered
+    wall = max(e for _, e, _ in kernels) - min(s for s, _, _ in kernels)
+    return exposed / wall
+
+
+def run_algo(model, ps, inputs, algo: str, args):
+    from megatron_spava import modules
+    from megatron_spava.models.qwen2_5_vl.generate import generate
+    group = ps.get_context_parallel_group()
+    kwargs = dict(algo="spava" if algo.startswith("spava") else algo, config=spava_config(algo),
+                  cp_group=group, max_new_tokens=1, eos_token_ids=[], device=args.device_obj)
+    cuda = args.device_obj.type == "cuda"
+    if algo == "spava-no-frame-parallel":
+        kwargs["vision_group"] = None
+    for _ in range(args.warmup):
+        generate(model, inputs, **kwargs)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    ttft, vision, attention = [], [], []
+    for _ in range(args.repeats):
+        modules.ATTENTION_EVENTS = [] if cuda else None
+        out = generate(model, inputs, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+            attention.append(sum(a.elapsed_time(b) for a, b in modules.ATTENTION_EVENTS) / 1e3)
+        modules.ATTENTION_EVENTS = None
+        ttft.append(out.ttft_s)
+        vision.append(out.timings["vision_s"])
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0],
+                        device=args.device_obj)
+    times = torch.tensor([statistics.median(ttft), statistics.median(vision)], device=args.device_obj)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    result = dict(ttft_median_s=float(times[0]), ttft_min_s=min(ttft), ttft_max_s=max(ttft),
+                  ttft_all_s=ttft, vision_median_s=float(times[1]),
+                  llm_median_s=float(times[0] - times[1]),
+                  attention_share_of_llm=(statistics.median(attention) / max(1e-9, float(times[0] - times[1]))
+                                          if attention else float("nan")),
+                  peak_memory_gib=float(peak), tokens=int(inputs.input_ids.shape[1]),
+                  local_tokens=int(out.layout.local_len(ps.get_context_parallel_rank())))
+    if args.profile_comm and algo == "spava" and cuda:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            generate(model, inputs, **kwargs)
+            torch.cuda.synchronize()
+        result["exposed_comm_share"] = exposed_comm_share(prof)
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        args.device_obj = torch.device("cuda", torch.cuda.current_device())
+        name = torch.cuda.get_device_name()
+    else:
+        from megatron_spava import cpu_compat
+        cpu_compat.apply()
+        args.device_obj, name = torch.device("cpu"), "cpu"
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    results = dict(shape=args.shape, world=world, device=name,
+                   torch=torch.__version__, date=time.strftime("%Y-%m-%d"), runs={})
+    cp_algos = [a for a in args.algos if a != "full"]
+    for n in args.tokens:
+        results["runs"][str(n)] = {}
+    if cp_algos:
+        model, ps = build(args.shape, world, args.seed, args.device_obj)
+        for n in args.tokens:
+            inputs = synthetic_inputs(model.cfg, n, args.seed)
+            for algo in cp_algos:
+                results["runs"][str(n)][algo] = run_algo(model, ps, inputs, algo, args)
+                _report(rank, n, algo, results["runs"][str(n)][algo])
+            _save(rank, args, results)
+        del model
+        if args.device_obj.type == "cuda":
+            torch.cuda.empty_cache()
+    if "full" in args.algos:
+        model, ps = build(args.shape, 1, args.seed, args.device_obj)
+        for n in args.tokens:
+            if n > args.full_max_tokens:
+                continue
+            inputs = synthetic_inputs(model.cfg, n, args.seed)
+            results["runs"][str(n)]["full"] = run_algo(model, ps, inputs, "full", args)
+            _report(rank, n, "full", results["runs"][str(n)]["full"])
+            _save(rank, args, results)
+    _speedups(results)
+    _save(rank, args, results)
+    if rank == 0:
+        _table(results)
+        if args.plot:
+            _plot(results, args.plot)
+    dist.destroy_process_group()
+
+
+def _report(rank, n, algo, r):
+    if rank == 0:
+        print(f"n={n:>7} {algo:<24} TTFT {1e3 * r['ttft_median_s']:9.1f} ms "
+              f"(vision {1e3 * r['vision_median_s']:8.1f}, attention {100 * r['attention_share_of_llm']:4.1f}% of LLM) "
+              f"peak {r['peak_memory_gib']:6.1f} GiB", flush=True)
+
+
+def _speedups(results):
+    for runs in results["runs"].values():
+        for base in ("full", "ring", "apb"):
+            if base in runs:
+                for r in runs.values():
+                    r[f"speedup_vs_{base}"] = runs[base]["ttft_median_s"] / r["ttft_median_s"]
+
+
+def _save(rank, args, results):
+    if rank == 0 and args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def _table(results):
+    print(f"\n{results['shape']}-shaped, {results['world']} x {results['device']}: TTFT median (s) and speedups")
+    print(f"{'n':>8} {'algo':<24} {'TTFT':>8} {'vision':>8} {'vs full':>8} {'vs ring':>8} {'vs apb':>8} {'mem GiB':>8}")
+    for n, runs in results["runs"].items():
+        for algo, r in runs.items():
+            fmt = lambda k: f"{r[k]:8.2f}" if k in r else f"{'-':>8}"  # noqa: E731
+            print(f"{n:>8} {algo:<24} {r['ttft_median_s']:8.3f} {r['vision_median_s']:8.3f} "
+                  f"{fmt('speedup_vs_full')} {fmt('speedup_vs_ring')} {fmt('speedup_vs_apb')} "
+                  f"{r['peak_memory_gib']:8.1f}")
+
+
+def _plot(results, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    algos = sorted({a for runs in results["runs"].values() for a in runs})
+    for algo in algos:
+        pts = [(int(n), r[algo]["speedup_vs_full"]) for n, r in results["runs"].items()
+               if algo in r and "speedup_vs_full" in r[algo]]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=algo)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("LLM tokens")
+    ax.set_ylabel("TTFT speedup vs full (1 GPU)")
+    ax.set_title(f"Qwen2.5-VL-{results['shape'].upper()}-shaped prefill, {results['world']} GPUs")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
