@@ -60,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write results here (rewritten after every n)")
     p.add_argument("--plot", help="write a PNG of speedup vs tokens here (needs matplotlib)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replot", nargs="+", metavar="JSON",
+                   help="no run: merge these result files, print the table, write --json/--plot")
     return p.parse_args(argv)
 
 
@@ -172,8 +174,30 @@ def run_algo(model, ps, inputs, algo: str, args):
     return result
 
 
+def replot(args) -> None:
+    """Merge result files (later ones add runs), recompute speedups, print and plot."""
+    merged = None
+    for path in args.replot:
+        with open(path) as f:
+            data = json.load(f)
+        if merged is None:
+            merged = data
+            continue
+        for n, runs in data["runs"].items():
+            merged["runs"].setdefault(n, {}).update(runs)
+    _speedups(merged)
+    _table(merged)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(merged, f, indent=1)
+    if args.plot:
+        _plot(merged, args.plot)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.replot:
+        return replot(args)
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         args.device_obj = torch.device("cuda", torch.cuda.current_device())
