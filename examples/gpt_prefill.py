@@ -82,18 +82,12 @@ def build(args, cp: int, algo):
 
 
 def main(argv=None):
+    from megatron_spava.launch import init_distributed
+
     args = parse_args(argv)
-    if args.device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        args.device_obj = torch.device("cuda", torch.cuda.current_device())
-    else:
-        from megatron_spava import cpu_compat
-        cpu_compat.apply()
-        args.device_obj = torch.device("cpu")
-    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-    rank = dist.get_rank()
+    args.device_obj = init_distributed(args.device)
     try:
-        run(args, rank)
+        run(args, dist.get_rank())
     finally:
         dist.destroy_process_group()
 

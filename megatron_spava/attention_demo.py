@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from .config import SpavaConfig, round_up
 from .core_attention import spava_attn_func
+from .launch import init_distributed, relaunch, under_torchrun
 from .layout import SpavaLayout
 from .testing.reference import random_qkv, relative_error
 
@@ -205,15 +206,10 @@ def main(argv=None) -> int:
         SpavaLayout.plan(context_len=args.context_len, query_len=args.query_len, cp_size=world)
     except ValueError as err:
         parser.error(str(err))
-    if "WORLD_SIZE" not in os.environ:  # not under torchrun: launch our own ranks
-        from torch.distributed.run import main as torchrun
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-        torchrun(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "megatron_spava.attention_demo",
-                  *(sys.argv[1:] if argv is None else argv)])
+    if not under_torchrun():
+        relaunch("megatron_spava.attention_demo", args.nproc, argv)
         return 0
-    if args.device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    init_distributed(args.device)
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
         rows = run(args)

@@ -20,12 +20,12 @@ import argparse
 import json
 import os
 import sys
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from .arguments import add_spava_args, spava_config_from_args
+from .launch import init_distributed, relaunch, under_torchrun
 
 DEFAULT_WORK_DIR = os.path.join(os.path.expanduser("~"), ".cache", "megatron_spava")
 DEFAULT_QUESTION = "What is happening in this video?"
@@ -227,23 +227,14 @@ def main(argv=None) -> int:
             raise ValueError(f"--model-shape {args.model_shape} has no weights to load: add --random-weights")
         spava_config_from_args(args)
         checkpoint = resolve_paths(args)
-        if "WORLD_SIZE" not in os.environ or os.environ.get("RANK") == "0":
+        if not under_torchrun() or os.environ.get("RANK") == "0":
             create_defaults(args, checkpoint)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    if "WORLD_SIZE" not in os.environ:  # not under torchrun: launch our own ranks
-        from torch.distributed.run import main as torchrun
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
-        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-        torchrun(["--standalone", f"--nproc-per-node={world}", "-m", "megatron_spava.video_qa",
-                  *(sys.argv[1:] if argv is None else argv)])
+    if not under_torchrun():
+        relaunch("megatron_spava.video_qa", world, argv)
         return 0
-    if args.device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        from . import cpu_compat
-        cpu_compat.apply()
-    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    init_distributed(args.device)
     try:
         dist.barrier()  # rank 0 has written the default checkpoint and video
         run(args)

@@ -1,7 +1,6 @@
 """Video input: decoding a generated mp4 and frame directories, bad files, preprocessing
 against HF's image processor, and the prompt built for the model."""
 
-import os
 
 import numpy as np
 import pytest

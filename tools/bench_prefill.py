@@ -121,7 +121,7 @@ def exposed_comm_share(prof) -> float:
                 out.append([s, e])
         return out
     comm, compute = union([(s, e) for s, e, c in kernels if c]), union([(s, e) for s, e, c in kernels if not c])
-    exposed, j = 0.0, 0
+    exposed = 0.0
     for s, e in comm:  # comm time minus its overlap with compute
         covered = 0.0
         for cs, ce in compute:

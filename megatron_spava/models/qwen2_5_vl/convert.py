@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 import torch.distributed as dist

@@ -15,7 +15,7 @@ Every temporal group (2 frames) is an independent attention segment in every lay
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
 import torch
