@@ -46,7 +46,9 @@ class SpavaCoreAttention(MegatronModule):
     `pg_collection.cp`. forward: query [sq, b, np/tp, hn], key/value [sk, b, ng/tp, hn]
     (post-RoPE, sq == sk == this rank's local length) -> [sq, b, np/tp * hn].
     The layout comes from `megatron_spava.context.current_request()`; without an active
-    request it runs plain causal attention, which is only valid at CP size 1.
+    request it runs plain causal attention, which is only valid at CP size 1. A request
+    with a KV cache makes the prefill store this rank's cache rows; a decode request
+    attends one new token over the distributed cache (`inference.decode_attn_func`).
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
