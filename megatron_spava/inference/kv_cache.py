@@ -50,7 +50,9 @@ class DistributedKVCache:
 
     def store_prefill(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Keep this rank's cache rows of a layer's prefill k/v [s_local, b, hk, d]."""
-        rows = self.rows.to(k.device)
+        if self.rows.device != k.device:  # once, not per layer: a pageable copy syncs the stream
+            self.rows = self.rows.to(k.device)
+        rows = self.rows
         n = rows.numel()
         for store, t in ((self.keys, k), (self.values, v)):
             buf = t.new_empty(self.capacity, *t.shape[1:])
