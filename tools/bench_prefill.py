@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--full-max-tokens", type=int, default=1 << 30,
                    help="skip 'full' above this n (one GPU's memory/time) (default: no limit)")
     p.add_argument("--profile-comm", action="store_true", help="measure exposed communication")
+    p.add_argument("--profile-kernels", metavar="DIR",
+                   help="one extra spava run per n under torch.profiler: print the 25 costliest "
+                        "kernels and write a Chrome trace per rank into DIR")
     p.add_argument("--json", help="write results here (rewritten after every n)")
     p.add_argument("--plot", help="write a PNG of speedup vs tokens here (needs matplotlib)")
     p.add_argument("--seed", type=int, default=0)
@@ -166,6 +169,19 @@ def run_algo(model, ps, inputs, algo: str, args):
                                           if attention else float("nan")),
                   peak_memory_gib=float(peak), tokens=int(inputs.input_ids.shape[1]),
                   local_tokens=int(out.layout.local_len(ps.get_context_parallel_rank())))
+    if args.profile_kernels and algo == "spava":
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            generate(model, inputs, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+        os.makedirs(args.profile_kernels, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(
+            args.profile_kernels, f"spava_n{inputs.input_ids.shape[1]}_rank{dist.get_rank()}.json"))
+        if dist.get_rank() == 0:
+            sort = "cuda_time_total" if cuda else "cpu_time_total"
+            print(prof.key_averages().table(sort_by=sort, row_limit=25), flush=True)
     if args.profile_comm and algo == "spava" and cuda:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             generate(model, inputs, **kwargs)
