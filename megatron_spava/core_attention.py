@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from . import profiling
 from .distributed import all_gather, check_inputs, gather_partials, merge_gathered
 from .layout import SpavaLayout
 from .ops.attention import attend, attend_many, merge_partials
@@ -68,7 +69,8 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
             if vblock == layout.num_blocks - 1:  # the last block's passing block is never read
                 mine = k.new_zeros(lp, b, hk, 2 * d)
             else:
-                mine = select_passing(k[lo:hi], v[lo:hi], probe, lp, cfg.pool_kernel)
+                with profiling.region("selection", k):
+                    mine = select_passing(k[lo:hi], v[lo:hi], probe, lp, cfg.pool_kernel)
             region = x[off_g1:off_g1 + slots] if j == 0 else x[:slots]
             works.append(all_gather(region, mine, cp_group, world, async_op=cfg.overlap))
 

@@ -29,14 +29,10 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from . import profiling
 from .algos import FullLayout, cp_attn_func
 from .context import require_request
 from .inference.decode import decode_attn_func
-
-
-#: Set to a list to time every core-attention call with CUDA events (start, end) pairs;
-#: tools/bench_prefill.py uses it. None (the default) records nothing.
-ATTENTION_EVENTS: Optional[list] = None
 
 
 class SpavaCoreAttention(MegatronModule):
@@ -87,21 +83,16 @@ class SpavaCoreAttention(MegatronModule):
             layout, group = FullLayout(query.shape[0], 0), None
         else:
             layout, group = request.layout, self.cp_group
-        events = ATTENTION_EVENTS if query.is_cuda else None
-        if events is not None:
-            events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
-            events[-1][0].record()
-        if request is not None and request.decode:
-            out = decode_attn_func(query, key, value, cache=request.cache, layer=self.layer_number,
-                                   cp_group=group, softmax_scale=self.softmax_scale,
-                                   kernel=layout.config.kernel)
-        else:
-            out = cp_attn_func(query, key, value, layout=layout, cp_group=group,
-                               softmax_scale=self.softmax_scale)
-            if request is not None and request.cache is not None:
-                request.cache.store_prefill(self.layer_number, key, value)
-        if events is not None:
-            events[-1][1].record()
+        with profiling.region("attention", query):
+            if request is not None and request.decode:
+                out = decode_attn_func(query, key, value, cache=request.cache,
+                                       layer=self.layer_number, cp_group=group,
+                                       softmax_scale=self.softmax_scale, kernel=layout.config.kernel)
+            else:
+                out = cp_attn_func(query, key, value, layout=layout, cp_group=group,
+                                   softmax_scale=self.softmax_scale)
+                if request is not None and request.cache is not None:
+                    request.cache.store_prefill(self.layer_number, key, value)
         return out.reshape(out.shape[0], out.shape[1], -1)
 
 

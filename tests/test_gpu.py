@@ -87,3 +87,39 @@ def test_ring_exact_over_nccl_bf16(world):
     noise = relative_error(full_attention(q, k, v, dtype=torch.bfloat16).cpu(), ref)
     for idx, out in results:
         assert relative_error(out, ref[idx]) < 2 * noise
+
+
+def _no_sync_rank(n, lq):
+    """One Spava layer and one decode step under torch's sync debug mode "error": any
+    host-device synchronisation in the per-layer path raises."""
+    from megatron_spava.inference import DistributedKVCache
+    from megatron_spava.inference.decode import decode_attn_func
+    rank, world = dist.get_rank(), dist.get_world_size()
+    q, k, v = random_qkv(n + lq, 1, 28, 4, 128, seed=9, dtype=torch.bfloat16, device="cuda")
+    layout = SpavaLayout.plan(context_len=n, query_len=lq, cp_size=world)  # default budgets
+    idx = layout.local_indices(rank).cuda()
+    ql, kl, vl = q[idx], k[idx], v[idx]
+    group = dist.group.WORLD
+    cache = DistributedKVCache(layout, rank, world, max_new_tokens=2)
+    spava_attn_func(ql, kl, vl, layout=layout, cp_group=group)  # warm-up: kernels, plans
+    cache.store_prefill(1, kl, vl)
+    cache.begin_token()
+    decode_attn_func(q[-1:], k[-1:], v[-1:], cache=cache, layer=1, cp_group=group)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        spava_attn_func(ql, kl, vl, layout=layout, cp_group=group)
+        cache.store_prefill(1, kl, vl)
+        cache.begin_token()
+        decode_attn_func(q[-1:], k[-1:], v[-1:], cache=cache, layer=1, cp_group=group)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    return True
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_no_host_sync_in_the_per_layer_path(world):
+    if _gpus() < world:
+        pytest.skip(f"needs {world} GPUs, found {_gpus()}")
+    assert all(run_ranks(_no_sync_rank, world, 16384, 64, backend="nccl", timeout=300))

@@ -135,7 +135,7 @@ def exposed_comm_share(prof) -> float:
 
 
 def run_algo(model, ps, inputs, algo: str, args):
-    from megatron_spava import modules
+    from megatron_spava import profiling
     from megatron_spava.models.qwen2_5_vl.generate import generate
     group = ps.get_context_parallel_group()
     kwargs = dict(algo="spava" if algo.startswith("spava") else algo, config=spava_config(algo),
@@ -147,14 +147,14 @@ def run_algo(model, ps, inputs, algo: str, args):
         generate(model, inputs, **kwargs)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    ttft, vision, attention = [], [], []
+    ttft, vision, attention, selection = [], [], [], []
     for _ in range(args.repeats):
-        modules.ATTENTION_EVENTS = [] if cuda else None
+        profiling.start()
         out = generate(model, inputs, **kwargs)
+        regions = profiling.stop()
         if cuda:
-            torch.cuda.synchronize()
-            attention.append(sum(a.elapsed_time(b) for a, b in modules.ATTENTION_EVENTS) / 1e3)
-        modules.ATTENTION_EVENTS = None
+            attention.append(regions.get("attention", 0.0))
+            selection.append(regions.get("selection", 0.0))
         ttft.append(out.ttft_s)
         vision.append(out.timings["vision_s"])
     peak = torch.tensor([torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0],
@@ -167,6 +167,8 @@ def run_algo(model, ps, inputs, algo: str, args):
                   llm_median_s=float(times[0] - times[1]),
                   attention_share_of_llm=(statistics.median(attention) / max(1e-9, float(times[0] - times[1]))
                                           if attention else float("nan")),
+                  selection_share_of_llm=(statistics.median(selection) / max(1e-9, float(times[0] - times[1]))
+                                          if selection else float("nan")),
                   peak_memory_gib=float(peak), tokens=int(inputs.input_ids.shape[1]),
                   local_tokens=int(out.layout.local_len(ps.get_context_parallel_rank())))
     if args.profile_kernels and algo == "spava":
@@ -261,7 +263,8 @@ def main(argv=None):
 def _report(rank, n, algo, r):
     if rank == 0:
         print(f"n={n:>7} {algo:<24} TTFT {1e3 * r['ttft_median_s']:9.1f} ms "
-              f"(vision {1e3 * r['vision_median_s']:8.1f}, attention {100 * r['attention_share_of_llm']:4.1f}% of LLM) "
+              f"(vision {1e3 * r['vision_median_s']:8.1f}, attention {100 * r['attention_share_of_llm']:4.1f}%, "
+              f"selection {100 * r['selection_share_of_llm']:4.1f}% of LLM) "
               f"peak {r['peak_memory_gib']:6.1f} GiB", flush=True)
 
 

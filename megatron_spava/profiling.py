@@ -1,0 +1,48 @@
+"""Opt-in GPU timing of named regions with CUDA events (no host synchronisation).
+
+    from megatron_spava import profiling
+    profiling.start()                 # begin collecting
+    ... run ...
+    totals = profiling.stop()         # {"attention": seconds, "selection": seconds, ...}
+
+`with profiling.region("name", tensor):` records a pair of events on the current CUDA
+stream when collection is on and `tensor` is on a GPU; otherwise it does nothing.
+tools/bench_prefill.py uses it to report attention's and selection's share of the LLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+_EVENTS: Optional[Dict[str, List[Tuple[torch.cuda.Event, torch.cuda.Event]]]] = None
+
+
+def start() -> None:
+    global _EVENTS
+    _EVENTS = {}
+
+
+def stop() -> Dict[str, float]:
+    """Synchronise once and return the total seconds per region name; stops collecting."""
+    global _EVENTS
+    events, _EVENTS = _EVENTS or {}, None
+    if events:
+        torch.cuda.synchronize()
+    return {name: sum(a.elapsed_time(b) for a, b in pairs) / 1e3 for name, pairs in events.items()}
+
+
+@contextlib.contextmanager
+def region(name: str, like: torch.Tensor):
+    if _EVENTS is None or not like.is_cuda:
+        yield
+        return
+    pair = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+    _EVENTS.setdefault(name, []).append(pair)
+    pair[0].record()
+    try:
+        yield
+    finally:
+        pair[1].record()
