@@ -59,7 +59,8 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
     off_a = slots * (nblk - 1)
     off_g1 = off_a + a_hi
     x = k.new_empty(off_g1 + slots, b, hk, 2 * d)
-    x[off_a:off_g1] = torch.cat([k[:a_hi], v[:a_hi]], dim=-1)
+    x[off_a:off_g1, ..., :d] = k[:a_hi]
+    x[off_a:off_g1, ..., d:] = v[:a_hi]
 
     # 1-4. Select each block's passing block and launch its all-gather.
     works = []

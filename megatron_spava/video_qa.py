@@ -165,7 +165,8 @@ def run(args) -> dict:
     result = dict(
         checkpoint=checkpoint, video=clip.source, frames=len(clip.frames), sampled_fps=clip.fps,
         prompt_tokens=int(inputs.input_ids.shape[1]), video_tokens=video_tokens,
-        processor_backend=prompter.backend, question=args.question, runs={})
+        processor_backend=prompter.backend, processor_fallback_reason=prompter.fallback_reason,
+        question=args.question, runs={})
     for name, out in runs.items():
         layout = out.layout
         result["runs"][name] = dict(
@@ -196,6 +197,8 @@ def print_report(result: dict, args) -> None:
     print(f"Video QA: {result['video']} ({result['frames']} frames at {result['sampled_fps']:.2f} fps, "
           f"{result['video_tokens']} video tokens, {result['prompt_tokens']} prompt tokens; "
           f"processor: {result['processor_backend']})")
+    if result["processor_fallback_reason"]:
+        print(f"(HF's processor not used: {result['processor_fallback_reason']})")
     print(f"question: {result['question']!r}")
     header = f"{'algorithm':<10} {'TPxCP':>6} {'tokens/rank':>11} {'TTFT ms':>9} {'vision ms':>9} {'decode tok/s':>12}  answer"
     print(header)

@@ -121,7 +121,7 @@ def _megatron_rank(tp, cp, algo, cfg_kwargs, what):
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
     from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig, Qwen25VLModel, encode_video_frame_parallel
-    from megatron_spava.models.qwen2_5_vl.checkpoint import hf_to_megatron, load_megatron_state
+    from megatron_spava.models.qwen2_5_vl.convert import load_hf_into_model
     from megatron_spava.models.qwen2_5_vl.generate import VideoQAInputs, generate
 
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
@@ -129,8 +129,8 @@ def _megatron_rank(tp, cp, algo, cfg_kwargs, what):
     hf_cfg = tiny_hf_config()
     cfg = Qwen25VLConfig.from_hf(hf_cfg)
     model = Qwen25VLModel(cfg, tensor_parallel=tp, context_parallel=cp).eval()
-    load_megatron_state(model, hf_to_megatron(tiny_hf_model(hf_cfg).state_dict().items(), cfg),
-                        ps.get_tensor_model_parallel_rank(), tp)
+    load_hf_into_model(model, tiny_hf_model(hf_cfg).state_dict().items(),
+                       tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp, progress=False)
     ids, pixels, grid, seconds = _prompt()
     group = ps.get_context_parallel_group()
     if what == "vision":

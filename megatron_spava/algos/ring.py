@@ -90,7 +90,8 @@ def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout:
     # sends and receives the same shape.
     slot = 2 * layout.chunk_len
     buf = k.new_zeros(slot, *k.shape[1:-1], 2 * d)
-    buf[: k.shape[0]] = torch.cat([k, v], dim=-1)
+    buf[: k.shape[0], ..., :d] = k
+    buf[: k.shape[0], ..., d:] = v
     acc = [None, None]  # running (out, lse) of each local chunk
     if world > 1:  # P2P ops name peers by global rank
         send_to = dist.get_global_rank(cp_group, (rank + 1) % world)

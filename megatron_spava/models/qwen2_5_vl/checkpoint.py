@@ -8,7 +8,7 @@ HF names are accepted in both layouts (on disk: visual.*, model.*, lm_head; in m
 model.visual.*, model.language_model.*, lm_head) and written in the on-disk layout.
 
 `HFToMegatron.feed` streams: it takes one HF tensor at a time and emits megatron tensors
-as soon as all their parts have arrived. `shard_for_tp` cuts a global megatron tensor
+as soon as all their parts have arrived (`convert.load_hf_into_model` drives it). `shard_for_tp` cuts a global megatron tensor
 for one tensor-parallel rank; megatron-core's dist checkpointing does the same from
 the model's own sharded_state_dict.
 """
@@ -16,7 +16,7 @@ the model's own sharded_state_dict.
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor
@@ -132,15 +132,6 @@ class HFToMegatron:
             raise ValueError(f"incomplete checkpoint: missing parts of {sorted(self.pending)}")
 
 
-def hf_to_megatron(tensors: Iterable[Tuple[str, Tensor]], cfg: Qwen25VLConfig) -> Dict[str, Tensor]:
-    """All HF tensors -> the global megatron state dict."""
-    conv, out = HFToMegatron(cfg), {}
-    for name, tensor in tensors:
-        out.update(conv.feed(name, tensor))
-    conv.finish()
-    return out
-
-
 def megatron_to_hf(name: str, tensor: Tensor, cfg: Qwen25VLConfig) -> List[Tuple[str, Tensor]]:
     """One global megatron tensor -> its HF tensors (on-disk names)."""
     if name.startswith("visual."):
@@ -197,19 +188,3 @@ def shard_for_tp(name: str, tensor: Tensor, rank: int, size: int, cfg: Qwen25VLC
 def megatron_parameters(model) -> Dict[str, Tensor]:
     """The model's weights by name (megatron-core's `_extra_state` entries left out)."""
     return dict(model.named_parameters())
-
-
-def load_megatron_state(model, global_state: Dict[str, Tensor], tp_rank: int, tp_size: int) -> None:
-    """Copy a global megatron state dict into a (tensor-parallel) model, strictly."""
-    own = megatron_parameters(model)
-    missing = sorted(set(own) - set(global_state))
-    extra = sorted(set(global_state) - set(own))
-    if missing or extra:
-        raise KeyError(f"state dict mismatch: missing {missing[:5]}, unexpected {extra[:5]}")
-    with torch.no_grad():
-        for name, target in own.items():
-            local = shard_for_tp(name, global_state[name], tp_rank, tp_size, model.cfg)
-            if local.shape != target.shape:
-                raise ValueError(f"{name}: checkpoint slice {tuple(local.shape)} vs model "
-                                 f"{tuple(target.shape)}")
-            target.copy_(local)

@@ -85,16 +85,21 @@ def count_hf_tensors(hf_dir: str) -> Tuple[int, Dict[str, torch.dtype]]:
     return len(dtypes), dtypes
 
 
-def load_hf_into_model(model, hf_dir: str, *, tp_rank: int, tp_size: int,
-                       progress: bool = True) -> None:
-    """Stream an HF checkpoint into a (TP-sharded) Qwen25VLModel. Checks every weight
-    arrives once with the right shape."""
+def load_hf_into_model(model, source, *, tp_rank: int, tp_size: int, progress: bool = True) -> None:
+    """Stream HF weights into a (TP-sharded) Qwen25VLModel. source: an HF checkpoint
+    directory, or an iterable of (name, tensor) in either HF key layout (e.g. an HF
+    model's state_dict().items()). Checks every weight arrives once with the right shape."""
+    if isinstance(source, str):
+        total, _ = count_hf_tensors(source)
+        source = iter_hf_tensors(source)
+    else:
+        source = list(source)
+        total = len(source)
     params = megatron_parameters(model)
     seen = set()
     conv = HFToMegatron(model.cfg)
-    total, _ = count_hf_tensors(hf_dir)
     with torch.no_grad():
-        for name, tensor in _progress(iter_hf_tensors(hf_dir), total, "loading HF weights", progress):
+        for name, tensor in _progress(source, total, "loading HF weights", progress):
             for mname, global_t in conv.feed(name, tensor):
                 if mname not in params:
                     raise KeyError(f"{name} maps to {mname}, which the model does not have")
