@@ -123,3 +123,32 @@ def test_no_host_sync_in_the_per_layer_path(world):
     if _gpus() < world:
         pytest.skip(f"needs {world} GPUs, found {_gpus()}")
     assert all(run_ranks(_no_sync_rank, world, 16384, 64, backend="nccl", timeout=300))
+
+
+@pytest.mark.parametrize("grid", [(4, 8, 8), (3, 6, 10)])  # uniform windows (slab path); ragged
+def test_vision_encoder_compiled_matches_hf_on_cuda(grid):
+    """The vision encoder with torch.compile'd elementwise stages (the CUDA default) against
+    HF transformers' own vision model, float32 on the GPU."""
+    if not _gpus():
+        pytest.skip("needs a GPU")
+    from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_spava.models.qwen2_5_vl.convert import load_hf_into_model, single_process_parallel_state
+    from megatron_spava.models.qwen2_5_vl.model import Qwen25VLModel
+    from megatron_spava.models.qwen2_5_vl.tiny import tiny_hf_config, tiny_hf_model
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+
+    hf_cfg = tiny_hf_config(vision_depth=4)
+    hf = tiny_hf_model(hf_cfg)
+    t, h, w = grid
+    grid_thw = torch.tensor([list(grid)])
+    pixels = torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf.model.visual.cuda()(pixels.cuda(), grid_thw=grid_thw).pooler_output
+    with single_process_parallel_state():
+        initialize_rng_tracker(inference_rng_tracker=True)
+        model = Qwen25VLModel(Qwen25VLConfig.from_hf(hf_cfg)).eval()
+        load_hf_into_model(model, hf.state_dict().items(), tp_rank=0, tp_size=1, progress=False)
+        assert model.visual.compile_elementwise
+        with torch.no_grad():
+            out = model.visual.cuda()(pixels.cuda(), grid_thw)
+    assert relative_error(out, ref) < 1e-5

@@ -236,3 +236,23 @@ def test_kv_cache_holds_every_token_once_and_appends_to_the_least_loaded_rank():
     for (owner, *_) in owners:
         assert lengths[owner] == min(lengths)
         lengths[owner] += 1
+
+
+@pytest.mark.parametrize("lengths", [[64] * 5, [64, 32, 64, 32, 16], [7], [3, 3, 5, 3]])
+def test_segment_attention_matches_a_block_diagonal_mask(lengths):
+    """Slab (view) and gathered segments alike equal dense attention under a
+    block-diagonal mask (plain SDPA in float64)."""
+    from megatron_spava.models.qwen2_5_vl.vision import segment_attention, segment_groups
+    n, heads, d = sum(lengths), 3, 8
+    gen = torch.Generator().manual_seed(len(lengths))
+    qkv = torch.randn(n, heads, 3, d, generator=gen)  # strided q/k/v views, as in the encoder
+    q, k, v = qkv.unbind(2)
+    seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    mask = seg[:, None] == seg[None, :]
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(t.double().transpose(0, 1) for t in (q, k, v)), attn_mask=mask, scale=0.3).transpose(0, 1)
+    groups = segment_groups(lengths, "cpu")
+    if lengths == [64] * 5:
+        assert len(groups) == 1 and groups[0].rows is None  # one slab: the view path
+    out = segment_attention(q, k, v, groups, 0.3)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)

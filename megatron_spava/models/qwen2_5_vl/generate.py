@@ -94,17 +94,19 @@ def generate(model: Qwen25VLModel, inputs: VideoQAInputs, *, algo: str = "spava"
         convention=rope_convention)
     layout = plan_layout(algo, context_len=S - lq, query_len=lq, cp_size=world, config=config)
     idx = layout.local_indices(rank)
-    cache = DistributedKVCache(layout, rank, world, max_new_tokens)
+    # The first token comes from the prefill itself: a cache is kept only for later ones.
+    cache = DistributedKVCache(layout, rank, world, max_new_tokens) if max_new_tokens > 1 else None
 
     _sync(device)
     start = time.perf_counter()
-    embeds = encode_video_frame_parallel(model.visual, inputs.pixel_values_videos.to(device),
+    embeds = encode_video_frame_parallel(model.visual, inputs.pixel_values_videos,
                                          inputs.video_grid_thw,
                                          cp_group if vision_group == "cp" else vision_group)
     _sync(device)
     vision_s = time.perf_counter() - start
     ordinals = video_ordinals(ids, cfg.video_token_id)
     x = model.decoder_input(ids[:, idx.to(device)], embeds, ordinals[:, idx.to(device)])
+    del embeds  # [n_video_tokens, hidden]: not needed once the local rows are placed
     holds_last = bool((idx == S - 1).any())
     row = int((idx == S - 1).nonzero()[0]) if holds_last else 0  # others compute a dummy row
     with cp_request(layout, cache=cache):

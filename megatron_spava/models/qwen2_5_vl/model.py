@@ -123,7 +123,8 @@ def encode_video_frame_parallel(visual: VisionEncoder, pixels: Tensor, grid_thw:
     """Video embeddings [n_tokens, out_hidden] on every rank of `cp_group`, each rank encoding
     a disjoint slice of the temporal groups (exact: groups never attend to each other).
 
-    pixels: [N, patch_dim] patches of all videos (the processor's pixel_values_videos);
+    pixels: [N, patch_dim] patches of all videos (the processor's pixel_values_videos), on
+    any device: only this rank's slice is moved to the encoder's device;
     grid_thw: [n_videos, 3]. Every rank passes the same inputs.
     """
     rank, world = group_rank_world(cp_group)
@@ -132,7 +133,7 @@ def encode_video_frame_parallel(visual: VisionEncoder, pixels: Tensor, grid_thw:
     patches = [h * w for _, _, h, w in groups]
     starts = torch.tensor([0] + patches).cumsum(0).tolist()
     lo, hi = ranges[rank]
-    local_pixels = pixels[starts[lo]:starts[hi]]
+    local_pixels = pixels[starts[lo]:starts[hi]].to(visual.inv_freq.device)
     local_grid = []  # consecutive groups of one video form one (t, h, w) row
     for video, _, h, w in groups[lo:hi]:
         if local_grid and local_grid[-1][0] == video:

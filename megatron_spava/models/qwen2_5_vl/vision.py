@@ -15,8 +15,9 @@ Every temporal group (2 frames) is an independent attention segment in every lay
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -71,24 +72,52 @@ class VisionConfig:
         return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
 
 
-class RMSNorm(nn.Module):
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """HF Qwen2's RMSNorm: normalise in float32, cast back, then scale."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rotary(qk: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """HF's vision rotary in float32, cast back: qk [N, heads, 2, d] (q and k together);
+    cos, sin [N, d] float32."""
+    x = qk.float()
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    c, s = cos[:, None, None], sin[:, None, None]
+    return (x * c + rotated * s).to(qk.dtype)
+
+
+def _gated(gate: Tensor, up: Tensor, act_name: str) -> Tensor:
+    return getattr(F, act_name)(gate) * up
+
+
+_EAGER = {"rms_norm": _rms_norm, "rotary": _rotary, "gated": _gated}
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(name: str):
+    return torch.compile(_EAGER[name], dynamic=True)
+
+
+def fused(name: str, *args, compile: bool = False):
+    """Run elementwise stage `name` ("rms_norm", "rotary", "gated"): eagerly (a chain of
+    PyTorch kernels), or torch.compile'd into one Triton kernel when `compile` is set and
+    the inputs are on CUDA. Both compute the same float32 math."""
+    fn = _compiled(name) if compile and args[0].is_cuda else _EAGER[name]
+    return fn(*args)
+
+
+class RMSNorm(nn.Module):
+    """HF Qwen2's RMSNorm (`_rms_norm`), holding the scale parameter."""
 
     def __init__(self, dim: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
         self.eps = eps
 
-    def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    def forward(self, x: Tensor, compile: bool = False) -> Tensor:
+        return fused("rms_norm", x, self.weight, self.eps, compile=compile)
 
 
 def vision_position_ids(grid_thw: Tensor, merge: int) -> Tensor:
@@ -126,27 +155,58 @@ def window_index(grid_thw: Tensor, cfg: VisionConfig) -> Tuple[Tensor, List[int]
     return torch.cat(indices), lengths
 
 
-def segment_groups(lengths: Sequence[int], device) -> List[Tensor]:
-    """Row indices [n_segments, L] of the consecutive segments of `lengths`, one tensor per
-    distinct length L. Built once per forward and shared by every block."""
+@dataclass(frozen=True)
+class SegmentGroup:
+    """Segments of one length L: either `count` back-to-back segments from row `start`
+    (a slab, attended through a view) or arbitrary ones, `rows` [n_segments, L]
+    (attended through a gather and a scatter)."""
+
+    length: int
+    start: int = 0
+    count: int = 0
+    rows: Optional[Tensor] = None
+
+
+def segment_groups(lengths: Sequence[int], device) -> List[SegmentGroup]:
+    """The consecutive segments of `lengths`, grouped by length. Built once per forward and
+    shared by every block. Equal-length segments that tile a contiguous row range (uniform
+    windows; whole frames) become slabs."""
     starts = torch.tensor([0] + list(lengths[:-1])).cumsum(0).tolist()
     by_len = {}
     for start, length in zip(starts, lengths):
         by_len.setdefault(length, []).append(start)
-    return [(torch.tensor(group)[:, None] + torch.arange(length)[None, :]).to(device)
-            for length, group in by_len.items()]
+    groups = []
+    for length, group in by_len.items():
+        if group == list(range(group[0], group[0] + len(group) * length, length)):
+            groups.append(SegmentGroup(length, start=group[0], count=len(group)))
+        else:
+            rows = torch.tensor(group)[:, None] + torch.arange(length)[None, :]
+            groups.append(SegmentGroup(length, rows=rows.to(device)))
+    return groups
 
 
-def segment_attention(q: Tensor, k: Tensor, v: Tensor, groups: Sequence[Tensor], scale: float) -> Tensor:
+def segment_attention(q: Tensor, k: Tensor, v: Tensor, groups: Sequence[SegmentGroup],
+                      scale: float) -> Tensor:
     """Bidirectional attention within segments.
 
-    q, k, v: [N, heads, d]; groups: from `segment_groups`. Segments of equal length are
-    batched into one kernel call ([L, n_segments, heads, d]). Returns [N, heads, d].
+    q, k, v: [N, heads, d] (strided views allowed); groups: from `segment_groups`.
+    Segments of equal length are batched into one kernel call ([L, n_segments, heads, d]).
+    Returns [N, heads, d].
     """
+    if len(groups) == 1 and groups[0].rows is None and groups[0].count * groups[0].length == q.shape[0]:
+        g = groups[0]  # one slab covering every row: no copies around the kernel
+        qs, ks, vs = (t.view(g.count, g.length, *t.shape[1:]).transpose(0, 1) for t in (q, k, v))
+        return attend(qs, ks, vs, causal=False, scale=scale)[0].transpose(0, 1).reshape(q.shape)
     out = torch.empty_like(q)
-    for rows in groups:
-        qs, ks, vs = (t[rows].transpose(0, 1) for t in (q, k, v))  # [L, n, heads, d]
-        out[rows] = attend(qs, ks, vs, causal=False, scale=scale)[0].transpose(0, 1)
+    for g in groups:
+        if g.rows is None:
+            rows = slice(g.start, g.start + g.count * g.length)
+            qs, ks, vs = (t[rows].view(g.count, g.length, *t.shape[1:]).transpose(0, 1)
+                          for t in (q, k, v))
+            out[rows] = attend(qs, ks, vs, causal=False, scale=scale)[0].transpose(0, 1).flatten(0, 1)
+        else:
+            qs, ks, vs = (t[g.rows].transpose(0, 1) for t in (q, k, v))  # [L, n, heads, d]
+            out[g.rows] = attend(qs, ks, vs, causal=False, scale=scale)[0].transpose(0, 1)
     return out
 
 
@@ -179,32 +239,36 @@ class VisionBlock(MegatronModule):
                              up_proj=tensor_parallel.ColumnParallelLinear(d, inter, **col),
                              down_proj=tensor_parallel.RowParallelLinear(inter, d, **row))
         self.head_dim = cfg.head_dim
-        self.act = getattr(F, cfg.hidden_act)
+        self.act_name = cfg.hidden_act
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, groups: Sequence[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, groups: Sequence[SegmentGroup],
+                compile: bool = False) -> Tensor:
         """x: [N, D]; cos/sin: [N, head_dim] float32; groups: attention segments
-        (`segment_groups`)."""
+        (`segment_groups`); compile: fuse the elementwise stages (`fused`)."""
         n = x.shape[0]
-        qkv = self.attn.qkv(self.norm1(x))[0].view(n, -1, 3, self.head_dim)  # [N, heads/tp, 3, d]
-        q, k, v = qkv.unbind(2)
-        c, s = cos[:, None], sin[:, None]
-        q = (q.float() * c + _rotate_half(q.float()) * s).to(x.dtype)
-        k = (k.float() * c + _rotate_half(k.float()) * s).to(x.dtype)
-        o = segment_attention(q, k, v, groups, self.head_dim ** -0.5)
+        qkv = self.attn.qkv(self.norm1(x, compile))[0].view(n, -1, 3, self.head_dim)  # [N, heads/tp, 3, d]
+        q, k = fused("rotary", qkv[:, :, :2], cos, sin, compile=compile).unbind(2)
+        o = segment_attention(q, k, qkv[:, :, 2], groups, self.head_dim ** -0.5)
         x = x + self.attn.proj(o.reshape(n, -1))[0]
-        h = self.norm2(x)
-        up = self.act(self.mlp.gate_proj(h)[0]) * self.mlp.up_proj(h)[0]
+        h = self.norm2(x, compile)
+        up = fused("gated", self.mlp.gate_proj(h)[0], self.mlp.up_proj(h)[0], self.act_name,
+                   compile=compile)
         return x + self.mlp.down_proj(up)[0]
 
 
 class VisionEncoder(MegatronModule):
     """pixel patches [N, C*T*P*P] + grid_thw [n, 3] -> merged tokens [N / m^2, out_hidden].
 
-    Output rows follow the LLM's placeholder order (item, t, h/m, w/m)."""
+    Output rows follow the LLM's placeholder order (item, t, h/m, w/m).
+    `compile_elementwise` (default on): on CUDA, each block's norms, rotary and gated
+    activation run as torch.compile'd (Triton) kernels instead of chains of PyTorch kernels
+    (BENCHMARKS.md, "vision encoder"); the first forward pays the compilation."""
 
-    def __init__(self, cfg: VisionConfig, tp_config: TransformerConfig):
+    def __init__(self, cfg: VisionConfig, tp_config: TransformerConfig,
+                 compile_elementwise: bool = True):
         super().__init__(config=tp_config)
         self.cfg = cfg
+        self.compile_elementwise = compile_elementwise
         p, tp = cfg.patch_size, cfg.temporal_patch_size
         proj = nn.Module()  # Conv3d-shaped weight, no bias: the HF parameter as is
         proj.weight = nn.Parameter(torch.empty(cfg.hidden_size, cfg.in_channels, tp, p, p,
@@ -243,9 +307,10 @@ class VisionEncoder(MegatronModule):
         cos, sin = emb.cos(), emb.sin()
         frames = segment_groups([h * w for t, h, w in grid_thw.tolist() for _ in range(t)], x.device)
         windows_ = segment_groups(window_lengths, x.device)
+        compile = self.compile_elementwise and x.is_cuda
         for i, block in enumerate(self.blocks.children()):
-            x = block(x, cos, sin, frames if i in cfg.fullatt_block_indexes else windows_)
-        merged = self.merger.ln_q(x).reshape(n // unit, -1)
+            x = block(x, cos, sin, frames if i in cfg.fullatt_block_indexes else windows_, compile)
+        merged = self.merger.ln_q(x, compile).reshape(n // unit, -1)
         mlp = self.merger.mlp
         merged = getattr(mlp, "2")(F.gelu(getattr(mlp, "0")(merged)[0]))[0]
         return merged[torch.argsort(windows)]
