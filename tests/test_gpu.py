@@ -143,7 +143,7 @@ def test_vision_encoder_compiled_matches_hf_on_cuda(grid):
     grid_thw = torch.tensor([list(grid)])
     pixels = torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ref = hf.model.visual.cuda()(pixels.cuda(), grid_thw=grid_thw).pooler_output
+        ref = hf.model.visual.cuda()(pixels.cuda(), grid_thw=grid_thw.cuda()).pooler_output
     with single_process_parallel_state():
         initialize_rng_tracker(inference_rng_tracker=True)
         model = Qwen25VLModel(Qwen25VLConfig.from_hf(hf_cfg)).eval()
@@ -151,4 +151,5 @@ def test_vision_encoder_compiled_matches_hf_on_cuda(grid):
         assert model.visual.compile_elementwise
         with torch.no_grad():
             out = model.visual.cuda()(pixels.cuda(), grid_thw)
-    assert relative_error(out, ref) < 1e-5
+    err = relative_error(out, ref)
+    assert err < 1e-5, err

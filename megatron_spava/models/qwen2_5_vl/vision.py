@@ -79,13 +79,14 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def _rotary(qk: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """HF's vision rotary in float32, cast back: qk [N, heads, 2, d] (q and k together);
-    cos, sin [N, d] float32."""
-    x = qk.float()
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    c, s = cos[:, None, None], sin[:, None, None]
-    return (x * c + rotated * s).to(qk.dtype)
+    """HF's vision rotary (x * cos + rotate_half(x) * sin) in float32, cast back.
+    qk [N, heads, 2, d] (q and k together); cos, sin [N, d] float32 whose two halves are
+    equal (HF builds them as cat(freqs, freqs)), so each half needs only the first."""
+    half = qk.shape[-1] // 2
+    x = qk.float().unflatten(-1, (2, half))  # [N, heads, 2, 2, d/2]
+    x1, x2 = x[..., 0, :], x[..., 1, :]
+    c, s = cos[:, None, None, :half], sin[:, None, None, :half]
+    return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-2).flatten(-2).to(qk.dtype)
 
 
 def _gated(gate: Tensor, up: Tensor, act_name: str) -> Tensor:
@@ -97,7 +98,9 @@ _EAGER = {"rms_norm": _rms_norm, "rotary": _rotary, "gated": _gated}
 
 @functools.lru_cache(maxsize=None)
 def _compiled(name: str):
-    return torch.compile(_EAGER[name], dynamic=True)
+    # Default dynamism: the first call specialises, a new row count recompiles once with only
+    # that dimension symbolic (the head and channel sizes stay constants in the kernel).
+    return torch.compile(_EAGER[name])
 
 
 def fused(name: str, *args, compile: bool = False):
@@ -210,6 +213,23 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, groups: Sequence[SegmentG
     return out
 
 
+def _column(layer, x: Tensor) -> Tensor:
+    """A ColumnParallelLinear (gather_output=False) as one GEMM, bias in its epilogue:
+    x [N, in] -> [N, out / tp]."""
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def _row(layer, x: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    """A RowParallelLinear (input_is_parallel) x [N, in / tp] -> [N, out]: one GEMM with the
+    bias in its epilogue without TP; under TP, partial products summed over the TP group,
+    then the bias. `weight` replaces layer.weight (a padded copy)."""
+    weight = layer.weight if weight is None else weight
+    if layer.tp_group is None or layer.tp_group.size() == 1:
+        return F.linear(x, weight, layer.bias)
+    return tensor_parallel.reduce_from_tensor_model_parallel_region(
+        F.linear(x, weight), group=layer.tp_group) + layer.bias
+
+
 class Container(MegatronModule):
     """A named group of submodules. Being a MegatronModule, its sharded_state_dict recurses
     into the tensor-parallel linears (a plain nn.Module would be checkpointed as replicated)."""
@@ -240,20 +260,40 @@ class VisionBlock(MegatronModule):
                              down_proj=tensor_parallel.RowParallelLinear(inter, d, **row))
         self.head_dim = cfg.head_dim
         self.act_name = cfg.hidden_act
+        self._mlp_cache = None  # (key, fused padded weights): see `_fused_mlp_weights`
+
+    def _fused_mlp_weights(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The MLP as two aligned GEMMs: gate and up stacked into one weight [2 * I', D] (+ bias)
+        and down [D, I'], where I' is this rank's intermediate size rounded up to 64 with zero
+        rows/columns (silu(0) * 0 = 0: exact). Qwen2.5-VL's 3420 leaves rows 6840 bytes long,
+        not a multiple of 16, which sends cuBLAS to slow non-Hopper kernels (BENCHMARKS.md,
+        vision encoder). Rebuilt when a weight changes (loading a checkpoint); costs one
+        extra copy of the MLP weights."""
+        mlp = self.mlp
+        params = (mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight, mlp.up_proj.bias,
+                  mlp.down_proj.weight)
+        key = tuple((p.data_ptr(), p._version, p.device) for p in params)
+        if self._mlp_cache is None or self._mlp_cache[0] != key:
+            gw, gb, uw, ub, dw = (p.detach() for p in params)
+            pad = -gw.shape[0] % 64
+            gate_up = torch.cat([F.pad(gw, (0, 0, 0, pad)), F.pad(uw, (0, 0, 0, pad))])
+            gate_up_bias = torch.cat([F.pad(gb, (0, pad)), F.pad(ub, (0, pad))])
+            self._mlp_cache = (key, (gate_up, gate_up_bias, F.pad(dw, (0, pad)).contiguous()))
+        return self._mlp_cache[1]
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, groups: Sequence[SegmentGroup],
                 compile: bool = False) -> Tensor:
         """x: [N, D]; cos/sin: [N, head_dim] float32; groups: attention segments
         (`segment_groups`); compile: fuse the elementwise stages (`fused`)."""
         n = x.shape[0]
-        qkv = self.attn.qkv(self.norm1(x, compile))[0].view(n, -1, 3, self.head_dim)  # [N, heads/tp, 3, d]
+        qkv = _column(self.attn.qkv, self.norm1(x, compile)).view(n, -1, 3, self.head_dim)  # [N, heads/tp, 3, d]
         q, k = fused("rotary", qkv[:, :, :2], cos, sin, compile=compile).unbind(2)
         o = segment_attention(q, k, qkv[:, :, 2], groups, self.head_dim ** -0.5)
-        x = x + self.attn.proj(o.reshape(n, -1))[0]
-        h = self.norm2(x, compile)
-        up = fused("gated", self.mlp.gate_proj(h)[0], self.mlp.up_proj(h)[0], self.act_name,
-                   compile=compile)
-        return x + self.mlp.down_proj(up)[0]
+        x = x + _row(self.attn.proj, o.reshape(n, -1))
+        gate_up, gate_up_bias, down = self._fused_mlp_weights()
+        gu = F.linear(self.norm2(x, compile), gate_up, gate_up_bias)  # [N, 2 I'] (local I')
+        up = fused("gated", *gu.chunk(2, dim=-1), self.act_name, compile=compile)
+        return x + _row(self.mlp.down_proj, up, weight=down)
 
 
 class VisionEncoder(MegatronModule):
@@ -312,5 +352,5 @@ class VisionEncoder(MegatronModule):
             x = block(x, cos, sin, frames if i in cfg.fullatt_block_indexes else windows_, compile)
         merged = self.merger.ln_q(x, compile).reshape(n // unit, -1)
         mlp = self.merger.mlp
-        merged = getattr(mlp, "2")(F.gelu(getattr(mlp, "0")(merged)[0]))[0]
+        merged = _row(getattr(mlp, "2"), F.gelu(_column(getattr(mlp, "0"), merged)))
         return merged[torch.argsort(windows)]
