@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--context-parallel-size", type=int, default=2)
     run.add_argument("--nproc", type=int, default=None,
                      help="ranks to launch when not under torchrun (default: TP x CP)")
+    run.add_argument("--shard-weights", action="store_true",
+                     help="keep 1/CP of each language-model layer's weights per rank and gather "
+                          "them layer by layer (less memory, one all-gather per layer)")
     run.add_argument("--max-new-tokens", type=int, default=16, help="(default: %(default)s)")
     run.add_argument("--compare", choices=["full", "none"], default="full",
                      help="also run exact attention without CP and compare (default: %(default)s)")
@@ -136,6 +139,8 @@ def _run_one(args, checkpoint, inputs, algo: str, tp: int, cp: int, device, conf
     from .models.qwen2_5_vl.generate import generate
 
     model, ps = _build_model(args, checkpoint, tp, cp, device)
+    if args.shard_weights:
+        model.shard_weights(ps.get_context_parallel_group())
     kwargs = dict(algo=algo, config=config, cp_group=ps.get_context_parallel_group(),
                   rope_convention=args.rope_convention, device=device)
     generate(model, inputs, max_new_tokens=2, **kwargs)  # warm-up: kernels, allocator

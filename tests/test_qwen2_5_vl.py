@@ -115,7 +115,7 @@ def test_rope_index_rejects_grid_mismatch():
 
 # ---------------------------------------------------------------- model parity vs HF
 
-def _megatron_rank(tp, cp, algo, cfg_kwargs, what):
+def _megatron_rank(tp, cp, algo, cfg_kwargs, what, shard=False):
     from megatron_spava import cpu_compat
     cpu_compat.apply()
     from megatron.core import parallel_state as ps
@@ -136,9 +136,17 @@ def _megatron_rank(tp, cp, algo, cfg_kwargs, what):
     if what == "vision":
         with torch.no_grad():
             return encode_video_frame_parallel(model.visual, pixels, grid, group)
+    if shard:
+        sharded = model.shard_weights(group)
+        layer = model.language_model.decoder.layers[0]
+        assert all(p.numel() == 0 for p in layer.parameters())  # freed between forwards
     out = generate(model, VideoQAInputs(ids, pixels, grid, seconds), algo=algo,
                    config=SpavaConfig(**cfg_kwargs), cp_group=group, max_new_tokens=MAX_NEW,
                    eos_token_ids=[])
+    if shard:
+        assert all(p.numel() == 0 for p in layer.parameters())
+        assert sum(t.numel() for t in sharded.shards) * cp >= sum(
+            shape.numel() for layout in sharded.layouts for _, _, shape in layout)
     return out.tokens, out.first_logits
 
 
@@ -182,6 +190,17 @@ def test_prefill_logits_and_greedy_decode_match_hf(hf_reference, tp, cp, algo):
         assert tokens == ref_tokens
         torch.testing.assert_close(first, ref_first, rtol=1e-4, atol=1e-4)
     assert all(torch.equal(first, results[0][1]) for _, first in results)  # one answer everywhere
+
+
+@pytest.mark.parametrize("tp,cp,algo", [(1, 2, "spava"), (2, 2, "ring")])
+def test_weights_sharded_over_cp_still_match_hf(hf_reference, tp, cp, algo):
+    """Language-model weights sharded over the CP group and gathered layer by layer
+    (Qwen25VLModel.shard_weights): the same tokens and logits as HF, prefill and decode."""
+    _, ref_tokens, ref_first = hf_reference
+    results = run_ranks(_megatron_rank, tp * cp, tp, cp, algo, FULL_BUDGET, "generate", True, timeout=180)
+    for tokens, first in results:
+        assert tokens == ref_tokens
+        torch.testing.assert_close(first, ref_first, rtol=1e-4, atol=1e-4)
 
 
 def test_star_generates_with_exact_query_rows_given_inputs(hf_reference):

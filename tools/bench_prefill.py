@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: %(default)s)")
     p.add_argument("--full-max-tokens", type=int, default=1 << 30,
                    help="skip 'full' above this n (one GPU's memory/time) (default: no limit)")
+    p.add_argument("--shard-weights", action=argparse.BooleanOptionalAction, default=True,
+                   help="CP algorithms keep 1/W of each LLM layer's weights per GPU, gathered layer "
+                        "by layer (Qwen25VLModel.shard_weights) (default: on)")
     p.add_argument("--profile-comm", action="store_true", help="measure exposed communication")
     p.add_argument("--profile-kernels", metavar="DIR",
                    help="one extra spava run per n under torch.profiler: print the 25 costliest "
@@ -231,8 +234,11 @@ def main(argv=None):
     cp_algos = [a for a in args.algos if a != "full"]
     for n in args.tokens:
         results["runs"][str(n)] = {}
+    results["shard_weights"] = args.shard_weights
     if cp_algos:
         model, ps = build(args.shape, world, args.seed, args.device_obj)
+        if args.shard_weights:
+            model.shard_weights(ps.get_context_parallel_group())
         for n in args.tokens:
             inputs = synthetic_inputs(model.cfg, n, args.seed)
             for algo in cp_algos:

@@ -75,6 +75,14 @@ class Qwen25VLModel(MegatronModule):
         for p in self.parameters():  # megatron-core builds its norms in float32 whatever the dtype
             p.data = p.data.to(dtype)
 
+    def shard_weights(self, cp_group: Optional[dist.ProcessGroup]):
+        """Keep 1/CP of every language-model layer's weights on each rank of `cp_group`,
+        gathered layer by layer during forward (`megatron_spava.weight_sharding`). The
+        embedding, output layer and vision encoder stay whole. Call after loading weights.
+        Returns the ShardedParameters (its `unshard()` undoes this)."""
+        from ...weight_sharding import shard_parameters
+        return shard_parameters(list(self.language_model.decoder.layers), cp_group)
+
     def decoder_input(self, input_ids: Tensor, video_embeds: Optional[Tensor] = None,
                       video_ordinal: Optional[Tensor] = None) -> Tensor:
         """Embeddings [s, b, hidden] of this rank's tokens input_ids [b, s]; positions where
