@@ -58,7 +58,8 @@ class VideoPrompter:
             except Exception as err:  # torchvision missing, or an incomplete processor config
                 if use_hf_processor is True:
                     raise
-                self.fallback_reason = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+                self.fallback_reason = f"{type(err).__name__}: {first[:160]}"
         else:
             self.fallback_reason = "disabled"
 
