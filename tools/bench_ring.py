@@ -76,7 +76,7 @@ def main(argv=None):
         gen = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (torch.randn(n, 1, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
                    for h in (hq, hk, hk))
-        layout = plan_layout("ring", context_len=n, query_len=0, cp_size=world)
+        layout = plan_layout("ring", context_len=n - 1, query_len=1, cp_size=world)
         idx = layout.local_indices(rank).cuda()
         ql, kl, vl = q[idx], k[idx], v[idx]
         ours, med, lo, hi = _time(lambda: cp_attn_func(ql, kl, vl, layout=layout, cp_group=dist.group.WORLD),
