@@ -15,7 +15,10 @@ is known on every rank. Algorithms (--algos):
   spava-no-overlap, spava-no-zigzag, spava-no-shard-anchor
                              one ablation switch each
   spava-no-frame-parallel    every rank encodes the whole video
-Reported per (n, algo): median / min / max TTFT over --repeats after --warmup runs, the
+The CP algorithms run with the LLM layers' weights sharded over the W GPUs (--shard-weights,
+default; `full` runs on one GPU with every weight).
+Reported per (n, algo): median TTFT over --repeats after --warmup runs (the slowest rank's
+median; min / max are rank 0's runs), the
 vision / LLM split, the share of LLM time inside core attention (CUDA events around
 every core-attention call), peak GPU memory (max over ranks), and speedups against full,
 ring and apb from the same run. With --profile-comm, one extra spava run per n under
