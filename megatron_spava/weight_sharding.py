@@ -88,10 +88,6 @@ class ShardedParameters:
         for p, _, _ in self.layouts[i]:
             p.data = p.data.new_empty(0)
 
-    def memory_bytes(self) -> int:
-        """Bytes this rank keeps: its shards and the two gather buffers."""
-        return sum(t.numel() * t.element_size() for t in self.shards + self.buffers)
-
     def unshard(self) -> None:
         """Restore full parameters on every rank (collective) and remove the hooks."""
         for h in self.handles:

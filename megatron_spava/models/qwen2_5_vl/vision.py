@@ -196,20 +196,23 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, groups: Sequence[SegmentG
     Segments of equal length are batched into one kernel call ([L, n_segments, heads, d]).
     Returns [N, heads, d].
     """
-    if len(groups) == 1 and groups[0].rows is None and groups[0].count * groups[0].length == q.shape[0]:
-        g = groups[0]  # one slab covering every row: no copies around the kernel
-        qs, ks, vs = (t.view(g.count, g.length, *t.shape[1:]).transpose(0, 1) for t in (q, k, v))
-        return attend(qs, ks, vs, causal=False, scale=scale)[0].transpose(0, 1).reshape(q.shape)
-    out = torch.empty_like(q)
+    g0 = groups[0]
+    whole = len(groups) == 1 and g0.rows is None and g0.count * g0.length == q.shape[0]
+    out = None if whole else torch.empty_like(q)  # one slab over every row: no copies at all
     for g in groups:
-        if g.rows is None:
+        if g.rows is None:  # a slab: views in, a view out
             rows = slice(g.start, g.start + g.count * g.length)
-            qs, ks, vs = (t[rows].view(g.count, g.length, *t.shape[1:]).transpose(0, 1)
-                          for t in (q, k, v))
-            out[rows] = attend(qs, ks, vs, causal=False, scale=scale)[0].transpose(0, 1).flatten(0, 1)
+            take = lambda t: t[rows].view(g.count, g.length, *t.shape[1:])  # noqa: E731
         else:
-            qs, ks, vs = (t[g.rows].transpose(0, 1) for t in (q, k, v))  # [L, n, heads, d]
-            out[g.rows] = attend(qs, ks, vs, causal=False, scale=scale)[0].transpose(0, 1)
+            take = lambda t: t[g.rows]  # noqa: E731
+        o = attend(*(take(t).transpose(0, 1) for t in (q, k, v)), causal=False,
+                   scale=scale)[0].transpose(0, 1)  # [n_segments, L, heads, d]
+        if whole:
+            return o.reshape(q.shape)
+        if g.rows is None:
+            take(out).copy_(o)
+        else:
+            out[g.rows] = o
     return out
 
 
