@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from megatron_spava.arguments import add_spava_args, validate_spava_args  # noqa: E402
+from megatron_spava.profiling import sync  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -92,11 +93,6 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-def _sync(args):
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-
-
 def run(args, rank):
     from megatron.core import parallel_state as ps
     from megatron_spava.algos import plan_layout
@@ -110,11 +106,11 @@ def run(args, rank):
                          cp_size=args.context_parallel_size, config=args.spava_config)
     times = []
     for i in range(args.repeats + 1):
-        _sync(args)
+        sync(args.device)
         dist.barrier()
         start = time.perf_counter()
         logits, idx = cp_prefill(model, tokens, layout)
-        _sync(args)
+        sync(args.device)
         elapsed = torch.tensor([time.perf_counter() - start], device=args.device_obj)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         if i:

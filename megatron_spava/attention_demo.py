@@ -28,6 +28,7 @@ from .config import SpavaConfig, round_up
 from .core_attention import spava_attn_func
 from .launch import init_distributed, relaunch, under_torchrun
 from .layout import SpavaLayout
+from .profiling import sync
 from .testing.reference import random_qkv, relative_error
 
 
@@ -70,21 +71,16 @@ def needle_qkv(total: int, context: int, hq: int, hk: int, d: int, seed: int):
     return q, k, v
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn, repeats: int, group, device: torch.device):
     """Median and all wall times (s) of fn() over `repeats` runs (after one warm-up run),
     each the slowest rank's."""
     times, result = [], fn()
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         dist.barrier(group)
         start = time.perf_counter()
         result = fn()
-        _sync(device)
+        sync(device)
         elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
         times.append(float(elapsed))
@@ -139,11 +135,11 @@ def run(args) -> list:
         torch.set_num_threads(max(1, (os.cpu_count() or 1)))
         qb, kb, vb = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         for i in range(args.repeats + 1):  # the first run warms up
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             ref = torch.nn.functional.scaled_dot_product_attention(
                 qb, kb, vb, is_causal=True, enable_gqa=args.q_heads != args.kv_heads)
-            _sync(device)
+            sync(device)
             if i:
                 full_times.append(time.perf_counter() - start)
         ref = ref.permute(2, 0, 1, 3)

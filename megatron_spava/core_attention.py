@@ -101,7 +101,7 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
         if p_hi > p_lo:
             parts.append(attend(q[lo:hi], x[p_lo:p_hi, ..., :d], x[p_lo:p_hi, ..., d:],
                                 scale=scale, kernel=cfg.kernel))
-        out[lo:hi] = merge_partials(parts)[0]
+        out[lo:hi] = merge_partials(parts)[0] if len(parts) > 1 else own[j][0]
 
     # 8b. Exact query rows: merge every rank's partial.
     if q_work is not None:

@@ -20,6 +20,12 @@ import torch
 _EVENTS: Optional[Dict[str, List[Tuple[torch.cuda.Event, torch.cuda.Event]]]] = None
 
 
+def sync(device: torch.device) -> None:
+    """Wait for `device`'s queued work (a no-op off CUDA), before reading a host clock."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def start() -> None:
     global _EVENTS
     _EVENTS = {}

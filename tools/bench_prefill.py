@@ -222,15 +222,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.replot:
         return replot(args)
-    if args.device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        args.device_obj = torch.device("cuda", torch.cuda.current_device())
-        name = torch.cuda.get_device_name()
-    else:
-        from megatron_spava import cpu_compat
-        cpu_compat.apply()
-        args.device_obj, name = torch.device("cpu"), "cpu"
-    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    from megatron_spava.launch import init_distributed
+    args.device_obj = init_distributed(args.device)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     world, rank = dist.get_world_size(), dist.get_rank()
     results = dict(shape=args.shape, world=world, device=name,
                    torch=torch.__version__, date=time.strftime("%Y-%m-%d"), runs={})

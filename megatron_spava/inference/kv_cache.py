@@ -56,7 +56,7 @@ class DistributedKVCache:
         n = rows.numel()
         for store, t in ((self.keys, k), (self.values, v)):
             buf = t.new_empty(self.capacity, *t.shape[1:])
-            buf[:n] = t.index_select(0, rows)
+            torch.index_select(t, 0, rows, out=buf[:n])
             store[layer] = buf
         self.used[layer] = n
 

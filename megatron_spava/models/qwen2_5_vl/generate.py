@@ -20,6 +20,7 @@ from ...config import SpavaConfig
 from ...context import cp_request
 from ...distributed import group_rank_world
 from ...inference import DistributedKVCache
+from ...profiling import sync
 from .model import Qwen25VLModel, encode_video_frame_parallel, video_ordinals
 from .rope import decode_positions, rope_index
 
@@ -56,11 +57,6 @@ def query_length(input_ids: Tensor, vision_end_token_id: int) -> int:
     return input_ids.shape[1] - int(ends[-1]) - 1
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _pick_once(logits_row: Optional[Tensor], device: torch.device) -> int:
     """Greedy token chosen on the rank(s) holding the last position and broadcast to every
     rank of the world (others pass None)."""
@@ -83,12 +79,12 @@ def generate(model: Qwen25VLModel, inputs: VideoQAInputs, *, algo: str = "spava"
     cfg = model.cfg
     device = device or next(model.parameters()).device
     rank, world = group_rank_world(cp_group)
-    ids = inputs.input_ids.to(device)
+    ids = inputs.input_ids.cpu()  # token bookkeeping on the host; only local rows go to the GPU
     S = ids.shape[1]
-    lq = query_len if query_len is not None else query_length(ids.cpu(), cfg.vision_end_token_id)
+    lq = query_len if query_len is not None else query_length(ids, cfg.vision_end_token_id)
     eos = set(eos_token_ids if eos_token_ids is not None else cfg.eos_token_ids)
     positions, deltas = rope_index(
-        ids.cpu(), image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+        ids, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
         spatial_merge_size=cfg.vision.spatial_merge_size, tokens_per_second=cfg.vision.tokens_per_second,
         video_grid_thw=inputs.video_grid_thw, second_per_grid_ts=inputs.second_per_grid_ts,
         convention=rope_convention)
@@ -97,15 +93,15 @@ def generate(model: Qwen25VLModel, inputs: VideoQAInputs, *, algo: str = "spava"
     # The first token comes from the prefill itself: a cache is kept only for later ones.
     cache = DistributedKVCache(layout, rank, world, max_new_tokens) if max_new_tokens > 1 else None
 
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     embeds = encode_video_frame_parallel(model.visual, inputs.pixel_values_videos,
                                          inputs.video_grid_thw,
                                          cp_group if vision_group == "cp" else vision_group)
-    _sync(device)
+    sync(device)
     vision_s = time.perf_counter() - start
     ordinals = video_ordinals(ids, cfg.video_token_id)
-    x = model.decoder_input(ids[:, idx.to(device)], embeds, ordinals[:, idx.to(device)])
+    x = model.decoder_input(ids[:, idx].to(device), embeds, ordinals[:, idx].to(device))
     del embeds  # [n_video_tokens, hidden]: not needed once the local rows are placed
     holds_last = bool((idx == S - 1).any())
     row = int((idx == S - 1).nonzero()[0]) if holds_last else 0  # others compute a dummy row
@@ -114,7 +110,7 @@ def generate(model: Qwen25VLModel, inputs: VideoQAInputs, *, algo: str = "spava"
     last = logits[0, 0].float() if holds_last else None
     token = _pick_once(last, device)
     first_logits = _broadcast_from_holder(last, logits.shape[-1], holds_last, device)
-    _sync(device)
+    sync(device)
     ttft = time.perf_counter() - start
 
     tokens: List[int] = []
@@ -131,7 +127,7 @@ def generate(model: Qwen25VLModel, inputs: VideoQAInputs, *, algo: str = "spava"
         with cp_request(layout, cache=cache, decode=True):
             logits = model(x, pos)
         token = _pick_once(logits[0, -1].float() if rank == 0 else None, device)
-    _sync(device)
+    sync(device)
     return GenerationOutput(tokens=tokens, first_logits=first_logits, ttft_s=ttft,
                             decode_s=time.perf_counter() - start, layout=layout,
                             timings={"vision_s": vision_s, "prefill_llm_s": ttft - vision_s})

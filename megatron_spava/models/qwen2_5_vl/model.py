@@ -4,13 +4,14 @@ megatron_spava's context-parallel attention.
 
     model = Qwen25VLModel(Qwen25VLConfig.from_hf(path), tensor_parallel=tp, context_parallel=cp)
     embeds = encode_video_frame_parallel(model.visual, pixels, grid_thw, cp_group)   # every rank
-    x = model.decoder_input(input_ids, idx, embeds, video_mask)                       # this rank's rows
+    x = model.decoder_input(input_ids[:, idx], embeds, video_ordinals(input_ids, vid)[:, idx])  # local rows
     with cp_request(layout, cache=cache):
         logits = model(x, positions[:, :, idx])                                        # [b, s_local, V]
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import List, Optional, Tuple
 
 import torch
@@ -89,9 +90,9 @@ class Qwen25VLModel(MegatronModule):
         video_ordinal [b, s] >= 0 take row video_ordinal of video_embeds [n, hidden]."""
         x = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
         if video_embeds is not None and video_ordinal is not None:
-            where = video_ordinal.t() >= 0
-            x = x.clone()
-            x[where] = video_embeds[video_ordinal.t()[where]].to(x.dtype)
+            # megatron-core's embedding output is a fresh tensor (never a view of the table): fill in place
+            rows = (video_ordinal.t() >= 0).nonzero(as_tuple=True)
+            x[rows] = video_embeds[video_ordinal.t()[rows]].to(x.dtype)
         return x
 
     def forward(self, decoder_input: Tensor, position_ids: Tensor,
@@ -139,7 +140,7 @@ def encode_video_frame_parallel(visual: VisionEncoder, pixels: Tensor, grid_thw:
     groups = frame_groups(grid_thw)
     ranges = split_frame_groups(grid_thw, world)
     patches = [h * w for _, _, h, w in groups]
-    starts = torch.tensor([0] + patches).cumsum(0).tolist()
+    starts = [0, *itertools.accumulate(patches)]
     lo, hi = ranges[rank]
     local_pixels = pixels[starts[lo]:starts[hi]].to(visual.inv_freq.device)
     local_grid = []  # consecutive groups of one video form one (t, h, w) row

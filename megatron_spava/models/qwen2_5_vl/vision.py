@@ -10,12 +10,13 @@ with two layout differences that make tensor parallelism a contiguous split:
 
 Every temporal group (2 frames) is an independent attention segment in every layer
 (windows and "full" layers alike), so encoding a subset of a video's groups is exact:
-`encode_frames_parallel` gives each context-parallel rank a disjoint slice.
+`model.encode_video_frame_parallel` gives each context-parallel rank a disjoint slice.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -80,12 +81,12 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def _rotary(qk: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """HF's vision rotary (x * cos + rotate_half(x) * sin) in float32, cast back.
-    qk [N, heads, 2, d] (q and k together); cos, sin [N, d] float32 whose two halves are
-    equal (HF builds them as cat(freqs, freqs)), so each half needs only the first."""
+    qk [N, heads, 2, d] (q and k together); cos, sin [N, d/2] float32: HF's cos/sin are
+    cat(freqs, freqs).cos(), so both halves of a head use the same d/2 values."""
     half = qk.shape[-1] // 2
     x = qk.float().unflatten(-1, (2, half))  # [N, heads, 2, 2, d/2]
     x1, x2 = x[..., 0, :], x[..., 1, :]
-    c, s = cos[:, None, None, :half], sin[:, None, None, :half]
+    c, s = cos[:, None, None], sin[:, None, None]
     return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-2).flatten(-2).to(qk.dtype)
 
 
@@ -153,7 +154,7 @@ def window_index(grid_thw: Tensor, cfg: VisionConfig) -> Tuple[Tensor, List[int]
         counts = (padded >= 0).sum(-1).flatten()
         flat = padded.flatten()
         indices.append(flat[flat >= 0] + offset)
-        lengths += [int(c) * unit for c in counts if c > 0]
+        lengths += (counts[counts > 0] * unit).tolist()
         offset += t * gh * gw
     return torch.cat(indices), lengths
 
@@ -174,7 +175,7 @@ def segment_groups(lengths: Sequence[int], device) -> List[SegmentGroup]:
     """The consecutive segments of `lengths`, grouped by length. Built once per forward and
     shared by every block. Equal-length segments that tile a contiguous row range (uniform
     windows; whole frames) become slabs."""
-    starts = torch.tensor([0] + list(lengths[:-1])).cumsum(0).tolist()
+    starts = [0, *itertools.accumulate(lengths[:-1])]
     by_len = {}
     for start, length in zip(starts, lengths):
         by_len.setdefault(length, []).append(start)
@@ -286,7 +287,7 @@ class VisionBlock(MegatronModule):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, groups: Sequence[SegmentGroup],
                 compile: bool = False) -> Tensor:
-        """x: [N, D]; cos/sin: [N, head_dim] float32; groups: attention segments
+        """x: [N, D]; cos/sin: [N, head_dim / 2] float32; groups: attention segments
         (`segment_groups`); compile: fuse the elementwise stages (`fused`)."""
         n = x.shape[0]
         qkv = _column(self.attn.qkv, self.norm1(x, compile)).view(n, -1, 3, self.head_dim)  # [N, heads/tp, 3, d]
@@ -341,13 +342,12 @@ class VisionEncoder(MegatronModule):
         x = pixels.to(weight.dtype) @ weight.reshape(weight.shape[0], -1).t()  # Conv3d, stride = kernel
         n = x.shape[0]
         pos = vision_position_ids(grid_thw, cfg.spatial_merge_size).to(x.device)
-        freqs = (pos[..., None].float() * self.inv_freq).flatten(1)  # [N, half]: h freqs | w freqs
-        emb = torch.cat([freqs, freqs], dim=-1)
+        freqs = (pos[..., None].float() * self.inv_freq).flatten(1)  # [N, d/2]: h freqs | w freqs
         windows, window_lengths = window_index(grid_thw, cfg)
         windows = windows.to(x.device)
         permute = lambda t: t.reshape(n // unit, unit, -1)[windows].reshape(n, -1)  # noqa: E731
-        x, emb = permute(x), permute(emb)
-        cos, sin = emb.cos(), emb.sin()
+        x, freqs = permute(x), permute(freqs)
+        cos, sin = freqs.cos(), freqs.sin()
         frames = segment_groups([h * w for t, h, w in grid_thw.tolist() for _ in range(t)], x.device)
         windows_ = segment_groups(window_lengths, x.device)
         compile = self.compile_elementwise and x.is_cuda
