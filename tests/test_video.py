@@ -24,6 +24,13 @@ def test_decode_and_sample_by_rate(mp4):
     assert clip.frames.std() > 10  # real picture content, not a blank decode
 
 
+def test_sampled_frames_are_those_of_the_full_decode(mp4):
+    every = load_video(mp4, fps=None)
+    assert np.array_equal(load_video(mp4, fps=2.0).frames, every.frames[::2])
+    capped = load_video(mp4, fps=None, max_frames=7)
+    assert np.array_equal(capped.frames, every.frames[capped.indices])
+
+
 def test_decode_all_frames_and_cap(mp4):
     assert load_video(mp4, fps=None).frames.shape[0] == 24
     capped = load_video(mp4, fps=None, max_frames=7)

@@ -42,19 +42,32 @@ def _sample_indices(total: int, source_fps: float, fps: Optional[float], max_fra
     return [min(total - 1, int(i * total / count)) for i in range(count)]
 
 
-def _decode_all(path: str):
+def _decode_sampled(path: str, choose):
+    """Decode a video twice: once to count its frames, then again converting to RGB only the
+    frame numbers `choose(total, rate)` returns, so memory holds just the kept frames (a
+    minute of 1080p30 would be 11 GB as RGB). Returns (frames, indices, total, rate)."""
     import av
+
+    def video_stream(container):
+        if not container.streams.video:
+            raise ValueError(f"video {path} has no video stream (no frames)")
+        return container.streams.video[0]
 
     try:
         with av.open(path) as container:
-            if not container.streams.video:
-                raise ValueError(f"video {path} has no video stream (no frames)")
-            stream = container.streams.video[0]
+            stream = video_stream(container)
             rate = float(stream.average_rate or stream.guessed_rate or 0) or None
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+            total = sum(1 for _ in container.decode(stream))
+        if not total:
+            raise ValueError(f"video {path} contains no frames")
+        indices = choose(total, rate)
+        wanted = set(indices)
+        with av.open(path) as container:
+            kept = {i: frame.to_ndarray(format="rgb24")
+                    for i, frame in enumerate(container.decode(video_stream(container))) if i in wanted}
     except av.error.FFmpegError as err:  # invalid data, truncated file, unknown format
         raise ValueError(f"cannot decode video {path}: {err}") from None
-    return frames, rate
+    return [kept[i] for i in indices], indices, total, rate
 
 
 def load_video(path: str, *, fps: Optional[float] = 2.0, max_frames: Optional[int] = 768,
@@ -81,13 +94,9 @@ def load_video(path: str, *, fps: Optional[float] = 2.0, max_frames: Optional[in
         if len({f.shape for f in frames}) > 1:
             raise ValueError(f"frame images in {path} differ in size")
     else:
-        decoded, rate = _decode_all(path)
-        if not decoded:
-            raise ValueError(f"video {path} contains no frames")
+        frames, indices, total, rate = _decode_sampled(path, lambda total, rate: _sample_indices(
+            total, rate or frames_fps, fps, max_frames, min_frames, multiple))
         source_fps = rate or frames_fps
-        total = len(decoded)
-        indices = _sample_indices(total, source_fps, fps, max_frames, min_frames, multiple)
-        frames = [decoded[i] for i in indices]
     kept_fps = len(indices) / (total / source_fps)
     return VideoClip(frames=np.stack(frames), fps=kept_fps, source=path, indices=indices,
                      source_frames=total, source_fps=source_fps)
