@@ -162,6 +162,8 @@ def run(args) -> dict:
     inputs = prompter(clip, args.question)
     config = spava_config_from_args(args)
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    from .placement import check_video_qa
+    check_video_qa(args, checkpoint, inputs)  # placement and fit, before the model is built
     runs = {args.context_parallel_algo: _run_one(args, checkpoint, inputs, args.context_parallel_algo,
                                                  tp, cp, device, config)}
     if args.compare == "full" and args.context_parallel_algo != "full":

@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: %(default)s)")
     p.add_argument("--full-max-tokens", type=int, default=1 << 30,
                    help="skip 'full' above this n (one GPU's memory/time) (default: no limit)")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="TP size; CP = world / TP (multi-node: TP inside a node, see "
+                        "examples/cluster/) (default: %(default)s)")
     p.add_argument("--shard-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="CP algorithms keep 1/W of each LLM layer's weights per GPU, gathered layer "
                         "by layer (Qwen25VLModel.shard_weights) (default: on)")
@@ -81,14 +84,14 @@ def spava_config(algo: str):
     return SpavaConfig(**switch)
 
 
-def build(shape: str, cp: int, seed: int, device: torch.device):
+def build(shape: str, cp: int, seed: int, device: torch.device, tp: int = 1):
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
     from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig, Qwen25VLModel
     from megatron_spava.models.qwen2_5_vl.tiny import shaped_hf_config, tiny_hf_config
 
     ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=cp)
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
     initialize_rng_tracker(inference_rng_tracker=True)
     torch.manual_seed(seed)
     cfg = Qwen25VLConfig.from_hf(tiny_hf_config() if shape == "tiny" else shaped_hf_config(shape))
@@ -96,9 +99,15 @@ def build(shape: str, cp: int, seed: int, device: torch.device):
     if cuda:
         torch.cuda.manual_seed(seed)
     with torch.device(device):
-        model = Qwen25VLModel(cfg, dtype=torch.bfloat16 if cuda else torch.float32,
+        model = Qwen25VLModel(cfg, dtype=torch.bfloat16 if cuda else torch.float32, tensor_parallel=tp,
                               context_parallel=cp, use_cpu_initialization=not cuda).eval()
     return model.to(device), ps
+
+
+def prompt_lengths(n: int):
+    """(frame groups, context tokens, query tokens) of `synthetic_inputs(cfg, n, ...)`."""
+    groups = max(1, (n - 46) // TOKENS_PER_GROUP)
+    return groups, 20 + 1 + groups * TOKENS_PER_GROUP + 1, 24
 
 
 def synthetic_inputs(cfg, n: int, seed: int):
@@ -107,7 +116,7 @@ def synthetic_inputs(cfg, n: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     prefix = torch.randint(0, 200, (20,), generator=gen)  # ordinary tokens in every vocabulary here
     question = torch.randint(0, 200, (24,), generator=gen)
-    groups = max(1, (n - 46) // TOKENS_PER_GROUP)
+    groups = prompt_lengths(n)[0]
     ids = torch.cat([prefix, torch.tensor([cfg.vision_start_token_id]),
                      torch.full((groups * TOKENS_PER_GROUP,), cfg.video_token_id),
                      torch.tensor([cfg.vision_end_token_id]), question])[None]
@@ -226,14 +235,27 @@ def main(argv=None):
     args.device_obj = init_distributed(args.device)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     world, rank = dist.get_world_size(), dist.get_rank()
-    results = dict(shape=args.shape, world=world, device=name,
+    from megatron_spava.placement import Request, check_launch  # fit and placement, before the build
+    from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_spava.models.qwen2_5_vl.tiny import shaped_hf_config, tiny_hf_config
+    tp = args.tensor_model_parallel_size
+    if tp < 1 or world % tp:
+        raise ValueError(f"--tensor-model-parallel-size {tp} must divide the {world} ranks")
+    cp = world // tp
+    check_launch(tp=tp, cp=cp, algos=[("spava" if a.startswith("spava") else a, spava_config(a))
+                                        for a in args.algos],
+                 requests=[Request(c, q, g) for g, c, q in map(prompt_lengths, args.tokens)],
+                 frame_parallel=any(a not in ("full", "spava-no-frame-parallel") for a in args.algos),
+                 model_config=Qwen25VLConfig.from_hf(
+                     tiny_hf_config() if args.shape == "tiny" else shaped_hf_config(args.shape)))
+    results = dict(shape=args.shape, world=world, tp=tp, cp=cp, device=name,
                    torch=torch.__version__, date=time.strftime("%Y-%m-%d"), runs={})
     cp_algos = [a for a in args.algos if a != "full"]
     for n in args.tokens:
         results["runs"][str(n)] = {}
     results["shard_weights"] = args.shard_weights
     if cp_algos:
-        model, ps = build(args.shape, world, args.seed, args.device_obj)
+        model, ps = build(args.shape, cp, args.seed, args.device_obj, tp)
         if args.shard_weights:
             model.shard_weights(ps.get_context_parallel_group())
         for n in args.tokens:
@@ -246,7 +268,7 @@ def main(argv=None):
         if args.device_obj.type == "cuda":
             torch.cuda.empty_cache()
     if "full" in args.algos:
-        model, ps = build(args.shape, 1, args.seed, args.device_obj)
+        model, ps = build(args.shape, 1, args.seed, args.device_obj, tp)
         for n in args.tokens:
             if n > args.full_max_tokens:
                 continue
