@@ -97,16 +97,6 @@ def _check(case):
     return None, logs
 
 
-@pytest.mark.parametrize("case", ["all", "one"])
-def test_check_launch_raises_the_same_error_on_every_rank(case):
-    results = run_ranks(_check, 3, case, timeout=30)
-    messages = [m for m, _ in results]
-    assert all(m is not None for m in messages) and len(set(messages)) == 1, messages
-    assert "1 groups for CP=3" in messages[0]
-    assert messages[0].startswith("(rank 1)") == (case == "one")
-    assert all(logs == [] for _, logs in results)  # one node, no warning: nothing printed
-
-
 def _placement_ok():
     os.environ["GROUP_RANK"] = str(dist.get_rank() // 2)  # two torchrun agents of 2 ranks
     logs = []
@@ -114,12 +104,25 @@ def _placement_ok():
     return p.nodes, p.warnings, logs
 
 
-def test_check_launch_gathers_node_identities():
-    results = run_ranks(_placement_ok, 4, timeout=30)
-    nodes, warnings, logs = results[0]
+def _cases():
+    return _check("all"), _check("one"), _placement_ok()
+
+
+def test_check_launch_on_four_ranks():
+    """Bad input on every rank, or on one: the same LaunchError everywhere (the second
+    names the rank). Good input on two 'nodes' of two ranks: node identities gathered,
+    TP inside nodes, only rank 0 prints."""
+    results = run_ranks(_cases, 4, timeout=30)
+    for case, k in (("all", 0), ("one", 1)):
+        messages = [r[k][0] for r in results]
+        assert all(m is not None for m in messages) and len(set(messages)) == 1, messages
+        assert "1 groups for CP=4" in messages[0]
+        assert messages[0].startswith("(rank 1)") == (case == "one")
+        assert all(r[k][1] == [] for r in results)  # one node, no warning: nothing printed
+    nodes, warnings, logs = results[0][2]
     assert len(set(nodes)) == 2 and nodes[0] == nodes[1] != nodes[2] == nodes[3]
     assert warnings == [] and len(logs) == 1 and "TP=2 groups inside nodes" in logs[0]
-    assert all(r[2] == [] for r in results[1:])  # only rank 0 prints
+    assert all(r[2][2] == [] for r in results[1:])
 
 
 def test_cli_before_submitting(capsys):
