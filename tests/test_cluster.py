@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,18 +48,29 @@ def _launch(nnodes: int, nproc: int, args, timeout: float = 240):
     return results
 
 
-def _video_qa_args(work, name):
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """One tiny checkpoint and synthetic video for every launch here (written once)."""
+    from megatron_spava.models.qwen2_5_vl.tiny import make_tiny_checkpoint
+    from megatron_spava.video import write_synthetic_video
+    path = tmp_path_factory.mktemp("work")
+    make_tiny_checkpoint(str(path / "tiny-qwen2.5-vl"))
+    write_synthetic_video(str(path / "synthetic.mp4"), frames=128, height=224, width=224, fps=8)
+    return path
+
+
+def _video_qa_args(work, out, name):
     return ["video_qa", "--work-dir", str(work), "--tensor-model-parallel-size", "2",
             "--context-parallel-size", "2", "--context-parallel-algo", "spava",
             "--spava-passing-len", "1024", "--max-frames", "16", "--max-new-tokens", "3",
-            "--compare", "full", "--json", str(work / f"{name}.json"),
-            "--save-logits", str(work / f"{name}.pt")]
+            "--compare", "full", "--json", str(out / f"{name}.json"),
+            "--save-logits", str(out / f"{name}.pt")]
 
 
-def test_two_nodes_tp2_cp2_equal_one_node(tmp_path):
-    one = _launch(1, 4, _video_qa_args(tmp_path, "one"))
+def test_two_nodes_tp2_cp2_equal_one_node(work, tmp_path):
+    one = _launch(1, 4, _video_qa_args(work, tmp_path, "one"))
     assert one[0][0] == 0, one[0][1][-4000:]
-    two = _launch(2, 2, _video_qa_args(tmp_path, "two"))
+    two = _launch(2, 2, _video_qa_args(work, tmp_path, "two"))
     for rc, out in two:
         assert rc == 0, out[-4000:]
     assert "placement: 2 node(s) x 2 rank(s); TP=2 groups inside nodes; CP=2 groups over 2 node(s)" \
@@ -75,10 +87,10 @@ def test_two_nodes_tp2_cp2_equal_one_node(tmp_path):
     assert r2["first_logits_max_abs_diff"] < 1e-3
 
 
-def test_two_nodes_misfit_fails_on_every_node_with_the_placement_warning(tmp_path):
+def test_two_nodes_misfit_fails_on_every_node_with_the_placement_warning(work):
     """TP=2 over two nodes of one rank each spans the nodes (warned), and an anchor longer
     than the prompt cannot fit: one LaunchError on both nodes, no hang, before the model."""
-    res = _launch(2, 1, ["video_qa", "--work-dir", str(tmp_path), "--tensor-model-parallel-size", "2",
+    res = _launch(2, 1, ["video_qa", "--work-dir", str(work), "--tensor-model-parallel-size", "2",
                          "--context-parallel-size", "1", "--max-frames", "8", "--compare", "none",
                          "--spava-anchor-len", "65536"], timeout=180)
     for rc, out in res:
@@ -87,3 +99,39 @@ def test_two_nodes_misfit_fails_on_every_node_with_the_placement_warning(tmp_pat
         assert "longer than the context" in out
         assert "loading HF weights" not in out  # failed before the checkpoint was read
     assert "1 of 1 tensor-parallel groups span nodes" in res[0][1], res[0][1][-3000:]
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun stand-in: run the command once per node, all on this machine, like
+# srun --ntasks-per-node=1 would on SLURM_NNODES nodes.
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+"""
+
+
+def test_sbatch_script_under_a_fake_slurm(work, tmp_path):
+    """examples/cluster/video_qa.sbatch as SLURM would run it on two nodes (srun and scontrol
+    replaced by stand-ins that start both "nodes" here): the pre-flight placement check, then
+    c10d rendezvous at the first host, one rank per node, CP=2 across them."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\necho 127.0.0.1\n")
+    for tool in ("srun", "scontrol"):
+        os.chmod(bin_dir / tool, 0o755)
+    env = {**ENV, "PATH": f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+           "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "fake[1-2]", "SLURM_JOB_ID": "7",
+           "SLURM_SUBMIT_DIR": ROOT, "GPUS_PER_NODE": "1", "PORT": str(_free_port()),
+           "DEVICE_ARGS": "--device cpu"}
+    out = subprocess.run(["bash", os.path.join(ROOT, "examples", "cluster", "video_qa.sbatch"),
+                          "--work-dir", str(work), "--max-frames", "8", "--max-new-tokens", "2",
+                          "--json", str(tmp_path / "r.json")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "placement: 2 node(s) x 1 rank(s); TP=1 groups inside nodes; CP=2" in out.stdout  # pre-flight
+    result = json.load(open(tmp_path / "r.json"))
+    assert result["runs"]["spava"]["cp"] == 2 and len(result["runs"]["spava"]["tokens"]) == 2

@@ -652,9 +652,11 @@ def predict(algo: str, n_tokens: int, W: int, *, tp: int = 1, shape: Optional[Sh
     groups = max(plan.frame_groups) if frame_parallel else sum(plan.frame_groups)
     vision = rates.vision_const + rates.vision_per_group * groups / tp
     n_video = sum(plan.frame_groups) * shape.tokens_per_group
+    emb_s = 0.0
     if frame_parallel and cp > 1:
         emb = Comm("all_gather", group, int(-(-n_video // cp) * shape.hidden * shape.act_bytes), 0)
-        vision += emb.seconds(hw)
+        emb_s = emb.seconds(hw)
+        vision += emb_s
     # LLM: layer by layer (the weight gather of the next layer runs under this one).
     start, free, t = [0.0] * cp, 0.0, 0.0
     attn_total, durations = 0.0, []
@@ -676,12 +678,13 @@ def predict(algo: str, n_tokens: int, W: int, *, tp: int = 1, shape: Optional[Sh
     compute_only = max(
         sum(compute_seconds(o, shape, rates, hw, shape.layers) for o in rank_ops if o.comm is None and o.wait is None)
         for rank_ops in ops) * shape.layers + rates.dense_const
+    exposed = max(0.0, llm - compute_only) + emb_s  # the embeddings' all-gather blocks
     timing = Timing(ttft=vision + llm, vision=vision, llm=llm, attention=attn_total,
-                    compute_only_llm=compute_only, exposed_comm=max(0.0, llm - compute_only),
+                    compute_only_llm=compute_only, exposed_comm=exposed,
                     per_layer=(llm - rates.dense_const) / shape.layers)
     return dict(algo=algo, tokens=plan.tokens, gpus=W, tp=tp, cp=cp, nodes=-(-W // hw.gpus_per_node),
                 local_tokens=max(plan.local_tokens), **timing.as_dict(),
-                exposed_comm_share=round(max(0.0, llm - compute_only) / (vision + llm), 4))
+                exposed_comm_share=round(exposed / (vision + llm), 4))
 
 
 # ---------------------------------------------------------------------------------------
@@ -699,6 +702,7 @@ def load_measurements() -> Dict[str, object]:
             row = dict(n=int(n), algo=algo, ttft=r["ttft_median_s"], vision=r["vision_median_s"],
                        llm=r["llm_median_s"], attention_share=r.get("attention_share_of_llm"),
                        tokens=r["tokens"], local_tokens=r["local_tokens"],
+                       exposed_comm_share=r.get("exposed_comm_share"),
                        source="benchmarks/2026-11-21-h200x4-v2/prefill_7b_4gpu_merged.json")
             (one if algo == "full" else four).append(row)
     layers = []
@@ -817,7 +821,9 @@ def validate(meas, rates: Rates, shape: Shape, hw: Hardware) -> Dict[str, object
                          predicted_llm=round(p["llm"], 4),
                          measured_attention=round(m["llm"] * m["attention_share"], 4),
                          predicted_attention=round(p["attention"], 4), local_tokens=m["local_tokens"],
-                         predicted_local_tokens=p["local_tokens"]))
+                         predicted_local_tokens=p["local_tokens"],
+                         measured_exposed_comm=m["exposed_comm_share"],
+                         predicted_exposed_comm=p["exposed_comm_share"]))
     layer_rows = []
     for r in meas["attention_layer"]:
         if r["gpus_in_run"] == 4 and r["world"] == 4:
