@@ -546,6 +546,7 @@ class Rates:
     attention: float = 1 / 577e12
     merge: float = 7.6e-12
     model_attn: float = 1.0
+    algo_attn: Dict[str, float] = field(default_factory=dict)  # per algorithm, from 2-GPU prefill runs
     dense_per_token: float = 25e-6
     dense_const: float = 0.0
     vision_per_group: float = 3.7e-3
@@ -644,6 +645,8 @@ def predict(algo: str, n_tokens: int, W: int, *, tp: int = 1, shape: Optional[Sh
             frame_parallel: bool = True) -> Dict[str, object]:
     """Predicted TTFT of `algo` for a bench_prefill prompt of about n_tokens on W GPUs."""
     shape, rates, hw = shape or Shape.of("7b"), rates or Rates(), hw or Hardware()
+    if algo in rates.algo_attn:
+        rates = replace(rates, model_attn=rates.model_attn * rates.algo_attn[algo])
     plan, ops = layer_ops(algo, n_tokens, W, tp, shape, shard_weights=shard_weights)
     cp = plan.cp
     group = cp_ranks(W, tp)[0]
@@ -690,21 +693,31 @@ def predict(algo: str, n_tokens: int, W: int, *, tp: int = 1, shape: Optional[Sh
 # ---------------------------------------------------------------------------------------
 # Fit and validation
 # ---------------------------------------------------------------------------------------
-def load_measurements() -> Dict[str, object]:
-    """Every measured TTFT and attention-layer time this model uses or checks, with its file."""
+PREFILL_RUNS = ("2026-11-21-h200x4-v2/prefill_7b_4gpu_merged.json",)
+
+
+def load_measurements(extra_prefill: Sequence[str] = ()) -> Dict[str, object]:
+    """Every measured TTFT and attention-layer time this model uses or checks, with its file.
+    extra_prefill: more tools/bench_prefill.py JSON files (7B shape, TP = 1), e.g. 2-GPU
+    runs; their CP rows are filed by world size ("two_gpu_prefill", "four_gpu_prefill", ...)."""
     def load(path):
-        with open(os.path.join(BENCH, path)) as f:
+        with open(path if os.path.isabs(path) else os.path.join(BENCH, path)) as f:
             return json.load(f)
-    prefill = load("2026-11-21-h200x4-v2/prefill_7b_4gpu_merged.json")
-    one, four = [], []
-    for n, runs in prefill["runs"].items():
-        for algo, r in runs.items():
-            row = dict(n=int(n), algo=algo, ttft=r["ttft_median_s"], vision=r["vision_median_s"],
-                       llm=r["llm_median_s"], attention_share=r.get("attention_share_of_llm"),
-                       tokens=r["tokens"], local_tokens=r["local_tokens"],
-                       exposed_comm_share=r.get("exposed_comm_share"),
-                       source="benchmarks/2026-11-21-h200x4-v2/prefill_7b_4gpu_merged.json")
-            (one if algo == "full" else four).append(row)
+    one, by_world = [], {}
+    for path in PREFILL_RUNS + tuple(extra_prefill):
+        prefill = load(path)
+        if prefill.get("shape") != "7b" or prefill.get("tp", 1) != 1:
+            raise ValueError(f"{path}: the model is fitted to 7B-shaped TP = 1 runs")
+        for n, runs in prefill["runs"].items():
+            for algo, r in runs.items():
+                row = dict(n=int(n), algo=algo, ttft=r["ttft_median_s"], vision=r["vision_median_s"],
+                           llm=r["llm_median_s"], attention_share=r.get("attention_share_of_llm"),
+                           tokens=r["tokens"], local_tokens=r["local_tokens"], world=prefill["world"],
+                           exposed_comm_share=r.get("exposed_comm_share"),
+                           source=path if os.path.isabs(path) else f"benchmarks/{path}")
+                (one if algo == "full" else by_world.setdefault(prefill["world"], [])).append(row)
+    four = by_world.pop(4, [])
+    two = by_world.pop(2, [])
     layers = []
     for path in ("2026-11-21-h200x2/demo_128k.json", "2026-11-21-h200x4/demo_4gpu_131072.json",
                  "2026-11-21-h200x4/demo_4gpu_262144.json"):
@@ -718,7 +731,8 @@ def load_measurements() -> Dict[str, object]:
     ring = [dict(world=4, tokens=r["tokens"], time=r["median_ms"] / 1e3,
                  source="benchmarks/2026-11-21-h200x4-v2/ring.json")
             for r in load("2026-11-21-h200x4-v2/ring.json")["runs"] if r["impl"].startswith("megatron_spava")]
-    return dict(one_gpu_prefill=one, four_gpu_prefill=four, attention_layer=layers, ring_layer=ring)
+    return dict(one_gpu_prefill=one, two_gpu_prefill=two, four_gpu_prefill=four, attention_layer=layers,
+                ring_layer=ring, other_prefill=by_world)
 
 
 def _layer_ops_for_demo(row, shape: Shape) -> List[List[Op]]:
@@ -790,6 +804,16 @@ def fit(meas: Dict[str, object], shape: Shape, hw: Hardware, *, max_gpus: int = 
         model_t = shape.layers * call_seconds(Call(S, S, True), shape, rates, hw)
         ratios.append(r["llm"] * r["attention_share"] / model_t)
     rates.model_attn = sum(ratios) / len(ratios)
+    # With 2-GPU prefill runs (none measured yet): each algorithm's in-model attention over
+    # what the layer model predicts for it, averaged over lengths.
+    two = [r for r in meas.get("two_gpu_prefill", []) if max_gpus >= 2 and r["attention_share"] is not None]
+    per_algo: Dict[str, List[float]] = {}
+    for r in two:
+        name = "spava" if r["algo"] == "spava-no-frame-parallel" else r["algo"]
+        p = predict(name, r["n"], 2, shape=shape, rates=rates, hw=hw,
+                    frame_parallel=r["algo"] != "spava-no-frame-parallel")
+        per_algo.setdefault(r["algo"], []).append(r["llm"] * r["attention_share"] / p["attention"])
+    rates.algo_attn = {a: sum(v) / len(v) for a, v in per_algo.items()}
     report = dict(
         vision=dict(per_group_s=a_v, const_s=b_v, points=[dict(n=r["n"], groups=g, measured=r["vision"],
                                                                 fitted=round(a_v * g + b_v, 4))
@@ -802,7 +826,9 @@ def fit(meas: Dict[str, object], shape: Shape, hw: Hardware, *, max_gpus: int = 
                  fitted_ms=round(1e3 * demo_seconds(r, shape, rates, hw), 3), source=r["source"])
             for *_, r in rows]),
         in_model_attention_ratio=dict(mean=rates.model_attn, per_n={r["n"]: round(q, 4) for r, q in zip(one, ratios)}),
-        fitted_on=sorted({r["source"] for r in layers} | {one[0]["source"] + " (full, 1 GPU)"}))
+        per_algorithm_attention_ratio=rates.algo_attn,
+        fitted_on=sorted({r["source"] for r in layers} | {one[0]["source"] + " (full, 1 GPU)"}
+                         | {r["source"] + " (2 GPUs)" for r in two}))
     return rates, report
 
 
@@ -996,8 +1022,11 @@ def main(argv=None) -> int:
     p.add_argument("--gpus", type=int, default=16, help="for --bytes (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=131072, help="for --bytes (default: %(default)s)")
     p.add_argument("--shard-weights", action="store_true",
-                   help="predict with the LLM weights sharded over the CP group (bench_prefill's "
-                        "default; the 4-GPU validation always uses it, as measured)")
+                   help="predict (and count bytes) with the LLM weights sharded over the CP group "
+                        "(bench_prefill's default; the 4-GPU validation always uses it, as measured)")
+    p.add_argument("--prefill-json", nargs="+", default=[], metavar="JSON",
+                   help="more tools/bench_prefill.py results (7B, TP = 1) to fit on or check "
+                        "against: 2-GPU runs refine each algorithm's attention time")
     p.add_argument("--fit-on", type=int, default=2, choices=[1, 2, 4],
                    help="fit on runs of at most this many GPUs (default: %(default)s; 4 uses the "
                         "4-GPU attention layers too, then validation is no longer out of sample)")
@@ -1007,7 +1036,7 @@ def main(argv=None) -> int:
         rows = []
         for algo in ALGOS:
             try:
-                t = layer_traffic(algo, args.tokens, args.gpus, 1, shape, hw)
+                t = layer_traffic(algo, args.tokens, args.gpus, 1, shape, hw, shard_weights=args.shard_weights)
             except ValueError as err:
                 print(f"{algo}: {err}")
                 continue
@@ -1015,11 +1044,11 @@ def main(argv=None) -> int:
             rows.append(dict(algo=algo, rank=worst["rank"], local=worst["local_tokens"],
                              **{k: f"{worst[k] / 2 ** 20:.1f}" for k in ("nvlink_send", "nvlink_recv", "net_send", "net_recv")}))
         print(f"per layer, the busiest CP rank, MiB ({args.gpus} GPUs, {args.tokens} tokens, "
-              f"{hw.gpus_per_node} per node, TP=1, weights sharded over CP):")
+              f"{hw.gpus_per_node} per node, TP=1, weights {'sharded over CP' if args.shard_weights else 'whole'}):")
         print(_fmt_table(rows, ["algo", "rank", "local", "nvlink_send", "nvlink_recv", "net_send", "net_recv"],
                          ["algo", "rank", "tokens", "NVLink out", "NVLink in", "net out", "net in"]))
         return 0
-    meas = load_measurements()
+    meas = load_measurements(args.prefill_json)
     rates, fit_report = fit(meas, shape, hw, max_gpus=args.fit_on)
     val = validate(meas, rates, shape, hw)
     print(f"fit (runs of <= {args.fit_on} GPUs): attention {fit_report['attention']['tflops']:.0f} TFLOP/s, "
