@@ -167,7 +167,7 @@ def pixel_shuffle(features: Tensor, scale: int) -> Tensor:
     g = int(round(tokens ** 0.5))
     if g * g != tokens or g % scale:
         raise ValueError(f"pixel shuffle needs a square grid divisible by {scale}, got {tokens} tokens")
-    x = features.reshape(n, g, g, c)
+    x = features.contiguous().view(n, g, g, c)
     x = x.view(n, g, g // scale, c * scale).permute(0, 2, 1, 3).contiguous()
     x = x.view(n, g // scale, g // scale, c * scale * scale).permute(0, 2, 1, 3).contiguous()
     return x.reshape(n, -1, c * scale * scale)
