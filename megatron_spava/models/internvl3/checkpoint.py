@@ -4,8 +4,9 @@ Pure reshuffles, no arithmetic, so a round trip is bit-exact:
   vision attention.{q,k,v}_proj -> attention.qkv, rows grouped per head [q_h | k_h | v_h]
   LLM q/k/v_proj -> language_model ... linear_qkv, grouped per KV group [q of group g | k_g | v_g]
   LLM gate/up_proj -> linear_fc1 = [gate; up]
+  embed_tokens, lm_head [vocab, H] -> [padded vocab, H] with zero rows (cfg.padded_vocab_size)
 Everything else keeps HF's name (vision_tower.*, multi_modal_projector.*) or maps one to
-one (embed_tokens, norms, o_proj, down_proj, lm_head).
+one (norms, o_proj, down_proj).
 
 HF names are accepted in both layouts of transformers 5.x InternVLForConditionalGeneration:
 on disk (what save_pretrained and the OpenGVLab/InternVL3-*-hf checkpoints hold)
@@ -63,6 +64,12 @@ def _vision_qkv_from_heads(t: Tensor, heads: int) -> Tuple[Tensor, Tensor, Tenso
     return tuple(p.contiguous() for p in parts)
 
 
+def _pad_vocab(t: Tensor, cfg: InternVL3Config) -> Tensor:
+    if t.shape[0] != cfg.vocab_size:
+        raise ValueError(f"vocabulary tensor with {t.shape[0]} rows for vocab_size {cfg.vocab_size}")
+    return torch.cat([t, t.new_zeros(cfg.padded_vocab_size - t.shape[0], *t.shape[1:])])
+
+
 class HFToMegatron:
     """Streaming HF -> megatron name/layout conversion. feed() returns the megatron
     (name, tensor) pairs completed by this tensor; finish() checks nothing is left over."""
@@ -95,6 +102,8 @@ class HFToMegatron:
         if name in _SIMPLE_TOP:
             if name == "language_model.lm_head.weight" and cfg.tie_word_embeddings:
                 return []  # tied: the output layer is the embedding
+            if name != "language_model.model.norm.weight":
+                tensor = _pad_vocab(tensor, cfg)
             return [(_SIMPLE_TOP[name], tensor)]
         m = _LAYER.match(name)
         if not m:
@@ -133,6 +142,8 @@ def megatron_to_hf(name: str, tensor: Tensor, cfg: InternVL3Config) -> List[Tupl
         return [(name, tensor)]
     for hf, meg in _SIMPLE_TOP.items():
         if name == meg:
+            if not meg.endswith("final_layernorm.weight"):
+                tensor = tensor[: cfg.vocab_size]  # drop the padding rows
             out = [(hf, tensor)]
             if meg.endswith("word_embeddings.weight") and cfg.tie_word_embeddings:
                 # a tied source may or may not store lm_head: the converter keeps what it had

@@ -11,6 +11,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Tuple, Union
 
+#: The LLM's vocabulary is padded to a multiple of this (megatron's make_vocab_size_divisible_by
+#: default) whatever the TP size, so that a dist checkpoint loads at any power-of-two TP:
+#: InternVL3's 151674 tokens are divisible by 2 only.
+VOCAB_MULTIPLE = 128
+
 #: Activations accepted by name (transformers' ACT2FN names that InternVL configs use).
 ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "quick_gelu", "relu", "silu")
 
@@ -93,6 +98,11 @@ class InternVL3Config:
     @property
     def head_dim(self) -> int:
         return self.head_dim_ or self.hidden_size // self.num_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the megatron embedding and output layer (zero rows past vocab_size)."""
+        return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
     @property
     def scale(self) -> int:
@@ -183,7 +193,8 @@ class InternVL3Config:
         if self.num_kv_heads % tp and tp % self.num_kv_heads:
             problems.append(f"num_key_value_heads {self.num_kv_heads} and tensor parallel size {tp}: "
                             f"one must divide the other")
-        for name, value in (("num_attention_heads", self.num_heads), ("vocab_size", self.vocab_size),
+        for name, value in (("num_attention_heads", self.num_heads),
+                            ("padded vocab_size", self.padded_vocab_size),
                             ("intermediate_size", self.intermediate_size),
                             ("hidden_size (projector)", self.hidden_size),
                             ("vision num_attention_heads", v.num_heads),

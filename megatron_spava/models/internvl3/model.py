@@ -40,7 +40,8 @@ image_ordinals = video_ordinals
 class InternVL3Model(MegatronModule):
     """InternViT + projector + language model, tensor parallel over the current TP group.
 
-    forward(decoder_input [s, b, hidden]) -> logits [b, s, vocab] (gathered over TP). RoPE
+    forward(decoder_input [s, b, hidden]) -> logits [b, s, vocab] (gathered over TP; the
+    embedding and output layer are padded to cfg.padded_vocab_size, the logits are not). RoPE
     positions and the context-parallel algorithm come from the active request
     (`cp_request(layout, positions=...)`); without one, positions are 0..s-1 (CP = 1).
     backend: the language model's layer spec ("local" or "te", `megatron_spava.specs`).
@@ -66,7 +67,7 @@ class InternVL3Model(MegatronModule):
         self.multi_modal_projector = InternVLProjector(cfg, vision_tp, backend)
         self.language_model = GPTModel(
             config=text, transformer_layer_spec=get_gpt_layer_spec(backend, normalization="RMSNorm"),
-            vocab_size=cfg.vocab_size, max_sequence_length=max_sequence_length,
+            vocab_size=cfg.padded_vocab_size, max_sequence_length=max_sequence_length,
             position_embedding_type="rope", rotary_base=cfg.rope_theta,
             share_embeddings_and_output_weights=cfg.tie_word_embeddings, parallel_output=False)
         use_spava_rope(self.language_model)
@@ -97,7 +98,7 @@ class InternVL3Model(MegatronModule):
             hidden = hidden.index_select(0, logits_rows.to(hidden.device))
         weight = lm.shared_embedding_or_output_weight() if lm.share_embeddings_and_output_weights else None
         logits, _ = lm.output_layer(hidden, weight=weight, runtime_gather_output=True)
-        return logits.transpose(0, 1).contiguous()
+        return logits[..., : self.cfg.vocab_size].transpose(0, 1).contiguous()
 
 
 def split_frames(n_frames: int, world: int) -> List[Tuple[int, int]]:

@@ -38,9 +38,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def tiny_hf_config(*, text_layers: int = 2, vision_depth: int = 2, tie: bool = False,
-                   kv_heads: int = 2, vocab_size: int = 448, image_token_id: int = 409) -> dict:
+                   kv_heads: int = 2, vocab_size: int = 443, image_token_id: int = 409) -> dict:
     """config.json contents of the tiny model. 112x112 tiles of 14-pixel patches: an 8x8
-    grid, 16 LLM tokens per frame after the 2x2 pixel shuffle."""
+    grid, 16 LLM tokens per frame after the 2x2 pixel shuffle. The vocabulary (443, odd)
+    makes the megatron side pad it at every TP size, as InternVL3's 151674 needs at TP 4."""
     return {
         "architectures": ["InternVLForConditionalGeneration"],
         "model_type": "internvl",
@@ -60,7 +61,7 @@ def tiny_hf_config(*, text_layers: int = 2, vision_depth: int = 2, tie: bool = F
         },
         "vision_config": {
             "model_type": "internvl_vision", "hidden_size": 32, "num_hidden_layers": vision_depth,
-            "num_attention_heads": 2, "intermediate_size": 64, "image_size": [112, 112],
+            "num_attention_heads": 4, "intermediate_size": 64, "image_size": [112, 112],
             "patch_size": [14, 14], "num_channels": 3, "hidden_act": "gelu", "norm_type": "layer_norm",
             "layer_norm_eps": 1e-6, "attention_bias": True, "use_qk_norm": False,
             "use_absolute_position_embeddings": True, "use_mean_pooling": True,
@@ -148,7 +149,7 @@ def make_tiny_checkpoint(out_dir: str, *, seed: int = 0, text_layers: int = 2, v
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if shape is None:
         config = tiny_hf_config(text_layers=text_layers, vision_depth=vision_depth,
-                                vocab_size=-(-len(tokenizer) // 64) * 64,
+                                vocab_size=len(tokenizer) + 32,
                                 image_token_id=ids["context_image_token"])
         config["text_config"]["eos_token_id"] = eos
         model = tiny_hf_model(config, seed=seed, dtype=dtype)
