@@ -180,7 +180,8 @@ def test_prompter_builds_the_processor_prompt_and_query(tmp_path):
     assert ids.count(tok.context_image_token_id) == 3 * TOKENS
     assert ids.count(tok.start_image_token_id) == ids.count(tok.end_image_token_id) == 3
     query = tok(f"\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
-    assert ids[-len(query):] == query and query_length(inputs.input_ids, tok.context_image_token_id) == len(query)
+    assert ids[-len(query):] == query
+    assert query_length(inputs.input_ids, tok.context_image_token_id) == len(query)
     assert tok.decode(ids).startswith("<|im_start|>user\nFrame1: <img>")
 
 
@@ -243,7 +244,8 @@ def test_hf_to_megatron_tp2_to_hf_is_bit_exact_and_matches_hf(tmp_path, hf_refer
     assert sorted(original) == sorted(again)
     for name, tensor in original.items():
         assert again[name].dtype == tensor.dtype and torch.equal(again[name], tensor), name
-    assert json.load(open(os.path.join(back, "config.json"))) == json.load(open(os.path.join(hf_dir, "config.json")))
+    config = lambda d: json.load(open(os.path.join(d, "config.json")))  # noqa: E731
+    assert config(back) == config(hf_dir)
 
 
 def _convert_in_process(hf_dir, meg, back):

@@ -37,14 +37,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cp", type=int, default=2, help="context-parallel ranks for spava (default: %(default)s)")
+    p.add_argument("--cp", type=int, default=2,
+                   help="context-parallel ranks for spava (default: %(default)s)")
     p.add_argument("--frames", type=int, default=48,
                    help="video frames, 256 LLM tokens each (default: %(default)s)")
     p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens (default: %(default)s)")
     p.add_argument("--shape", choices=["2b", "tiny"], default="2b",
                    help="tiny: a dry run of this tool on small sizes (default: %(default)s)")
     p.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto",
-                   help="auto: nccl with one GPU per rank when there are enough, else gloo (default: %(default)s)")
+                   help="auto: nccl with one GPU per rank when there are enough, else gloo "
+                        "(default: %(default)s)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu: gloo ranks on the CPU, to check this tool itself (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
@@ -159,8 +161,8 @@ def main(argv=None) -> int:
                          args.new_tokens, args.seed, args.device,
                          backend="nccl" if ranks > 1 and backend == "nccl" else "gloo",
                          timeout=600)
-        assert all(torch.equal(o["first_logits"], outs[0]["first_logits"]) and o["tokens"] == outs[0]["tokens"]
-                   for o in outs), f"{name}: ranks disagree"
+        assert all(torch.equal(o["first_logits"], outs[0]["first_logits"])
+                   and o["tokens"] == outs[0]["tokens"] for o in outs), f"{name}: ranks disagree"
         results[name] = dict(outs[0], ttft_s=max(o["ttft_s"] for o in outs),
                              peak_gib=max(o["peak_gib"] for o in outs), ranks=ranks)
         print(f"{name}: done ({ranks} rank(s), {results[name]['ttft_s']:.2f} s to first token)", flush=True)
@@ -176,7 +178,8 @@ def main(argv=None) -> int:
         r["rel_err_vs_reference"] = relative_error(r["first_logits"], ref)
         same = sum(a == b for a, b in zip(r["tokens"], full_tokens))
         print(f"{name:14s} {r['ranks']:5d} {r['rel_err_vs_reference']:16.3e} "
-              f"{same:>8d}/{len(full_tokens):<10d} {r['ttft_s']:7.2f} {r['decode_s']:8.2f} {r['peak_gib']:8.1f}")
+              f"{same:>8d}/{len(full_tokens):<10d} {r['ttft_s']:7.2f} {r['decode_s']:8.2f} "
+              f"{r['peak_gib']:8.1f}")
     noise, err = results["full"]["rel_err_vs_reference"], results["spava-full"]["rel_err_vs_reference"]
     ok = err <= 2 * noise + 1e-3
     print(f"\nspava at full budget vs float32: {err:.3e}; full bf16 vs float32 (bf16 noise): {noise:.3e} "

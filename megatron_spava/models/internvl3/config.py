@@ -182,7 +182,8 @@ class InternVL3Config:
             problems.append("vision use_qk_norm (InternViT-6B) is not implemented")
         if v.norm_type not in ("layer_norm", "rms_norm"):
             problems.append(f"vision norm_type {v.norm_type!r} is neither layer_norm nor rms_norm")
-        for name, act in (("vision hidden_act", v.hidden_act), ("projector_hidden_act", self.projector_hidden_act)):
+        for name, act in (("vision hidden_act", v.hidden_act),
+                          ("projector_hidden_act", self.projector_hidden_act)):
             if act not in ACTIVATIONS:
                 problems.append(f"{name} {act!r} not in {ACTIVATIONS}")
         if self.rope_type not in ("default", "dynamic"):
