@@ -122,6 +122,8 @@ class SpavaRotaryEmbedding(RotaryEmbedding):
             raise RuntimeError("the active request has no positions: pass positions= to "
                                "cp_request (get_batch_on_this_cp_rank returns them)")
         total = layout.context_len + layout.query_len
+        if request.decode:  # decoded tokens sit past the prompt (positions: a host tensor there)
+            total = max(total, int(positions.max()) + 1)
         emb = self.get_emb(total, offset)  # [S, 1, 1, dim]
         return emb[positions.to(emb.device)]
 

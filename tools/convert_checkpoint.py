@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Convert Qwen2.5-VL checkpoints between Hugging Face and megatron-core.
+"""Convert Qwen2.5-VL and InternVL3 checkpoints between Hugging Face and megatron-core.
 
     python tools/convert_checkpoint.py hf-to-megatron --hf-path Qwen2.5-VL-7B-Instruct --out ckpt/
     python tools/convert_checkpoint.py megatron-to-hf --megatron-path ckpt/ --out hf_again/
@@ -11,16 +11,38 @@ tensor-parallel agnostic: load it at any TP size (megatron-core reshards it), e.
 widths divide. The tokenizer, processor configs and chat template are copied along.
 megatron-to-hf writes safetensors with the source's key names (on-disk layout), so
 HF -> megatron -> HF is bit-exact. Both stream tensor by tensor; peak memory is about
-one copy of the model. Runs on CPU.
+one copy of the model. Runs on CPU. The model family (--model) is read from
+config.json's model_type unless given: qwen2_5_vl, or internvl3 (HF's "internvl",
+the OpenGVLab/InternVL3-*-hf format).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+#: model_type in config.json -> the megatron_spava.models package that converts it
+MODELS = {"qwen2_5_vl": "qwen2_5_vl", "internvl3": "internvl"}
+
+
+def detect_model(path: str) -> str:
+    """The model family of a checkpoint directory, from its config.json's model_type."""
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f"checkpoint not found: no config.json in {path}")
+    with open(config) as f:
+        model_type = json.load(f).get("model_type")
+    for model, kind in MODELS.items():
+        if model_type == kind:
+            return model
+    raise ValueError(f"{config}: model_type {model_type!r} is not one of "
+                     f"{sorted(MODELS.values())}; pass --model")
 
 
 def main(argv=None) -> int:
@@ -28,7 +50,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="direction", required=True)
     a = sub.add_parser("hf-to-megatron", help="HF safetensors directory -> megatron-core dist checkpoint")
-    a.add_argument("--hf-path", required=True, help="HF Qwen2.5-VL directory (config.json + *.safetensors)")
+    a.add_argument("--hf-path", required=True, help="HF Qwen2.5-VL or InternVL directory (config.json + *.safetensors)")
     a.add_argument("--out", required=True, help="output directory (created)")
     a.add_argument("--tensor-model-parallel-size", type=int, default=1,
                    help="validate divisibility for this TP size (default: %(default)s)")
@@ -38,11 +60,16 @@ def main(argv=None) -> int:
     b.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (default: %(default)s)")
     for p in (a, b):
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--model", choices=["auto", *MODELS], default="auto",
+                       help="model family (default: from config.json's model_type)")
     args = parser.parse_args(argv)
 
-    from megatron_spava.models.qwen2_5_vl.convert import dist_to_hf, hf_to_dist
-
     try:
+        model = args.model
+        if model == "auto":
+            model = detect_model(args.hf_path if args.direction == "hf-to-megatron" else args.megatron_path)
+        convert = importlib.import_module(f"megatron_spava.models.{model}.convert")
+        dist_to_hf, hf_to_dist = convert.dist_to_hf, convert.hf_to_dist
         if args.direction == "hf-to-megatron":
             if args.tensor_model_parallel_size < 1:
                 raise ValueError("--tensor-model-parallel-size must be >= 1")
