@@ -32,7 +32,7 @@ launches it. Fitted constants (--fit-report shows them with their residuals):
   to the layer benchmark from the 1-GPU prefill runs.
 Measured hardware: NVLink all-gather (265 GB/s bus bandwidth at 16 MB per rank, 326 GB/s at
 256 MB on 4 H200: a latency and a bandwidth fitted through the two). Assumed (not measured
-here): 400 Gb/s per GPU between nodes at 90% efficiency, 20 us per network step, P2P over
+here): 400 Gb/s per GPU between nodes at 90% efficiency, 10 us per network step, P2P over
 NVLink at the all-gather bus bandwidth, 132 SMs for wave quantisation, ring collectives
 across nodes using every NIC of the node (NCCL's rail-aligned rings).
 """
@@ -777,7 +777,8 @@ def fit(meas: Dict[str, object], shape: Shape, hw: Hardware, *, max_gpus: int = 
     a_v, b_v = _lstsq(groups, [r["vision"] for r in one])
     dense = [r["llm"] * (1 - r["attention_share"]) for r in one]
     a_d, b_d = _lstsq([r["tokens"] for r in one], dense)
-    layers = [r for r in meas["attention_layer"] if r["gpus_in_run"] <= max_gpus]
+    layers = [r for r in meas["attention_layer"]  # (a 1-process row of the 2-GPU run is a 1-GPU run)
+              if r["world"] <= max_gpus and (r["gpus_in_run"] <= max_gpus or r["gpus_in_run"] <= 2)]
     # Two parameters (s per FLOP, s per merged element) by least squares in relative error:
     # the layer time is linear in both.
     base = Rates(attention=0.0, merge=0.0)
@@ -794,7 +795,10 @@ def fit(meas: Dict[str, object], shape: Shape, hw: Hardware, *, max_gpus: int = 
     b1 = sum(ta / y for ta, tm, y, _ in rows)
     b2 = sum(tm / y for ta, tm, y, _ in rows)
     det = s11 * s22 - s12 * s12
-    x, y = (b1 * s22 - b2 * s12) / det, (s11 * b2 - s12 * b1) / det
+    if s22 == 0 or abs(det) < 1e-12 * s11 * s22:  # no run with merges (--fit-on 1): the rate alone
+        x, y = b1 / s11, Rates().merge
+    else:
+        x, y = (b1 * s22 - b2 * s12) / det, (s11 * b2 - s12 * b1) / det
     rates = Rates(attention=x, merge=max(y, 0.0), dense_per_token=a_d * shape.layers / shape.layers,
                   dense_const=b_d, vision_per_group=a_v, vision_const=b_v)
     # In-model attention / layer model, from the 1-GPU prefill runs.
