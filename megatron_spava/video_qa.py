@@ -24,6 +24,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from .algos import config_for
 from .arguments import add_spava_args, spava_config_from_args
 from .launch import init_distributed, relaunch, under_torchrun
 
@@ -317,7 +318,7 @@ def main(argv=None) -> int:
             raise ValueError("--max-new-tokens must be >= 1")
         if args.model_shape != "tiny" and not args.random_weights and not (args.hf_path or args.megatron_path):
             raise ValueError(f"--model-shape {args.model_shape} has no weights to load: add --random-weights")
-        spava_config_from_args(args)
+        config_for(args.context_parallel_algo, spava_config_from_args(args))  # presets may refuse
         checkpoint = resolve_paths(args)
         if not under_torchrun() or os.environ.get("RANK") == "0":
             create_defaults(args, checkpoint)

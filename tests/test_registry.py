@@ -187,13 +187,39 @@ def test_registry_entries_and_errors():
 
 def test_an_unavailable_module_is_reported_not_listed():
     from megatron_spava.algos import register_module, unregister
-    assert register_module("nosuch", "megatron_spava.algos.nosuch") is None
+    register_module("nosuch", "megatron_spava.algos.nosuch")
     try:
         assert "nosuch" not in names()
         with pytest.raises(ValueError, match="'nosuch' is not available here: .*does not import"):
             get("nosuch")
     finally:
         unregister("nosuch")
+
+
+def test_register_module_contract(tmp_path, monkeypatch):
+    """The contract of an optional algorithm module (Megatron's own CP): it defines
+    ALGORITHM and may import any part of megatron_spava; a missing dependency makes it
+    unavailable with the reason, a broken import of our own code is raised."""
+    from megatron_spava.algos import register_module, unregister
+    (tmp_path / "optional_ok.py").write_text(
+        "from megatron_spava.modules import SpavaCoreAttention\n"
+        "from megatron_spava.algos import Algorithm, SpavaLayout\n"
+        "ALGORITHM = Algorithm('optional_ok', 'x', SpavaLayout, core_attention=SpavaCoreAttention)\n")
+    (tmp_path / "optional_missing.py").write_text("import transformer_engine_that_is_not_here\n")
+    (tmp_path / "optional_broken.py").write_text("from megatron_spava.no_such_module import x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        register_module("optional_ok", "optional_ok")
+        register_module("optional_missing", "optional_missing")
+        assert "optional_ok" in names() and "optional_missing" not in names()
+        with pytest.raises(ValueError, match="not available here: .*transformer_engine_that_is_not_here"):
+            get("optional_missing")
+        register_module("optional_broken", "optional_broken")
+        with pytest.raises(ImportError, match="megatron_spava.no_such_module"):
+            names()
+    finally:
+        for name in ("optional_ok", "optional_missing", "optional_broken"):
+            unregister(name)
 
 
 def test_module_algorithm_is_built_by_the_spec_and_refused_by_cp_attn_func():

@@ -8,8 +8,9 @@ Adding an algorithm is one module in `algos/` (a Layout subclass and an attentio
 function, see `algos/base.py`) and one `register(Algorithm(...))` line below. An
 algorithm whose dependencies may be missing (Megatron's own CP needs Transformer Engine)
 is registered by `register_module(name, module)`: the module defines
-`ALGORITHM = Algorithm(...)` and raises ImportError where it cannot run; it is then left
-out of the choices, and asking for it says why.
+`ALGORITHM = Algorithm(...)` and raises ImportError where it cannot run; it is imported
+on the registry's first use, and where it does not import it is left out of the choices
+and asking for it says why.
 
 Benchmark variants are `<algo>` plus any number of `-no-<switch>` suffixes, one per
 SpavaConfig switch turned off (`spava-no-overlap-no-zigzag`); `parse_variant` reads them.
@@ -26,6 +27,7 @@ from .base import Algorithm
 
 _ENTRIES: Dict[str, Algorithm] = {}
 _UNAVAILABLE: Dict[str, str] = {}  # name -> why it cannot run here
+_PENDING: Dict[str, str] = {}  # name -> module, imported on first use (register_module)
 
 
 def register(entry: Algorithm, *, replace: bool = False) -> Algorithm:
@@ -43,6 +45,7 @@ def unregister(name: str) -> None:
     """Remove `name` (no error if absent)."""
     _ENTRIES.pop(name, None)
     _UNAVAILABLE.pop(name, None)
+    _PENDING.pop(name, None)
 
 
 @contextlib.contextmanager
@@ -55,22 +58,34 @@ def registered(entry: Algorithm) -> Iterator[Algorithm]:
         unregister(entry.name)
 
 
-def register_module(name: str, module: str) -> Optional[Algorithm]:
-    """Import `module` and register its `ALGORITHM` (whose name must be `name`). When the
-    module (or what it needs, e.g. Transformer Engine) cannot be imported here, `name` is
-    recorded as unavailable with the reason instead. Returns the entry or None."""
-    try:
-        entry = importlib.import_module(module).ALGORITHM
-    except (ImportError, OSError) as err:  # missing package, or a broken native extension
-        _UNAVAILABLE[name] = f"{module} does not import here ({type(err).__name__}: {err})"
-        return None
-    if entry.name != name:
-        raise ValueError(f"{module}.ALGORITHM is named {entry.name!r}, registered as {name!r}")
-    return register(entry)
+def register_module(name: str, module: str) -> None:
+    """Register the `ALGORITHM` of `module` (its name must be `name`) on the registry's
+    first use, not at import, so that the module may import any part of megatron_spava.
+    When the module, or a package it needs (e.g. Transformer Engine), does not import
+    here, `name` is recorded as unavailable with the reason instead."""
+    _PENDING[name] = module
+
+
+def _load_pending() -> None:
+    while _PENDING:
+        name = next(iter(_PENDING))
+        module = _PENDING.pop(name)
+        try:
+            entry = importlib.import_module(module).ALGORITHM
+        except (ImportError, OSError) as err:  # a missing package or a broken native extension
+            missing = getattr(err, "name", None) or ""
+            if missing.startswith("megatron_spava") and missing != module:
+                raise  # our own code is broken: not a missing dependency
+            _UNAVAILABLE[name] = f"{module} does not import here ({type(err).__name__}: {err})"
+            continue
+        if entry.name != name:
+            raise ValueError(f"{module}.ALGORITHM is named {entry.name!r}, registered as {name!r}")
+        register(entry)
 
 
 def get(name: str) -> Algorithm:
     """The entry for `name`; ValueError listing the choices (or why `name` cannot run)."""
+    _load_pending()
     entry = _ENTRIES.get(name)
     if entry is not None:
         return entry
@@ -82,15 +97,18 @@ def get(name: str) -> Algorithm:
 
 def names() -> Tuple[str, ...]:
     """Registered names, in registration order."""
+    _load_pending()
     return tuple(_ENTRIES)
 
 
 def entries() -> Tuple[Algorithm, ...]:
+    _load_pending()
     return tuple(_ENTRIES.values())
 
 
 def unavailable() -> Dict[str, str]:
     """Algorithms known but not runnable here, with the reason."""
+    _load_pending()
     return dict(_UNAVAILABLE)
 
 
@@ -167,4 +185,4 @@ register(Algorithm("apb", "APB: one block per rank, no overlap, the passing budg
                    SpavaLayout, attn_func=spava_attn_func, preset=apb_preset))
 register(Algorithm("spava", "Spava (SPAVA.md): ZigZag blocks, query-aware passing blocks, "
                    "exact query", SpavaLayout, attn_func=spava_attn_func))
-register_module("megatron", "megatron_spava.algos.megatron")  # TE's own CP; needs Transformer Engine
+register_module("megatron", "megatron_spava.algos.megatron")  # TE's own CP; needs TE
