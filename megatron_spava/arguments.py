@@ -4,8 +4,11 @@
     initialize_megatron(extra_args_provider=add_spava_args)   # or pretrain(..., extra_args_provider=...)
     config = validate_spava_args(get_args())                  # SpavaConfig, or ValueError
 
-`add_spava_args` leaves `--context-parallel-algo` alone when the parser already has it
-(the Megatron-LM patch in patches/ adds it to Megatron's own arguments).
+The algorithm choices and their help come from the registry (`megatron_spava.algos`).
+When the parser already has `--context-parallel-algo` (the Megatron-LM patch in patches/
+adds it to Megatron's own arguments), `add_spava_args` gives that option the registry's
+choices and help instead of adding a second one. Every ablation switch of SpavaConfig
+(`config.SWITCHES`) gets a `--spava-no-<switch>` flag.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from .algos import ALGOS, plan_layout
-from .config import KERNELS, SpavaConfig
+from .algos import names, plan_layout, registry
+from .config import KERNELS, SWITCHES, SpavaConfig
 
 
 def _anchor(value: str):
@@ -32,12 +35,13 @@ def add_spava_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "context-parallel attention (megatron_spava)",
         "Which algorithm attends across the context-parallel group, and Spava's budgets "
         "and ablation switches (SPAVA.md sections 5-6).")
-    if "--context-parallel-algo" not in parser._option_string_actions:
-        group.add_argument(
-            "--context-parallel-algo", choices=ALGOS, default=None,
-            help="full: exact, no CP; ring: exact ZigZag ring attention; star: Star Attention; "
-                 "apb: one block per rank, no overlap, doubled passing; spava: Spava. "
-                 "Unset: Megatron's own CP attention.")
+    algo_help = (registry.help_text() + ". Unset: Megatron's own CP attention").replace("%", "%%")
+    existing = parser._option_string_actions.get("--context-parallel-algo")
+    if existing is None:
+        group.add_argument("--context-parallel-algo", choices=names(), default=None,
+                           help=algo_help)
+    else:  # Megatron-LM's (patched) option: the registry decides its choices
+        existing.choices, existing.help = names(), algo_help
     group.add_argument("--spava-query-len", type=int, default=128,
                        help="tokens at the end of each sequence that form the query (question + "
                             "assistant prefix); they are replicated and computed exactly "
@@ -58,14 +62,12 @@ def add_spava_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="odd max-pool width smoothing selection scores (default: %(default)s)")
     group.add_argument("--spava-max-query-len", type=int, default=8192,
                        help="longest query accepted (default: %(default)s)")
-    group.add_argument("--spava-no-zigzag", action="store_true",
-                       help="ablation: one block per rank instead of two ZigZag virtual hosts")
-    group.add_argument("--spava-no-overlap", action="store_true",
-                       help="ablation: wait for each passing-block exchange before computing")
-    group.add_argument("--spava-no-shard-anchor", action="store_true",
-                       help="ablation: rank 0 attends the whole anchor for the query rows")
-    group.add_argument("--spava-no-passing", action="store_true",
-                       help="ablation: exchange no passing blocks")
+    group.add_argument("--spava-context-probe-len", type=int, default=64,
+                       help="with --spava-no-fuse-query: the anchor's last tokens whose queries "
+                            "select the passing blocks of the context pass (default: %(default)s)")
+    for switch, effect in SWITCHES.items():
+        group.add_argument(f"--spava-no-{switch.replace('_', '-')}", action="store_true",
+                           help=f"ablation: {effect}")
     group.add_argument("--spava-kernel", choices=KERNELS, default="auto",
                        help="attention kernel (default: %(default)s: fastest measured for the device)")
     group.add_argument("--spava-check-ranks-agree", action="store_true",
@@ -81,20 +83,23 @@ def spava_config_from_args(args: argparse.Namespace) -> SpavaConfig:
         anchor_divisor=args.spava_anchor_divisor, passing_divisor=args.spava_passing_divisor,
         passing_scale=args.spava_passing_scale, budget_align=args.spava_budget_align,
         pool_kernel=args.spava_pool_kernel, max_query_len=args.spava_max_query_len,
-        zigzag=not args.spava_no_zigzag, overlap=not args.spava_no_overlap,
-        shard_anchor=not args.spava_no_shard_anchor, passing=not args.spava_no_passing,
-        kernel=args.spava_kernel, check_ranks_agree=args.spava_check_ranks_agree)
+        context_probe_len=args.spava_context_probe_len,
+        kernel=args.spava_kernel, check_ranks_agree=args.spava_check_ranks_agree,
+        **{switch: not getattr(args, f"spava_no_{switch}") for switch in SWITCHES})
 
 
 def validate_spava_args(args: argparse.Namespace, seq_length: Optional[int] = None) -> SpavaConfig:
     """Check the options against the model and parallel sizes in `args` (Megatron's
     names: num_attention_heads, num_query_groups, tensor_model_parallel_size,
     context_parallel_size, seq_length). Raises ValueError naming the problem; returns the
-    SpavaConfig. Every rank parses the same arguments, so every rank raises the same error."""
+    SpavaConfig the options describe (before the algorithm's preset, which plan_layout
+    applies). Every rank parses the same arguments, so every rank raises the same error."""
     algo = args.context_parallel_algo
-    if algo not in ALGOS:
-        raise ValueError(f"--context-parallel-algo must be one of {ALGOS}, got {algo!r}")
-    config = spava_config_from_args(args)
+    try:
+        config = spava_config_from_args(args)
+        registry.get(algo).config(config)  # the algorithm's preset may refuse a setting
+    except ValueError as err:
+        raise ValueError(f"--context-parallel-algo {algo}: {err}") from None
     tp = getattr(args, "tensor_model_parallel_size", 1) or 1
     cp = getattr(args, "context_parallel_size", 1) or 1
     heads = getattr(args, "num_attention_heads", None)

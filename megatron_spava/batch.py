@@ -29,13 +29,14 @@ def get_batch_on_this_cp_rank(batch: Mapping[str, Optional[torch.Tensor]], layou
     Returns a new dict, plus "rope_positions": LongTensor [s_local] of global positions for
     1-D RoPE (position_ids[0] gathered when given, else the indices themselves). Pass it
     to `cp_request(layout, positions=...)`.
-    Tokens replicated on several ranks (Spava's anchor and query) keep their loss_mask on
-    CP rank 0 only, so that a loss summed over the CP group counts every token once.
+    loss_mask keeps only the rows this rank owns (`layout.owned_rows`): tokens replicated on
+    several ranks (Spava's anchor and query) count on CP rank 0 only, so that a loss summed
+    over the CP group counts every token once.
     """
     if cp_rank is None:
         from megatron.core import parallel_state
         cp_rank = parallel_state.get_context_parallel_rank()
-    total = layout.context_len + layout.query_len
+    total = layout.total_len
     idx = layout.local_indices(cp_rank)
     out: Dict[str, Optional[torch.Tensor]] = {}
     for key, value in batch.items():
@@ -47,8 +48,8 @@ def get_batch_on_this_cp_rank(batch: Mapping[str, Optional[torch.Tensor]], layou
                                  f"was planned for {total} (context {layout.context_len} + query "
                                  f"{layout.query_len})")
             out[key] = value.index_select(value.dim() - 1, idx.to(value.device))
-            if key == "loss_mask" and cp_rank > 0:
-                out[key] = out[key] * owned_by_rank(layout, cp_rank).to(out[key])
+            if key == "loss_mask":
+                out[key] = out[key] * layout.owned_rows(cp_rank).to(out[key])
         else:
             out[key] = value
     positions = out.get("position_ids")
@@ -60,13 +61,6 @@ def get_batch_on_this_cp_rank(batch: Mapping[str, Optional[torch.Tensor]], layou
 
 
 def owned_by_rank(layout, rank: int) -> torch.Tensor:
-    """Bool [local_len(rank)]: the local tokens `rank` owns. A token held by several ranks
-    (Spava's replicated anchor and query) is owned by rank 0 only."""
-    from .layout import SpavaLayout
-
-    owned = torch.ones(layout.local_len(rank), dtype=torch.bool)
-    if isinstance(layout, SpavaLayout) and rank > 0:
-        seg = layout.segments(rank)
-        owned[: seg.anchor[1]] = False
-        owned[seg.query[0]:] = False
-    return owned
+    """Bool [local_len(rank)]: the local tokens `rank` owns (`layout.owned_rows(rank)`). A
+    token held by several ranks (Spava's replicated anchor and query) is owned by one."""
+    return layout.owned_rows(rank)

@@ -15,9 +15,33 @@ from typing import Optional, Union
 KERNELS = ("auto", "cpu_flash", "flash", "cudnn", "efficient", "flex", "math")
 
 
+#: The paper's ablation chain (SPAVA.md section 5), in the order it removes them: each is a
+#: SpavaConfig switch (True = on), a `--spava-no-*` flag and a benchmark variant
+#: (`spava-no-overlap`, ...). Values: what turning it off does.
+ABLATIONS = {
+    "overlap": "wait for each passing-block exchange as soon as it is launched, computing nothing "
+               "while it is in flight",
+    "shard_anchor": "rank 0 attends the whole anchor for the query rows (no anchor shards)",
+    "fuse_query": "prefill the context alone first (passing blocks chosen with a query-agnostic "
+                  "probe: the anchor's last context_probe_len tokens), then the query in a second "
+                  "pass over the distributed KV cache",
+    "zigzag": "one block per rank instead of two ZigZag virtual hosts",
+    "frame_parallel": "every rank encodes the whole video instead of its slice of the frames",
+}
+
+#: Every boolean switch with a `--spava-no-*` flag: the ablations, and `passing`.
+SWITCHES = {**ABLATIONS,
+            "passing": "exchange no passing blocks (with a block-sized anchor: Star Attention)"}
+
+
+def ceil_div(x: int, d: int) -> int:
+    """ceil(x / d) for integers x >= 0, d >= 1."""
+    return -(-x // d)
+
+
 def round_up(x: int, multiple: int) -> int:
     """Smallest multiple of `multiple` that is >= x (x >= 0, multiple >= 1)."""
-    return -(-x // multiple) * multiple
+    return ceil_div(x, multiple) * multiple
 
 
 @dataclass(frozen=True)
@@ -48,8 +72,19 @@ class SpavaConfig:
         exchange as soon as it is launched.
       shard_anchor: the query rows attend to the anchor in W shards, one per rank.
         Off: rank 0 attends to the whole anchor for the query.
+      fuse_query: prefill the context and the query in one pass, selecting passing blocks
+        with the query (query-aware). Off: the context is prefilled alone into the
+        distributed KV cache, selecting with the queries of the anchor's last
+        `context_probe_len` tokens (query-agnostic), and the query runs in a second pass over
+        that cache (exact). Several questions can then share one context prefill
+        (`models.qwen2_5_vl.generate.answer_questions`).
+      frame_parallel: the vision encoder runs on W disjoint slices of the frames, one per rank,
+        then all-gathers. Off: every rank encodes the whole video.
       passing: exchange passing blocks. Off (with the anchor the size of a block): Star
         Attention.
+      `ABLATIONS` lists the paper's chain in order; `SWITCHES` adds `passing`.
+      context_probe_len: tokens at the end of the anchor whose queries, averaged, probe the
+        selection of a pass that holds no query (fuse_query=False).
 
     Execution:
       kernel: attention kernel, one of KERNELS; "auto" picks the fastest measured one
@@ -67,20 +102,23 @@ class SpavaConfig:
     budget_align: int = 128
     pool_kernel: int = 5
     max_query_len: int = 8192
+    context_probe_len: int = 64
     zigzag: bool = True
     overlap: bool = True
     shard_anchor: bool = True
+    fuse_query: bool = True
+    frame_parallel: bool = True
     passing: bool = True
     kernel: str = "auto"
     check_ranks_agree: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("zigzag", "overlap", "shard_anchor", "passing", "check_ranks_agree"):
+        for name in (*SWITCHES, "check_ranks_agree"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SpavaConfig.{name} must be a bool, got {getattr(self, name)!r}")
         for name, low in (("anchor_divisor", 1), ("passing_divisor", 1), ("passing_scale", 1),
                           ("budget_align", 1),
-                          ("pool_kernel", 1), ("max_query_len", 1)):
+                          ("pool_kernel", 1), ("max_query_len", 1), ("context_probe_len", 1)):
             value = getattr(self, name)
             if not _is_int(value) or value < low:
                 raise ValueError(f"SpavaConfig.{name} must be an integer >= {low}, got {value!r}")

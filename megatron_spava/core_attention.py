@@ -17,6 +17,10 @@ The exchanged passing blocks land in one buffer X = [G2 | A | G1], where G1 hold
 first blocks' passing blocks in rank order (P_0 .. P_{W-1}) and G2 the second blocks'
 (P_{2W-1} .. P_W). Rows of B_r then read the contiguous slice [A | P_0 .. P_{r-1}] and
 rows of B_{2W-1-r} the slice [P_{2W-2-r} .. P_W | A | P_0 .. P_{W-1}]: no concatenation.
+
+A context-only pass (layout.query_len == 0, the first pass of fuse_query=False) has no
+query rows and no query to select with: the probe is then the mean query of the anchor's
+last `context_probe_len` tokens, which every rank holds (query-agnostic selection).
 """
 
 from __future__ import annotations
@@ -28,11 +32,10 @@ import torch.distributed as dist
 
 from . import profiling
 from .distributed import all_gather, check_inputs, gather_partials, merge_gathered
-from .layout import SpavaLayout
 from .ops.attention import attend, attend_many, merge_partials
 from .ops.selection import query_probe, select_passing
 
-def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: SpavaLayout,
+def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: "SpavaLayout",
                     cp_group: Optional[dist.ProcessGroup] = None,
                     softmax_scale: Optional[float] = None) -> torch.Tensor:
     """Spava attention of one layer on this CP rank.
@@ -65,7 +68,10 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
     # 1-4. Select each block's passing block and launch its all-gather.
     works = []
     if lp:
-        probe = query_probe(q[q_lo:q_hi], hk)
+        if q_hi > q_lo:  # query-aware: the query tokens' queries
+            probe = query_probe(q[q_lo:q_hi], hk)
+        else:  # context only: the anchor's last tokens (plan ensures there are some)
+            probe = query_probe(q[max(0, a_hi - cfg.context_probe_len):a_hi], hk)
         for j, (vblock, lo, hi) in enumerate(seg.blocks):
             if vblock == layout.num_blocks - 1:  # the last block's passing block is never read
                 mine = k.new_zeros(lp, b, hk, 2 * d)
@@ -76,13 +82,14 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
             works.append(all_gather(region, mine, cp_group, world, async_op=cfg.overlap))
 
     # 8a. Query rows over this rank's share of the keys; launch the gather of partials.
-    s_lo, s_hi = seg.anchor_shard
-    c_lo, c_hi = seg.blocks[0][1], seg.blocks[-1][2]  # this rank's blocks are contiguous
-    keys = [(k[s_lo:s_hi], v[s_lo:s_hi], False), (k[c_lo:c_hi], v[c_lo:c_hi], False)]
-    if rank == 0:
-        keys.append((k[q_lo:q_hi], v[q_lo:q_hi], True))
-    q_partial = attend_many(q[q_lo:q_hi], keys, scale=scale, kernel=cfg.kernel)
-    gathered, q_work = gather_partials(q_partial, cp_group, world, async_op=cfg.overlap)
+    if q_hi > q_lo:
+        s_lo, s_hi = seg.anchor_shard
+        c_lo, c_hi = seg.blocks[0][1], seg.blocks[-1][2]  # this rank's blocks are contiguous
+        keys = [(k[s_lo:s_hi], v[s_lo:s_hi], False), (k[c_lo:c_hi], v[c_lo:c_hi], False)]
+        if rank == 0:
+            keys.append((k[q_lo:q_hi], v[q_lo:q_hi], True))
+        q_partial = attend_many(q[q_lo:q_hi], keys, scale=scale, kernel=cfg.kernel)
+        gathered, q_work = gather_partials(q_partial, cp_group, world, async_op=cfg.overlap)
 
     # 5. Anchor rows: exact, A is the true prefix.
     if a_hi:
@@ -104,7 +111,8 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
         out[lo:hi] = merge_partials(parts)[0] if len(parts) > 1 else own[j][0]
 
     # 8b. Exact query rows: merge every rank's partial.
-    if q_work is not None:
-        q_work.wait()
-    out[q_lo:q_hi] = merge_gathered(gathered, world)
+    if q_hi > q_lo:
+        if q_work is not None:
+            q_work.wait()
+        out[q_lo:q_hi] = merge_gathered(gathered, world)
     return out

@@ -1,9 +1,9 @@
 """Megatron-Core modules: the context-parallel core attention and layout-aware RoPE.
 
 `SpavaCoreAttention` is a drop-in `core_attention` for megatron-core's SelfAttention
-(see `megatron_spava.specs`). It runs whichever algorithm the active request's layout
-was planned for (full, ring, star, apb, spava) over the CP group of its
-`pg_collection`, and it composes with tensor parallelism because each TP rank attends
+(see `megatron_spava.specs`). It runs whichever registered algorithm the active
+request's layout was planned for (`layout.algo`: full, ring, star, apb, spava, ...) over
+the CP group of its `pg_collection`, and it composes with tensor parallelism because each TP rank attends
 over its own heads: selection is per KV head, so the result does not depend on TP.
 
 RoPE must see global positions. Megatron's rotary embeddings slice themselves for its
@@ -44,7 +44,8 @@ class SpavaCoreAttention(MegatronModule):
     The layout comes from `megatron_spava.context.current_request()`; without an active
     request it runs plain causal attention, which is only valid at CP size 1. A request
     with a KV cache makes the prefill store this rank's cache rows; a decode request
-    attends one new token over the distributed cache (`inference.decode_attn_func`).
+    attends its new tokens (one decoded token, or a whole query over a cached context)
+    over the distributed cache (`inference.decode_attn_func`).
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
@@ -80,7 +81,7 @@ class SpavaCoreAttention(MegatronModule):
                              "sequences (THD); pass one request per forward")
         request = require_request(self.cp_group, "SpavaCoreAttention")
         if request is None:  # no context parallelism: plain causal attention
-            layout, group = FullLayout(query.shape[0], 0), None
+            layout, group = FullLayout.plan(context_len=query.shape[0], query_len=0), None
         else:
             layout, group = request.layout, self.cp_group
         with profiling.region("attention", query):
@@ -121,8 +122,8 @@ class SpavaRotaryEmbedding(RotaryEmbedding):
         if positions is None:
             raise RuntimeError("the active request has no positions: pass positions= to "
                                "cp_request (get_batch_on_this_cp_rank returns them)")
-        total = layout.context_len + layout.query_len
-        if request.decode:  # decoded tokens sit past the prompt (positions: a host tensor there)
+        total = layout.total_len
+        if request.decode:  # tokens after the prefill sit past the prompt (positions: a host tensor there)
             total = max(total, int(positions.max()) + 1)
         emb = self.get_emb(total, offset)  # [S, 1, 1, dim]
         return emb[positions.to(emb.device)]

@@ -8,9 +8,11 @@ Both backends megatron-core offers are supported, and only the core attention ch
 from __future__ import annotations
 
 import importlib.util
+from typing import Optional
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from .algos import get as get_algorithm
 from .modules import SpavaCoreAttention
 
 BACKENDS = ("local", "te")
@@ -27,8 +29,9 @@ def te_available() -> bool:
     return True
 
 
-def get_gpt_layer_spec(backend: str = "local", **kwargs) -> ModuleSpec:
-    """megatron-core's GPT layer spec for `backend`, with SpavaCoreAttention swapped in.
+def get_gpt_layer_spec(backend: str = "local", algo: Optional[str] = None, **kwargs) -> ModuleSpec:
+    """megatron-core's GPT layer spec for `backend`, with SpavaCoreAttention swapped in
+    (or, when the registry entry of `algo` names its own core-attention module, that one).
 
     kwargs go to `get_gpt_layer_local_spec` / `get_gpt_layer_with_transformer_engine_spec`
     (e.g. normalization="RMSNorm", qk_layernorm=True). Raises ImportError naming
@@ -50,5 +53,6 @@ def get_gpt_layer_spec(backend: str = "local", **kwargs) -> ModuleSpec:
     attention = spec.submodules.self_attention
     if not hasattr(attention.submodules, "core_attention"):
         raise ValueError("this layer spec has no core_attention to replace (MLA is not supported)")
-    attention.submodules.core_attention = SpavaCoreAttention
+    own = get_algorithm(algo).core_attention if algo is not None else None
+    attention.submodules.core_attention = own or SpavaCoreAttention
     return spec

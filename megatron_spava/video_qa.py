@@ -24,6 +24,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from .algos import config_for
 from .arguments import add_spava_args, spava_config_from_args
 from .launch import init_distributed, relaunch, under_torchrun
 
@@ -56,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     vid.add_argument("--fps", type=float, default=2.0,
                      help="frames sampled per second of video (default: %(default)s)")
     vid.add_argument("--max-frames", type=int, default=768, help="(default: %(default)s)")
-    vid.add_argument("--question", default=DEFAULT_QUESTION, help="(default: %(default)r)")
+    vid.add_argument("--question", action="append", dest="questions", metavar="QUESTION",
+                     help=f"the question (default: {DEFAULT_QUESTION!r}). Give it several times to "
+                          f"ask several questions about one video: the video context is prefilled "
+                          f"once and each question answered over the cached context (the "
+                          f"two-pass prefill of --spava-no-fuse-query), with a report per question")
     run = p.add_argument_group("parallelism and decoding")
     run.add_argument("--tensor-model-parallel-size", type=int, default=1)
     run.add_argument("--context-parallel-size", type=int, default=2)
@@ -153,6 +158,8 @@ def run(args) -> dict:
     from .video import load_video
     from .video.prompt import VideoPrompter
 
+    if len(args.questions) > 1:
+        return run_questions(args)
     rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     checkpoint = resolve_paths(args)
@@ -199,6 +206,82 @@ def run(args) -> dict:
     return result
 
 
+def _answer_questions(args, checkpoint, inputs, queries, algo: str, tp: int, cp: int, device, config):
+    from .models.qwen2_5_vl.generate import answer_questions
+
+    model, ps = _build_model(args, checkpoint, tp, cp, device)
+    if args.shard_weights:
+        model.shard_weights(ps.get_context_parallel_group())
+    kwargs = dict(algo=algo, config=config, cp_group=ps.get_context_parallel_group(),
+                  rope_convention=args.rope_convention, device=device)
+    answer_questions(model, inputs, queries[:1], max_new_tokens=2, **kwargs)  # warm-up
+    outs = answer_questions(model, inputs, queries, max_new_tokens=args.max_new_tokens, **kwargs)
+    del model
+    return outs
+
+
+def run_questions(args) -> dict:
+    """Several --question about one video: one context prefill, every question answered over
+    the cached context; a row per question and algorithm."""
+    from dataclasses import replace
+
+    from .models.qwen2_5_vl.generate import split_prompt
+    from .video import load_video
+    from .video.prompt import VideoPrompter
+
+    rank = dist.get_rank()
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    checkpoint = resolve_paths(args)
+    clip = load_video(args.frames_dir or args.video, fps=args.fps, max_frames=args.max_frames,
+                      frames_fps=args.frames_fps)
+    prompter = VideoPrompter(checkpoint)
+    prompts = [prompter(clip, question) for question in args.questions]
+    vision_end = prompter.tokenizer.convert_tokens_to_ids("<|vision_end|>")
+    splits = [split_prompt(p.input_ids, vision_end) for p in prompts]
+    context = splits[0][0]
+    if any(not torch.equal(c, context) for c, _ in splits):
+        raise ValueError("the questions' prompts do not share the tokens before the question")
+    inputs, queries = replace(prompts[0], input_ids=context), [q for _, q in splits]
+    config = spava_config_from_args(args)
+    tp, cp, algo = args.tensor_model_parallel_size, args.context_parallel_size, args.context_parallel_algo
+    runs = {algo: _answer_questions(args, checkpoint, inputs, queries, algo, tp, cp, device, config)}
+    if args.compare == "full" and algo != "full":
+        runs["full"] = _answer_questions(args, checkpoint, inputs, queries, "full", tp, 1, device, config)
+    result = dict(checkpoint=checkpoint, video=clip.source, frames=len(clip.frames),
+                  context_tokens=int(context.shape[1]), questions=list(args.questions), runs={})
+    for name, outs in runs.items():
+        result["runs"][name] = [dict(
+            tp=tp, cp=cp if name != "full" else 1, tokens=out.tokens, query_tokens=int(q.shape[1]),
+            answer=prompter.tokenizer.decode(out.tokens, skip_special_tokens=True),
+            ttft_s=out.ttft_s, **out.timings,
+            decode_tokens_per_s=(len(out.tokens) - 1) / out.decode_s if len(out.tokens) > 1 and out.decode_s > 0 else None)
+            for out, q in zip(outs, queries)]
+    if "full" in runs and len(runs) > 1:
+        for row, out, ref in zip(result["runs"][algo], runs[algo], runs["full"]):
+            diff = (out.first_logits - ref.first_logits).abs()
+            row["first_logits_max_abs_diff_vs_full"] = float(diff.max())
+            row["first_logits_rel_err_vs_full"] = float(diff.norm() / ref.first_logits.norm())
+            row["same_answer_as_full"] = out.tokens == ref.tokens
+    if rank == 0 and args.save_logits:
+        torch.save({name: [o.first_logits for o in outs] for name, outs in runs.items()}, args.save_logits)
+    if rank == 0:
+        print(f"\nVideo QA, {len(queries)} questions over one cached context: {result['video']} "
+              f"({result['frames']} frames, {result['context_tokens']} context tokens)")
+        print("ttft ms: the first question pays vision + context prefill; later ones the query pass only")
+        for i, question in enumerate(args.questions):
+            print(f"question {i + 1}: {question!r}")
+            for name, rows in result["runs"].items():
+                r = rows[i]
+                vs = (f"  logits vs full: rel err {r['first_logits_rel_err_vs_full']:.2e}, same answer "
+                      f"{r['same_answer_as_full']}" if "first_logits_rel_err_vs_full" in r else "")
+                print(f"  {name:<8} {r['tp']}x{r['cp']} ttft {1e3 * r['ttft_s']:8.1f} ms  answer "
+                      f"{r['answer']!r} tokens {r['tokens']}{vs}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+    return result
+
+
 def print_report(result: dict, args) -> None:
     print()
     print(f"Video QA: {result['video']} ({result['frames']} frames at {result['sampled_fps']:.2f} fps, "
@@ -225,6 +308,8 @@ def print_report(result: dict, args) -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.questions = args.questions or [DEFAULT_QUESTION]
+    args.question = args.questions[0]
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
     world = int(os.environ.get("WORLD_SIZE", args.nproc or tp * cp))
     try:
@@ -235,7 +320,7 @@ def main(argv=None) -> int:
             raise ValueError("--max-new-tokens must be >= 1")
         if args.model_shape != "tiny" and not args.random_weights and not (args.hf_path or args.megatron_path):
             raise ValueError(f"--model-shape {args.model_shape} has no weights to load: add --random-weights")
-        spava_config_from_args(args)
+        config_for(args.context_parallel_algo, spava_config_from_args(args))  # presets may refuse
         checkpoint = resolve_paths(args)
         if not under_torchrun() or os.environ.get("RANK") == "0":
             create_defaults(args, checkpoint)

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .config import ceil_div
 from .distributed import all_gather, group_rank_world
 
 
@@ -46,7 +47,7 @@ class ShardedParameters:
                 raise ValueError(f"shard_parameters: module {i} mixes parameter dtypes {dtypes}; "
                                  f"cast the model to one dtype first")
             total = sum(p.numel() for p in params)
-            chunk = -(-total // self.world)
+            chunk = ceil_div(total, self.world)
             flat = params[0].new_zeros(chunk * self.world)
             layout, offset = [], 0
             for p in params:

@@ -90,5 +90,6 @@ def test_config_for_presets():
     assert (apb.zigzag, apb.overlap, apb.passing_scale) == (False, False, 2)
     with pytest.raises(ValueError, match="unknown context-parallel algorithm"):
         config_for("ulysses")
-    assert set(ALGOS) == {"full", "ring", "star", "apb", "spava"}
+    # ALGOS is the registry's names; "megatron" joins where Transformer Engine imports
+    assert set(ALGOS) - {"megatron"} == {"full", "ring", "star", "apb", "spava"}
     assert isinstance(plan_layout("full", context_len=10, query_len=1, cp_size=1), FullLayout)

@@ -100,3 +100,59 @@ def test_check_ranks_agree_raises_everywhere_for_a_one_rank_error():
     messages = run_ranks(_one_rank_bad, 3, True, timeout=30)
     assert all(m is not None and "(rank 1)" in m and "query heads (3)" in m for m in messages)
     assert len(set(messages)) == 1
+
+
+def _decode_without_begin_token(case):
+    """A decode step whose cache bookkeeping is missing raises on every rank, before the
+    gather of partials (so nothing hangs)."""
+    from megatron_spava.inference import DistributedKVCache
+    from megatron_spava.inference.decode import decode_attn_func
+    rank, world = dist.get_rank(), dist.get_world_size()
+    layout = SpavaLayout.plan(context_len=100, query_len=3, cp_size=world, config=SpavaConfig(**FREE))
+    q, k, v = _qkv(layout, rank)
+    cache = DistributedKVCache(layout, rank, world, max_new_tokens=2)
+    cache.store_prefill(1, k, v)
+    one = (q[-1:], k[-1:], v[-1:])
+    try:
+        if case == "never_begun":
+            decode_attn_func(*one, cache=cache, layer=1, cp_group=dist.group.WORLD)
+        elif case == "second_step_not_begun":
+            cache.begin_token()
+            decode_attn_func(*one, cache=cache, layer=1, cp_group=dist.group.WORLD)
+            decode_attn_func(*one, cache=cache, layer=1, cp_group=dist.group.WORLD)
+        elif case == "full":
+            for _ in range(2 * world + 1):
+                cache.begin_token()
+    except RuntimeError as err:
+        dist.barrier()
+        return str(err)
+    return None
+
+
+@pytest.mark.parametrize("case,match", [("never_begun", "without cache.begin_token()"),
+                                        ("second_step_not_begun", "already appended in step 1"),
+                                        ("full", "KV cache full")])
+def test_decode_without_its_bookkeeping_raises_on_every_rank(case, match):
+    messages = run_ranks(_decode_without_begin_token, 2, case, timeout=30)
+    assert all(m is not None and __import__("re").search(match, m) for m in messages), messages
+    assert messages[0] == messages[1]
+
+
+def test_cache_snapshot_restore_and_step_sizes():
+    from megatron_spava.inference import DistributedKVCache
+    layout = SpavaLayout.plan(context_len=100, query_len=0, cp_size=1, config=SpavaConfig(**FREE))
+    cache = DistributedKVCache(layout, 0, 1, max_new_tokens=8)
+    k = torch.randn(100, 1, 2, 8)
+    cache.store_prefill(1, k, k)
+    state = cache.snapshot()
+    cache.begin_tokens(3)
+    with pytest.raises(RuntimeError, match="booked 3 token"):
+        cache.append(1, k[:2], k[:2])
+    cache.append(1, k[:3], k[:3])
+    assert cache.kv(1)[0].shape[0] == 103 and cache.lengths == [103]
+    cache.restore(state)
+    assert cache.kv(1)[0].shape[0] == 100 and cache.lengths == [100]
+    with pytest.raises(RuntimeError, match="without cache.begin_token"):
+        cache.append(1, k[:1], k[:1])  # restore ends the step: begin a new one first
+    with pytest.raises(ValueError, match="integer >= 1"):
+        cache.begin_tokens(0)

@@ -73,3 +73,32 @@ def test_video_qa_reports_bad_input_before_launching(tmp_path):
                           "--hf-path", str(tmp_path / "missing")], cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "checkpoint directory not found" in out.stderr
+
+
+def test_video_qa_several_questions_over_one_cached_context(tmp_path):
+    """--question twice: one video prefill, both questions answered over the cached context,
+    a row per question (the second pays only its query pass), compared with exact attention."""
+    out = _run([sys.executable, "-m", "megatron_spava.video_qa", "--work-dir", str(tmp_path),
+                "--max-new-tokens", "2", "--max-frames", "16", "--question", "What is shown?",
+                "--question", "What colour is it?", "--json", str(tmp_path / "r.json")], timeout=600)
+    import json
+    result = json.load(open(tmp_path / "r.json"))
+    assert result["questions"] == ["What is shown?", "What colour is it?"]
+    spava, full = result["runs"]["spava"], result["runs"]["full"]
+    assert len(spava) == len(full) == 2 and spava[0]["cp"] == 2 and full[0]["cp"] == 1
+    assert spava[0]["context_s"] > 0 and spava[1]["context_s"] == 0 == spava[1]["vision_s"]
+    assert all(len(r["tokens"]) == 2 and 0 <= r["first_logits_rel_err_vs_full"] < 0.5 for r in spava)
+    assert "question 2: 'What colour is it?'" in out, out
+
+
+def test_bench_prefill_runs_ablation_variants_by_name(tmp_path):
+    """tools/bench_prefill.py on 2 CPU ranks, tiny shape: variants named by the registry
+    (two-pass prefill, vision without frame parallelism) run and are reported."""
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+          "tools/bench_prefill.py", "--shape", "tiny", "--device", "cpu", "--tokens", "1200",
+          "--repeats", "1", "--warmup", "0", "--algos", "spava", "spava-no-fuse-query",
+          "spava-no-overlap-no-frame-parallel", "full", "--json", str(tmp_path / "b.json")])
+    import json
+    runs = json.load(open(tmp_path / "b.json"))["runs"]["1200"]
+    assert set(runs) == {"spava", "spava-no-fuse-query", "spava-no-overlap-no-frame-parallel", "full"}
+    assert all(r["ttft_median_s"] > 0 and "speedup_vs_full" in r for r in runs.values())

@@ -110,7 +110,13 @@ def test_plan_is_pure_and_equal_across_calls():
     (dict(context_len=5, query_len=1, cp_size=2, config=SpavaConfig(anchor_len=0, **FREE)),
      "last block empty"),
     (dict(context_len=100, query_len=9000, cp_size=2), "max_query_len"),
-    (dict(context_len=100, query_len=0, cp_size=2), "query_len must be an integer >= 1"),
+    # query_len=0 is a context-only pass (fuse_query=False); negative is still refused
+    (dict(context_len=100, query_len=-1, cp_size=2), "query_len must be an integer >= 0"),
+    (dict(context_len=100, query_len=True, cp_size=2), "query_len must be an integer >= 0"),
+    (dict(context_len=100, query_len=0, cp_size=2, config=SpavaConfig(anchor_len=0, passing_len=8, **FREE)),
+     "anchor_len=0 leaves none"),  # a context-only pass needs anchor tokens to probe with
+    (dict(context_len=300, query_len=4, cp_size=2, config=SpavaConfig(fuse_query=False)),
+     "plan it with query_len=0"),  # the query is not part of an unfused prefill
     (dict(context_len=100, query_len=1, cp_size=0), "cp_size must be an integer >= 1"),
     (dict(context_len=100, query_len=1, cp_size=2, config=SpavaConfig(anchor_len=200, **FREE)),
      "longer than the context"),

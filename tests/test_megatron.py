@@ -36,9 +36,37 @@ def _gpt_rank(tp, cp, algo, n, lq, cfg, num_layers):
         with torch.no_grad():
             logits = model(tokens, torch.arange(n + lq).expand(BATCH, -1), None)
         return torch.arange(n + lq), logits, (0, 0)
-    layout = plan_layout(algo, context_len=n, query_len=lq, cp_size=cp, config=SpavaConfig(**cfg))
-    logits, idx = cp_prefill(model, tokens, layout)
+    config = SpavaConfig(**cfg)
+    if not config.fuse_query:
+        idx, logits = _two_pass_prefill(model, tokens, algo, n, lq, cp, config)
+    else:
+        layout = plan_layout(algo, context_len=n, query_len=lq, cp_size=cp, config=config)
+        logits, idx = cp_prefill(model, tokens, layout)
     return idx, logits, (ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank())
+
+
+def _two_pass_prefill(model, tokens, algo, n, lq, cp, config):
+    """fuse_query=False: the context alone into the distributed KV cache, then the query
+    (replicated on every rank) over the cache. Returns (global indices, logits)."""
+    from megatron.core import parallel_state as ps
+    from megatron_spava.algos import plan_layout
+    from megatron_spava.batch import get_batch_on_this_cp_rank
+    from megatron_spava.context import cp_request
+    from megatron_spava.inference import DistributedKVCache
+    rank = ps.get_context_parallel_rank()
+    layout = plan_layout(algo, context_len=n, query_len=0, cp_size=cp, config=config)
+    cache = DistributedKVCache(layout, rank, cp, max_new_tokens=lq)
+    positions = torch.arange(n + lq).expand_as(tokens)
+    local = get_batch_on_this_cp_rank({"tokens": tokens[:, :n], "position_ids": positions[:, :n]},
+                                      layout, rank)
+    with torch.no_grad():
+        with cp_request(layout, positions=local["rope_positions"], cache=cache):
+            context = model(local["tokens"], local["position_ids"], None)
+        cache.begin_tokens(lq)
+        with cp_request(layout, positions=torch.arange(n, n + lq), cache=cache, decode=True):
+            query = model(tokens[:, n:], positions[:, n:], None)
+    idx = torch.cat([layout.local_indices(rank), torch.arange(n, n + lq)])
+    return idx, torch.cat([context, query], dim=1)
 
 
 def _reference(n=N, lq=LQ, num_layers=2):
@@ -64,6 +92,20 @@ def reference():
 def test_spava_full_budget_matches_stock_megatron(reference, tp, cp):
     for idx, logits in _run(tp, cp, "spava", **FULL_BUDGET):
         torch.testing.assert_close(logits, reference[:, idx], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tp,cp,switches", [(1, 2, ("overlap", "shard_anchor")), (1, 2, ("zigzag",)),
+                                             (1, 3, ("fuse_query",)), (2, 2, ("fuse_query",))])
+def test_ablation_switches_at_full_budget_match_stock_megatron(reference, tp, cp, switches):
+    """The attention ablations off keep the exactness invariant on the whole model (one at
+    a time at the attention level: test_spava.py; frame_parallel is the vision encoder's:
+    test_qwen2_5_vl.py). Without fuse_query the query runs in a second pass over the
+    distributed KV cache."""
+    covered = []
+    for idx, logits in _run(tp, cp, "spava", **FULL_BUDGET, **{s: False for s in switches}):
+        torch.testing.assert_close(logits, reference[:, idx], rtol=1e-5, atol=1e-5)
+        covered.append(idx)
+    assert set(torch.cat(covered).tolist()) == set(range(N + LQ))
 
 
 @pytest.mark.parametrize("tp,cp", [(1, 2), (1, 3), (1, 4), (2, 2)])

@@ -100,7 +100,7 @@ def test_layer_spec_hook():
 def no_request_after():
     from megatron_spava import context
     yield
-    context._ACTIVE.set(None)  # the hook activates a request for "the next forward"
+    context.deactivate()  # the hook activates a request for "the next forward"
 
 
 def test_get_batch_hook_shards_and_activates_the_request(no_request_after):
@@ -124,3 +124,49 @@ def test_get_batch_hook_shards_and_activates_the_request(no_request_after):
         assert local["attention_mask"] is None
         owned.index_add_(0, idx, local["loss_mask"][0])
     assert torch.equal(owned, torch.ones(S))  # every token's loss counted exactly once
+
+
+def test_options_validated_once_per_run_and_layout_planned_once_per_length(no_request_after):
+    """Per batch the hook only looks up the cached layout: validation runs once per run,
+    planning once per sequence length, however many batches."""
+    from unittest import mock
+    from megatron_spava import megatron_lm
+    from megatron_spava.context import current_request
+    megatron_lm._layout.cache_clear()
+    args = _megatron_lm_args(spava_budget_align=1, spava_anchor_len=12)
+    batches = [{"tokens": torch.arange(S).expand(2, -1), "position_ids": torch.arange(S).expand(2, -1)}
+               for S in (300, 300, 300, 256, 256)]
+    with mock.patch.object(megatron_lm, "validate_spava_args", wraps=megatron_lm.validate_spava_args) as v, \
+            mock.patch.object(megatron_lm, "plan_layout", wraps=megatron_lm.plan_layout) as p, \
+            mock.patch("megatron.core.parallel_state.get_context_parallel_rank", return_value=1):
+        megatron_lm.layer_spec(args, use_te=False)
+        layouts = []
+        for batch in batches:
+            megatron_lm.get_batch_on_this_cp_rank_from_args(batch, args)
+            layouts.append(current_request().layout)  # each batch replaces the last request
+    assert v.call_count == 1 and p.call_count == 2
+    assert layouts[0] is layouts[2] and layouts[3].total_len == 256
+
+
+def test_request_lifecycle():
+    from megatron_spava.context import activate, cp_request, current_request, deactivate
+    assert current_request() is None
+    first = activate("layout-1")
+    assert current_request() is first
+    second = activate("layout-2")  # replaces, never stacks
+    assert current_request() is second
+    with cp_request("scoped") as scoped:
+        assert current_request() is scoped  # a with block shadows the activated request
+    assert current_request() is second
+    deactivate()
+    assert current_request() is None
+    with pytest.raises(RuntimeError, match="boom"), cp_request("scoped"):
+        raise RuntimeError("boom")
+    assert current_request() is None  # reset on exceptions too
+
+
+def test_unfused_prefill_is_refused_by_the_single_pass_hook():
+    from megatron_spava import megatron_lm
+    args = _megatron_lm_args(spava_no_fuse_query=True, seq_length=4096)
+    with pytest.raises(ValueError, match="fuse_query=False.*forward_step"):
+        megatron_lm.layer_spec(args, use_te=False)

@@ -136,6 +136,8 @@ def _megatron_rank(tp, cp, algo, cfg_kwargs, what, shard=False):
     if what == "vision":
         with torch.no_grad():
             return encode_video_frame_parallel(model.visual, pixels, grid, group)
+    if what == "questions":
+        return _questions(model, (ids, pixels, grid, seconds), algo, SpavaConfig(**cfg_kwargs), group)
     if shard:
         sharded = model.shard_weights(group)
         layer = model.language_model.decoder.layers[0]
@@ -201,6 +203,68 @@ def test_weights_sharded_over_cp_still_match_hf(hf_reference, tp, cp, algo):
     for tokens, first in results:
         assert tokens == ref_tokens
         torch.testing.assert_close(first, ref_first, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("algo,switch", [("spava", "fuse_query"), ("ring", "fuse_query"),
+                                         ("spava", "frame_parallel")])
+def test_ablation_switches_at_full_budget_match_hf(hf_reference, algo, switch):
+    """Without fuse_query (the context prefilled alone, the query over the KV cache) or
+    without frame-parallel vision (every rank encodes the whole video), the full-budget
+    answer is still HF's: prefill logits and greedy decode."""
+    _, ref_tokens, ref_first = hf_reference
+    results = run_ranks(_megatron_rank, 2, 1, 2, algo, {**FULL_BUDGET, switch: False}, "generate",
+                        timeout=180)
+    for tokens, first in results:
+        assert tokens == ref_tokens
+        torch.testing.assert_close(first, ref_first, rtol=1e-4, atol=1e-4)
+
+
+def _queries():
+    """Three queries (text after <|vision_end|>) of different lengths; the first is _prompt's."""
+    g = torch.Generator().manual_seed(7)
+    return [_prompt()[0][:, -7:], torch.randint(0, 240, (1, 4), generator=g),
+            torch.randint(0, 240, (1, 10), generator=g)]
+
+
+def _questions(model, prompt, algo, config, group):
+    """One context, three queries: answered over one cached context, each also by a fresh
+    two-pass generate and by the fused (query-aware) generate of its whole prompt."""
+    from dataclasses import replace
+    from megatron_spava.models.qwen2_5_vl.generate import VideoQAInputs, answer_questions, generate
+    ids, pixels, grid, seconds = prompt
+    context = VideoQAInputs(ids[:, :-7], pixels, grid, seconds)
+    kwargs = dict(algo=algo, cp_group=group, max_new_tokens=4, eos_token_ids=[])
+    cached = answer_questions(model, context, _queries(), config=config, **kwargs)
+    runs = {"cached": cached, "fresh": [], "fused": []}
+    for q in _queries():
+        whole = replace(context, input_ids=torch.cat([context.input_ids, q], dim=1))
+        runs["fresh"].append(generate(model, whole, config=config.replace(fuse_query=False), **kwargs))
+        runs["fused"].append(generate(model, whole, config=config.replace(fuse_query=True), **kwargs))
+    return {k: [(o.tokens, o.first_logits) for o in v] for k, v in runs.items()}
+
+
+def test_several_questions_over_one_cached_context(hf_reference):
+    """answer_questions prefills the video context once and answers each query over the
+    cache, rolled back between queries. Each answer equals a fresh two-pass prefill of its
+    own prompt (prefill logits and decoded tokens). At approximate budgets it differs from
+    the fused, query-aware prefill: relative difference of the first-token logits 0.016,
+    0.018, 0.021 for the three queries on this random tiny model; for the first query,
+    fused vs exact (HF) 0.015 and two-pass vs exact 0.014 (recorded in docs/NOTES.md)."""
+    budgets = dict(budget_align=1, anchor_len=8, passing_len=16, context_probe_len=8)
+    results = run_ranks(_megatron_rank, 2, 1, 2, "spava", budgets, "questions", timeout=180)
+    for runs in results:
+        for (tokens, first), (fresh_tokens, fresh_first) in zip(runs["cached"], runs["fresh"]):
+            assert tokens == fresh_tokens and torch.equal(first, fresh_first)
+    runs = results[0]
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(runs["cached"], results[1]["cached"]))
+    firsts = [first for _, first in runs["cached"]]
+    assert not torch.equal(firsts[0], firsts[1])  # different questions, different answers
+    rel = [float((c[1] - f[1]).norm() / f[1].norm()) for c, f in zip(runs["cached"], runs["fused"])]
+    exact = hf_reference[2]
+    to_exact = {k: float((runs[k][0][1] - exact).norm() / exact.norm()) for k in ("cached", "fused")}
+    print(f"\nfirst-token logits, cached two-pass vs fused query-aware (relative): "
+          + ", ".join(f"{r:.3g}" for r in rel) + f"; first query vs exact (HF): {to_exact}")
+    assert all(0 < r < 0.5 for r in rel) and all(0 < r < 0.5 for r in to_exact.values()), (rel, to_exact)
 
 
 def test_star_generates_with_exact_query_rows_given_inputs(hf_reference):

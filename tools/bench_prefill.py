@@ -8,13 +8,18 @@ For each LLM length n it synthesises a 448x448 video of n/256 temporal groups (r
 patches, i.e. the vision encoder's real input size) inside a chat prompt, builds the model
 with random bf16 weights at the released shape (real layer counts, widths and heads), and
 times `generate(max_new_tokens=1)`: frame-parallel vision + prefill until the first token
-is known on every rank. Algorithms (--algos):
+is known on every rank. Algorithms (--algos) are the registry's
+(megatron_spava.algos: full, ring, star, apb, spava, ...) and variants that turn SpavaConfig
+switches off, `<algo>-no-<switch>[-no-<switch>...]`:
   full                       one GPU, exact (every rank runs its own replica)
   ring                       exact ZigZag ring attention over W GPUs
   star, apb, spava           SPAVA.md section 5
-  spava-no-overlap, spava-no-zigzag, spava-no-shard-anchor
-                             one ablation switch each
-  spava-no-frame-parallel    every rank encodes the whole video
+  spava-no-overlap, spava-no-shard-anchor, spava-no-fuse-query, spava-no-zigzag,
+  spava-no-frame-parallel    one step of the paper's ablation chain each (the default list)
+  --chain                    adds the chain itself, each step removing one more switch:
+                             spava-no-overlap, spava-no-overlap-no-shard-anchor, ...
+spava-no-fuse-query prefills the context alone and runs the query over the KV cache (two
+passes); spava-no-frame-parallel has every rank encode the whole video.
 The CP algorithms run with the LLM layers' weights sharded over the W GPUs (--shard-weights,
 default; `full` runs on one GPU with every weight).
 Reported per (n, algo): median TTFT over --repeats after --warmup runs (the slowest rank's
@@ -40,8 +45,6 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-ALGOS = ["full", "ring", "star", "apb", "spava", "spava-no-overlap", "spava-no-zigzag",
-         "spava-no-shard-anchor", "spava-no-frame-parallel"]
 TOKENS_PER_GROUP = 256  # 448x448 frames: 32x32 patches -> 16x16 merged tokens per 2 frames
 
 
@@ -53,8 +56,10 @@ def parse_args(argv=None):
                    help="cpu: gloo ranks, for checking the tool itself (default: %(default)s)")
     p.add_argument("--tokens", type=int, nargs="+", default=[32768, 65536, 131072],
                    help="LLM prompt lengths n (default: %(default)s)")
-    p.add_argument("--algos", nargs="+", default=ALGOS, choices=ALGOS, metavar="ALGO",
-                   help=f"from {ALGOS}")
+    p.add_argument("--algos", nargs="+", type=_variant, default=None, metavar="ALGO",
+                   help="algorithms and variants (default: %s)" % " ".join(_default_algos()))
+    p.add_argument("--chain", action="store_true",
+                   help="also run the paper's ablation chain (%s)" % ", ".join(_chain()))
     p.add_argument("--repeats", type=int, default=3, help="timed runs (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: %(default)s)")
     p.add_argument("--full-max-tokens", type=int, default=1 << 30,
@@ -77,11 +82,34 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def spava_config(algo: str):
-    from megatron_spava import SpavaConfig
-    switch = {"spava-no-overlap": dict(overlap=False), "spava-no-zigzag": dict(zigzag=False),
-              "spava-no-shard-anchor": dict(shard_anchor=False)}.get(algo, {})
-    return SpavaConfig(**switch)
+def _default_algos():
+    from megatron_spava.algos import benchmark_variants
+    return benchmark_variants()
+
+
+def _chain():
+    from megatron_spava.algos import ablation_chain
+    return ablation_chain()
+
+
+def _variant(name: str) -> str:
+    """argparse type: a registered algorithm or one of its -no-<switch> variants."""
+    from megatron_spava.algos import get, parse_variant
+    try:
+        algo, _ = parse_variant(name)
+        if get(algo).attn_func is None:
+            raise ValueError(f"{algo!r} runs in its own core-attention module; this tool builds "
+                             f"one model with SpavaCoreAttention for every algorithm")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err))
+    return name
+
+
+def algo_and_config(variant: str):
+    """(registry algorithm, SpavaConfig) of a variant name: 'spava-no-zigzag' -> spava with
+    zigzag=False."""
+    from megatron_spava.algos import variant_config
+    return variant_config(variant)
 
 
 def build(shape: str, cp: int, seed: int, device: torch.device, tp: int = 1):
@@ -153,11 +181,10 @@ def run_algo(model, ps, inputs, algo: str, args):
     from megatron_spava import profiling
     from megatron_spava.models.qwen2_5_vl.generate import generate
     group = ps.get_context_parallel_group()
-    kwargs = dict(algo="spava" if algo.startswith("spava") else algo, config=spava_config(algo),
-                  cp_group=group, max_new_tokens=1, eos_token_ids=[], device=args.device_obj)
+    name, config = algo_and_config(algo)
+    kwargs = dict(algo=name, config=config, cp_group=group, max_new_tokens=1, eos_token_ids=[],
+                  device=args.device_obj)
     cuda = args.device_obj.type == "cuda"
-    if algo == "spava-no-frame-parallel":
-        kwargs["vision_group"] = None
     for _ in range(args.warmup):
         generate(model, inputs, **kwargs)
     if cuda:
@@ -229,6 +256,7 @@ def replot(args) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
+    args.algos = list(dict.fromkeys((args.algos or _default_algos()) + (_chain() if args.chain else [])))
     if args.replot:
         return replot(args)
     from megatron_spava.launch import init_distributed
@@ -242,15 +270,16 @@ def main(argv=None):
     if tp < 1 or world % tp:
         raise ValueError(f"--tensor-model-parallel-size {tp} must divide the {world} ranks")
     cp = world // tp
-    check_launch(tp=tp, cp=cp, algos=[("spava" if a.startswith("spava") else a, spava_config(a))
-                                        for a in args.algos],
+    variants = [algo_and_config(a) for a in args.algos]
+    check_launch(tp=tp, cp=cp, algos=[v for v in variants if v[0] != "full"],
                  requests=[Request(c, q, g) for g, c, q in map(prompt_lengths, args.tokens)],
-                 frame_parallel=any(a not in ("full", "spava-no-frame-parallel") for a in args.algos),
+                 frame_parallel=any(c.frame_parallel for a, c in variants if a != "full"),
                  model_config=Qwen25VLConfig.from_hf(
                      tiny_hf_config() if args.shape == "tiny" else shaped_hf_config(args.shape)))
     results = dict(shape=args.shape, world=world, tp=tp, cp=cp, device=name,
                    torch=torch.__version__, date=time.strftime("%Y-%m-%d"), runs={})
-    cp_algos = [a for a in args.algos if a != "full"]
+    one_gpu = [a for a in args.algos if algo_and_config(a)[0] == "full"]  # no CP: one replica each
+    cp_algos = [a for a in args.algos if a not in one_gpu]
     for n in args.tokens:
         results["runs"][str(n)] = {}
     results["shard_weights"] = args.shard_weights
@@ -267,14 +296,15 @@ def main(argv=None):
         del model
         if args.device_obj.type == "cuda":
             torch.cuda.empty_cache()
-    if "full" in args.algos:
+    if one_gpu:
         model, ps = build(args.shape, 1, args.seed, args.device_obj, tp)
         for n in args.tokens:
             if n > args.full_max_tokens:
                 continue
             inputs = synthetic_inputs(model.cfg, n, args.seed)
-            results["runs"][str(n)]["full"] = run_algo(model, ps, inputs, "full", args)
-            _report(rank, n, "full", results["runs"][str(n)]["full"])
+            for algo in one_gpu:
+                results["runs"][str(n)][algo] = run_algo(model, ps, inputs, algo, args)
+                _report(rank, n, algo, results["runs"][str(n)][algo])
             _save(rank, args, results)
     _speedups(results)
     _save(rank, args, results)
@@ -309,11 +339,12 @@ def _save(rank, args, results):
 
 def _table(results):
     print(f"\n{results['shape']}-shaped, {results['world']} x {results['device']}: TTFT median (s) and speedups")
-    print(f"{'n':>8} {'algo':<24} {'TTFT':>8} {'vision':>8} {'vs full':>8} {'vs ring':>8} {'vs apb':>8} {'mem GiB':>8}")
+    w = max([24] + [len(a) for runs in results["runs"].values() for a in runs])
+    print(f"{'n':>8} {'algo':<{w}} {'TTFT':>8} {'vision':>8} {'vs full':>8} {'vs ring':>8} {'vs apb':>8} {'mem GiB':>8}")
     for n, runs in results["runs"].items():
         for algo, r in runs.items():
             fmt = lambda k: f"{r[k]:8.2f}" if k in r else f"{'-':>8}"  # noqa: E731
-            print(f"{n:>8} {algo:<24} {r['ttft_median_s']:8.3f} {r['vision_median_s']:8.3f} "
+            print(f"{n:>8} {algo:<{w}} {r['ttft_median_s']:8.3f} {r['vision_median_s']:8.3f} "
                   f"{fmt('speedup_vs_full')} {fmt('speedup_vs_ring')} {fmt('speedup_vs_apb')} "
                   f"{r['peak_memory_gib']:8.1f}")
 

@@ -9,7 +9,7 @@ fully when j < i, causally when j == i, not at all when j > i; partials merge by
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -18,39 +18,27 @@ import torch.distributed as dist
 from ..config import SpavaConfig
 from ..distributed import check_inputs
 from ..ops.attention import attend, merge_partials
+from .base import Layout, check_lengths, split_len, zigzag_pair
 
 
 @dataclass(frozen=True)
-class RingLayout:
+class RingLayout(Layout):
     """ZigZag layout of the whole prompt. context_len: n; query_len: l_q; cp_size: W;
     chunk_len: ceil((n + l_q) / 2W). config: only its `kernel` and `check_ranks_agree`
-    are used."""
+    are used. Every token is held by exactly one rank."""
 
-    context_len: int
-    query_len: int
-    cp_size: int
     chunk_len: int
-    config: SpavaConfig = field(default_factory=SpavaConfig)
+    default_algo = "ring"
 
     @classmethod
     def plan(cls, *, context_len: int, query_len: int, cp_size: int,
              config: Optional[SpavaConfig] = None) -> "RingLayout":
         """Plan the ring layout; raises ValueError when 2W chunks cannot all hold a token."""
-        for name, value in (("context_len", context_len), ("query_len", query_len),
-                            ("cp_size", cp_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ring layout: {name} must be an integer >= 1, got {value!r}")
-        total, chunks = context_len + query_len, 2 * cp_size
-        chunk = -(-total // chunks)
-        if total < chunks or (chunks - 1) * chunk >= total:
-            raise ValueError(
-                f"ring layout: {total} tokens cannot be cut into {chunks} non-empty chunks of "
-                f"ceil({total}/{chunks})={chunk} tokens; use a longer prompt or fewer ranks")
-        return cls(context_len, query_len, cp_size, chunk, config or SpavaConfig())
-
-    @property
-    def total_len(self) -> int:
-        return self.context_len + self.query_len
+        config = check_lengths("ring layout", context_len, query_len, cp_size, config)
+        chunk = split_len(context_len + query_len, 2 * cp_size, who="ring layout",
+                          subject="prompt", unit="chunk",
+                          hint="Use a longer prompt or fewer ranks")
+        return cls(context_len, query_len, cp_size, chunk, config=config)
 
     def chunk_range(self, c: int) -> Tuple[int, int]:
         """Global [start, end) of chunk c."""
@@ -58,9 +46,8 @@ class RingLayout:
         return start, min(start + self.chunk_len, self.total_len)
 
     def chunks_of(self, rank: int) -> Tuple[int, int]:
-        if not 0 <= rank < self.cp_size:
-            raise ValueError(f"rank {rank} out of range for cp_size={self.cp_size}")
-        return rank, 2 * self.cp_size - 1 - rank
+        self.check_rank(rank)
+        return zigzag_pair(rank, self.cp_size)
 
     def local_len(self, rank: int) -> int:
         return sum(hi - lo for lo, hi in map(self.chunk_range, self.chunks_of(rank)))
@@ -68,6 +55,9 @@ class RingLayout:
     def local_indices(self, rank: int) -> torch.Tensor:
         """LongTensor [local_len(rank)]: the global positions of chunks r and 2W-1-r."""
         return torch.cat([torch.arange(*self.chunk_range(c)) for c in self.chunks_of(rank)])
+
+    def owned_rows(self, rank: int) -> torch.Tensor:
+        return torch.ones(self.local_len(rank), dtype=torch.bool)  # nothing is replicated
 
 
 def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: RingLayout,

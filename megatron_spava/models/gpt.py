@@ -56,7 +56,7 @@ def build_gpt_model(config: TransformerConfig, *, vocab_size: int, max_sequence_
     if algo is None:
         spec = get_gpt_layer_local_spec(normalization=config.normalization)
     else:
-        spec = get_gpt_layer_spec(backend, normalization=config.normalization)
+        spec = get_gpt_layer_spec(backend, algo=algo, normalization=config.normalization)
     torch.manual_seed(seed)
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
                      max_sequence_length=max_sequence_length, position_embedding_type="rope",

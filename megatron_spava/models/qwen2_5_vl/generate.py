@@ -3,13 +3,17 @@ context-parallel prefill into a distributed KV cache, exact greedy decode.
 
     out = generate(model, inputs, algo="spava", cp_group=cp, max_new_tokens=16)
     out.tokens, out.ttft_s, out.decode_s, out.first_logits
+
+    context, query = split_prompt(inputs.input_ids, cfg.vision_end_token_id)
+    outs = answer_questions(model, replace(inputs, input_ids=context), [q1, q2], cp_group=cp)
+                                                  # one video prefill, several questions
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -66,28 +70,59 @@ def _pick_once(logits_row: Optional[Tensor], device: torch.device) -> int:
     return int(choice)
 
 
+def split_prompt(input_ids: Tensor, vision_end_token_id: int) -> Tuple[Tensor, Tensor]:
+    """(context [1, n], query [1, l_q]) of a prompt [1, S]: the query is what follows the
+    last <|vision_end|> (question + assistant prefix)."""
+    n = input_ids.shape[1] - query_length(input_ids, vision_end_token_id)
+    return input_ids[:, :n], input_ids[:, n:]
+
+
+def _rope(cfg, ids: Tensor, inputs: VideoQAInputs, convention: str):
+    """M-RoPE positions [3, 1, S] and deltas of the prompt `ids` [1, S]."""
+    return rope_index(
+        ids, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+        spatial_merge_size=cfg.vision.spatial_merge_size, tokens_per_second=cfg.vision.tokens_per_second,
+        video_grid_thw=inputs.video_grid_thw, second_per_grid_ts=inputs.second_per_grid_ts,
+        convention=convention)
+
+
+def _encode_video(model: Qwen25VLModel, inputs: VideoQAInputs, cp_group, config: SpavaConfig):
+    """Video embeddings on every rank: frame-parallel over the CP group, or (frame_parallel
+    off) the whole video on every rank."""
+    return encode_video_frame_parallel(model.visual, inputs.pixel_values_videos,
+                                       inputs.video_grid_thw,
+                                       cp_group if config.frame_parallel else None)
+
+
 @torch.no_grad()
 def generate(model: Qwen25VLModel, inputs: VideoQAInputs, *, algo: str = "spava",
              config: Optional[SpavaConfig] = None, cp_group: Optional[dist.ProcessGroup] = None,
              max_new_tokens: int = 16, query_len: Optional[int] = None,
              rope_convention: str = "qwen", eos_token_ids: Optional[Sequence[int]] = None,
-             device: Optional[torch.device] = None, vision_group="cp") -> GenerationOutput:
+             device: Optional[torch.device] = None) -> GenerationOutput:
     """Greedy answer to one video prompt; every rank of the model's TP x CP grid calls it
     with the same inputs. Stops at an EOS token or after max_new_tokens.
-    vision_group: the group that shares the vision encoding ("cp": frame parallelism over
-    the CP group; None: every rank encodes the whole video)."""
+
+    The query is the last `query_len` tokens (default: those after the last
+    <|vision_end|>). With config.fuse_query (default) context and query are prefilled in
+    one pass and the passing blocks are selected with the query; without it, the context
+    is prefilled alone and the query runs over the KV cache (`answer_questions`).
+    config.frame_parallel: the vision encoder runs on each rank's slice of the frames.
+    """
     cfg = model.cfg
-    device = device or next(model.parameters()).device
-    rank, world = group_rank_world(cp_group)
+    config = SpavaConfig() if config is None else config
     ids = inputs.input_ids.cpu()  # token bookkeeping on the host; only local rows go to the GPU
     S = ids.shape[1]
     lq = query_len if query_len is not None else query_length(ids, cfg.vision_end_token_id)
+    if not config.fuse_query:  # two passes: the context, then the query over the cache
+        return answer_questions(
+            model, replace(inputs, input_ids=ids[:, :S - lq]), [ids[:, S - lq:]], algo=algo,
+            config=config, cp_group=cp_group, max_new_tokens=max_new_tokens,
+            rope_convention=rope_convention, eos_token_ids=eos_token_ids, device=device)[0]
+    device = device or next(model.parameters()).device
+    rank, world = group_rank_world(cp_group)
     eos = set(eos_token_ids if eos_token_ids is not None else cfg.eos_token_ids)
-    positions, deltas = rope_index(
-        ids, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
-        spatial_merge_size=cfg.vision.spatial_merge_size, tokens_per_second=cfg.vision.tokens_per_second,
-        video_grid_thw=inputs.video_grid_thw, second_per_grid_ts=inputs.second_per_grid_ts,
-        convention=rope_convention)
+    positions, deltas = _rope(cfg, ids, inputs, rope_convention)
     layout = plan_layout(algo, context_len=S - lq, query_len=lq, cp_size=world, config=config)
     idx = layout.local_indices(rank)
     # The first token comes from the prefill itself: a cache is kept only for later ones.
@@ -95,9 +130,7 @@ def generate(model: Qwen25VLModel, inputs: VideoQAInputs, *, algo: str = "spava"
 
     sync(device)
     start = time.perf_counter()
-    embeds = encode_video_frame_parallel(model.visual, inputs.pixel_values_videos,
-                                         inputs.video_grid_thw,
-                                         cp_group if vision_group == "cp" else vision_group)
+    embeds = _encode_video(model, inputs, cp_group, layout.config)
     sync(device)
     vision_s = time.perf_counter() - start
     ordinals = video_ordinals(ids, cfg.video_token_id)
@@ -113,6 +146,96 @@ def generate(model: Qwen25VLModel, inputs: VideoQAInputs, *, algo: str = "spava"
     sync(device)
     ttft = time.perf_counter() - start
 
+    tokens, decode_s = _decode(model, layout, cache, token, positions, deltas, S, max_new_tokens,
+                               eos, device, rank)
+    return GenerationOutput(tokens=tokens, first_logits=first_logits, ttft_s=ttft,
+                            decode_s=decode_s, layout=layout,
+                            timings={"vision_s": vision_s, "prefill_llm_s": ttft - vision_s})
+
+
+@torch.no_grad()
+def answer_questions(model: Qwen25VLModel, inputs: VideoQAInputs, queries: Sequence[Tensor], *,
+                     algo: str = "spava", config: Optional[SpavaConfig] = None,
+                     cp_group: Optional[dist.ProcessGroup] = None, max_new_tokens: int = 16,
+                     rope_convention: str = "qwen", eos_token_ids: Optional[Sequence[int]] = None,
+                     device: Optional[torch.device] = None) -> List[GenerationOutput]:
+    """Prefill one video's context once and answer several queries over it.
+
+    inputs: the context alone: input_ids [1, n] (the prompt before the query: system
+      prompt, video, ...) and its video; `split_prompt` cuts a full prompt.
+    queries: token ids [1, l_q] (or [l_q]) per query, each appended to the context
+      (question + assistant prefix; no video tokens).
+    The context is prefilled alone (a layout with query_len=0: Spava's passing blocks are
+    selected with the anchor-tail probe, see SpavaConfig.fuse_query) into the distributed
+    KV cache. Each query then runs as a second pass over the cache (exact attention over
+    the cached keys), its answer is decoded greedily, and the cache is rolled back to the
+    context alone before the next query. Every rank of the TP x CP grid calls it with the
+    same inputs. Returns one GenerationOutput per query; its ttft_s and timings (vision_s,
+    context_s, query_s) count what that answer cost: vision and the context prefill for
+    the first query, the query pass alone for later ones (the context is cached).
+    """
+    cfg = model.cfg
+    device = device or next(model.parameters()).device
+    rank, world = group_rank_world(cp_group)
+    ctx = inputs.input_ids.cpu()
+    n = ctx.shape[1]
+    queries = [torch.as_tensor(q).reshape(1, -1).cpu() for q in queries]
+    if not queries or any(q.numel() == 0 for q in queries):
+        raise ValueError("answer_questions needs at least one query, each of at least one token")
+    if any(bool((q == cfg.video_token_id).any()) for q in queries):
+        raise ValueError("a query holds video tokens: the video belongs to the context (inputs)")
+    eos = set(eos_token_ids if eos_token_ids is not None else cfg.eos_token_ids)
+    layout = plan_layout(algo, context_len=n, query_len=0, cp_size=world, config=config)
+    idx = layout.local_indices(rank)
+    cache = DistributedKVCache(layout, rank, world,
+                               max_new_tokens=max(q.shape[1] for q in queries) + max_new_tokens)
+    # positions of each whole prompt; the context's are the same in all (they depend only on
+    # the tokens before them)
+    rope = [_rope(cfg, torch.cat([ctx, q], dim=1), inputs, rope_convention) for q in queries]
+
+    sync(device)
+    start = time.perf_counter()
+    embeds = _encode_video(model, inputs, cp_group, layout.config)
+    sync(device)
+    vision_s = time.perf_counter() - start
+    ordinals = video_ordinals(ctx, cfg.video_token_id)
+    x = model.decoder_input(ctx[:, idx].to(device), embeds, ordinals[:, idx].to(device))
+    del embeds
+    with cp_request(layout, cache=cache):  # fills the cache; its one logits row is unused
+        model(x, rope[0][0][:, :, idx].to(device), logits_rows=torch.tensor([0]))
+    sync(device)
+    context_s = time.perf_counter() - start - vision_s
+    context_only = cache.snapshot()
+
+    outputs = []
+    for i, (q, (positions, deltas)) in enumerate(zip(queries, rope)):
+        cache.restore(context_only)
+        start = time.perf_counter()
+        lq = q.shape[1]
+        cache.begin_tokens(lq)  # the query's K/V go to the least-loaded rank
+        with cp_request(layout, cache=cache, decode=True):
+            logits = model(model.decoder_input(q.to(device)), positions[:, :, n:].to(device),
+                           logits_rows=torch.tensor([lq - 1]))
+        last = logits[0, 0].float()  # every rank holds the query rows
+        token = _pick_once(last, device)
+        first_logits = _broadcast_from_holder(last, logits.shape[-1], True, device)
+        sync(device)
+        query_s = time.perf_counter() - start
+        tokens, decode_s = _decode(model, layout, cache, token, positions, deltas, n + lq,
+                                   max_new_tokens, eos, device, rank)
+        first = i == 0
+        timings = {"vision_s": vision_s if first else 0.0, "context_s": context_s if first else 0.0,
+                   "query_s": query_s}
+        timings["prefill_llm_s"] = timings["context_s"] + query_s
+        outputs.append(GenerationOutput(tokens=tokens, first_logits=first_logits,
+                                        ttft_s=sum(timings[k] for k in ("vision_s", "context_s", "query_s")),
+                                        decode_s=decode_s, layout=layout, timings=timings))
+    return outputs
+
+
+def _decode(model, layout, cache, token: int, positions, deltas, prompt_len: int,
+            max_new_tokens: int, eos, device, rank: int) -> Tuple[List[int], float]:
+    """Greedy decode from the first token over the distributed cache: (tokens, seconds)."""
     tokens: List[int] = []
     start = time.perf_counter()
     for step in range(max_new_tokens):
@@ -123,14 +246,12 @@ def generate(model: Qwen25VLModel, inputs: VideoQAInputs, *, algo: str = "spava"
             break
         cache.begin_token()
         x = model.decoder_input(torch.tensor([[token]], device=device))
-        pos = decode_positions(positions, deltas, step, S).to(device)
+        pos = decode_positions(positions, deltas, step, prompt_len).to(device)
         with cp_request(layout, cache=cache, decode=True):
             logits = model(x, pos)
         token = _pick_once(logits[0, -1].float() if rank == 0 else None, device)
     sync(device)
-    return GenerationOutput(tokens=tokens, first_logits=first_logits, ttft_s=ttft,
-                            decode_s=time.perf_counter() - start, layout=layout,
-                            timings={"vision_s": vision_s, "prefill_llm_s": ttft - vision_s})
+    return tokens, time.perf_counter() - start
 
 
 def _broadcast_from_holder(row: Optional[Tensor], vocab: int, holds: bool,

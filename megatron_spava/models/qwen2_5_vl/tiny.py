@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from ...config import round_up
+
 # Special token ids of the tiny vocabulary (256 ids: 0..239 ordinary, then specials).
 TINY_SPECIAL = {
     "<|endoftext|>": 240, "<|im_start|>": 241, "<|im_end|>": 242, "<|vision_start|>": 243,
@@ -165,7 +167,7 @@ def make_tiny_checkpoint(out_dir: str, *, seed: int = 0, text_layers: int = 2,
     config = (tiny_hf_config(text_layers=text_layers, vision_depth=vision_depth) if shape is None
               else shaped_hf_config(shape))
     if shape is None:
-        config["text_config"]["vocab_size"] = -(-len(tokenizer) // 64) * 64
+        config["text_config"]["vocab_size"] = round_up(len(tokenizer), 64)
     config["text_config"]["bos_token_id"] = ids["<|endoftext|>"]
     config["text_config"]["eos_token_id"] = ids["<|im_end|>"]
     config.update(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
