@@ -115,17 +115,18 @@ def check_normalization(config, expected: Optional[str]) -> None:
 
 # ---- the command line: --transformer-impl and --cp-comm-type -------------------------
 
-def add_transformer_impl_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add Megatron-LM's `--transformer-impl {local,transformer_engine}` and
-    `--cp-comm-type {p2p,a2a,all_gather,a2a+p2p}` (each only if the parser lacks it, as
-    Megatron-LM's own parser has both). Returns the parser."""
+def add_transformer_impl_arg(parser: argparse.ArgumentParser, *,
+                             cp_comm_type: bool = True) -> argparse.ArgumentParser:
+    """Add Megatron-LM's `--transformer-impl {local,transformer_engine}` and (unless
+    cp_comm_type=False) `--cp-comm-type {p2p,a2a,all_gather,a2a+p2p}`, each only if the
+    parser lacks it (Megatron-LM's own parser has both). Returns the parser."""
     options = parser._option_string_actions
     if "--transformer-impl" not in options:
         parser.add_argument(
             "--transformer-impl", choices=tuple(TRANSFORMER_IMPLS), default=None,
             help="layers: megatron-core's own (local) or Transformer Engine's (transformer_engine) "
                  "(default: transformer_engine when TE imports and the device is CUDA, else local)")
-    if "--cp-comm-type" not in options:
+    if cp_comm_type and "--cp-comm-type" not in options:
         parser.add_argument(
             "--cp-comm-type", choices=CP_COMM_TYPES, default="p2p",
             help="for --context-parallel-algo megatron: how Transformer Engine's own context "

@@ -71,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--replot", nargs="+", metavar="JSON",
                    help="no run: merge these result files, print the table, write --json/--plot")
+    from megatron_spava.specs import add_transformer_impl_arg
+    add_transformer_impl_arg(p)
     return p.parse_args(argv)
 
 
@@ -81,7 +83,7 @@ def spava_config(algo: str):
     return SpavaConfig(**switch)
 
 
-def build(shape: str, cp: int, seed: int, device: torch.device):
+def build(shape: str, cp: int, seed: int, device: torch.device, backend: str = "local"):
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
     from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig, Qwen25VLModel
@@ -97,7 +99,8 @@ def build(shape: str, cp: int, seed: int, device: torch.device):
         torch.cuda.manual_seed(seed)
     with torch.device(device):
         model = Qwen25VLModel(cfg, dtype=torch.bfloat16 if cuda else torch.float32,
-                              context_parallel=cp, use_cpu_initialization=not cuda).eval()
+                              context_parallel=cp, use_cpu_initialization=not cuda,
+                              backend=backend).eval()
     return model.to(device), ps
 
 
@@ -223,17 +226,19 @@ def main(argv=None):
     if args.replot:
         return replot(args)
     from megatron_spava.launch import init_distributed
+    from megatron_spava.specs import resolve_transformer_impl
     args.device_obj = init_distributed(args.device)
+    impl = resolve_transformer_impl(args.transformer_impl, args.device_obj)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     world, rank = dist.get_world_size(), dist.get_rank()
-    results = dict(shape=args.shape, world=world, device=name,
+    results = dict(shape=args.shape, world=world, device=name, transformer_impl=impl,
                    torch=torch.__version__, date=time.strftime("%Y-%m-%d"), runs={})
     cp_algos = [a for a in args.algos if a != "full"]
     for n in args.tokens:
         results["runs"][str(n)] = {}
     results["shard_weights"] = args.shard_weights
     if cp_algos:
-        model, ps = build(args.shape, world, args.seed, args.device_obj)
+        model, ps = build(args.shape, world, args.seed, args.device_obj, impl)
         if args.shard_weights:
             model.shard_weights(ps.get_context_parallel_group())
         for n in args.tokens:
@@ -246,7 +251,7 @@ def main(argv=None):
         if args.device_obj.type == "cuda":
             torch.cuda.empty_cache()
     if "full" in args.algos:
-        model, ps = build(args.shape, 1, args.seed, args.device_obj)
+        model, ps = build(args.shape, 1, args.seed, args.device_obj, impl)
         for n in args.tokens:
             if n > args.full_max_tokens:
                 continue
