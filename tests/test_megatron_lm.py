@@ -124,3 +124,25 @@ def test_get_batch_hook_shards_and_activates_the_request(no_request_after):
         assert local["attention_mask"] is None
         owned.index_add_(0, idx, local["loss_mask"][0])
     assert torch.equal(owned, torch.ones(S))  # every token's loss counted exactly once
+
+
+def _te_and_gpu():
+    from megatron_spava.specs import te_available
+    return torch.cuda.is_available() and te_available()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not os.environ.get("MEGATRON_LM_PATH"),
+                    reason="set MEGATRON_LM_PATH to a Megatron-LM core_v0.16.1 checkout")
+@pytest.mark.skipif(not _te_and_gpu(), reason="needs a GPU and Transformer Engine")
+def test_megatron_lm_launch_eval_loss_matches_without_cp(tmp_path):
+    """Megatron-LM's pretrain_gpt.py --skip-train on mock data with TE layers: the
+    evaluation loss with --context-parallel-algo spava (full budget) and ring equals the
+    launch without CP (examples/megatron_lm/compare_eval_loss.py). TP x CP from
+    MEGATRON_LM_TP / MEGATRON_LM_CP (default 1 x 1: one GPU)."""
+    tp, cp = os.environ.get("MEGATRON_LM_TP", "1"), os.environ.get("MEGATRON_LM_CP", "1")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "megatron_lm", "compare_eval_loss.py"),
+                          "--megatron-lm", os.environ["MEGATRON_LM_PATH"], "--tp", tp, "--cp", cp,
+                          "--work", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    print(out.stdout[-4000:])
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
