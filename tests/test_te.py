@@ -126,8 +126,24 @@ def _synthetic_inputs(cfg, n):
     return module.synthetic_inputs(cfg, n, 0)
 
 
-def _qwen_rank(tmp, dtype_name):
-    """HF -> dist checkpoint (written by local and by TE layers) -> TE and local models:
+def _convert_rank(tmp):
+    """The tiny HF checkpoint, and its dist checkpoint written by local and by TE layers."""
+    from megatron.core import parallel_state as ps
+    from megatron_spava.models.qwen2_5_vl.convert import hf_to_dist
+    from megatron_spava.models.qwen2_5_vl.tiny import make_tiny_checkpoint
+    ps.initialize_model_parallel()
+    hf = make_tiny_checkpoint(os.path.join(tmp, "hf"))
+    return dict(hf=hf, local=hf_to_dist(hf, os.path.join(tmp, "dist_local"), backend="local", progress=False),
+                te=hf_to_dist(hf, os.path.join(tmp, "dist_te"), backend="te", progress=False))
+
+
+@pytest.fixture(scope="module")
+def qwen_checkpoints(tmp_path_factory):
+    return run_ranks(_convert_rank, 1, str(tmp_path_factory.mktemp("qwen")), timeout=300)[0]
+
+
+def _qwen_rank(paths, dtype_name):
+    """HF / dist checkpoints (written by local and by TE layers) -> TE and local models:
     weights bit-identical, and generate() (prefill + decode) agrees; the megatron
     algorithm at CP=1 agrees with full attention on TE layers."""
     _exact_math()
@@ -138,15 +154,12 @@ def _qwen_rank(tmp, dtype_name):
     from megatron_spava.algos.megatron import MegatronLayout, megatron_core_attention
     from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig, Qwen25VLModel
     from megatron_spava.models.qwen2_5_vl import generate as gen_module
-    from megatron_spava.models.qwen2_5_vl.convert import hf_to_dist, load_dist_into_model, load_hf_into_model
-    from megatron_spava.models.qwen2_5_vl.tiny import make_tiny_checkpoint
+    from megatron_spava.models.qwen2_5_vl.convert import load_dist_into_model, load_hf_into_model
     from megatron_spava.specs import te_to_local_key
 
     ps.initialize_model_parallel()
     dtype = getattr(torch, dtype_name)
-    hf = make_tiny_checkpoint(os.path.join(tmp, "hf"))
-    ckpt_local = hf_to_dist(hf, os.path.join(tmp, "dist_local"), backend="local", progress=False)
-    ckpt_te = hf_to_dist(hf, os.path.join(tmp, "dist_te"), backend="te", progress=False)
+    hf, ckpt_local, ckpt_te = paths["hf"], paths["local"], paths["te"]
     cfg = Qwen25VLConfig.from_hf(hf)
     initialize_rng_tracker(inference_rng_tracker=True)
 
@@ -190,8 +203,8 @@ def _qwen_rank(tmp, dtype_name):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_qwen_checkpoints_load_into_both_backends_and_agree(tmp_path, dtype):
-    same, results = run_ranks(_qwen_rank, 1, str(tmp_path), dtype, timeout=600)[0]
+def test_qwen_checkpoints_load_into_both_backends_and_agree(qwen_checkpoints, dtype):
+    same, results = run_ranks(_qwen_rank, 1, qwen_checkpoints, dtype, timeout=300)[0]
     assert all(same.values()), same  # a checkpoint converted once loads into either backend, bit-exact
     tokens = {k: v[0] for k, v in results.items()}
     ref = results["local"][1]

@@ -229,8 +229,8 @@ def main(argv=None):
 def print_table(result):
     print(f"\n{result['layers']} x {result['shape']}-shaped layer(s), {result['dtype']}, {result['device']}, "
           f"torch {result['torch']}, TE {result['transformer_engine']}, commit {result['commit']}")
-    print(f"| tokens | layers | algo | median ms | floor ms | median / floor | peak GiB |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| tokens | transformer impl | algo | median ms | floor ms | median / floor | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
     for r in result["runs"]:
         peak = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
         print(f"| {r['tokens']} | {r['transformer_impl']} | {r['algo']} | {r['median_ms']:.1f} | "

@@ -66,41 +66,50 @@ def apply_patch(checkout: str) -> None:
 def dataset_helpers_workaround(work: str) -> dict:
     """Megatron-LM runs `make -C <megatron/core/datasets>` at start-up to build the dataset
     helpers; the megatron-core wheel ships them prebuilt but without a Makefile, so that
-    `make` fails and the launch exits. Give it a no-op Makefile (only where the prebuilt
-    helpers import), and a no-op `make` on PATH if there is none. Returns env overrides."""
-    env = {}
+    `make` fails and the launch exits. Put a `make` first on the launches' PATH that
+    succeeds for exactly that call (no Makefile there, prebuilt helpers present) and runs
+    the real make otherwise. Nothing installed is changed. Returns env overrides."""
+    import shlex
     spec = importlib.util.find_spec("megatron.core.datasets")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("megatron-core is not importable: install megatron-core 0.16.1")
-    datasets = list(spec.submodule_search_locations)[0]
-    makefile = os.path.join(datasets, "Makefile")
-    prebuilt = [n for n in os.listdir(datasets) if n.startswith("helpers_cpp") and n.endswith(".so")]
-    if not os.path.exists(makefile) and prebuilt:
-        with open(makefile, "w") as f:
-            f.write("# written by megatron_spava's compare_eval_loss.py: the helpers are prebuilt\n"
-                    "default:\n\t@:\n")
-        print(f"wrote a no-op {makefile} (prebuilt {prebuilt[0]})")
-    if shutil.which("make") is None:
-        bindir = os.path.join(work, "bin")
-        os.makedirs(bindir, exist_ok=True)
-        with open(os.path.join(bindir, "make"), "w") as f:
-            f.write("#!/bin/sh\nexit 0\n")
-        os.chmod(os.path.join(bindir, "make"), 0o755)
-        env["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-    return env
+    datasets = os.path.abspath(list(spec.submodule_search_locations)[0])
+    prebuilt = any(n.startswith("helpers_cpp") and n.endswith(".so") for n in os.listdir(datasets))
+    if os.path.exists(os.path.join(datasets, "Makefile")) or not prebuilt:
+        return {}
+    bindir = os.path.join(work, "bin")
+    os.makedirs(bindir, exist_ok=True)
+    real = shutil.which("make")
+    with open(os.path.join(bindir, "make"), "w") as f:
+        f.write("#!/bin/sh\n# megatron_spava compare_eval_loss.py: the wheel's dataset helpers are prebuilt\n"
+                f'if [ "$1" = "-C" ] && [ "$2" = {shlex.quote(datasets)} ]; then exit 0; fi\n'
+                + (f"exec {shlex.quote(real)} \"$@\"\n" if real else "echo 'make: not installed' >&2; exit 127\n"))
+    os.chmod(os.path.join(bindir, "make"), 0o755)
+    print(f"{datasets} has prebuilt helpers and no Makefile: `make -C` there is a no-op for the launches")
+    return {"PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
 
 
-def run(name, tp, cp, algo, checkout, work, env, timeout):
+def start(name, tp, cp, algo, checkout, work, env):
+    """Start one launch, its output into WORK/NAME.log. Returns (process, log path)."""
     log = os.path.join(work, f"{name}.log")
     cmd = ["bash", os.path.join(HERE, "launch.sh"), str(tp), str(cp), algo]
     print(f"+ MEGATRON_LM_PATH={checkout} {' '.join(cmd)}  > {log}", flush=True)
     with open(log, "w") as f:
-        try:
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                                  env={**os.environ, **env, "MEGATRON_LM_PATH": checkout})
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, **env, "MEGATRON_LM_PATH": checkout},
+                                start_new_session=True)
+    return proc, log
+
+
+def finish(name, proc, log, timeout):
+    """Wait for a launch (killing its process group after `timeout` s); its losses or None."""
+    import signal
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rc = "timeout"
     text = open(log).read()
     losses = {split: float(value) for split, value in LOSS.findall(text)}
     if rc != 0 or "validation" not in losses:
@@ -121,6 +130,9 @@ def main(argv=None) -> int:
     p.add_argument("--tolerance", type=float, default=5e-3,
                    help="largest relative loss difference accepted (bf16 noise; default: %(default)s)")
     p.add_argument("--timeout", type=int, default=240, help="seconds per launch (default: %(default)s)")
+    p.add_argument("--parallel", action="store_true",
+                   help="start the three launches at once (each needs its own TP x CP GPUs, or, at "
+                        "TP=CP=1, one GPU can hold all three: three separate 1-rank worlds)")
     p.add_argument("--json", help="write the losses here")
     p.add_argument("--prepare-only", action="store_true",
                    help="copy and patch the checkout into --work, then stop (no GPU needed)")
@@ -138,8 +150,14 @@ def main(argv=None) -> int:
     env = dataset_helpers_workaround(work)
     runs = {"none": (args.tp, 1, "none"), "spava": (args.tp, args.cp, "spava"),
             "ring": (args.tp, args.cp, "ring")}
-    losses = {name: run(name, tp, cp, algo, checkout, work, env, args.timeout)
-              for name, (tp, cp, algo) in runs.items()}
+    losses = {}
+    if args.parallel:
+        started = {name: start(name, *spec, checkout, work, env) for name, spec in runs.items()}
+        for name, (proc, log) in started.items():
+            losses[name] = finish(name, proc, log, args.timeout)
+    else:
+        for name, spec in runs.items():
+            losses[name] = finish(name, *start(name, *spec, checkout, work, env), args.timeout)
     print(f"\nMegatron-LM core_v0.16.1 pretrain_gpt.py --skip-train, mock data, TE layers, bf16, "
           f"TP={args.tp}, CP={args.cp} (none: CP=1)")
     print(f"| run | validation loss | test loss | rel. diff vs none |")
