@@ -41,9 +41,10 @@ timeout 300 python3 -m pytest -q -s -m cuda -p no:cacheprovider tests/test_te.py
 pytest_pid=$!
 if [ -n "${MEGATRON_LM_PATH:-}" ]; then
   timeout 300 python3 examples/megatron_lm/compare_eval_loss.py --megatron-lm "$MEGATRON_LM_PATH" \
-      --tp 1 --cp 1 --parallel --timeout 240 --work "$OUT/megatron_lm" --json "$OUT/megatron_lm.json" \
+      --tp 1 --cp 1 --parallel --timeout 240 --work /tmp/megatron_lm_work --json "$OUT/megatron_lm.json" \
       > "$OUT/megatron_lm.log" 2>&1
   finish megatron_lm $? "$t1"
+  for f in /tmp/megatron_lm_work/*.log; do [ -f "$f" ] && cp "$f" "$OUT/megatron_lm_$(basename "$f")"; done
 else
   status[megatron_lm]="skipped (MEGATRON_LM_PATH unset)"; seconds[megatron_lm]=0
 fi
