@@ -110,7 +110,7 @@ def test_gpt_te_layers_match_local_layers(dtype):
     TE's own attention as the `megatron` algorithm at CP=1) == local layers, same weights:
     float32 to 2e-3 (TE's float32 attention is its unfused one), bf16 within 2x the local
     layers' own bf16 error."""
-    out = run_ranks(_backends_rank, 1, dtype, timeout=300)[0]
+    out = run_ranks(_backends_rank, 1, dtype, timeout=180)[0]
     ref = out.pop("reference")
     errors = {name: relative_error(logits, ref) for name, logits in out.items()}
     bound = 2e-3 if dtype == "float32" else 2 * errors["local"] + 1e-3
@@ -139,7 +139,7 @@ def _convert_rank(tmp):
 
 @pytest.fixture(scope="module")
 def qwen_checkpoints(tmp_path_factory):
-    return run_ranks(_convert_rank, 1, str(tmp_path_factory.mktemp("qwen")), timeout=300)[0]
+    return run_ranks(_convert_rank, 1, str(tmp_path_factory.mktemp("qwen")), timeout=180)[0]
 
 
 def _qwen_rank(paths, dtype_name):
@@ -204,7 +204,7 @@ def _qwen_rank(paths, dtype_name):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_qwen_checkpoints_load_into_both_backends_and_agree(qwen_checkpoints, dtype):
-    same, results = run_ranks(_qwen_rank, 1, qwen_checkpoints, dtype, timeout=300)[0]
+    same, results = run_ranks(_qwen_rank, 1, qwen_checkpoints, dtype, timeout=180)[0]
     assert all(same.values()), same  # a checkpoint converted once loads into either backend, bit-exact
     tokens = {k: v[0] for k, v in results.items()}
     ref = results["local"][1]
@@ -230,7 +230,7 @@ def _reference_rank():
 
 @pytest.fixture(scope="module")
 def reference():
-    return run_ranks(_reference_rank, 1, timeout=300)[0]
+    return run_ranks(_reference_rank, 1, timeout=120)[0]
 
 
 def _tp_cp_rank(algo, comm, dtype_name, tp, cp):
@@ -261,7 +261,7 @@ def _tp_cp_rank(algo, comm, dtype_name, tp, cp):
 
 
 def _run_tp_cp(algo, comm, dtype, backend):
-    results = run_ranks(_tp_cp_rank, 4, algo, comm, dtype, 2, 2, backend=backend, timeout=300)
+    results = run_ranks(_tp_cp_rank, 4, algo, comm, dtype, 2, 2, backend=backend, timeout=120)
     return [(idx, logits) for tp_rank, idx, logits in results if tp_rank == 0]
 
 
