@@ -27,6 +27,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from megatron_spava.arguments import add_spava_args, validate_spava_args  # noqa: E402
 from megatron_spava.profiling import sync  # noqa: E402
+from megatron_spava.specs import add_transformer_impl_arg, resolve_transformer_impl  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -50,6 +51,7 @@ def parse_args(argv=None):
                    help="also run the same weights with plain attention and no CP, and compare")
     e.add_argument("--seed", type=int, default=0)
     add_spava_args(p)
+    add_transformer_impl_arg(p)
     args = p.parse_args(argv)
     if args.context_parallel_algo is None:
         p.error("--context-parallel-algo is required (full, ring, star, apb or spava)")
@@ -59,13 +61,17 @@ def parse_args(argv=None):
                 f"--context-parallel-size = {args.tensor_model_parallel_size * args.context_parallel_size}")
     try:
         args.spava_config = validate_spava_args(args)
+        resolve_transformer_impl(args.transformer_impl, args.device, verbose=False)
     except ValueError as err:
         p.error(str(err))
     return args
 
 
 def build(args, cp: int, algo):
+    """The model for `algo` at CP size `cp` (algo None: megatron-core's stock layers of the
+    same --transformer-impl, the reference)."""
     from megatron.core import parallel_state as ps
+    from megatron_spava.algos.megatron import core_attention_for
     from megatron_spava.models.gpt import build_gpt_model, gpt_config
 
     ps.destroy_model_parallel()
@@ -78,7 +84,9 @@ def build(args, cp: int, algo):
                         tensor_parallel=args.tensor_model_parallel_size, context_parallel=cp,
                         dtype=dtype)
     model = build_gpt_model(config, vocab_size=args.vocab_size,
-                            max_sequence_length=args.seq_length, algo=algo, seed=args.seed)
+                            max_sequence_length=args.seq_length, algo=algo, seed=args.seed,
+                            backend=args.transformer_impl,
+                            core_attention=core_attention_for(algo, args.cp_comm_type))
     return model.to(device=args.device_obj, dtype=dtype)
 
 
@@ -87,6 +95,7 @@ def main(argv=None):
 
     args = parse_args(argv)
     args.device_obj = init_distributed(args.device)
+    args.transformer_impl = resolve_transformer_impl(args.transformer_impl, args.device_obj)
     try:
         run(args, dist.get_rank())
     finally:
@@ -116,7 +125,8 @@ def run(args, rank):
         if i:
             times.append(float(elapsed))
     cp_rank = ps.get_context_parallel_rank()
-    line = (f"{args.context_parallel_algo}: TP={args.tensor_model_parallel_size} x "
+    line = (f"{args.context_parallel_algo} on {args.transformer_impl} layers: "
+            f"TP={args.tensor_model_parallel_size} x "
             f"CP={args.context_parallel_size}, {S} tokens ({lq} query), {idx.numel()} tokens on CP "
             f"rank {cp_rank}; prefill {1e3 * statistics.median(times):.1f} ms (median of "
             f"{args.repeats}, min {1e3 * min(times):.1f}, max {1e3 * max(times):.1f})")

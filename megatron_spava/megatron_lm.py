@@ -41,16 +41,20 @@ def run_config(args) -> SpavaConfig:
 
 
 def layer_spec(args, use_te: bool):
-    """The GPT layer spec for Megatron-LM's arguments, with the algorithm's core attention
-    (SpavaCoreAttention, or the module the registry entry names)."""
+    """The GPT layer spec for Megatron-LM's arguments (`--transformer-impl local` or
+    `transformer_engine`), with the algorithm's core attention (SpavaCoreAttention, or the
+    module the registry entry names). The same keywords Megatron-LM's
+    `_get_transformer_layer_spec` gives megatron-core for either backend; TE's fused norms
+    read `--normalization` from the config, which `get_gpt_layer_spec` checks."""
     run_config(args)
     if getattr(args, "multi_latent_attention", False):
         raise ValueError("--context-parallel-algo does not support --multi-latent-attention")
     kwargs = dict(num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm,
-                  qk_layernorm=args.qk_layernorm, qk_l2_norm=args.qk_l2_norm)
-    if not use_te:
-        kwargs["normalization"] = args.normalization
-    return get_gpt_layer_spec("te" if use_te else "local", algo=args.context_parallel_algo, **kwargs)
+                  qk_layernorm=args.qk_layernorm, qk_l2_norm=args.qk_l2_norm,
+                  moe_use_legacy_grouped_gemm=getattr(args, "moe_use_legacy_grouped_gemm", False),
+                  normalization=args.normalization)
+    return get_gpt_layer_spec("te" if use_te else "local", algo=args.context_parallel_algo,
+                              **kwargs)
 
 
 def prepare_model(model, args):

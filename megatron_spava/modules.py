@@ -41,6 +41,8 @@ class SpavaCoreAttention(MegatronModule):
     Built by SelfAttention with Megatron's keywords; takes its CP group from
     `pg_collection.cp`. forward: query [sq, b, np/tp, hn], key/value [sk, b, ng/tp, hn]
     (post-RoPE, sq == sk == this rank's local length) -> [sq, b, np/tp * hn].
+    `expected_normalization` is set by `get_gpt_layer_spec("te", normalization=...)`
+    (TE's fused norms read the config; ValueError if it differs).
     The layout comes from `megatron_spava.context.current_request()`; without an active
     request it runs plain causal attention, which is only valid at CP size 1. A request
     with a KV cache makes the prefill store this rank's cache rows; a decode request
@@ -51,8 +53,11 @@ class SpavaCoreAttention(MegatronModule):
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout: Optional[float] = None,
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
-                 pg_collection: Optional[ProcessGroupCollection] = None):
+                 pg_collection: Optional[ProcessGroupCollection] = None,
+                 expected_normalization: Optional[str] = None):
         super().__init__(config=config)
+        from .specs import check_normalization
+        check_normalization(config, expected_normalization)
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ValueError(f"SpavaCoreAttention is causal self-attention; got {attn_mask_type}")
         if attention_type != "self":

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from .algos import config_for
 from .arguments import add_spava_args, spava_config_from_args
 from .launch import init_distributed, relaunch, under_torchrun
+from .specs import add_transformer_impl_arg, backend_for_impl, resolve_transformer_impl
 
 DEFAULT_WORK_DIR = os.path.join(os.path.expanduser("~"), ".cache", "megatron_spava")
 DEFAULT_QUESTION = "What is happening in this video?"
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", help="write the results as JSON here")
     run.add_argument("--save-logits", help="save each run's first-token logits (torch.save) here")
     add_spava_args(p)
+    add_transformer_impl_arg(p)
     p.set_defaults(context_parallel_algo="spava")
     return p
 
@@ -115,23 +117,26 @@ def _setup_parallel(tp: int, cp: int):
     return ps
 
 
-def _build_model(args, checkpoint: str, tp: int, cp: int, device):
+def _build_model(args, checkpoint: str, tp: int, cp: int, device, algo: str):
+    from .algos.megatron import core_attention_for
     from .models.qwen2_5_vl import Qwen25VLConfig, Qwen25VLModel
     from .models.qwen2_5_vl.convert import load_dist_into_model, load_hf_into_model
 
     ps = _setup_parallel(tp, cp)
     cfg = Qwen25VLConfig.from_hf(checkpoint)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
+    layers = dict(backend=backend_for_impl(args.transformer_impl),
+                  core_attention=core_attention_for(algo, args.cp_comm_type))
     if args.random_weights:  # the same seed everywhere: equal weights on every CP rank and run
         torch.manual_seed(args.seed)
         if device.type == "cuda":
             torch.cuda.manual_seed(args.seed)
         with torch.device(device):
             model = Qwen25VLModel(cfg, tensor_parallel=tp, context_parallel=cp, dtype=dtype,
-                                  use_cpu_initialization=device.type == "cpu")
+                                  use_cpu_initialization=device.type == "cpu", **layers)
         return model.to(device).eval(), ps
     model = Qwen25VLModel(cfg, tensor_parallel=tp, context_parallel=cp, dtype=dtype,
-                          use_cpu_initialization=True, perform_initialization=False)
+                          use_cpu_initialization=True, perform_initialization=False, **layers)
     if args.megatron_path:
         load_dist_into_model(model, checkpoint)
     else:
@@ -143,7 +148,7 @@ def _build_model(args, checkpoint: str, tp: int, cp: int, device):
 def _run_one(args, checkpoint, inputs, algo: str, tp: int, cp: int, device, config):
     from .models.qwen2_5_vl.generate import generate
 
-    model, ps = _build_model(args, checkpoint, tp, cp, device)
+    model, ps = _build_model(args, checkpoint, tp, cp, device, algo)
     if args.shard_weights:
         model.shard_weights(ps.get_context_parallel_group())
     kwargs = dict(algo=algo, config=config, cp_group=ps.get_context_parallel_group(),
@@ -162,6 +167,7 @@ def run(args) -> dict:
         return run_questions(args)
     rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    args.transformer_impl = resolve_transformer_impl(args.transformer_impl, device)
     checkpoint = resolve_paths(args)
     clip = load_video(args.frames_dir or args.video, fps=args.fps, max_frames=args.max_frames,
                       frames_fps=args.frames_fps)
@@ -180,7 +186,7 @@ def run(args) -> dict:
         checkpoint=checkpoint, video=clip.source, frames=len(clip.frames), sampled_fps=clip.fps,
         prompt_tokens=int(inputs.input_ids.shape[1]), video_tokens=video_tokens,
         processor_backend=prompter.backend, processor_fallback_reason=prompter.fallback_reason,
-        question=args.question, runs={})
+        question=args.question, transformer_impl=args.transformer_impl, runs={})
     for name, out in runs.items():
         layout = out.layout
         result["runs"][name] = dict(
@@ -231,6 +237,7 @@ def run_questions(args) -> dict:
 
     rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    args.transformer_impl = resolve_transformer_impl(args.transformer_impl, device)
     checkpoint = resolve_paths(args)
     clip = load_video(args.frames_dir or args.video, fps=args.fps, max_frames=args.max_frames,
                       frames_fps=args.frames_fps)
@@ -286,7 +293,7 @@ def print_report(result: dict, args) -> None:
     print()
     print(f"Video QA: {result['video']} ({result['frames']} frames at {result['sampled_fps']:.2f} fps, "
           f"{result['video_tokens']} video tokens, {result['prompt_tokens']} prompt tokens; "
-          f"processor: {result['processor_backend']})")
+          f"processor: {result['processor_backend']}; layers: {result['transformer_impl']})")
     if result["processor_fallback_reason"]:
         print(f"(HF's processor not used: {result['processor_fallback_reason']})")
     print(f"question: {result['question']!r}")
@@ -321,6 +328,7 @@ def main(argv=None) -> int:
         if args.model_shape != "tiny" and not args.random_weights and not (args.hf_path or args.megatron_path):
             raise ValueError(f"--model-shape {args.model_shape} has no weights to load: add --random-weights")
         config_for(args.context_parallel_algo, spava_config_from_args(args))  # presets may refuse
+        resolve_transformer_impl(args.transformer_impl, args.device, verbose=False)
         checkpoint = resolve_paths(args)
         if not under_torchrun() or os.environ.get("RANK") == "0":
             create_defaults(args, checkpoint)

@@ -170,3 +170,25 @@ def test_unfused_prefill_is_refused_by_the_single_pass_hook():
     args = _megatron_lm_args(spava_no_fuse_query=True, seq_length=4096)
     with pytest.raises(ValueError, match="fuse_query=False.*forward_step"):
         megatron_lm.layer_spec(args, use_te=False)
+
+
+def _te_and_gpu():
+    from megatron_spava.specs import te_available
+    return torch.cuda.is_available() and te_available()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not os.environ.get("MEGATRON_LM_PATH"),
+                    reason="set MEGATRON_LM_PATH to a Megatron-LM core_v0.16.1 checkout")
+@pytest.mark.skipif(not _te_and_gpu(), reason="needs a GPU and Transformer Engine")
+def test_megatron_lm_launch_eval_loss_matches_without_cp(tmp_path):
+    """Megatron-LM's pretrain_gpt.py --skip-train on mock data with TE layers: the
+    evaluation loss with --context-parallel-algo spava (full budget) and ring equals the
+    launch without CP (examples/megatron_lm/compare_eval_loss.py). TP x CP from
+    MEGATRON_LM_TP / MEGATRON_LM_CP (default 1 x 1: one GPU)."""
+    tp, cp = os.environ.get("MEGATRON_LM_TP", "1"), os.environ.get("MEGATRON_LM_CP", "1")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "megatron_lm", "compare_eval_loss.py"),
+                          "--megatron-lm", os.environ["MEGATRON_LM_PATH"], "--tp", tp, "--cp", cp,
+                          "--work", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    print(out.stdout[-4000:])
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]

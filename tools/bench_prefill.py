@@ -79,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--replot", nargs="+", metavar="JSON",
                    help="no run: merge these result files, print the table, write --json/--plot")
+    from megatron_spava.specs import add_transformer_impl_arg
+    add_transformer_impl_arg(p)
     return p.parse_args(argv)
 
 
@@ -112,7 +114,7 @@ def algo_and_config(variant: str):
     return variant_config(variant)
 
 
-def build(shape: str, cp: int, seed: int, device: torch.device, tp: int = 1):
+def build(shape: str, cp: int, seed: int, device: torch.device, tp: int = 1, backend: str = "local"):
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
     from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig, Qwen25VLModel
@@ -128,7 +130,8 @@ def build(shape: str, cp: int, seed: int, device: torch.device, tp: int = 1):
         torch.cuda.manual_seed(seed)
     with torch.device(device):
         model = Qwen25VLModel(cfg, dtype=torch.bfloat16 if cuda else torch.float32, tensor_parallel=tp,
-                              context_parallel=cp, use_cpu_initialization=not cuda).eval()
+                              context_parallel=cp, use_cpu_initialization=not cuda,
+                              backend=backend).eval()
     return model.to(device), ps
 
 
@@ -260,7 +263,9 @@ def main(argv=None):
     if args.replot:
         return replot(args)
     from megatron_spava.launch import init_distributed
+    from megatron_spava.specs import resolve_transformer_impl
     args.device_obj = init_distributed(args.device)
+    impl = resolve_transformer_impl(args.transformer_impl, args.device_obj)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     world, rank = dist.get_world_size(), dist.get_rank()
     from megatron_spava.placement import Request, check_launch  # fit and placement, before the build
@@ -276,7 +281,7 @@ def main(argv=None):
                  frame_parallel=any(c.frame_parallel for a, c in variants if a != "full"),
                  model_config=Qwen25VLConfig.from_hf(
                      tiny_hf_config() if args.shape == "tiny" else shaped_hf_config(args.shape)))
-    results = dict(shape=args.shape, world=world, tp=tp, cp=cp, device=name,
+    results = dict(shape=args.shape, world=world, tp=tp, cp=cp, device=name, transformer_impl=impl,
                    torch=torch.__version__, date=time.strftime("%Y-%m-%d"), runs={})
     one_gpu = [a for a in args.algos if algo_and_config(a)[0] == "full"]  # no CP: one replica each
     cp_algos = [a for a in args.algos if a not in one_gpu]
@@ -284,7 +289,7 @@ def main(argv=None):
         results["runs"][str(n)] = {}
     results["shard_weights"] = args.shard_weights
     if cp_algos:
-        model, ps = build(args.shape, cp, args.seed, args.device_obj, tp)
+        model, ps = build(args.shape, cp, args.seed, args.device_obj, tp, impl)
         if args.shard_weights:
             model.shard_weights(ps.get_context_parallel_group())
         for n in args.tokens:
@@ -297,7 +302,7 @@ def main(argv=None):
         if args.device_obj.type == "cuda":
             torch.cuda.empty_cache()
     if one_gpu:
-        model, ps = build(args.shape, 1, args.seed, args.device_obj, tp)
+        model, ps = build(args.shape, 1, args.seed, args.device_obj, tp, impl)
         for n in args.tokens:
             if n > args.full_max_tokens:
                 continue

@@ -11,9 +11,13 @@ tensor-parallel agnostic: load it at any TP size (megatron-core reshards it), e.
 widths divide. The tokenizer, processor configs and chat template are copied along.
 megatron-to-hf writes safetensors with the source's key names (on-disk layout), so
 HF -> megatron -> HF is bit-exact. Both stream tensor by tensor; peak memory is about
-one copy of the model. Runs on CPU. The model family (--model) is read from
-config.json's model_type unless given: qwen2_5_vl, or internvl3 (HF's "internvl",
-the OpenGVLab/InternVL3-*-hf format).
+one copy of the model. Runs on CPU (the model's weights stay in CPU memory). The model
+family (--model) is read from config.json's model_type unless given: qwen2_5_vl, or
+internvl3 (HF's "internvl", the OpenGVLab/InternVL3-*-hf format).
+A Qwen2.5-VL checkpoint loads into either --transformer-impl (megatron-core's local layers or
+Transformer Engine's, which fuse the layer norms into linear_qkv / linear_fc1): both store
+the norms under the same keys. hf-to-megatron's --transformer-impl only picks the layers
+the writer builds (default: transformer_engine where TE imports and CUDA exists, else local).
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ def main(argv=None) -> int:
     a.add_argument("--out", required=True, help="output directory (created)")
     a.add_argument("--tensor-model-parallel-size", type=int, default=1,
                    help="validate divisibility for this TP size (default: %(default)s)")
+    from megatron_spava.specs import add_transformer_impl_arg
+    add_transformer_impl_arg(a, cp_comm_type=False)
     b = sub.add_parser("megatron-to-hf", help="megatron-core dist checkpoint -> HF safetensors")
     b.add_argument("--megatron-path", required=True, help="a directory written by hf-to-megatron")
     b.add_argument("--out", required=True, help="output directory (created)")
@@ -64,6 +70,9 @@ def main(argv=None) -> int:
                        help="model family (default: from config.json's model_type)")
     args = parser.parse_args(argv)
 
+    import torch
+    from megatron_spava.specs import backend_for_impl, resolve_transformer_impl
+
     try:
         model = args.model
         if model == "auto":
@@ -73,8 +82,13 @@ def main(argv=None) -> int:
         if args.direction == "hf-to-megatron":
             if args.tensor_model_parallel_size < 1:
                 raise ValueError("--tensor-model-parallel-size must be >= 1")
+            impl = resolve_transformer_impl(args.transformer_impl,
+                                            "cuda" if torch.cuda.is_available() else "cpu")
+            # the checkpoint is the same for either backend; the writer's layers differ only
+            # in where the norms live (InternVL3's writer builds local layers)
+            backend = {"backend": backend_for_impl(impl)} if model == "qwen2_5_vl" else {}
             out = hf_to_dist(args.hf_path, args.out, tensor_parallel=args.tensor_model_parallel_size,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, **backend)
         else:
             out = dist_to_hf(args.megatron_path, args.out, max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
                              progress=not args.no_progress)

@@ -19,7 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from ..batch import get_batch_on_this_cp_rank
 from ..context import cp_request
 from ..modules import use_spava_rope
-from ..specs import get_gpt_layer_spec
+from ..specs import backend_for_impl, cast_parameters, get_gpt_layer_spec
 
 
 def gpt_config(*, num_layers: int, hidden_size: int, num_attention_heads: int,
@@ -44,24 +44,33 @@ def gpt_config(*, num_layers: int, hidden_size: int, num_attention_heads: int,
 
 
 def build_gpt_model(config: TransformerConfig, *, vocab_size: int, max_sequence_length: int,
-                    algo: Optional[str] = "spava", backend: str = "local",
+                    algo: Optional[str] = "spava", backend: str = "local", core_attention=None,
                     rotary_base: int = 10000, seed: int = 1234) -> GPTModel:
     """A GPTModel with RoPE whose core attention runs `algo` (None: megatron-core's stock
-    layers). Logits come back gathered over TP ([b, s, vocab]). Inference mode: the RNG
-    tracker is megatron-core's inference tracker (no dropout)."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    layers and RoPE for `backend`). backend: "local" or "te" (Megatron-LM's
+    `--transformer-impl` names work too). core_attention: the core-attention class
+    (default SpavaCoreAttention; `algos.megatron.megatron_core_attention()` for TE's own CP).
+    Every parameter is in `config.params_dtype`, norms included. Logits come back gathered
+    over TP ([b, s, vocab]). Inference mode: the RNG tracker is megatron-core's inference
+    tracker (no dropout)."""
+    from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
 
     initialize_rng_tracker(inference_rng_tracker=True)
     if algo is None:
-        spec = get_gpt_layer_local_spec(normalization=config.normalization)
+        if backend_for_impl(backend) == "te":
+            spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        else:
+            spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization)
     else:
-        spec = get_gpt_layer_spec(backend, algo=algo, normalization=config.normalization)
+        spec = get_gpt_layer_spec(backend, algo=algo, core_attention=core_attention,
+                                  normalization=config.normalization)
     torch.manual_seed(seed)
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
                      max_sequence_length=max_sequence_length, position_embedding_type="rope",
                      rotary_base=rotary_base, parallel_output=False,
                      share_embeddings_and_output_weights=False)
+    cast_parameters(model, config.params_dtype)
     if algo is not None:
         use_spava_rope(model)
     return model.eval()

@@ -137,6 +137,13 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
                     failures[rank] = value
                     deadline = min(deadline, time.monotonic() + grace)
         finally:
+            if not failures and len(results) == world_size:
+                # Let ranks that reported exit normally: terminating one skips its atexit
+                # handlers and orphans its helper processes (e.g. the multiprocessing
+                # Manager that megatron-core's dist-checkpoint writer starts).
+                end = time.monotonic() + grace
+                for p in procs:
+                    p.join(max(0.0, end - time.monotonic()))
             for r, p in enumerate(procs):
                 if p.is_alive():
                     p.terminate()

@@ -6,6 +6,10 @@ Pure reshuffles, no arithmetic, so a round trip is bit-exact:
   vision attn.qkv [all q | all k | all v] -> per head [q_h | k_h | v_h]
 HF names are accepted in both layouts (on disk: visual.*, model.*, lm_head; in memory:
 model.visual.*, model.language_model.*, lm_head) and written in the on-disk layout.
+Megatron names are produced in the local backend's layout (input_layernorm,
+pre_mlp_layernorm); `specs.local_to_te_key` renames them for a Transformer Engine model,
+whose norms live in linear_qkv / linear_fc1 (`layer_norm_weight`). `megatron_to_hf`
+accepts either layout.
 
 `HFToMegatron.feed` streams: it takes one HF tensor at a time and emits megatron tensors
 as soon as all their parts have arrived (`convert.load_hf_into_model` drives it). `shard_for_tp` cuts a global megatron tensor
@@ -133,7 +137,9 @@ class HFToMegatron:
 
 
 def megatron_to_hf(name: str, tensor: Tensor, cfg: Qwen25VLConfig) -> List[Tuple[str, Tensor]]:
-    """One global megatron tensor -> its HF tensors (on-disk names)."""
+    """One global megatron tensor (local or TE key layout) -> its HF tensors (on-disk names)."""
+    from ...specs import te_to_local_key
+    name = te_to_local_key(name)
     if name.startswith("visual."):
         if name.endswith("attn.qkv.weight") or name.endswith("attn.qkv.bias"):
             tensor = _vision_qkv_from_heads(tensor, cfg.vision.num_heads)
@@ -186,5 +192,15 @@ def shard_for_tp(name: str, tensor: Tensor, rank: int, size: int, cfg: Qwen25VLC
 
 
 def megatron_parameters(model) -> Dict[str, Tensor]:
-    """The model's weights by name (megatron-core's `_extra_state` entries left out)."""
+    """The model's weights by name, in its backend's key layout (megatron-core's
+    `_extra_state` entries left out)."""
     return dict(model.named_parameters())
+
+
+def to_model_layout(name: str, model_names) -> str:
+    """A megatron name from `HFToMegatron` (local layout) in the layout of a model whose
+    parameter names are `model_names` (a set): renamed for a TE model, else unchanged."""
+    from ...specs import local_to_te_key
+    if name in model_names:
+        return name
+    return local_to_te_key(name)

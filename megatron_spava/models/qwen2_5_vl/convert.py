@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .checkpoint import HFToMegatron, megatron_parameters, megatron_to_hf, shard_for_tp
+from .checkpoint import (HFToMegatron, megatron_parameters, megatron_to_hf, shard_for_tp,
+                         to_model_layout)
 from .config import Qwen25VLConfig
 
 META_FILE = "megatron_spava_meta.json"
@@ -101,6 +102,7 @@ def load_hf_into_model(model, source, *, tp_rank: int, tp_size: int, progress: b
     with torch.no_grad():
         for name, tensor in _progress(source, total, "loading HF weights", progress):
             for mname, global_t in conv.feed(name, tensor):
+                mname = to_model_layout(mname, params)
                 if mname not in params:
                     raise KeyError(f"{name} maps to {mname}, which the model does not have")
                 local = shard_for_tp(mname, global_t, tp_rank, tp_size, model.cfg)
@@ -137,15 +139,17 @@ def single_process_parallel_state():
             dist.destroy_process_group()
 
 
-def _empty_model(cfg: Qwen25VLConfig, dtype: torch.dtype):
-    """A TP=1 CPU model with uninitialised weights (every one is overwritten)."""
+def _empty_model(cfg: Qwen25VLConfig, dtype: torch.dtype, backend: str = "local"):
+    """A TP=1 model with uninitialised weights in CPU memory (every one is overwritten),
+    on megatron-core's local layers or Transformer Engine's ("te": needs TE and CUDA)."""
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
     from ... import cpu_compat
     from .model import Qwen25VLModel
 
     cpu_compat.apply()
     initialize_rng_tracker(inference_rng_tracker=True)
-    return Qwen25VLModel(cfg, dtype=dtype, use_cpu_initialization=True, perform_initialization=False)
+    return Qwen25VLModel(cfg, dtype=dtype, backend=backend, use_cpu_initialization=True,
+                         perform_initialization=False)
 
 
 def _copy_side_files(src: str, dst: str) -> None:
@@ -155,10 +159,13 @@ def _copy_side_files(src: str, dst: str) -> None:
             shutil.copy(path, os.path.join(dst, name))
 
 
-def hf_to_dist(hf_dir: str, out_dir: str, *, tensor_parallel: int = 1, progress: bool = True) -> str:
+def hf_to_dist(hf_dir: str, out_dir: str, *, tensor_parallel: int = 1, backend: str = "local",
+               progress: bool = True) -> str:
     """Convert an HF Qwen2.5-VL directory into a megatron-core dist checkpoint in out_dir.
     tensor_parallel: a TP size to validate head/group divisibility for (the checkpoint
-    itself loads at any valid TP)."""
+    itself loads at any valid TP). backend: the layers the writer builds ("local" or "te");
+    the checkpoint is the same either way (megatron-core stores the local norms under TE's
+    names) and loads into either backend."""
     from megatron.core import dist_checkpointing
 
     cfg = Qwen25VLConfig.from_hf(hf_dir)
@@ -170,7 +177,7 @@ def hf_to_dist(hf_dir: str, out_dir: str, *, tensor_parallel: int = 1, progress:
     dtype = kinds.pop()
     os.makedirs(out_dir, exist_ok=True)
     with single_process_parallel_state():
-        model = _empty_model(cfg, dtype)
+        model = _empty_model(cfg, dtype, backend)
         load_hf_into_model(model, hf_dir, tp_rank=0, tp_size=1, progress=progress)
         dist_checkpointing.save(model.sharded_state_dict(), out_dir)
     _copy_side_files(hf_dir, out_dir)
@@ -181,13 +188,23 @@ def hf_to_dist(hf_dir: str, out_dir: str, *, tensor_parallel: int = 1, progress:
 
 
 def load_dist_into_model(model, ckpt_dir: str) -> None:
-    """Load a dist checkpoint into a model built at any TP size (megatron-core reshards)."""
+    """Load a dist checkpoint into a model built at any TP size (megatron-core reshards) on
+    either backend, whichever backend wrote it. Both backends store the norms under the
+    same keys (megatron-core maps the local names to TE's); `_extra_state` entries (TE's
+    FP8 metadata, None for local layers) differ between backends and carry no weights, so
+    they are neither read nor required. Every weight must be in the checkpoint."""
     from megatron.core import dist_checkpointing
+    from ...specs import is_extra_state
 
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"megatron checkpoint directory not found: {ckpt_dir}")
-    state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
-    model.load_state_dict(state, strict=True)
+    request = {k: v for k, v in model.sharded_state_dict().items() if not is_extra_state(k)}
+    state = dist_checkpointing.load(request, ckpt_dir)
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not is_extra_state(k)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{ckpt_dir} does not fit the model: missing {missing[:5]}, "
+                         f"unexpected {list(result.unexpected_keys)[:5]}")
 
 
 def dist_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_bytes: int = 5 << 30,

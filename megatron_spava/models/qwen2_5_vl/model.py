@@ -25,7 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ...distributed import all_gather, group_rank_world
 from ...modules import use_spava_rope
-from ...specs import get_gpt_layer_spec
+from ...specs import backend_for_impl, cast_parameters, get_gpt_layer_spec
 from ..gpt import gpt_config
 from .config import Qwen25VLConfig
 from .vision import VisionEncoder
@@ -46,12 +46,17 @@ def _vision_tp_config(cfg: Qwen25VLConfig, tp: int, dtype: torch.dtype, cpu_init
 class Qwen25VLModel(MegatronModule):
     """Vision encoder + language model, tensor parallel over the current TP group.
 
+    backend: the language model's layers, "local" or "te" (Transformer Engine; its fused
+    norms are named ...linear_qkv.layer_norm_weight / ...linear_fc1.layer_norm_weight). The
+    vision encoder always runs on its own GEMMs (megatron-core parameters, `vision.py`).
+    core_attention: the language model's core-attention class (default SpavaCoreAttention).
+
     forward(decoder_input [s, b, hidden], position_ids [3, b, s]) -> logits [b, s, vocab]
     (gathered over TP). The context-parallel algorithm comes from the active request.
     """
 
     def __init__(self, cfg: Qwen25VLConfig, *, tensor_parallel: int = 1, context_parallel: int = 1,
-                 dtype: torch.dtype = torch.float32, backend: str = "local",
+                 dtype: torch.dtype = torch.float32, backend: str = "local", core_attention=None,
                  use_cpu_initialization: bool = True, perform_initialization: bool = True,
                  max_sequence_length: int = 1 << 20):
         cfg.validate(tensor_parallel)
@@ -68,13 +73,14 @@ class Qwen25VLModel(MegatronModule):
         self.visual = VisionEncoder(cfg.vision, _vision_tp_config(
             cfg, tensor_parallel, dtype, use_cpu_initialization, perform_initialization))
         self.language_model = GPTModel(
-            config=text, transformer_layer_spec=get_gpt_layer_spec(backend, normalization="RMSNorm"),
+            config=text, transformer_layer_spec=get_gpt_layer_spec(
+                backend, core_attention=core_attention, normalization=text.normalization),
             vocab_size=cfg.vocab_size, max_sequence_length=max_sequence_length,
             position_embedding_type="mrope", rotary_base=cfg.rope_theta,
             share_embeddings_and_output_weights=cfg.tie_word_embeddings, parallel_output=False)
         use_spava_rope(self.language_model)
-        for p in self.parameters():  # megatron-core builds its norms in float32 whatever the dtype
-            p.data = p.data.to(dtype)
+        self.backend = backend_for_impl(backend)
+        cast_parameters(self, dtype)  # megatron-core builds its local norms in float32
 
     def shard_weights(self, cp_group: Optional[dist.ProcessGroup]):
         """Keep 1/CP of every language-model layer's weights on each rank of `cp_group`,
