@@ -10,7 +10,7 @@
 # spava/star/apb run at full budget (--spava-passing-len = the sequence length), where
 # Spava is exact: the evaluation loss then equals the run without CP.
 # Extra arguments go to pretrain_gpt.py. Model size via the environment: SEQ (4096),
-# LAYERS (4), HIDDEN (512), HEADS (8), GROUPS (4), FFN (1408), VOCAB (8192), EVAL_ITERS (4).
+# LAYERS (4), HIDDEN (512), HEADS (8), KV_GROUPS (4; not GROUPS, which bash sets to the user's group ids), FFN (1408), VOCAB (8192), EVAL_ITERS (4).
 # The checkout must be Megatron-LM core_v0.16.1 patched with
 # `python tools/megatron_lm_patch.py apply "$MEGATRON_LM_PATH"`; megatron/core may come
 # from the megatron-core 0.16.1 wheel instead of the checkout.
@@ -32,7 +32,7 @@ cd "$MEGATRON_LM_PATH"
 exec torchrun --standalone --nproc-per-node $((TP * CP)) pretrain_gpt.py \
   --tensor-model-parallel-size "$TP" --context-parallel-size "$CP" \
   --num-layers "${LAYERS:-4}" --hidden-size "${HIDDEN:-512}" --num-attention-heads "${HEADS:-8}" \
-  --group-query-attention --num-query-groups "${GROUPS:-4}" --ffn-hidden-size "${FFN:-1408}" \
+  --group-query-attention --num-query-groups "${KV_GROUPS:-4}" --ffn-hidden-size "${FFN:-1408}" \
   --swiglu --normalization RMSNorm --disable-bias-linear --untie-embeddings-and-output-weights \
   --position-embedding-type rope --rotary-base 10000 \
   --seq-length "$SEQ" --max-position-embeddings "$SEQ" \
