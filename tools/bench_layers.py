@@ -164,6 +164,8 @@ def time_layers(model, algo, S, shape, dtype, device, warmup, repeats):
 
 
 def _commit():
+    if os.environ.get("MEGATRON_SPAVA_COMMIT"):  # the device machines' copy has stale git metadata
+        return os.environ["MEGATRON_SPAVA_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
