@@ -2,10 +2,11 @@
 sequence (SPAVA.md section 1), then gathered by the layout's indices like any token.
 
 Two conventions, which differ only in where the text after a video starts:
-  "qwen"  Qwen's original rule (transformers 4.49-4.57, vLLM), the one the released
-          checkpoints were trained with: text resumes at max(position of the vision
-          block) + 1.
-  "hf"    transformers 5.x `get_rope_index`: text resumes at start + max(h, w) / merge,
+  "qwen"  Qwen's original rule, the one the released checkpoints were trained with
+          (transformers 4.49-5.2, Qwen's fine-tuning code, vLLM; docs/NOTES.md cites them):
+          text resumes at max(position of the vision block) + 1. (transformers 4.52-5.2
+          truncate fractional seconds-per-group to an integer; 4.49-4.51 are exact.)
+  "hf"    transformers >= 5.3 `get_rope_index`: text resumes at start + max(h, w) / merge,
           ignoring the video's temporal extent, so long videos' t positions overlap the
           following text.
 They agree for text, images and videos with (t - 1) * interval < max(h, w) / merge.
