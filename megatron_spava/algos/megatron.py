@@ -113,6 +113,8 @@ def core_attention_for(algo: str, cp_comm_type: Optional[str] = None):
     """The core-attention class a model needs for `algo` with `--cp-comm-type`: the
     registry entry's module (for "megatron", fixed to `cp_comm_type`), or None (the default,
     SpavaCoreAttention) for algorithms that are attention functions."""
+    if algo is None:  # megatron-core's stock layers
+        return None
     if algo == NAME:
         return megatron_core_attention(cp_comm_type)  # ImportError without TE
     from .registry import get
