@@ -40,7 +40,7 @@ def test_gpt_prefill_example_tp2_cp2_full_budget_is_exact():
                 "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
                 "--num-query-groups", "2", "--seq-length", "1024", "--spava-query-len", "16",
                 "--spava-passing-len", "1024", "--repeats", "1", "--compare-full"])
-    assert "spava: TP=2 x CP=2, 1024 tokens (16 query)" in out
+    assert "spava on local layers: TP=2 x CP=2, 1024 tokens (16 query)" in out
     diffs = dict(re.findall(r"(\w+) rows ([\d.e+-]+)", out))
     assert set(diffs) == {"query", "all", "anchor"} and max(map(float, diffs.values())) < 1e-4, out
 
