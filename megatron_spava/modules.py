@@ -133,6 +133,13 @@ class SpavaRotaryEmbedding(RotaryEmbedding):
         emb = self.get_emb(total, offset)  # [S, 1, 1, dim]
         return emb[positions.to(emb.device)]
 
+    def at(self, positions: Tensor) -> Tensor:
+        """RoPE [s, 1, 1, dim] at the global `positions` [s] (any order, any device; a host
+        tensor avoids a device sync), without a request: for models that pass positions to
+        their forward (InternVL3Model)."""
+        emb = self.get_emb(int(positions.max()) + 1)
+        return emb[positions.to(emb.device)]
+
 
 class SpavaMultimodalRotaryEmbedding(MultimodalRotaryEmbedding):
     """3-D M-RoPE from position ids that are already this rank's ([3, b, s_local],

@@ -14,39 +14,21 @@ HF -> megatron -> HF is bit-exact. Both stream tensor by tensor; peak memory is 
 one copy of the model. Runs on CPU (the model's weights stay in CPU memory). The model
 family (--model) is read from config.json's model_type unless given: qwen2_5_vl, or
 internvl3 (HF's "internvl", the OpenGVLab/InternVL3-*-hf format).
-A Qwen2.5-VL checkpoint loads into either --transformer-impl (megatron-core's local layers or
-Transformer Engine's, which fuse the layer norms into linear_qkv / linear_fc1): both store
-the norms under the same keys. hf-to-megatron's --transformer-impl only picks the layers
+A converted checkpoint (either family) loads into either --transformer-impl (megatron-core's
+local layers or Transformer Engine's, which fuse the layer norms into linear_qkv /
+linear_fc1): both store the norms under the same keys. hf-to-megatron's --transformer-impl only picks the layers
 the writer builds (default: transformer_engine where TE imports and CUDA exists, else local).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-
-#: model_type in config.json -> the megatron_spava.models package that converts it
-MODELS = {"qwen2_5_vl": "qwen2_5_vl", "internvl3": "internvl"}
-
-
-def detect_model(path: str) -> str:
-    """The model family of a checkpoint directory, from its config.json's model_type."""
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        raise FileNotFoundError(f"checkpoint not found: no config.json in {path}")
-    with open(config) as f:
-        model_type = json.load(f).get("model_type")
-    for model, kind in MODELS.items():
-        if model_type == kind:
-            return model
-    raise ValueError(f"{config}: model_type {model_type!r} is not one of "
-                     f"{sorted(MODELS.values())}; pass --model")
+from megatron_spava.models.families import FAMILIES, resolve_family  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -66,7 +48,7 @@ def main(argv=None) -> int:
     b.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (default: %(default)s)")
     for p in (a, b):
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
-        p.add_argument("--model", choices=["auto", *MODELS], default="auto",
+        p.add_argument("--model", choices=["auto", *FAMILIES], default="auto",
                        help="model family (default: from config.json's model_type)")
     args = parser.parse_args(argv)
 
@@ -74,10 +56,9 @@ def main(argv=None) -> int:
     from megatron_spava.specs import backend_for_impl, resolve_transformer_impl
 
     try:
-        model = args.model
-        if model == "auto":
-            model = detect_model(args.hf_path if args.direction == "hf-to-megatron" else args.megatron_path)
-        convert = importlib.import_module(f"megatron_spava.models.{model}.convert")
+        family = resolve_family(args.model, args.hf_path if args.direction == "hf-to-megatron"
+                                else args.megatron_path)
+        convert = family.convert()
         dist_to_hf, hf_to_dist = convert.dist_to_hf, convert.hf_to_dist
         if args.direction == "hf-to-megatron":
             if args.tensor_model_parallel_size < 1:
@@ -85,10 +66,9 @@ def main(argv=None) -> int:
             impl = resolve_transformer_impl(args.transformer_impl,
                                             "cuda" if torch.cuda.is_available() else "cpu")
             # the checkpoint is the same for either backend; the writer's layers differ only
-            # in where the norms live (InternVL3's writer builds local layers)
-            backend = {"backend": backend_for_impl(impl)} if model == "qwen2_5_vl" else {}
+            # in where the norms live
             out = hf_to_dist(args.hf_path, args.out, tensor_parallel=args.tensor_model_parallel_size,
-                             progress=not args.no_progress, **backend)
+                             progress=not args.no_progress, backend=backend_for_impl(impl))
         else:
             out = dist_to_hf(args.megatron_path, args.out, max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
                              progress=not args.no_progress)

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..models.qwen2_5_vl.generate import VideoQAInputs
+from .inputs import VideoQAInputs
 from .io import VideoClip
 from .preprocess import VideoPreprocessConfig, preprocess_frames
 

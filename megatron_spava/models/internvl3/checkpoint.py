@@ -6,7 +6,10 @@ Pure reshuffles, no arithmetic, so a round trip is bit-exact:
   LLM gate/up_proj -> linear_fc1 = [gate; up]
   embed_tokens, lm_head [vocab, H] -> [padded vocab, H] with zero rows (cfg.padded_vocab_size)
 Everything else keeps HF's name (vision_tower.*, multi_modal_projector.*) or maps one to
-one (norms, o_proj, down_proj).
+one (norms, o_proj, down_proj). The language model's part is `common.hf_lm` (shared with
+Qwen2.5-VL). Megatron names come out in the local layer layout; for a Transformer Engine
+model `common.checkpoint_io.to_model_layout` renames the norms (fused into linear_qkv /
+linear_fc1), and `megatron_to_hf` accepts either layout.
 
 HF names are accepted in both layouts of transformers 5.x InternVLForConditionalGeneration:
 on disk (what save_pretrained and the OpenGVLab/InternVL3-*-hf checkpoints hold)
@@ -20,12 +23,13 @@ tie_word_embeddings, transformers' rule) the checkpoint's lm_head, if any, is no
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import Tensor
 
-from ..qwen2_5_vl.checkpoint import _SIMPLE_LM, _group_qkv, _ungroup_qkv
+from ..common import hf_lm
+from ..common.hf_lm import StreamingConverter, layer_to_hf, tp_patterns
 from .config import InternVL3Config
 
 LM = "language_model."
@@ -70,21 +74,9 @@ def _pad_vocab(t: Tensor, cfg: InternVL3Config) -> Tensor:
     return torch.cat([t, t.new_zeros(cfg.padded_vocab_size - t.shape[0], *t.shape[1:])])
 
 
-class HFToMegatron:
+class HFToMegatron(StreamingConverter):
     """Streaming HF -> megatron name/layout conversion. feed() returns the megatron
     (name, tensor) pairs completed by this tensor; finish() checks nothing is left over."""
-
-    def __init__(self, cfg: InternVL3Config):
-        self.cfg = cfg
-        self.pending: Dict[str, Dict[str, Tensor]] = {}
-
-    def _join(self, key: str, part: str, tensor: Tensor, parts: Tuple[str, ...]) -> Dict[str, Tensor]:
-        got = self.pending.setdefault(key, {})
-        got[part] = tensor
-        if len(got) < len(parts):
-            return {}
-        del self.pending[key]
-        return got
 
     def feed(self, name: str, tensor: Tensor) -> List[Tuple[str, Tensor]]:
         cfg = self.cfg
@@ -109,31 +101,16 @@ class HFToMegatron:
         if not m:
             raise KeyError(f"unexpected tensor in an InternVL checkpoint: {name}")
         layer, suffix = m.groups()
-        prefix = f"{LM}decoder.layers.{layer}."
-        if suffix in _SIMPLE_LM:
-            return [(prefix + _SIMPLE_LM[suffix], tensor)]
-        qkv = re.match(r"self_attn\.([qkv])_proj\.(weight|bias)$", suffix)
-        if qkv:
-            got = self._join(f"{layer}.qkv.{qkv.group(2)}", qkv.group(1), tensor, ("q", "k", "v"))
-            if not got:
-                return []
-            joined = _group_qkv(got["q"], got["k"], got["v"], cfg)
-            return [(prefix + f"self_attention.linear_qkv.{qkv.group(2)}", joined)]
-        glu = re.match(r"mlp\.(gate|up)_proj\.weight$", suffix)
-        if glu:
-            got = self._join(f"{layer}.fc1", glu.group(1), tensor, ("gate", "up"))
-            if not got:
-                return []
-            return [(prefix + "mlp.linear_fc1.weight", torch.cat([got["gate"], got["up"]]))]
-        raise KeyError(f"unexpected tensor in an InternVL checkpoint: {name}")
-
-    def finish(self) -> None:
-        if self.pending:
-            raise ValueError(f"incomplete checkpoint: missing parts of {sorted(self.pending)}")
+        out = self.layer_from_hf(layer, suffix, tensor, f"{LM}decoder.layers.{layer}.")
+        if out is None:
+            raise KeyError(f"unexpected tensor in an InternVL checkpoint: {name}")
+        return out
 
 
 def megatron_to_hf(name: str, tensor: Tensor, cfg: InternVL3Config) -> List[Tuple[str, Tensor]]:
-    """One global megatron tensor -> its HF tensors (on-disk names)."""
+    """One global megatron tensor (local or TE key layout) -> its HF tensors (on-disk names)."""
+    from ...specs import te_to_local_key
+    name = te_to_local_key(name)
     m = re.match(r"^(vision_tower\.encoder\.layer\.\d+\.attention\.)qkv\.(weight|bias)$", name)
     if m:
         q, k, v = _vision_qkv_from_heads(tensor, cfg.vision.num_heads)
@@ -153,38 +130,21 @@ def megatron_to_hf(name: str, tensor: Tensor, cfg: InternVL3Config) -> List[Tupl
     if not m:
         raise KeyError(f"unexpected megatron tensor: {name}")
     layer, suffix = m.groups()
-    prefix = f"language_model.model.layers.{layer}."
-    for hf, meg in _SIMPLE_LM.items():
-        if suffix == meg:
-            return [(prefix + hf, tensor)]
-    qkv = re.match(r"self_attention\.linear_qkv\.(weight|bias)$", suffix)
-    if qkv:
-        q, k, v = _ungroup_qkv(tensor, cfg)
-        return [(prefix + f"self_attn.{p}_proj.{qkv.group(1)}", t) for p, t in zip("qkv", (q, k, v))]
-    if suffix == "mlp.linear_fc1.weight":
-        gate, up = tensor.chunk(2)
-        return [(prefix + "mlp.gate_proj.weight", gate.contiguous()),
-                (prefix + "mlp.up_proj.weight", up.contiguous())]
-    raise KeyError(f"unexpected megatron tensor: {name}")
+    out = layer_to_hf(suffix, tensor, cfg, f"language_model.model.layers.{layer}.")
+    if out is None:
+        raise KeyError(f"unexpected megatron tensor: {name}")
+    return out
 
 
-_COLUMN = re.compile(r"(linear_qkv\.(weight|bias)|word_embeddings\.weight|output_layer\.weight|"
-                     r"attention\.qkv\.(weight|bias)|encoder\.layer\.\d+\.mlp\.fc1\.(weight|bias)|"
-                     r"multi_modal_projector\.linear_1\.(weight|bias))$")
-_ROW = re.compile(r"(linear_proj\.weight|linear_fc2\.weight|attention\.projection_layer\.weight|"
-                  r"encoder\.layer\.\d+\.mlp\.fc2\.weight|multi_modal_projector\.linear_2\.weight)$")
+_COLUMN, _ROW = tp_patterns(
+    column=r"attention\.qkv\.(weight|bias)|encoder\.layer\.\d+\.mlp\.fc1\.(weight|bias)|"
+           r"multi_modal_projector\.linear_1\.(weight|bias)",
+    row=r"attention\.projection_layer\.weight|encoder\.layer\.\d+\.mlp\.fc2\.weight|"
+        r"multi_modal_projector\.linear_2\.weight")
 
 
 def shard_for_tp(name: str, tensor: Tensor, rank: int, size: int, cfg: InternVL3Config) -> Tensor:
-    """The slice of a global megatron tensor that tensor-parallel `rank` of `size` holds.
-    (linear_qkv is a contiguous split even when KV groups < TP: megatron-core gathers it
-    back and picks the group.)"""
-    if size == 1:
-        return tensor
-    if name.endswith("linear_fc1.weight"):  # [gate; up]: each rank holds [gate_r; up_r]
-        return torch.cat([part.chunk(size)[rank] for part in tensor.chunk(2)])
-    if _COLUMN.search(name):
-        return tensor.chunk(size)[rank]
-    if _ROW.search(name):
-        return tensor.chunk(size, dim=1)[rank]
-    return tensor  # norms, layer scales, embeddings of the ViT, row-parallel biases: replicated
+    """The slice of a global megatron tensor that tensor-parallel `rank` of `size` holds
+    (`hf_lm.shard_for_tp`: norms, layer scales, the ViT's embeddings and row-parallel biases
+    are replicated)."""
+    return hf_lm.shard_for_tp(name, tensor, rank, size, _COLUMN, _ROW)

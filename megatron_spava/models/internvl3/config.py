@@ -100,6 +100,20 @@ class InternVL3Config:
         return self.head_dim_ or self.hidden_size // self.num_heads
 
     @property
+    def vision_token_id(self) -> int:
+        """The placeholder token the vision embeddings replace (<IMG_CONTEXT>)."""
+        return self.image_token_id
+
+    def query_length(self, input_ids) -> int:
+        """Query tokens of a prompt [1, S]: those after the `</img>` that closes the last
+        frame (the question and the assistant prefix), i.e. everything past the last
+        <IMG_CONTEXT> and the token after it. Raises ValueError for a prompt without one."""
+        hits = (input_ids[0] == self.image_token_id).nonzero()
+        if hits.numel() == 0:
+            raise ValueError("the prompt has no image context token: no video in it")
+        return max(0, input_ids.shape[1] - int(hits[-1]) - 2)
+
+    @property
     def padded_vocab_size(self) -> int:
         """Rows of the megatron embedding and output layer (zero rows past vocab_size)."""
         return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE

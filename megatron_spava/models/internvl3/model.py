@@ -3,13 +3,14 @@ GPTModel language model (Qwen2.5: GQA, QKV bias, SwiGLU, RMSNorm, 1-D RoPE) whos
 attention is megatron_spava's context-parallel attention.
 
     model = InternVL3Model(InternVL3Config.from_hf(path), tensor_parallel=tp, context_parallel=cp)
-    embeds = encode_frames_frame_parallel(model, pixels, cp_group)          # every rank
-    x = model.decoder_input(input_ids[:, idx], embeds, image_ordinals(input_ids, img)[:, idx])
-    with cp_request(layout, positions=idx, cache=cache):
-        logits = model(x)                                                  # [b, s_local, V]
+    embeds = model.encode_video(inputs, cp_group)                       # every rank, frame-parallel
+    x = model.decoder_input(input_ids[:, idx], embeds, model.vision_ordinals(input_ids)[:, idx])
+    with cp_request(layout, cache=cache):
+        logits = model(x, idx)                                          # [b, s_local, V]
 
-Video frames are tiles: InternVL3 has no temporal patches, so every frame is its own
-group of 256 tokens and frame parallelism splits the frames themselves.
+`inference.generate` runs this loop (prefill, decode, several questions), the same one as
+Qwen2.5-VL's. Video frames are tiles: InternVL3 has no temporal patches, so every frame is
+its own group of 256 tokens and frame parallelism splits the frames themselves.
 """
 
 from __future__ import annotations
@@ -22,33 +23,32 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron.core.models.gpt.gpt_model import GPTModel
-from megatron.core.transformer.module import MegatronModule
 
-from ...distributed import all_gather, group_rank_world
 from ...modules import use_spava_rope
-from ...specs import get_gpt_layer_spec
+from ...specs import backend_for_impl, cast_parameters, get_gpt_layer_spec
+from ..common.frame_parallel import encode_frame_parallel, split_groups
+from ..common.vision import vision_tp_config
+from ..common.vlm import TokenPositions, VideoLanguageModel
 from ..gpt import gpt_config
-from ..qwen2_5_vl.model import Qwen25VLModel, _vision_tp_config, video_ordinals
 from .config import InternVL3Config
 from .vision import InternVLProjector, InternViT, pixel_shuffle
 
-#: For every token, the row of the image embeddings it takes, or -1 (HF's masked_scatter
-#: order). The same rule as Qwen2.5-VL's video tokens, with InternVL's <IMG_CONTEXT> id.
-image_ordinals = video_ordinals
 
-
-class InternVL3Model(MegatronModule):
+class InternVL3Model(VideoLanguageModel):
     """InternViT + projector + language model, tensor parallel over the current TP group.
 
-    forward(decoder_input [s, b, hidden]) -> logits [b, s, vocab] (gathered over TP; the
-    embedding and output layer are padded to cfg.padded_vocab_size, the logits are not). RoPE
-    positions and the context-parallel algorithm come from the active request
-    (`cp_request(layout, positions=...)`); without one, positions are 0..s-1 (CP = 1).
-    backend: the language model's layer spec ("local" or "te", `megatron_spava.specs`).
+    forward(decoder_input [s, b, hidden], position_ids [s] or None) -> logits [b, s, vocab]
+    (gathered over TP; the embedding and output layer are padded to cfg.padded_vocab_size,
+    the logits are not). position_ids: each token's global position (1-D RoPE); None takes
+    them from the active request (`cp_request(layout, positions=...)`), or 0..s-1 without
+    one (CP = 1). The context-parallel algorithm comes from the active request.
+    backend: the language model's layers, "local" or "te" (Transformer Engine: norms fused
+    into linear_qkv / linear_fc1); the vision side runs its own GEMMs on either.
+    core_attention: the language model's core-attention class (default SpavaCoreAttention).
     """
 
     def __init__(self, cfg: InternVL3Config, *, tensor_parallel: int = 1, context_parallel: int = 1,
-                 dtype: torch.dtype = torch.float32, backend: str = "local",
+                 dtype: torch.dtype = torch.float32, backend: str = "local", core_attention=None,
                  use_cpu_initialization: bool = True, perform_initialization: bool = True,
                  max_sequence_length: int = 1 << 20):
         cfg.validate(tensor_parallel)
@@ -61,22 +61,19 @@ class InternVL3Model(MegatronModule):
             perform_initialization=perform_initialization)
         super().__init__(config=text)
         self.cfg = cfg
-        vision_tp = _vision_tp_config(cfg, tensor_parallel, dtype, use_cpu_initialization,
-                                      perform_initialization)
-        self.vision_tower = InternViT(cfg.vision, vision_tp, backend)
-        self.multi_modal_projector = InternVLProjector(cfg, vision_tp, backend)
+        self.backend = backend_for_impl(backend)
+        vision_tp = vision_tp_config(cfg.vision, tensor_parallel, dtype, use_cpu_initialization,
+                                     perform_initialization)
+        self.vision_tower = InternViT(cfg.vision, vision_tp, self.backend)
+        self.multi_modal_projector = InternVLProjector(cfg, vision_tp, self.backend)
         self.language_model = GPTModel(
-            config=text, transformer_layer_spec=get_gpt_layer_spec(backend, normalization="RMSNorm"),
+            config=text, transformer_layer_spec=get_gpt_layer_spec(
+                self.backend, core_attention=core_attention, normalization=text.normalization),
             vocab_size=cfg.padded_vocab_size, max_sequence_length=max_sequence_length,
             position_embedding_type="rope", rotary_base=cfg.rope_theta,
             share_embeddings_and_output_weights=cfg.tie_word_embeddings, parallel_output=False)
         use_spava_rope(self.language_model)
-        for p in self.parameters():  # megatron-core builds its norms in float32 whatever the dtype
-            p.data = p.data.to(dtype)
-
-    # Model-independent pieces shared with Qwen2.5-VL (to move into a common VLM module).
-    shard_weights = Qwen25VLModel.shard_weights
-    decoder_input = Qwen25VLModel.decoder_input
+        cast_parameters(self, dtype)  # megatron-core builds its local norms in float32
 
     def encode_frames(self, pixels: Tensor, frames_per_pass: int = 64) -> Tensor:
         """Frames [F, C, S, S] -> LLM-width embeddings [F, tokens_per_tile, hidden]:
@@ -88,28 +85,42 @@ class InternVL3Model(MegatronModule):
             out.append(self.multi_modal_projector(features))
         return torch.cat(out)
 
-    def forward(self, decoder_input: Tensor, logits_rows: Optional[Tensor] = None) -> Tensor:
-        """decoder_input [s, b, hidden] -> logits [b, s', vocab] for the local rows
-        `logits_rows` (default: all); a prefill needs only the last token's."""
-        lm = self.language_model
-        rotary = lm.rotary_pos_emb(decoder_input.shape[0])
-        hidden = lm.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary)
-        if logits_rows is not None:
-            hidden = hidden.index_select(0, logits_rows.to(hidden.device))
-        weight = lm.shared_embedding_or_output_weight() if lm.share_embeddings_and_output_weights else None
-        logits, _ = lm.output_layer(hidden, weight=weight, runtime_gather_output=True)
-        return logits[..., : self.cfg.vocab_size].transpose(0, 1).contiguous()
+    def encode_video(self, inputs, cp_group: Optional[dist.ProcessGroup] = None) -> Tensor:
+        """Embeddings [F * tokens_per_tile, hidden] of an InternVLInputs' frames on every rank
+        of `cp_group`, frame-parallel (None: this rank encodes all)."""
+        return encode_frames_frame_parallel(self, inputs.pixel_values, cp_group)
+
+    def prompt_positions(self, input_ids: Tensor, inputs, *, max_new_tokens: int = 0,
+                         rope_convention: Optional[str] = None) -> TokenPositions:
+        """1-D positions of the prompt input_ids [1, S] and the tokens decoded after it.
+        Raises ValueError when the image tokens do not match the frames, past the dynamic
+        RoPE's range, or for a rope_convention (Qwen2.5-VL's M-RoPE option)."""
+        cfg = self.cfg
+        if rope_convention is not None:
+            raise ValueError(f"rope_convention {rope_convention!r}: InternVL3 has 1-D RoPE; the "
+                             f"convention chooses Qwen2.5-VL's M-RoPE rule")
+        S = input_ids.shape[1]
+        cfg.check_prompt_length(S + max_new_tokens)
+        frames, tokens = inputs.pixel_values.shape[0], int((input_ids == cfg.image_token_id).sum())
+        if tokens != frames * cfg.tokens_per_tile:
+            raise ValueError(f"the prompt has {tokens} image tokens for {frames} frames of "
+                             f"{cfg.tokens_per_tile}")
+        return TokenPositions(S)
+
+    def forward(self, decoder_input: Tensor, position_ids: Optional[Tensor] = None,
+                logits_rows: Optional[Tensor] = None) -> Tensor:
+        """decoder_input [s, b, hidden], position_ids [s] (global positions, any device; None:
+        the request's) -> logits [b, s', vocab] for the local rows `logits_rows` (default:
+        all); a prefill needs only the last token's."""
+        rope = self.language_model.rotary_pos_emb
+        rotary = rope(decoder_input.shape[0]) if position_ids is None else rope.at(position_ids)
+        return self.lm_forward(decoder_input, rotary, logits_rows, vocab=self.cfg.vocab_size)
 
 
 def split_frames(n_frames: int, world: int) -> List[Tuple[int, int]]:
     """Contiguous [lo, hi) frame ranges per rank, near-equal in count. Raises ValueError
     when there are fewer frames than ranks (SPAVA.md section 1 limit)."""
-    if n_frames < world:
-        raise ValueError(f"frame-parallel vision needs at least one frame per context-parallel "
-                         f"rank: the video has {n_frames} frames for {world} ranks; sample more "
-                         f"frames or use fewer ranks")
-    bounds = [round(r * n_frames / world) for r in range(world + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return split_groups(n_frames, world, unit="frame", units="frames")
 
 
 def encode_frames_frame_parallel(model: InternVL3Model, pixels: Tensor,
@@ -121,16 +132,7 @@ def encode_frames_frame_parallel(model: InternVL3Model, pixels: Tensor,
     pixels: [F, C, S, S], the same on every rank, on any device: only this rank's slice
     is moved to the model's device.
     """
-    rank, world = group_rank_world(cp_group)
-    ranges = split_frames(pixels.shape[0], world)
-    lo, hi = ranges[rank]
-    local = model.encode_frames(pixels[lo:hi].to(model.vision_tower.device))  # [f, T, hidden]
-    if world == 1:
-        return local.flatten(0, 1)
-    most = max(b - a for a, b in ranges)
-    padded = local.new_zeros(most, *local.shape[1:])
-    padded[: local.shape[0]] = local
-    gathered = local.new_empty(world * most, *local.shape[1:])
-    all_gather(gathered, padded, cp_group, world, async_op=False)
-    gathered = gathered.view(world, most, *local.shape[1:])
-    return torch.cat([gathered[r, : b - a] for r, (a, b) in enumerate(ranges)]).flatten(0, 1)
+    device = model.vision_tower.device
+    encode = lambda lo, hi: model.encode_frames(pixels[lo:hi].to(device)).flatten(0, 1)  # noqa: E731
+    return encode_frame_parallel(encode, [model.cfg.tokens_per_tile] * pixels.shape[0], cp_group,
+                                 unit="frame", units="frames")

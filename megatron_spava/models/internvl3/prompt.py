@@ -22,8 +22,8 @@ from typing import Tuple
 import numpy as np
 import torch
 
+from ...video.inputs import InternVLInputs
 from ...video.preprocess import _resize
-from .generate import InternVLInputs
 from .tiny import IMAGE_TOKENS, IMAGENET_MEAN, IMAGENET_STD
 
 

@@ -12,8 +12,8 @@ parallelism a contiguous split: HF's separate `attention.{q,k,v}_proj` are one
 
 A frame is one 448x448 tile and attends only to itself, so encoding any subset of a
 video's frames is exact (`model.encode_frames_frame_parallel`). The linears run as plain
-GEMMs on the megatron-core parameters (`qwen2_5_vl.vision._column/_row`: bias in the
-epilogue, one all-reduce per row-parallel linear under TP), as Qwen2.5-VL's encoder does.
+GEMMs on the megatron-core parameters (`common.vision.column/row`: bias in the epilogue,
+one all-reduce per row-parallel linear under TP), as Qwen2.5-VL's encoder does.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ...ops.attention import attend
-from ..qwen2_5_vl.vision import Container, _column, _row
+from ..common.vision import Container, column, rms_norm, row
 from .config import InternViTConfig, InternVL3Config
 
 BACKENDS = ("local", "te")
@@ -66,8 +66,7 @@ class Norm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "layer_norm":
             return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def _linears(tp_config: TransformerConfig, backend: str):
@@ -106,12 +105,12 @@ class InternViTLayer(MegatronModule):
     def forward(self, x: Tensor) -> Tensor:
         """x: [L, F, D] (L = 1 + patches of one tile, F frames) -> [L, F, D]."""
         L, F_, _ = x.shape
-        qkv = _column(self.attention.qkv, self.layernorm_before(x)).view(L, F_, -1, 3, self.head_dim)
+        qkv = column(self.attention.qkv, self.layernorm_before(x)).view(L, F_, -1, 3, self.head_dim)
         q, k, v = qkv.unbind(3)  # [L, F, heads / tp, d] views: attention within each frame
         o = attend(q, k, v, causal=False, scale=self.head_dim ** -0.5)[0]
-        x = x + self.lambda_1 * _row(self.attention.projection_layer, o.reshape(L, F_, -1))
-        h = self.act(_column(self.mlp.fc1, self.layernorm_after(x)))
-        return x + self.lambda_2 * _row(self.mlp.fc2, h)
+        x = x + self.lambda_1 * row(self.attention.projection_layer, o.reshape(L, F_, -1))
+        h = self.act(column(self.mlp.fc1, self.layernorm_after(x)))
+        return x + self.lambda_2 * row(self.mlp.fc2, h)
 
 
 class InternViT(MegatronModule):
@@ -188,4 +187,4 @@ class InternVLProjector(MegatronModule):
         self.act = activation(cfg.projector_hidden_act)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _row(self.linear_2, self.act(_column(self.linear_1, self.layer_norm(x))))
+        return row(self.linear_2, self.act(column(self.linear_1, self.layer_norm(x))))

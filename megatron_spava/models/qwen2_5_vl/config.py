@@ -36,6 +36,19 @@ class Qwen25VLConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def vision_token_id(self) -> int:
+        """The placeholder token the vision embeddings replace (videos: <|video_pad|>)."""
+        return self.video_token_id
+
+    def query_length(self, input_ids) -> int:
+        """Query tokens of a prompt [1, S]: those after the last <|vision_end|> (question +
+        assistant prefix). Raises ValueError for a prompt without a video."""
+        ends = (input_ids[0] == self.vision_end_token_id).nonzero()
+        if ends.numel() == 0:
+            raise ValueError("the prompt has no <|vision_end|>: no video in it")
+        return input_ids.shape[1] - int(ends[-1]) - 1
+
     @classmethod
     def from_hf(cls, source: Union[str, dict]) -> "Qwen25VLConfig":
         """From an HF checkpoint directory, a config.json path, or its dict."""

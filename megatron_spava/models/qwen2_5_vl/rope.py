@@ -93,3 +93,20 @@ def decode_positions(positions: Tensor, deltas: Tensor, step: int, prompt_len: i
     `prompt_len` unpadded tokens: prompt_len + delta + step on every axis."""
     pos = (prompt_len + deltas[:, 0] + step).to(positions.dtype)  # [b]
     return pos.view(1, -1, 1).expand(3, -1, 1).clone()
+
+
+class MRopePositions:
+    """The M-RoPE ids of one prompt, for `inference.generate` (`Qwen25VLModel.prompt_positions`):
+    positions [3, 1, S] and deltas [1, 1] from `rope_index`.
+
+    take(idx) -> [3, 1, len(idx)], the prompt tokens at global indices idx;
+    decode(step) -> [3, 1, 1], decoded token `step` (0-based) after the prompt."""
+
+    def __init__(self, positions: Tensor, deltas: Tensor):
+        self.positions, self.deltas = positions, deltas
+
+    def take(self, idx: Tensor) -> Tensor:
+        return self.positions[:, :, idx]
+
+    def decode(self, step: int) -> Tensor:
+        return decode_positions(self.positions, self.deltas, step, self.positions.shape[2])

@@ -11,14 +11,14 @@ with two layout differences that make tensor parallelism a contiguous split:
 Every temporal group (2 frames) is an independent attention segment in every layer
 (windows and "full" layers alike), so encoding a subset of a video's groups is exact:
 `model.encode_video_frame_parallel` gives each context-parallel rank a disjoint slice.
+The TP linear helpers and segment attention are shared with InternVL3 (`models.common.vision`).
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,8 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ...ops.attention import attend
+from ..common.vision import (Container, SegmentGroup, column, rms_norm, row, segment_attention,
+                             segment_groups)
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,6 @@ class VisionConfig:
         return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
 
 
-def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """HF Qwen2's RMSNorm: normalise in float32, cast back, then scale."""
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
 def _rotary(qk: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """HF's vision rotary (x * cos + rotate_half(x) * sin) in float32, cast back.
     qk [N, heads, 2, d] (q and k together); cos, sin [N, d/2] float32: HF's cos/sin are
@@ -94,7 +89,7 @@ def _gated(gate: Tensor, up: Tensor, act_name: str) -> Tensor:
     return getattr(F, act_name)(gate) * up
 
 
-_EAGER = {"rms_norm": _rms_norm, "rotary": _rotary, "gated": _gated}
+_EAGER = {"rms_norm": rms_norm, "rotary": _rotary, "gated": _gated}
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,7 +108,7 @@ def fused(name: str, *args, compile: bool = False):
 
 
 class RMSNorm(nn.Module):
-    """HF Qwen2's RMSNorm (`_rms_norm`), holding the scale parameter."""
+    """HF Qwen2's RMSNorm (`common.vision.rms_norm`), holding the scale parameter."""
 
     def __init__(self, dim: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -157,91 +152,6 @@ def window_index(grid_thw: Tensor, cfg: VisionConfig) -> Tuple[Tensor, List[int]
         lengths += (counts[counts > 0] * unit).tolist()
         offset += t * gh * gw
     return torch.cat(indices), lengths
-
-
-@dataclass(frozen=True)
-class SegmentGroup:
-    """Segments of one length L: either `count` back-to-back segments from row `start`
-    (a slab, attended through a view) or arbitrary ones, `rows` [n_segments, L]
-    (attended through a gather and a scatter)."""
-
-    length: int
-    start: int = 0
-    count: int = 0
-    rows: Optional[Tensor] = None
-
-
-def segment_groups(lengths: Sequence[int], device) -> List[SegmentGroup]:
-    """The consecutive segments of `lengths`, grouped by length. Built once per forward and
-    shared by every block. Equal-length segments that tile a contiguous row range (uniform
-    windows; whole frames) become slabs."""
-    starts = [0, *itertools.accumulate(lengths[:-1])]
-    by_len = {}
-    for start, length in zip(starts, lengths):
-        by_len.setdefault(length, []).append(start)
-    groups = []
-    for length, group in by_len.items():
-        if group == list(range(group[0], group[0] + len(group) * length, length)):
-            groups.append(SegmentGroup(length, start=group[0], count=len(group)))
-        else:
-            rows = torch.tensor(group)[:, None] + torch.arange(length)[None, :]
-            groups.append(SegmentGroup(length, rows=rows.to(device)))
-    return groups
-
-
-def segment_attention(q: Tensor, k: Tensor, v: Tensor, groups: Sequence[SegmentGroup],
-                      scale: float) -> Tensor:
-    """Bidirectional attention within segments.
-
-    q, k, v: [N, heads, d] (strided views allowed); groups: from `segment_groups`.
-    Segments of equal length are batched into one kernel call ([L, n_segments, heads, d]).
-    Returns [N, heads, d].
-    """
-    g0 = groups[0]
-    whole = len(groups) == 1 and g0.rows is None and g0.count * g0.length == q.shape[0]
-    out = None if whole else torch.empty_like(q)  # one slab over every row: no copies at all
-    for g in groups:
-        if g.rows is None:  # a slab: views in, a view out
-            rows = slice(g.start, g.start + g.count * g.length)
-            take = lambda t: t[rows].view(g.count, g.length, *t.shape[1:])  # noqa: E731
-        else:
-            take = lambda t: t[g.rows]  # noqa: E731
-        o = attend(*(take(t).transpose(0, 1) for t in (q, k, v)), causal=False,
-                   scale=scale)[0].transpose(0, 1)  # [n_segments, L, heads, d]
-        if whole:
-            return o.reshape(q.shape)
-        if g.rows is None:
-            take(out).copy_(o)
-        else:
-            out[g.rows] = o
-    return out
-
-
-def _column(layer, x: Tensor) -> Tensor:
-    """A ColumnParallelLinear (gather_output=False) as one GEMM, bias in its epilogue:
-    x [N, in] -> [N, out / tp]."""
-    return F.linear(x, layer.weight, layer.bias)
-
-
-def _row(layer, x: Tensor, weight: Optional[Tensor] = None) -> Tensor:
-    """A RowParallelLinear (input_is_parallel) x [N, in / tp] -> [N, out]: one GEMM with the
-    bias in its epilogue without TP; under TP, partial products summed over the TP group,
-    then the bias. `weight` replaces layer.weight (a padded copy)."""
-    weight = layer.weight if weight is None else weight
-    if layer.tp_group is None or layer.tp_group.size() == 1:
-        return F.linear(x, weight, layer.bias)
-    return tensor_parallel.reduce_from_tensor_model_parallel_region(
-        F.linear(x, weight), group=layer.tp_group) + layer.bias
-
-
-class Container(MegatronModule):
-    """A named group of submodules. Being a MegatronModule, its sharded_state_dict recurses
-    into the tensor-parallel linears (a plain nn.Module would be checkpointed as replicated)."""
-
-    def __init__(self, config: TransformerConfig, **children: nn.Module):
-        super().__init__(config=config)
-        for name, child in children.items():
-            self.add_module(name, child)
 
 
 class VisionBlock(MegatronModule):
@@ -290,14 +200,14 @@ class VisionBlock(MegatronModule):
         """x: [N, D]; cos/sin: [N, head_dim / 2] float32; groups: attention segments
         (`segment_groups`); compile: fuse the elementwise stages (`fused`)."""
         n = x.shape[0]
-        qkv = _column(self.attn.qkv, self.norm1(x, compile)).view(n, -1, 3, self.head_dim)  # [N, heads/tp, 3, d]
+        qkv = column(self.attn.qkv, self.norm1(x, compile)).view(n, -1, 3, self.head_dim)  # [N, heads/tp, 3, d]
         q, k = fused("rotary", qkv[:, :, :2], cos, sin, compile=compile).unbind(2)
         o = segment_attention(q, k, qkv[:, :, 2], groups, self.head_dim ** -0.5)
-        x = x + _row(self.attn.proj, o.reshape(n, -1))
+        x = x + row(self.attn.proj, o.reshape(n, -1))
         gate_up, gate_up_bias, down = self._fused_mlp_weights()
         gu = F.linear(self.norm2(x, compile), gate_up, gate_up_bias)  # [N, 2 I'] (local I')
         up = fused("gated", *gu.chunk(2, dim=-1), self.act_name, compile=compile)
-        return x + _row(self.mlp.down_proj, up, weight=down)
+        return x + row(self.mlp.down_proj, up, weight=down)
 
 
 class VisionEncoder(MegatronModule):
@@ -355,5 +265,5 @@ class VisionEncoder(MegatronModule):
             x = block(x, cos, sin, frames if i in cfg.fullatt_block_indexes else windows_, compile)
         merged = self.merger.ln_q(x, compile).reshape(n // unit, -1)
         mlp = self.merger.mlp
-        merged = _row(getattr(mlp, "2"), F.gelu(_column(getattr(mlp, "0"), merged)))
+        merged = row(getattr(mlp, "2"), F.gelu(column(getattr(mlp, "0"), merged)))
         return merged[torch.argsort(windows)]

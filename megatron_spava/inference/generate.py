@@ -1,12 +1,29 @@
-"""Video question answering with Qwen2.5-VL on megatron-core: frame-parallel vision,
-context-parallel prefill into a distributed KV cache, exact greedy decode.
+"""Video question answering on megatron-core, one loop for every model family:
+frame-parallel vision, context-parallel prefill into a distributed KV cache, exact greedy
+decode.
 
     out = generate(model, inputs, algo="spava", cp_group=cp, max_new_tokens=16)
     out.tokens, out.ttft_s, out.decode_s, out.first_logits
 
-    context, query = split_prompt(inputs.input_ids, cfg.vision_end_token_id)
+    context, query = split_prompt(model, inputs.input_ids)
     outs = answer_questions(model, replace(inputs, input_ids=context), [q1, q2], cp_group=cp)
                                                   # one video prefill, several questions
+
+The model (Qwen25VLModel, InternVL3Model: `models.common.VideoLanguageModel`) supplies what
+differs between families; inputs are its family's type (`video.inputs`):
+  model.cfg.eos_token_ids
+  model.query_length(input_ids [1, S]) -> l_q: the default query, the tokens after the video
+  model.prompt_positions(input_ids [1, S], inputs, max_new_tokens=, rope_convention=)
+      -> positions, with positions.take(idx) the position ids the model's forward takes for
+      the prompt tokens at global indices idx (Qwen2.5-VL: 3-D M-RoPE [3, 1, s]; InternVL3:
+      1-D [s]) and positions.decode(step) those of decoded token `step` (0-based). Raises
+      ValueError (before any collective) for a prompt that does not fit its video.
+  model.encode_video(inputs, cp_group) -> vision embeddings [n_vision_tokens, hidden] on
+      every rank, each encoding a slice of the frames (cp_group None: all of them)
+  model.vision_ordinals(input_ids [b, S]) -> [b, S]: the row of the vision embeddings each
+      token takes, -1 for text
+  model.decoder_input(input_ids [b, s], vision_embeds, ordinals [b, s]) -> [s, b, hidden]
+  model(decoder_input [s, b, hidden], position_ids, logits_rows=) -> logits [b, s', vocab]
 """
 
 from __future__ import annotations
@@ -19,28 +36,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ...algos import plan_layout
-from ...config import SpavaConfig
-from ...context import cp_request
-from ...distributed import group_rank_world
-from ...inference import DistributedKVCache
-from ...profiling import sync
-from .model import Qwen25VLModel, encode_video_frame_parallel, video_ordinals
-from .rope import decode_positions, rope_index
-
-
-@dataclass
-class VideoQAInputs:
-    """One prompt (batch 1) as the processor produces it.
-
-    input_ids [1, S]; pixel_values_videos [N, patch_dim]; video_grid_thw [n_videos, 3];
-    second_per_grid_ts [n_videos] (seconds per temporal group).
-    """
-
-    input_ids: Tensor
-    pixel_values_videos: Tensor
-    video_grid_thw: Tensor
-    second_per_grid_ts: Optional[Tensor] = None
+from ..algos import plan_layout
+from ..config import SpavaConfig
+from ..context import cp_request
+from ..distributed import group_rank_world
+from ..profiling import sync
+from .kv_cache import DistributedKVCache
 
 
 @dataclass
@@ -53,14 +54,6 @@ class GenerationOutput:
     timings: dict = field(default_factory=dict)
 
 
-def query_length(input_ids: Tensor, vision_end_token_id: int) -> int:
-    """Query tokens = those after the last <|vision_end|> (question + assistant prefix)."""
-    ends = (input_ids[0] == vision_end_token_id).nonzero()
-    if ends.numel() == 0:
-        raise ValueError("the prompt has no <|vision_end|>: no video in it")
-    return input_ids.shape[1] - int(ends[-1]) - 1
-
-
 def _pick_once(logits_row: Optional[Tensor], device: torch.device) -> int:
     """Greedy token chosen on the rank(s) holding the last position and broadcast to every
     rank of the world (others pass None)."""
@@ -70,42 +63,37 @@ def _pick_once(logits_row: Optional[Tensor], device: torch.device) -> int:
     return int(choice)
 
 
-def split_prompt(input_ids: Tensor, vision_end_token_id: int) -> Tuple[Tensor, Tensor]:
+def split_prompt(model, input_ids: Tensor) -> Tuple[Tensor, Tensor]:
     """(context [1, n], query [1, l_q]) of a prompt [1, S]: the query is what follows the
-    last <|vision_end|> (question + assistant prefix)."""
-    n = input_ids.shape[1] - query_length(input_ids, vision_end_token_id)
+    video (question + assistant prefix), by `model.query_length` (the model or its config)."""
+    if not hasattr(model, "query_length"):
+        raise TypeError("split_prompt(model, input_ids): the model (or its config) decides "
+                        "where the query starts")
+    n = input_ids.shape[1] - model.query_length(input_ids)
     return input_ids[:, :n], input_ids[:, n:]
 
 
-def _rope(cfg, ids: Tensor, inputs: VideoQAInputs, convention: str):
-    """M-RoPE positions [3, 1, S] and deltas of the prompt `ids` [1, S]."""
-    return rope_index(
-        ids, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
-        spatial_merge_size=cfg.vision.spatial_merge_size, tokens_per_second=cfg.vision.tokens_per_second,
-        video_grid_thw=inputs.video_grid_thw, second_per_grid_ts=inputs.second_per_grid_ts,
-        convention=convention)
-
-
-def _encode_video(model: Qwen25VLModel, inputs: VideoQAInputs, cp_group, config: SpavaConfig):
-    """Video embeddings on every rank: frame-parallel over the CP group, or (frame_parallel
+def _encode_video(model, inputs, cp_group, config: SpavaConfig):
+    """Vision embeddings on every rank: frame-parallel over the CP group, or (frame_parallel
     off) the whole video on every rank."""
-    return encode_video_frame_parallel(model.visual, inputs.pixel_values_videos,
-                                       inputs.video_grid_thw,
-                                       cp_group if config.frame_parallel else None)
+    return model.encode_video(inputs, cp_group if config.frame_parallel else None)
 
 
 @torch.no_grad()
-def generate(model: Qwen25VLModel, inputs: VideoQAInputs, *, algo: str = "spava",
+def generate(model, inputs, *, algo: str = "spava",
              config: Optional[SpavaConfig] = None, cp_group: Optional[dist.ProcessGroup] = None,
              max_new_tokens: int = 16, query_len: Optional[int] = None,
-             rope_convention: str = "qwen", eos_token_ids: Optional[Sequence[int]] = None,
+             rope_convention: Optional[str] = None, eos_token_ids: Optional[Sequence[int]] = None,
              device: Optional[torch.device] = None) -> GenerationOutput:
     """Greedy answer to one video prompt; every rank of the model's TP x CP grid calls it
-    with the same inputs. Stops at an EOS token or after max_new_tokens.
+    with the same inputs (the model family's input type). Stops at an EOS token or after
+    max_new_tokens.
 
-    The query is the last `query_len` tokens (default: those after the last
-    <|vision_end|>). With config.fuse_query (default) context and query are prefilled in
-    one pass and the passing blocks are selected with the query; without it, the context
+    The query is the last `query_len` tokens (default: `model.query_length`, those after
+    the video). rope_convention: the model's position rule where it has a choice
+    (Qwen2.5-VL: "qwen", the default, or "hf"). With config.fuse_query (default) context
+    and query are prefilled in one pass and the passing blocks are selected with the
+    query; without it, the context
     is prefilled alone and the query runs over the KV cache (`answer_questions`).
     config.frame_parallel: the vision encoder runs on each rank's slice of the frames.
     """
@@ -113,7 +101,7 @@ def generate(model: Qwen25VLModel, inputs: VideoQAInputs, *, algo: str = "spava"
     config = SpavaConfig() if config is None else config
     ids = inputs.input_ids.cpu()  # token bookkeeping on the host; only local rows go to the GPU
     S = ids.shape[1]
-    lq = query_len if query_len is not None else query_length(ids, cfg.vision_end_token_id)
+    lq = query_len if query_len is not None else model.query_length(ids)
     if not config.fuse_query:  # two passes: the context, then the query over the cache
         return answer_questions(
             model, replace(inputs, input_ids=ids[:, :S - lq]), [ids[:, S - lq:]], algo=algo,
@@ -122,7 +110,8 @@ def generate(model: Qwen25VLModel, inputs: VideoQAInputs, *, algo: str = "spava"
     device = device or next(model.parameters()).device
     rank, world = group_rank_world(cp_group)
     eos = set(eos_token_ids if eos_token_ids is not None else cfg.eos_token_ids)
-    positions, deltas = _rope(cfg, ids, inputs, rope_convention)
+    positions = model.prompt_positions(ids, inputs, max_new_tokens=max_new_tokens,
+                                       rope_convention=rope_convention)
     layout = plan_layout(algo, context_len=S - lq, query_len=lq, cp_size=world, config=config)
     idx = layout.local_indices(rank)
     # The first token comes from the prefill itself: a cache is kept only for later ones.
@@ -133,31 +122,31 @@ def generate(model: Qwen25VLModel, inputs: VideoQAInputs, *, algo: str = "spava"
     embeds = _encode_video(model, inputs, cp_group, layout.config)
     sync(device)
     vision_s = time.perf_counter() - start
-    ordinals = video_ordinals(ids, cfg.video_token_id)
+    ordinals = model.vision_ordinals(ids)
     x = model.decoder_input(ids[:, idx].to(device), embeds, ordinals[:, idx].to(device))
-    del embeds  # [n_video_tokens, hidden]: not needed once the local rows are placed
+    del embeds  # [n_vision_tokens, hidden]: not needed once the local rows are placed
     holds_last = bool((idx == S - 1).any())
     row = int((idx == S - 1).nonzero()[0]) if holds_last else 0  # others compute a dummy row
     with cp_request(layout, cache=cache):
-        logits = model(x, positions[:, :, idx].to(device), logits_rows=torch.tensor([row]))
+        logits = model(x, positions.take(idx), logits_rows=torch.tensor([row]))
     last = logits[0, 0].float() if holds_last else None
     token = _pick_once(last, device)
     first_logits = _broadcast_from_holder(last, logits.shape[-1], holds_last, device)
     sync(device)
     ttft = time.perf_counter() - start
 
-    tokens, decode_s = _decode(model, layout, cache, token, positions, deltas, S, max_new_tokens,
-                               eos, device, rank)
+    tokens, decode_s = _decode(model, layout, cache, token, positions, max_new_tokens, eos,
+                               device, rank)
     return GenerationOutput(tokens=tokens, first_logits=first_logits, ttft_s=ttft,
                             decode_s=decode_s, layout=layout,
                             timings={"vision_s": vision_s, "prefill_llm_s": ttft - vision_s})
 
 
 @torch.no_grad()
-def answer_questions(model: Qwen25VLModel, inputs: VideoQAInputs, queries: Sequence[Tensor], *,
+def answer_questions(model, inputs, queries: Sequence[Tensor], *,
                      algo: str = "spava", config: Optional[SpavaConfig] = None,
                      cp_group: Optional[dist.ProcessGroup] = None, max_new_tokens: int = 16,
-                     rope_convention: str = "qwen", eos_token_ids: Optional[Sequence[int]] = None,
+                     rope_convention: Optional[str] = None, eos_token_ids: Optional[Sequence[int]] = None,
                      device: Optional[torch.device] = None) -> List[GenerationOutput]:
     """Prefill one video's context once and answer several queries over it.
 
@@ -182,7 +171,7 @@ def answer_questions(model: Qwen25VLModel, inputs: VideoQAInputs, queries: Seque
     queries = [torch.as_tensor(q).reshape(1, -1).cpu() for q in queries]
     if not queries or any(q.numel() == 0 for q in queries):
         raise ValueError("answer_questions needs at least one query, each of at least one token")
-    if any(bool((q == cfg.video_token_id).any()) for q in queries):
+    if any(bool((model.vision_ordinals(q) >= 0).any()) for q in queries):
         raise ValueError("a query holds video tokens: the video belongs to the context (inputs)")
     eos = set(eos_token_ids if eos_token_ids is not None else cfg.eos_token_ids)
     layout = plan_layout(algo, context_len=n, query_len=0, cp_size=world, config=config)
@@ -191,38 +180,39 @@ def answer_questions(model: Qwen25VLModel, inputs: VideoQAInputs, queries: Seque
                                max_new_tokens=max(q.shape[1] for q in queries) + max_new_tokens)
     # positions of each whole prompt; the context's are the same in all (they depend only on
     # the tokens before them)
-    rope = [_rope(cfg, torch.cat([ctx, q], dim=1), inputs, rope_convention) for q in queries]
+    rope = [model.prompt_positions(torch.cat([ctx, q], dim=1), inputs, max_new_tokens=max_new_tokens,
+                                   rope_convention=rope_convention) for q in queries]
 
     sync(device)
     start = time.perf_counter()
     embeds = _encode_video(model, inputs, cp_group, layout.config)
     sync(device)
     vision_s = time.perf_counter() - start
-    ordinals = video_ordinals(ctx, cfg.video_token_id)
+    ordinals = model.vision_ordinals(ctx)
     x = model.decoder_input(ctx[:, idx].to(device), embeds, ordinals[:, idx].to(device))
     del embeds
     with cp_request(layout, cache=cache):  # fills the cache; its one logits row is unused
-        model(x, rope[0][0][:, :, idx].to(device), logits_rows=torch.tensor([0]))
+        model(x, rope[0].take(idx), logits_rows=torch.tensor([0]))
     sync(device)
     context_s = time.perf_counter() - start - vision_s
     context_only = cache.snapshot()
 
     outputs = []
-    for i, (q, (positions, deltas)) in enumerate(zip(queries, rope)):
+    for i, (q, positions) in enumerate(zip(queries, rope)):
         cache.restore(context_only)
         start = time.perf_counter()
         lq = q.shape[1]
         cache.begin_tokens(lq)  # the query's K/V go to the least-loaded rank
         with cp_request(layout, cache=cache, decode=True):
-            logits = model(model.decoder_input(q.to(device)), positions[:, :, n:].to(device),
+            logits = model(model.decoder_input(q.to(device)), positions.take(torch.arange(n, n + lq)),
                            logits_rows=torch.tensor([lq - 1]))
         last = logits[0, 0].float()  # every rank holds the query rows
         token = _pick_once(last, device)
         first_logits = _broadcast_from_holder(last, logits.shape[-1], True, device)
         sync(device)
         query_s = time.perf_counter() - start
-        tokens, decode_s = _decode(model, layout, cache, token, positions, deltas, n + lq,
-                                   max_new_tokens, eos, device, rank)
+        tokens, decode_s = _decode(model, layout, cache, token, positions, max_new_tokens, eos,
+                                   device, rank)
         first = i == 0
         timings = {"vision_s": vision_s if first else 0.0, "context_s": context_s if first else 0.0,
                    "query_s": query_s}
@@ -233,9 +223,10 @@ def answer_questions(model: Qwen25VLModel, inputs: VideoQAInputs, queries: Seque
     return outputs
 
 
-def _decode(model, layout, cache, token: int, positions, deltas, prompt_len: int,
-            max_new_tokens: int, eos, device, rank: int) -> Tuple[List[int], float]:
-    """Greedy decode from the first token over the distributed cache: (tokens, seconds)."""
+def _decode(model, layout, cache, token: int, positions, max_new_tokens: int, eos, device,
+            rank: int) -> Tuple[List[int], float]:
+    """Greedy decode from the first token over the distributed cache: (tokens, seconds).
+    positions: the prompt's (`model.prompt_positions`); decoded tokens follow it."""
     tokens: List[int] = []
     start = time.perf_counter()
     for step in range(max_new_tokens):
@@ -246,9 +237,8 @@ def _decode(model, layout, cache, token: int, positions, deltas, prompt_len: int
             break
         cache.begin_token()
         x = model.decoder_input(torch.tensor([[token]], device=device))
-        pos = decode_positions(positions, deltas, step, prompt_len).to(device)
         with cp_request(layout, cache=cache, decode=True):
-            logits = model(x, pos)
+            logits = model(x, positions.decode(step))
         token = _pick_once(logits[0, -1].float() if rank == 0 else None, device)
     sync(device)
     return tokens, time.perf_counter() - start
