@@ -142,16 +142,13 @@ def _largest_divisor(limit: int, tp: int) -> int:
     return max(d for d in range(1, min(limit, tp) + 1) if tp % d == 0)
 
 
-def request_of(inputs, vision_end_token_id: int) -> Request:
-    """The Request of one VideoQAInputs prompt (query = the tokens after the last
-    <|vision_end|>, frame groups = the videos' temporal groups)."""
-    from .models.qwen2_5_vl.generate import query_length
-
+def request_of(inputs, model_config) -> Request:
+    """The Request of one prompt of a model family (`video.inputs`: VideoQAInputs,
+    InternVLInputs): the query by the family's rule (`model_config.query_length`: the tokens
+    after the video), frame groups = the units frame parallelism splits."""
     ids = inputs.input_ids
-    lq = query_length(ids.cpu(), vision_end_token_id)
-    groups = None
-    if getattr(inputs, "video_grid_thw", None) is not None:
-        groups = int(inputs.video_grid_thw[:, 0].sum())
+    lq = model_config.query_length(ids.cpu())
+    groups = getattr(inputs, "frame_groups", None)
     return Request(context_len=int(ids.shape[1]) - lq, query_len=lq, frame_groups=groups)
 
 
@@ -171,9 +168,10 @@ def fit_error(*, tp: int, cp: int, algos: Sequence[str], config=None,
             return f"the model does not fit TP={tp}: {err}"
     for req in requests:
         if frame_parallel and cp > 1 and req.frame_groups is not None and req.frame_groups < cp:
-            return (f"frame-parallel vision needs at least one temporal group (2 frames) per "
-                    f"context-parallel rank: the video has {req.frame_groups} groups for CP={cp}; "
-                    f"sample more frames (--fps, --max-frames) or use a smaller CP")
+            return (f"frame-parallel vision needs at least one frame group (Qwen2.5-VL: a temporal "
+                    f"group of 2 frames; InternVL3: a frame) per context-parallel rank: the video "
+                    f"has {req.frame_groups} groups for CP={cp}; sample more frames (--fps, "
+                    f"--max-frames) or use a smaller CP")
         for entry in algos:
             algo, cfg = entry if isinstance(entry, tuple) else (entry, config)
             try:
@@ -220,19 +218,20 @@ def check_launch(*, tp: int, cp: int, algos: Sequence[str], config=None,
 
 def check_video_qa(args, checkpoint: str, inputs) -> Placement:
     """check_launch for the video QA job: its parsed arguments (TP, CP, algorithm, --compare,
-    --spava-*), the checkpoint directory (for the model's head counts) and the prompt(s)
-    (one VideoQAInputs or a list). Call on every rank before the model is built."""
+    --spava-*, --model), the checkpoint directory (for the model's head counts) and the
+    prompt(s) (one input of the model's family, or a list). Call on every rank before the
+    model is built."""
     from .arguments import spava_config_from_args
-    from .models.qwen2_5_vl import Qwen25VLConfig
+    from .models.families import resolve_family
 
-    cfg = Qwen25VLConfig.from_hf(checkpoint)
+    cfg = resolve_family(getattr(args, "model", "auto"), checkpoint).config(checkpoint)
     config = spava_config_from_args(args)
     algo = args.context_parallel_algo
     algos = [algo] + (["full"] if getattr(args, "compare", "none") == "full" and algo != "full" else [])
     many = inputs if isinstance(inputs, (list, tuple)) else [inputs]
     return check_launch(tp=args.tensor_model_parallel_size, cp=args.context_parallel_size,
                         algos=algos, config=config, model_config=cfg,
-                        requests=[request_of(x, cfg.vision_end_token_id) for x in many],
+                        requests=[request_of(x, cfg) for x in many],
                         frame_parallel=getattr(config, "frame_parallel", True))
 
 

@@ -1,14 +1,16 @@
-"""Video question answering with Qwen2.5-VL under TP x CP and --context-parallel-algo.
+"""Video question answering with Qwen2.5-VL or InternVL3 under TP x CP and
+--context-parallel-algo.
 
     megatron-spava-demo                       # tiny offline checkpoint + synthetic video, 2 CPU ranks
     megatron-spava-demo --hf-path Qwen2.5-VL-7B-Instruct --video clip.mp4 --question "..." \\
         --device cuda --bf16 --context-parallel-size 4
     torchrun --nproc-per-node 4 -m megatron_spava.video_qa --tensor-model-parallel-size 2 \\
         --context-parallel-size 2 --context-parallel-algo spava ...
+    megatron-spava-demo --model internvl3     # a tiny random InternVL3-architecture checkpoint
 
-Without --hf-path/--megatron-path it writes a tiny random Qwen2.5-VL-architecture
-checkpoint (config and tokenizer made in code) and a synthetic mp4 under --work-dir and
-answers a question about it: the answer is noise, the pipeline is real. It prints the
+Without --hf-path/--megatron-path it writes a tiny random Qwen2.5-VL-architecture (with
+--model internvl3: InternVL3-architecture) checkpoint (config and tokenizer made in code)
+and a synthetic mp4 under --work-dir and answers a question about it: the answer is noise, the pipeline is real. It prints the
 answer, time to first token (vision + prefill), decode speed and, with --compare full
 (the default), the same prompt under exact attention on one CP rank: the timing and the
 agreement of the first-token logits.
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -27,6 +30,7 @@ import torch.distributed as dist
 from .algos import config_for
 from .arguments import add_spava_args, spava_config_from_args
 from .launch import init_distributed, relaunch, under_torchrun
+from .models.families import FAMILIES
 from .specs import add_transformer_impl_arg, backend_for_impl, resolve_transformer_impl
 
 DEFAULT_WORK_DIR = os.path.join(os.path.expanduser("~"), ".cache", "megatron_spava")
@@ -37,12 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-spava-demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("model")
-    src.add_argument("--hf-path", help="HF Qwen2.5-VL checkpoint directory (converted on the fly)")
+    src.add_argument("--model", choices=["auto", *FAMILIES], default="auto",
+                     help="model family; auto: from the checkpoint's config.json model_type, "
+                          "qwen2_5_vl without a checkpoint (default: %(default)s)")
+    src.add_argument("--hf-path", help="HF Qwen2.5-VL or InternVL3 (OpenGVLab/InternVL3-*-hf) "
+                     "checkpoint directory (converted on the fly)")
     src.add_argument("--megatron-path", help="a checkpoint made by tools/convert_checkpoint.py "
                      "hf-to-megatron (holds the tokenizer and processor configs too)")
-    src.add_argument("--model-shape", choices=["tiny", "3b", "7b"], default="tiny",
+    src.add_argument("--model-shape", choices=["tiny", "3b", "7b", "2b"], default="tiny",
                      help="without a checkpoint: the generated model's shape; 3b/7b are the "
-                          "released Qwen2.5-VL shapes and need --random-weights (default: %(default)s)")
+                          "released Qwen2.5-VL shapes, 2b InternVL3's, and need --random-weights "
+                          "(default: %(default)s)")
     src.add_argument("--random-weights", action="store_true",
                      help="random weights (seeded, the same in every run) instead of the checkpoint's")
     src.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
@@ -74,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=16, help="(default: %(default)s)")
     run.add_argument("--compare", choices=["full", "none"], default="full",
                      help="also run exact attention without CP and compare (default: %(default)s)")
-    run.add_argument("--rope-convention", choices=["qwen", "hf"], default="qwen",
-                     help="text-after-video M-RoPE rule: Qwen's original (as trained) or "
-                          "transformers 5.x (default: %(default)s)")
+    run.add_argument("--rope-convention", choices=["qwen", "hf"], default=None,
+                     help="Qwen2.5-VL's text-after-video M-RoPE rule: Qwen's original (as "
+                          "trained) or transformers 5.x (default: qwen)")
     run.add_argument("--json", help="write the results as JSON here")
     run.add_argument("--save-logits", help="save each run's first-token logits (torch.save) here")
     add_spava_args(p)
@@ -85,12 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def model_family(args, checkpoint: Optional[str] = None):
+    """The model family (`models.families.Family`): --model, else the checkpoint's
+    config.json model_type, else Qwen2.5-VL (the generated checkpoint's default)."""
+    from .models.families import resolve_family
+    given = args.hf_path or args.megatron_path
+    return resolve_family(args.model, (checkpoint or given) if given else None)
+
+
 def resolve_paths(args) -> str:
     """Fill in the default video path; return the checkpoint directory. Pure."""
     if not args.video and not args.frames_dir:
         args.video = os.path.join(args.work_dir, "synthetic.mp4")
-    name = "tiny-qwen2.5-vl" if args.model_shape == "tiny" else f"qwen2.5-vl-{args.model_shape}-shape"
-    return args.hf_path or args.megatron_path or os.path.join(args.work_dir, name)
+    if args.hf_path or args.megatron_path:
+        return args.hf_path or args.megatron_path
+    family = model_family(args)
+    shaped = family.tiny_name.replace("tiny-", "", 1) + f"-{args.model_shape}-shape"
+    name = family.tiny_name if args.model_shape == "tiny" else shaped
+    return os.path.join(args.work_dir, name)
 
 
 def create_defaults(args, checkpoint: str) -> None:
@@ -99,8 +120,12 @@ def create_defaults(args, checkpoint: str) -> None:
         if not os.path.isdir(checkpoint):
             raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
     else:
-        from .models.qwen2_5_vl.tiny import make_tiny_checkpoint
-        make_tiny_checkpoint(checkpoint, shape=None if args.model_shape == "tiny" else args.model_shape)
+        family = model_family(args)
+        if args.model_shape not in ("tiny", *family.shapes):
+            raise ValueError(f"--model-shape {args.model_shape} is not a {family.name} shape; "
+                             f"choose from tiny, {', '.join(family.shapes)}")
+        family.tiny().make_tiny_checkpoint(
+            checkpoint, shape=None if args.model_shape == "tiny" else args.model_shape)
     if args.video == os.path.join(args.work_dir, "synthetic.mp4") and not os.path.isfile(args.video):
         from .video import write_synthetic_video
         os.makedirs(args.work_dir, exist_ok=True)
@@ -119,11 +144,11 @@ def _setup_parallel(tp: int, cp: int):
 
 def _build_model(args, checkpoint: str, tp: int, cp: int, device, algo: str):
     from .algos.megatron import core_attention_for
-    from .models.qwen2_5_vl import Qwen25VLConfig, Qwen25VLModel
-    from .models.qwen2_5_vl.convert import load_dist_into_model, load_hf_into_model
 
+    family = model_family(args, checkpoint)
+    Model, convert = family.model_class(), family.convert()
     ps = _setup_parallel(tp, cp)
-    cfg = Qwen25VLConfig.from_hf(checkpoint)
+    cfg = family.config(checkpoint)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     layers = dict(backend=backend_for_impl(args.transformer_impl),
                   core_attention=core_attention_for(algo, args.cp_comm_type))
@@ -132,21 +157,21 @@ def _build_model(args, checkpoint: str, tp: int, cp: int, device, algo: str):
         if device.type == "cuda":
             torch.cuda.manual_seed(args.seed)
         with torch.device(device):
-            model = Qwen25VLModel(cfg, tensor_parallel=tp, context_parallel=cp, dtype=dtype,
-                                  use_cpu_initialization=device.type == "cpu", **layers)
+            model = Model(cfg, tensor_parallel=tp, context_parallel=cp, dtype=dtype,
+                          use_cpu_initialization=device.type == "cpu", **layers)
         return model.to(device).eval(), ps
-    model = Qwen25VLModel(cfg, tensor_parallel=tp, context_parallel=cp, dtype=dtype,
-                          use_cpu_initialization=True, perform_initialization=False, **layers)
+    model = Model(cfg, tensor_parallel=tp, context_parallel=cp, dtype=dtype,
+                  use_cpu_initialization=True, perform_initialization=False, **layers)
     if args.megatron_path:
-        load_dist_into_model(model, checkpoint)
+        convert.load_dist_into_model(model, checkpoint)
     else:
-        load_hf_into_model(model, checkpoint, tp_rank=ps.get_tensor_model_parallel_rank(),
+        convert.load_hf_into_model(model, checkpoint, tp_rank=ps.get_tensor_model_parallel_rank(),
                            tp_size=tp, progress=dist.get_rank() == 0)
     return model.to(device).eval(), ps
 
 
 def _run_one(args, checkpoint, inputs, algo: str, tp: int, cp: int, device, config):
-    from .models.qwen2_5_vl.generate import generate
+    from .inference.generate import generate
 
     model, ps = _build_model(args, checkpoint, tp, cp, device, algo)
     if args.shard_weights:
@@ -161,7 +186,6 @@ def _run_one(args, checkpoint, inputs, algo: str, tp: int, cp: int, device, conf
 
 def run(args) -> dict:
     from .video import load_video
-    from .video.prompt import VideoPrompter
 
     if len(args.questions) > 1:
         return run_questions(args)
@@ -171,7 +195,8 @@ def run(args) -> dict:
     checkpoint = resolve_paths(args)
     clip = load_video(args.frames_dir or args.video, fps=args.fps, max_frames=args.max_frames,
                       frames_fps=args.frames_fps)
-    prompter = VideoPrompter(checkpoint)
+    family = model_family(args, checkpoint)
+    prompter = family.prompter(checkpoint)
     inputs = prompter(clip, args.question)
     config = spava_config_from_args(args)
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
@@ -181,12 +206,12 @@ def run(args) -> dict:
                                                  tp, cp, device, config)}
     if args.compare == "full" and args.context_parallel_algo != "full":
         runs["full"] = _run_one(args, checkpoint, inputs, "full", tp, 1, device, config)
-    video_tokens = int((inputs.input_ids == prompter.tokenizer.convert_tokens_to_ids("<|video_pad|>")).sum())
+    video_tokens = int((inputs.input_ids == family.config(checkpoint).vision_token_id).sum())
     result = dict(
         checkpoint=checkpoint, video=clip.source, frames=len(clip.frames), sampled_fps=clip.fps,
         prompt_tokens=int(inputs.input_ids.shape[1]), video_tokens=video_tokens,
         processor_backend=prompter.backend, processor_fallback_reason=prompter.fallback_reason,
-        question=args.question, transformer_impl=args.transformer_impl, runs={})
+        question=args.question, transformer_impl=args.transformer_impl, model=family.name, runs={})
     for name, out in runs.items():
         layout = out.layout
         result["runs"][name] = dict(
@@ -213,9 +238,9 @@ def run(args) -> dict:
 
 
 def _answer_questions(args, checkpoint, inputs, queries, algo: str, tp: int, cp: int, device, config):
-    from .models.qwen2_5_vl.generate import answer_questions
+    from .inference.generate import answer_questions
 
-    model, ps = _build_model(args, checkpoint, tp, cp, device)
+    model, ps = _build_model(args, checkpoint, tp, cp, device, algo)
     if args.shard_weights:
         model.shard_weights(ps.get_context_parallel_group())
     kwargs = dict(algo=algo, config=config, cp_group=ps.get_context_parallel_group(),
@@ -231,9 +256,8 @@ def run_questions(args) -> dict:
     the cached context; a row per question and algorithm."""
     from dataclasses import replace
 
-    from .models.qwen2_5_vl.generate import split_prompt
+    from .inference.generate import split_prompt
     from .video import load_video
-    from .video.prompt import VideoPrompter
 
     rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
@@ -241,10 +265,11 @@ def run_questions(args) -> dict:
     checkpoint = resolve_paths(args)
     clip = load_video(args.frames_dir or args.video, fps=args.fps, max_frames=args.max_frames,
                       frames_fps=args.frames_fps)
-    prompter = VideoPrompter(checkpoint)
+    family = model_family(args, checkpoint)
+    prompter = family.prompter(checkpoint)
     prompts = [prompter(clip, question) for question in args.questions]
-    vision_end = prompter.tokenizer.convert_tokens_to_ids("<|vision_end|>")
-    splits = [split_prompt(p.input_ids, vision_end) for p in prompts]
+    cfg = family.config(checkpoint)
+    splits = [split_prompt(cfg, p.input_ids) for p in prompts]
     context = splits[0][0]
     if any(not torch.equal(c, context) for c, _ in splits):
         raise ValueError("the questions' prompts do not share the tokens before the question")
@@ -255,7 +280,8 @@ def run_questions(args) -> dict:
     if args.compare == "full" and algo != "full":
         runs["full"] = _answer_questions(args, checkpoint, inputs, queries, "full", tp, 1, device, config)
     result = dict(checkpoint=checkpoint, video=clip.source, frames=len(clip.frames),
-                  context_tokens=int(context.shape[1]), questions=list(args.questions), runs={})
+                  context_tokens=int(context.shape[1]), questions=list(args.questions),
+                  model=family.name, runs={})
     for name, outs in runs.items():
         result["runs"][name] = [dict(
             tp=tp, cp=cp if name != "full" else 1, tokens=out.tokens, query_tokens=int(q.shape[1]),
@@ -332,6 +358,9 @@ def main(argv=None) -> int:
         checkpoint = resolve_paths(args)
         if not under_torchrun() or os.environ.get("RANK") == "0":
             create_defaults(args, checkpoint)
+        if args.rope_convention is not None and model_family(args, checkpoint).name != "qwen2_5_vl":
+            raise ValueError("--rope-convention chooses Qwen2.5-VL's M-RoPE rule; InternVL3 has "
+                             "1-D RoPE")
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     if not under_torchrun():

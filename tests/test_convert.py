@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_spava.models.qwen2_5_vl.convert import iter_hf_tensors
+from megatron_spava.models.common.checkpoint_io import iter_hf_tensors
 from megatron_spava.models.qwen2_5_vl.tiny import tiny_hf_config, tiny_hf_model
 from megatron_spava.testing import run_ranks
 

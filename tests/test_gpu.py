@@ -132,7 +132,8 @@ def test_vision_encoder_compiled_matches_hf_on_cuda(grid):
     if not _gpus():
         pytest.skip("needs a GPU")
     from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig
-    from megatron_spava.models.qwen2_5_vl.convert import load_hf_into_model, single_process_parallel_state
+    from megatron_spava.models.common.checkpoint_io import single_process_parallel_state
+    from megatron_spava.models.qwen2_5_vl.convert import load_hf_into_model
     from megatron_spava.models.qwen2_5_vl.model import Qwen25VLModel
     from megatron_spava.models.qwen2_5_vl.tiny import tiny_hf_config, tiny_hf_model
     from megatron.core.tensor_parallel.random import initialize_rng_tracker

@@ -84,7 +84,8 @@ def _generate(model, algo, budget, ids, pixels):
     """Frame-parallel image features and the greedy answer, on this rank."""
     from megatron.core import parallel_state as ps
     from megatron_spava.models.internvl3 import encode_frames_frame_parallel
-    from megatron_spava.models.internvl3.generate import InternVLInputs, generate
+    from megatron_spava.inference.generate import generate
+    from megatron_spava.video.inputs import InternVLInputs
 
     group = ps.get_context_parallel_group()
     with torch.no_grad():
@@ -167,7 +168,7 @@ def test_video_placeholder_is_hf_processors():
 
 
 def test_prompter_builds_the_processor_prompt_and_query(tmp_path):
-    from megatron_spava.models.internvl3.generate import query_length
+    from megatron_spava.models.internvl3 import InternVL3Config
     from megatron_spava.models.internvl3.prompt import InternVLPrompter
     from megatron_spava.models.internvl3.tiny import make_tiny_checkpoint
     ckpt = make_tiny_checkpoint(str(tmp_path / "ivl"))
@@ -181,7 +182,9 @@ def test_prompter_builds_the_processor_prompt_and_query(tmp_path):
     assert ids.count(tok.start_image_token_id) == ids.count(tok.end_image_token_id) == 3
     query = tok(f"\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
     assert ids[-len(query):] == query
-    assert query_length(inputs.input_ids, tok.context_image_token_id) == len(query)
+    cfg = InternVL3Config.from_hf(ckpt)
+    assert cfg.image_token_id == tok.context_image_token_id
+    assert cfg.query_length(inputs.input_ids) == len(query)
     assert tok.decode(ids).startswith("<|im_start|>user\nFrame1: <img>")
 
 
@@ -222,7 +225,7 @@ def _reload_tp2_and_resave(src, dst, ids, pixels):
 
 
 def _hf_tensors(path):
-    from megatron_spava.models.qwen2_5_vl.convert import iter_hf_tensors
+    from megatron_spava.models.common.checkpoint_io import iter_hf_tensors
     return dict(iter_hf_tensors(path))
 
 

@@ -122,7 +122,8 @@ def _megatron_rank(tp, cp, algo, cfg_kwargs, what, shard=False):
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
     from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig, Qwen25VLModel, encode_video_frame_parallel
     from megatron_spava.models.qwen2_5_vl.convert import load_hf_into_model
-    from megatron_spava.models.qwen2_5_vl.generate import VideoQAInputs, generate
+    from megatron_spava.inference.generate import generate
+    from megatron_spava.video.inputs import VideoQAInputs
 
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
     initialize_rng_tracker(inference_rng_tracker=True)
@@ -230,7 +231,8 @@ def _questions(model, prompt, algo, config, group):
     """One context, three queries: answered over one cached context, each also by a fresh
     two-pass generate and by the fused (query-aware) generate of its whole prompt."""
     from dataclasses import replace
-    from megatron_spava.models.qwen2_5_vl.generate import VideoQAInputs, answer_questions, generate
+    from megatron_spava.inference.generate import answer_questions, generate
+    from megatron_spava.video.inputs import VideoQAInputs
     ids, pixels, grid, seconds = prompt
     context = VideoQAInputs(ids[:, :-7], pixels, grid, seconds)
     kwargs = dict(algo=algo, cp_group=group, max_new_tokens=4, eos_token_ids=[])
@@ -325,7 +327,7 @@ def test_kv_cache_holds_every_token_once_and_appends_to_the_least_loaded_rank():
 def test_segment_attention_matches_a_block_diagonal_mask(lengths):
     """Slab (view) and gathered segments alike equal dense attention under a
     block-diagonal mask (plain SDPA in float64)."""
-    from megatron_spava.models.qwen2_5_vl.vision import segment_attention, segment_groups
+    from megatron_spava.models.common.vision import segment_attention, segment_groups
     n, heads, d = sum(lengths), 3, 8
     gen = torch.Generator().manual_seed(len(lengths))
     qkv = torch.randn(n, heads, 3, d, generator=gen)  # strided q/k/v views, as in the encoder

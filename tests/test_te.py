@@ -153,7 +153,7 @@ def _qwen_rank(paths, dtype_name):
     from megatron_spava.algos import plan_layout
     from megatron_spava.algos.megatron import MegatronLayout, megatron_core_attention
     from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig, Qwen25VLModel
-    from megatron_spava.models.qwen2_5_vl import generate as gen_module
+    from megatron_spava.inference import generate as gen_module
     from megatron_spava.models.qwen2_5_vl.convert import load_dist_into_model, load_hf_into_model
     from megatron_spava.specs import te_to_local_key
 

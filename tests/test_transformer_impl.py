@@ -126,7 +126,7 @@ def _gpt(dtype=torch.float32, **overrides):
 @pytest.fixture
 def parallel_state():
     from megatron_spava import cpu_compat
-    from megatron_spava.models.qwen2_5_vl.convert import single_process_parallel_state
+    from megatron_spava.models.common.checkpoint_io import single_process_parallel_state
     cpu_compat.apply()
     with single_process_parallel_state():
         yield
@@ -172,7 +172,8 @@ def test_qwen_hf_mapping_handles_both_layouts(parallel_state):
     the same HF tensors from either layout."""
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
     from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig, Qwen25VLModel
-    from megatron_spava.models.qwen2_5_vl.checkpoint import megatron_to_hf, to_model_layout
+    from megatron_spava.models.common.checkpoint_io import to_model_layout
+    from megatron_spava.models.qwen2_5_vl.checkpoint import megatron_to_hf
     from megatron_spava.models.qwen2_5_vl.tiny import tiny_hf_config
     initialize_rng_tracker(inference_rng_tracker=True)
     cfg = Qwen25VLConfig.from_hf(tiny_hf_config())
@@ -189,7 +190,7 @@ def test_qwen_hf_mapping_handles_both_layouts(parallel_state):
 
 def _save_without_extra_state(ckpt):
     from megatron.core import dist_checkpointing
-    from megatron_spava.models.qwen2_5_vl.convert import load_dist_into_model, single_process_parallel_state
+    from megatron_spava.models.common.checkpoint_io import load_dist_into_model, single_process_parallel_state
     with single_process_parallel_state():
         model = _gpt()
         sharded = {k: v for k, v in model.sharded_state_dict().items() if not specs.is_extra_state(k)}

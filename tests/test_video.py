@@ -94,7 +94,7 @@ def test_odd_frame_count_repeats_the_last_frame():
 
 
 def test_prompter_builds_the_video_prompt(tmp_path, mp4):
-    from megatron_spava.models.qwen2_5_vl.generate import query_length
+    from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig
     from megatron_spava.models.qwen2_5_vl.tiny import make_tiny_checkpoint
     from megatron_spava.video.prompt import VideoPrompter
     ckpt = make_tiny_checkpoint(str(tmp_path / "tiny"))
@@ -108,8 +108,9 @@ def test_prompter_builds_the_video_prompt(tmp_path, mp4):
     assert float(inputs.second_per_grid_ts[0]) == pytest.approx(2 / clip.fps)
     text = prompter.tokenizer.decode(inputs.input_ids[0])
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
-    end = prompter.tokenizer.convert_tokens_to_ids("<|vision_end|>")
-    assert query_length(inputs.input_ids, end) == len(prompter.tokenizer(
+    cfg = Qwen25VLConfig.from_hf(ckpt)
+    assert cfg.vision_end_token_id == prompter.tokenizer.convert_tokens_to_ids("<|vision_end|>")
+    assert cfg.query_length(inputs.input_ids) == len(prompter.tokenizer(
         "What is happening in this video?<|im_end|>\n<|im_start|>assistant\n")["input_ids"])
 
 

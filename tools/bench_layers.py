@@ -176,7 +176,7 @@ def _commit():
 def main(argv=None):
     args = parse_args(argv)
     from megatron_spava import cpu_compat
-    from megatron_spava.models.qwen2_5_vl.convert import single_process_parallel_state
+    from megatron_spava.models.common.checkpoint_io import single_process_parallel_state
     from megatron_spava.specs import te_available
     device = torch.device(args.device)
     cpu_compat.apply()

@@ -54,11 +54,11 @@ def vision_flops(cfg, patches: int, grid_hw: int) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
-    from megatron_spava.models.qwen2_5_vl.convert import single_process_parallel_state
+    from megatron_spava.models.common.checkpoint_io import single_process_parallel_state
     from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig
     from megatron_spava.models.qwen2_5_vl.tiny import shaped_hf_config
     from megatron_spava.models.qwen2_5_vl.vision import VisionEncoder
-    from megatron_spava.models.qwen2_5_vl.model import _vision_tp_config
+    from megatron_spava.models.common.vision import vision_tp_config
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
 
     device = torch.device("cuda")
@@ -69,7 +69,7 @@ def main(argv=None):
         torch.manual_seed(0)
         cfg = Qwen25VLConfig.from_hf(shaped_hf_config(args.shape))
         with torch.device(device):
-            enc = VisionEncoder(cfg.vision, _vision_tp_config(cfg, 1, torch.bfloat16, False, True)).eval()
+            enc = VisionEncoder(cfg.vision, vision_tp_config(cfg.vision, 1, torch.bfloat16, False, True)).eval()
         for groups in args.groups:
             n = groups * 1024
             grid = torch.tensor([[groups, 32, 32]])

@@ -62,7 +62,7 @@ def _config(shape: str):
 
 def synthetic_inputs(cfg, frames: int, seed: int):
     """HF's video prompt layout with ordinary text tokens around it, and random tiles."""
-    from megatron_spava.models.internvl3.generate import InternVLInputs
+    from megatron_spava.video.inputs import InternVLInputs
     gen = torch.Generator().manual_seed(seed)
     start, end = cfg.image_token_id - 2, cfg.image_token_id - 1  # <img>, </img> in InternVL's vocabulary
     text = lambda n: torch.randint(0, 200, (n,), generator=gen).tolist()  # noqa: E731
@@ -105,7 +105,7 @@ def build(cfg, cp: int, dtype: torch.dtype, seed: int, device: torch.device):
 
 def _rank(shape, cp, dtype_name, algo, budget, frames, new_tokens, seed, device_type):
     from megatron_spava import SpavaConfig, cpu_compat
-    from megatron_spava.models.internvl3.generate import generate
+    from megatron_spava.inference.generate import generate
 
     cuda = device_type == "cuda"
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
