@@ -76,6 +76,16 @@ def test_fit_errors_name_the_limit():
     assert fit_error(tp=1, cp=4, algos=[("spava", SpavaConfig(zigzag=False))], requests=seven) is None
 
 
+def test_fit_error_plans_an_unfused_prefill_without_query_rows():
+    """fuse_query off: the prefill layout holds the context alone (as generate plans it), so
+    the check must not plan it with the query (that raises in the layout)."""
+    ok = Request(context_len=4096, query_len=16, frame_groups=8)
+    unfused = SpavaConfig(fuse_query=False)
+    assert fit_error(tp=1, cp=2, algos=[("spava", unfused), ("ring", unfused)], requests=[ok]) is None
+    short = Request(context_len=130, query_len=16)
+    assert "context too short" in fit_error(tp=1, cp=4, algos=[("spava", unfused)], requests=[short])
+
+
 def test_fit_error_checks_the_model_heads_against_tp():
     from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig
     from megatron_spava.models.qwen2_5_vl.tiny import shaped_hf_config

@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
-"""Video prefill time-to-first-token of Qwen2.5-VL-shaped models, every algorithm in one run.
+"""Video prefill time-to-first-token of Qwen2.5-VL- and InternVL3-shaped models, every
+algorithm in one run.
 
     torchrun --standalone --nproc-per-node 4 tools/bench_prefill.py --shape 7b \\
         --tokens 32768 65536 131072 --json prefill.json --plot prefill.png
+    torchrun --standalone --nproc-per-node 4 tools/bench_prefill.py --shape internvl3-2b ...
 
-For each LLM length n it synthesises a 448x448 video of n/256 temporal groups (random
-patches, i.e. the vision encoder's real input size) inside a chat prompt, builds the model
-with random bf16 weights at the released shape (real layer counts, widths and heads), and
-times `generate(max_new_tokens=1)`: frame-parallel vision + prefill until the first token
+For each LLM length n it synthesises a 448x448 video inside a chat prompt (Qwen2.5-VL:
+n/256 temporal groups of random patches; InternVL3: n/258 frames of one random 448x448
+tile, `<img><IMG_CONTEXT>*256</img>` each), i.e. the vision encoder's real input size,
+builds the model with random bf16 weights at the released shape (real layer counts,
+widths and heads; --model picks the family for --shape tiny), and times
+`generate(max_new_tokens=1)`: frame-parallel vision + prefill until the first token
 is known on every rank. Algorithms (--algos) are the registry's
 (megatron_spava.algos: full, ring, star, apb, spava, ...) and variants that turn SpavaConfig
 switches off, `<algo>-no-<switch>[-no-<switch>...]`:
@@ -46,12 +50,34 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 TOKENS_PER_GROUP = 256  # 448x448 frames: 32x32 patches -> 16x16 merged tokens per 2 frames
+#: --shape -> (family, the family's shape name; None: its tiny config)
+SHAPES = {"tiny": (None, None), "3b": ("qwen2_5_vl", "3b"), "7b": ("qwen2_5_vl", "7b"),
+          "internvl3-2b": ("internvl3", "2b")}
+
+
+def family_of(shape: str, model: str = "auto") -> str:
+    """The model family of a --shape / --model pair; ValueError when they disagree."""
+    family, _ = SHAPES[shape]
+    if model != "auto" and family is not None and model != family:
+        raise ValueError(f"--shape {shape} is a {family} shape, not {model}")
+    return model if model != "auto" else (family or "qwen2_5_vl")
+
+
+def model_config(shape: str, model: str = "auto"):
+    """The family's config (Qwen25VLConfig / InternVL3Config) at `shape`."""
+    from megatron_spava.models.families import get_family
+    family = get_family(family_of(shape, model))
+    tiny, name = family.tiny(), SHAPES[shape][1]
+    return family.config(tiny.tiny_hf_config() if name is None else tiny.shaped_hf_config(name))
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=["tiny", "3b", "7b"], default="7b",
-                   help="model shape; tiny is for a CPU dry run (default: %(default)s)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="7b",
+                   help="model shape: 3b/7b Qwen2.5-VL's, internvl3-2b InternVL3's; tiny (either "
+                        "family, --model) is for a CPU dry run (default: %(default)s)")
+    p.add_argument("--model", choices=["auto", "qwen2_5_vl", "internvl3"], default="auto",
+                   help="model family; auto: the shape's (tiny: qwen2_5_vl) (default: %(default)s)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu: gloo ranks, for checking the tool itself (default: %(default)s)")
     p.add_argument("--tokens", type=int, nargs="+", default=[32768, 65536, 131072],
@@ -69,7 +95,7 @@ def parse_args(argv=None):
                         "examples/cluster/) (default: %(default)s)")
     p.add_argument("--shard-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="CP algorithms keep 1/W of each LLM layer's weights per GPU, gathered layer "
-                        "by layer (Qwen25VLModel.shard_weights) (default: on)")
+                        "by layer (the model's shard_weights) (default: on)")
     p.add_argument("--profile-comm", action="store_true", help="measure exposed communication")
     p.add_argument("--profile-kernels", metavar="DIR",
                    help="one extra spava run per n under torch.profiler: print the 25 costliest "
@@ -81,7 +107,12 @@ def parse_args(argv=None):
                    help="no run: merge these result files, print the table, write --json/--plot")
     from megatron_spava.specs import add_transformer_impl_arg
     add_transformer_impl_arg(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        family_of(args.shape, args.model)
+    except ValueError as err:
+        p.error(str(err))
+    return args
 
 
 def _default_algos():
@@ -114,40 +145,56 @@ def algo_and_config(variant: str):
     return variant_config(variant)
 
 
-def build(shape: str, cp: int, seed: int, device: torch.device, tp: int = 1, backend: str = "local"):
+def build(shape: str, cp: int, seed: int, device: torch.device, tp: int = 1, backend: str = "local",
+          model: str = "auto"):
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
-    from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig, Qwen25VLModel
-    from megatron_spava.models.qwen2_5_vl.tiny import shaped_hf_config, tiny_hf_config
+    from megatron_spava.models.families import get_family
 
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
     initialize_rng_tracker(inference_rng_tracker=True)
     torch.manual_seed(seed)
-    cfg = Qwen25VLConfig.from_hf(tiny_hf_config() if shape == "tiny" else shaped_hf_config(shape))
+    cfg = model_config(shape, model)
+    Model = get_family(family_of(shape, model)).model_class()
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.manual_seed(seed)
     with torch.device(device):
-        model = Qwen25VLModel(cfg, dtype=torch.bfloat16 if cuda else torch.float32, tensor_parallel=tp,
-                              context_parallel=cp, use_cpu_initialization=not cuda,
-                              backend=backend).eval()
-    return model.to(device), ps
+        built = Model(cfg, dtype=torch.bfloat16 if cuda else torch.float32, tensor_parallel=tp,
+                      context_parallel=cp, use_cpu_initialization=not cuda, backend=backend).eval()
+    return built.to(device), ps
 
 
-def prompt_lengths(n: int):
-    """(frame groups, context tokens, query tokens) of `synthetic_inputs(cfg, n, ...)`."""
+def _is_internvl(cfg) -> bool:
+    from megatron_spava.models.internvl3 import InternVL3Config
+    return isinstance(cfg, InternVL3Config)
+
+
+def prompt_lengths(n: int, cfg=None):
+    """(frame groups, context tokens, query tokens) of `synthetic_inputs(cfg, n, ...)`
+    (cfg None: Qwen2.5-VL's layout)."""
+    if cfg is not None and _is_internvl(cfg):
+        per_frame = cfg.tokens_per_tile + 2  # <img> <IMG_CONTEXT>*T </img>
+        frames = max(1, (n - 44) // per_frame)
+        return frames, 20 + frames * per_frame, 24
     groups = max(1, (n - 46) // TOKENS_PER_GROUP)
     return groups, 20 + 1 + groups * TOKENS_PER_GROUP + 1, 24
 
 
 def synthetic_inputs(cfg, n: int, seed: int):
-    """A chat prompt of about n tokens around a 448x448 video of n/256 temporal groups."""
-    from megatron_spava.models.qwen2_5_vl.generate import VideoQAInputs
+    """A chat prompt of about n tokens around a video: Qwen2.5-VL, a 448x448 video of n/256
+    temporal groups; InternVL3, n/(T+2) frames of one tile each (T tokens per tile)."""
+    from megatron_spava.video.inputs import InternVLInputs, VideoQAInputs
     gen = torch.Generator().manual_seed(seed)
     prefix = torch.randint(0, 200, (20,), generator=gen)  # ordinary tokens in every vocabulary here
     question = torch.randint(0, 200, (24,), generator=gen)
-    groups = prompt_lengths(n)[0]
+    groups = prompt_lengths(n, cfg)[0]
+    if _is_internvl(cfg):  # <img>, </img>: ordinary ids here (the weights are random)
+        frame = torch.tensor([201] + [cfg.image_token_id] * cfg.tokens_per_tile + [202])
+        ids = torch.cat([prefix, frame.repeat(groups), question])[None]
+        size = cfg.vision.image_size
+        return InternVLInputs(ids, torch.randn(groups, 3, size, size, generator=gen))
     ids = torch.cat([prefix, torch.tensor([cfg.vision_start_token_id]),
                      torch.full((groups * TOKENS_PER_GROUP,), cfg.video_token_id),
                      torch.tensor([cfg.vision_end_token_id]), question])[None]
@@ -182,7 +229,7 @@ def exposed_comm_share(prof) -> float:
 
 def run_algo(model, ps, inputs, algo: str, args):
     from megatron_spava import profiling
-    from megatron_spava.models.qwen2_5_vl.generate import generate
+    from megatron_spava.inference.generate import generate
     group = ps.get_context_parallel_group()
     name, config = algo_and_config(algo)
     kwargs = dict(algo=name, config=config, cp_group=group, max_new_tokens=1, eos_token_ids=[],
@@ -269,19 +316,17 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     world, rank = dist.get_world_size(), dist.get_rank()
     from megatron_spava.placement import Request, check_launch  # fit and placement, before the build
-    from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig
-    from megatron_spava.models.qwen2_5_vl.tiny import shaped_hf_config, tiny_hf_config
     tp = args.tensor_model_parallel_size
     if tp < 1 or world % tp:
         raise ValueError(f"--tensor-model-parallel-size {tp} must divide the {world} ranks")
     cp = world // tp
     variants = [algo_and_config(a) for a in args.algos]
+    cfg = model_config(args.shape, args.model)
     check_launch(tp=tp, cp=cp, algos=[v for v in variants if v[0] != "full"],
-                 requests=[Request(c, q, g) for g, c, q in map(prompt_lengths, args.tokens)],
+                 requests=[Request(c, q, g) for g, c, q in (prompt_lengths(n, cfg) for n in args.tokens)],
                  frame_parallel=any(c.frame_parallel for a, c in variants if a != "full"),
-                 model_config=Qwen25VLConfig.from_hf(
-                     tiny_hf_config() if args.shape == "tiny" else shaped_hf_config(args.shape)))
-    results = dict(shape=args.shape, world=world, tp=tp, cp=cp, device=name, transformer_impl=impl,
+                 model_config=cfg)
+    results = dict(shape=args.shape, model=family_of(args.shape, args.model), world=world, tp=tp, cp=cp, device=name, transformer_impl=impl,
                    torch=torch.__version__, date=time.strftime("%Y-%m-%d"), runs={})
     one_gpu = [a for a in args.algos if algo_and_config(a)[0] == "full"]  # no CP: one replica each
     cp_algos = [a for a in args.algos if a not in one_gpu]
@@ -289,7 +334,7 @@ def main(argv=None):
         results["runs"][str(n)] = {}
     results["shard_weights"] = args.shard_weights
     if cp_algos:
-        model, ps = build(args.shape, cp, args.seed, args.device_obj, tp, impl)
+        model, ps = build(args.shape, cp, args.seed, args.device_obj, tp, impl, args.model)
         if args.shard_weights:
             model.shard_weights(ps.get_context_parallel_group())
         for n in args.tokens:
@@ -302,7 +347,7 @@ def main(argv=None):
         if args.device_obj.type == "cuda":
             torch.cuda.empty_cache()
     if one_gpu:
-        model, ps = build(args.shape, 1, args.seed, args.device_obj, tp, impl)
+        model, ps = build(args.shape, 1, args.seed, args.device_obj, tp, impl, args.model)
         for n in args.tokens:
             if n > args.full_max_tokens:
                 continue
@@ -343,7 +388,8 @@ def _save(rank, args, results):
 
 
 def _table(results):
-    print(f"\n{results['shape']}-shaped, {results['world']} x {results['device']}: TTFT median (s) and speedups")
+    print(f"\n{results.get('model', 'qwen2_5_vl')} {results['shape']}-shaped, {results['world']} x "
+          f"{results['device']}: TTFT median (s) and speedups")
     w = max([24] + [len(a) for runs in results["runs"].values() for a in runs])
     print(f"{'n':>8} {'algo':<{w}} {'TTFT':>8} {'vision':>8} {'vs full':>8} {'vs ring':>8} {'vs apb':>8} {'mem GiB':>8}")
     for n, runs in results["runs"].items():
@@ -372,7 +418,8 @@ def _plot(results, path):
     ax.set_xscale("log", base=2)
     ax.set_xlabel("LLM tokens")
     ax.set_ylabel("TTFT speedup vs full (1 GPU)")
-    ax.set_title(f"Qwen2.5-VL-{results['shape'].upper()}-shaped prefill, {results['world']} GPUs")
+    family = {"internvl3": "InternVL3"}.get(results.get("model"), "Qwen2.5-VL")
+    ax.set_title(f"{family} {results['shape']}-shaped prefill, {results['world']} GPUs")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
