@@ -102,3 +102,30 @@ def test_bench_prefill_runs_ablation_variants_by_name(tmp_path):
     runs = json.load(open(tmp_path / "b.json"))["runs"]["1200"]
     assert set(runs) == {"spava", "spava-no-fuse-query", "spava-no-overlap-no-frame-parallel", "full"}
     assert all(r["ttft_median_s"] > 0 and "speedup_vs_full" in r for r in runs.values())
+
+
+def test_video_qa_internvl3_full_budget_agrees_with_full(tmp_path):
+    """--model internvl3: a tiny InternVL3-architecture checkpoint is generated, Spava on 2 CPU
+    ranks at full budget answers like exact attention on one."""
+    _run([sys.executable, "-m", "megatron_spava.video_qa", "--model", "internvl3", "--work-dir",
+          str(tmp_path), "--max-new-tokens", "3", "--max-frames", "16", "--spava-passing-len", "1024",
+          "--json", str(tmp_path / "r.json")], timeout=600)
+    import json
+    result = json.load(open(tmp_path / "r.json"))
+    assert result["model"] == "internvl3" and set(result["runs"]) == {"spava", "full"}
+    assert result["video_tokens"] == 16 * 16 and result["runs"]["spava"]["cp"] == 2  # 16 frames, 16 each
+    assert result["first_logits_max_abs_diff"] < 1e-3 and result["same_answer"]
+
+
+def test_bench_prefill_runs_internvl3(tmp_path):
+    """tools/bench_prefill.py --model internvl3 --shape tiny on 2 CPU ranks (the tool's dry
+    run of --shape internvl3-2b): the one-pass and two-pass prefills run and are reported."""
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+          "tools/bench_prefill.py", "--model", "internvl3", "--shape", "tiny", "--device", "cpu",
+          "--tokens", "1200", "--repeats", "1", "--warmup", "0", "--algos", "spava",
+          "spava-no-fuse-query", "full", "--json", str(tmp_path / "b.json")])
+    import json
+    result = json.load(open(tmp_path / "b.json"))
+    runs = result["runs"]["1200"]
+    assert result["model"] == "internvl3" and set(runs) == {"spava", "spava-no-fuse-query", "full"}
+    assert all(r["ttft_median_s"] > 0 and r["tokens"] == 1196 for r in runs.values())

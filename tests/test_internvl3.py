@@ -113,6 +113,121 @@ def test_vision_prefill_and_greedy_decode_match_hf(hf_reference, tp, cp, algo):
     assert all(torch.equal(first, results[0][2]) for _, _, first in results)  # one answer everywhere
 
 
+def test_ablation_switches_at_full_budget_match_hf(hf_reference):
+    """Through the shared generate: without fuse_query (context prefilled alone, the query
+    over the KV cache) and without frame-parallel vision (every rank encodes every frame),
+    the full-budget answer is still HF's."""
+    ids, pixels, ref_vision, ref_tokens, ref_first, state = hf_reference
+    budget = {**FULL_BUDGET, "fuse_query": False, "frame_parallel": False}
+    for vision, tokens, first in run_ranks(_rank, 2, 1, 2, "spava", budget, ids, pixels, state,
+                                           timeout=180):
+        torch.testing.assert_close(first, ref_first, rtol=1e-4, atol=1e-4)
+        assert tokens == ref_tokens
+
+
+def _hf_answers(ids, pixels, queries, new_tokens):
+    """HF's first-token logits and greedy tokens for each query appended to the context ids."""
+    hf = tiny_hf_model(tiny_hf_config())
+    out = []
+    with torch.no_grad():
+        for q in queries:
+            res = hf(input_ids=torch.cat([ids, q], dim=1), pixel_values=pixels, use_cache=True)
+            first, past = res.logits[0, -1], res.past_key_values
+            token, tokens = int(first.argmax()), []
+            while True:
+                tokens.append(token)
+                if len(tokens) == new_tokens:
+                    break
+                res = hf(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
+                past, token = res.past_key_values, int(res.logits[0, -1].argmax())
+            out.append((tokens, first))
+    return out
+
+
+def _questions_rank(context, pixels, queries, state, budget, new_tokens):
+    """answer_questions over one cached context, and a fresh two-pass generate per query."""
+    from dataclasses import replace
+    from megatron.core import parallel_state as ps
+    from megatron_spava.inference.generate import answer_questions, generate
+    from megatron_spava.video.inputs import InternVLInputs
+    model = _build(1, 2, state)
+    inputs, config = InternVLInputs(context, pixels), SpavaConfig(**budget)
+    kwargs = dict(algo="spava", cp_group=ps.get_context_parallel_group(), max_new_tokens=new_tokens,
+                  eos_token_ids=[])
+    cached = answer_questions(model, inputs, queries, config=config, **kwargs)
+    fresh = [generate(model, replace(inputs, input_ids=torch.cat([context, q], dim=1)),
+                      config=config.replace(fuse_query=False), **kwargs) for q in queries]
+    return [(o.tokens, o.first_logits) for o in cached], [(o.tokens, o.first_logits) for o in fresh]
+
+
+def test_several_questions_over_one_cached_context_match_hf(hf_reference):
+    """InternVL3 through the shared answer_questions: the video context is prefilled once
+    (CP = 2, Spava at full budget) and three queries of different lengths are answered
+    over the cache, rolled back between them. Each answer equals HF's for its whole prompt
+    (first-token logits, greedy tokens) and is bit-identical to a fresh two-pass prefill."""
+    from megatron_spava.models.internvl3 import InternVL3Config
+    ids, pixels, _, _, _, state = hf_reference
+    lq = InternVL3Config.from_hf(tiny_hf_config()).query_length(ids)
+    context, g = ids[:, :-lq], torch.Generator().manual_seed(7)
+    queries = [ids[:, -lq:], torch.randint(0, 300, (1, 4), generator=g),
+               torch.randint(0, 300, (1, 11), generator=g)]
+    refs = _hf_answers(context, pixels, queries, 4)
+    assert not torch.allclose(refs[0][1], refs[1][1])  # different questions, different answers
+    for cached, fresh in run_ranks(_questions_rank, 2, context, pixels, queries, state, FULL_BUDGET, 4,
+                                   timeout=180):
+        for (tokens, first), (fresh_tokens, fresh_first), (ref_tokens, ref_first) in zip(cached, fresh, refs):
+            assert tokens == fresh_tokens and torch.equal(first, fresh_first)
+            torch.testing.assert_close(first, ref_first, rtol=1e-4, atol=1e-4)
+            assert tokens == ref_tokens
+
+
+def _te_layout_rank():
+    """InternVL3's weight map and a TE-layout model (CPU: names only, TE cannot build here)."""
+    from megatron_spava import cpu_compat, specs
+    cpu_compat.apply()
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+    from megatron_spava.models.common.checkpoint_io import to_model_layout
+    from megatron_spava.models.internvl3 import InternVL3Config, InternVL3Model
+    from megatron_spava.models.internvl3.checkpoint import HFToMegatron, megatron_to_hf
+    ps.initialize_model_parallel()
+    initialize_rng_tracker(inference_rng_tracker=True)
+    cfg = InternVL3Config.from_hf(tiny_hf_config())
+    model = InternVL3Model(cfg).eval()
+    params = dict(model.named_parameters())
+    te_names = {specs.local_to_te_key(n) for n in params}
+    assert "language_model.decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in te_names
+    assert {n for n in te_names if not n.startswith("language_model.")} == \
+        {n for n in params if not n.startswith("language_model.")}  # the vision side never changes
+    # HF -> megatron: every name lands on the TE model's keys, each exactly once
+    conv, landed = HFToMegatron(cfg), []
+    for name, tensor in tiny_hf_model(tiny_hf_config()).state_dict().items():
+        landed += [to_model_layout(m, te_names) for m, _ in conv.feed(name, tensor)]
+    conv.finish()
+    assert sorted(landed) == sorted(te_names)
+    # megatron -> HF: the same HF tensors from either layout
+    for name, tensor in params.items():
+        te_name = to_model_layout(name, te_names)
+        ours, theirs = megatron_to_hf(te_name, tensor, cfg), megatron_to_hf(name, tensor, cfg)
+        assert [k for k, _ in ours] == [k for k, _ in theirs]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(ours, theirs))
+    # a TE-layout state dict loads into the local model, bit-exact
+    te_state = specs.state_dict_for_backend(model.state_dict(), "te")
+    fresh = InternVL3Model(cfg, perform_initialization=False)
+    for p in fresh.parameters():
+        p.data.zero_()
+    specs.load_state_dict_any_layout(fresh, te_state)
+    return all(torch.equal(a, params[n]) for n, a in fresh.named_parameters())
+
+
+def test_weight_map_handles_the_te_key_layout():
+    """With --transformer-impl transformer_engine the LLM's norms live in linear_qkv /
+    linear_fc1 (megatron-core's own local->TE key map): HF -> megatron names land on them,
+    megatron -> HF reads either layout, and a TE-layout state dict loads into local layers.
+    (TE vs local logits: tests/test_te.py on the GPU.)"""
+    assert run_ranks(_te_layout_rank, 1, timeout=120) == [True]
+
+
 def test_default_budgets_stay_close_to_hf(hf_reference):
     """Spava at small budgets is approximate: first-token logits differ from HF's, but stay
     finite, close, and identical on every rank."""

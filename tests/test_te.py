@@ -1,6 +1,7 @@
 """Transformer Engine on the GPU (skipped without CUDA or without TE): TE layers against
-megatron-core's local layers with the same weights, checkpoints across backends, and the
-`megatron` algorithm (TE's own context parallelism) against full attention.
+megatron-core's local layers with the same weights (GPT, Qwen2.5-VL, InternVL3),
+checkpoints across backends, and the `megatron` algorithm (TE's own context parallelism)
+against full attention.
 
 Run on the device, with TE installed (../shared/te/README.md):
     python -m pytest -q -m cuda tests/test_te.py
@@ -215,6 +216,96 @@ def test_qwen_checkpoints_load_into_both_backends_and_agree(qwen_checkpoints, dt
     assert all(e < bound for e in errors.values()), errors
     if dtype == "float32":
         assert len({tuple(t) for t in tokens.values()}) == 1, tokens  # decode over the cache too
+
+
+def _internvl_convert_rank(tmp):
+    """The tiny InternVL3 HF checkpoint, and its dist checkpoint written by local and by TE layers."""
+    from megatron.core import parallel_state as ps
+    from megatron_spava.models.internvl3.convert import hf_to_dist
+    from megatron_spava.models.internvl3.tiny import tiny_hf_config, tiny_hf_model
+    ps.initialize_model_parallel()
+    hf = os.path.join(tmp, "hf")
+    tiny_hf_model(tiny_hf_config()).save_pretrained(hf)
+    return dict(hf=hf, local=hf_to_dist(hf, os.path.join(tmp, "dist_local"), backend="local", progress=False),
+                te=hf_to_dist(hf, os.path.join(tmp, "dist_te"), backend="te", progress=False))
+
+
+@pytest.fixture(scope="module")
+def internvl_checkpoints(tmp_path_factory):
+    return run_ranks(_internvl_convert_rank, 1, str(tmp_path_factory.mktemp("internvl")), timeout=180)[0]
+
+
+def _internvl_rank(paths, dtype_name):
+    """HF / dist checkpoints (written by local and by TE layers) -> InternVL3 on TE and on
+    local LLM layers: weights bit-identical, and the shared generate() (prefill + decode)
+    agrees, with full attention and with Spava at CP = 1."""
+    _exact_math()
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+    from megatron_spava import SpavaConfig
+    from megatron_spava.inference.generate import generate
+    from megatron_spava.models.internvl3 import InternVL3Config, InternVL3Model
+    from megatron_spava.models.internvl3.convert import load_dist_into_model, load_hf_into_model
+    from megatron_spava.specs import te_to_local_key
+
+    ps.initialize_model_parallel()
+    dtype = getattr(torch, dtype_name)
+    hf, ckpt_local, ckpt_te = paths["hf"], paths["local"], paths["te"]
+    cfg = InternVL3Config.from_hf(hf)
+    initialize_rng_tracker(inference_rng_tracker=True)
+
+    def model(backend, source):
+        m = InternVL3Model(cfg, dtype=dtype, backend=backend, use_cpu_initialization=True,
+                           perform_initialization=False)
+        if source == "hf":
+            load_hf_into_model(m, hf, tp_rank=0, tp_size=1, progress=False)
+        else:
+            load_dist_into_model(m, source)
+        return m.cuda().eval()
+
+    def weights(m):
+        return {te_to_local_key(n): p.detach().cpu() for n, p in m.named_parameters()}
+
+    local = model("local", ckpt_local)
+    assert not any(n.endswith("layer_norm_weight") for n, _ in local.named_parameters())
+    reference = weights(local)
+    same = {}
+    for name, (backend, source) in {"te<-local ckpt": ("te", ckpt_local), "te<-te ckpt": ("te", ckpt_te),
+                                    "local<-te ckpt": ("local", ckpt_te), "te<-hf": ("te", "hf")}.items():
+        m = model(backend, source)
+        if backend == "te":
+            assert any(n.endswith("linear_qkv.layer_norm_weight") for n, _ in m.named_parameters())
+        w = weights(m)
+        same[name] = sorted(w) == sorted(reference) and all(torch.equal(w[k], reference[k]) for k in w)
+        del m
+    inputs = _synthetic_inputs(cfg, 600)
+    spava = SpavaConfig(budget_align=1, anchor_len=16, passing_len=1024)
+    te = model("te", ckpt_local)
+    results = {}
+    for name, m, algo, config in (("local", local, "full", None), ("te", te, "full", None),
+                                  ("te_spava", te, "spava", spava)):
+        out = generate(m, inputs, algo=algo, config=config, max_new_tokens=4, eos_token_ids=[],
+                       device=torch.device("cuda"))
+        results[name] = (out.tokens, out.first_logits.float())
+    return same, results
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_internvl_checkpoints_load_into_both_backends_and_agree(internvl_checkpoints, dtype):
+    """InternVL3's language model on TE layers (--transformer-impl transformer_engine) ==
+    local layers with the same converted weights: first-token logits (float32 to 2e-3,
+    bf16 to 3e-2) and, in float32, the decoded tokens."""
+    same, results = run_ranks(_internvl_rank, 1, internvl_checkpoints, dtype, timeout=180)[0]
+    assert all(same.values()), same
+    tokens = {k: v[0] for k, v in results.items()}
+    ref = results["local"][1]
+    errors = {k: relative_error(v[1], ref) for k, v in results.items() if k != "local"}
+    print(f"\nInternVL3 {dtype}: first-token logits vs local layers: "
+          + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()) + f"; tokens {tokens}")
+    bound = 2e-3 if dtype == "float32" else 3e-2
+    assert all(e < bound for e in errors.values()), errors
+    if dtype == "float32":
+        assert len({tuple(t) for t in tokens.values()}) == 1, tokens
 
 
 # ---- TP=2 x CP=2 --------------------------------------------------------------------
