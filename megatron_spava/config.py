@@ -77,7 +77,7 @@ class SpavaConfig:
         distributed KV cache, selecting with the queries of the anchor's last
         `context_probe_len` tokens (query-agnostic), and the query runs in a second pass over
         that cache (exact). Several questions can then share one context prefill
-        (`models.qwen2_5_vl.generate.answer_questions`).
+        (`inference.generate.answer_questions`).
       frame_parallel: the vision encoder runs on W disjoint slices of the frames, one per rank,
         then all-gathers. Off: every rank encodes the whole video.
       passing: exchange passing blocks. Off (with the anchor the size of a block): Star

@@ -54,12 +54,12 @@ class GenerationOutput:
     timings: dict = field(default_factory=dict)
 
 
-def _pick_once(logits_row: Optional[Tensor], device: torch.device) -> int:
+def _pick_once(logits_row: Optional[Tensor], device: torch.device, group=None) -> int:
     """Greedy token chosen on the rank(s) holding the last position and broadcast to every
-    rank of the world (others pass None)."""
+    rank of `group` (default: the world; others pass None)."""
     choice = torch.tensor([-1 if logits_row is None else int(logits_row.argmax())], device=device)
     if dist.is_initialized():
-        dist.all_reduce(choice, op=dist.ReduceOp.MAX)
+        dist.all_reduce(choice, op=dist.ReduceOp.MAX, group=group)
     return int(choice)
 
 
@@ -84,7 +84,8 @@ def generate(model, inputs, *, algo: str = "spava",
              config: Optional[SpavaConfig] = None, cp_group: Optional[dist.ProcessGroup] = None,
              max_new_tokens: int = 16, query_len: Optional[int] = None,
              rope_convention: Optional[str] = None, eos_token_ids: Optional[Sequence[int]] = None,
-             device: Optional[torch.device] = None) -> GenerationOutput:
+             device: Optional[torch.device] = None,
+             group: Optional[dist.ProcessGroup] = None) -> GenerationOutput:
     """Greedy answer to one video prompt; every rank of the model's TP x CP grid calls it
     with the same inputs (the model family's input type). Stops at an EOS token or after
     max_new_tokens.
@@ -96,6 +97,9 @@ def generate(model, inputs, *, algo: str = "spava",
     query; without it, the context
     is prefilled alone and the query runs over the KV cache (`answer_questions`).
     config.frame_parallel: the vision encoder runs on each rank's slice of the frames.
+    group: the ranks answering this prompt together (its TP x CP grid), over which the
+    chosen tokens and the first-token logits are shared; default the whole world. Pass it
+    when data-parallel replicas answer different prompts at the same time.
     """
     cfg = model.cfg
     config = SpavaConfig() if config is None else config
@@ -106,7 +110,8 @@ def generate(model, inputs, *, algo: str = "spava",
         return answer_questions(
             model, replace(inputs, input_ids=ids[:, :S - lq]), [ids[:, S - lq:]], algo=algo,
             config=config, cp_group=cp_group, max_new_tokens=max_new_tokens,
-            rope_convention=rope_convention, eos_token_ids=eos_token_ids, device=device)[0]
+            rope_convention=rope_convention, eos_token_ids=eos_token_ids, device=device,
+            group=group)[0]
     device = device or next(model.parameters()).device
     rank, world = group_rank_world(cp_group)
     eos = set(eos_token_ids if eos_token_ids is not None else cfg.eos_token_ids)
@@ -130,13 +135,13 @@ def generate(model, inputs, *, algo: str = "spava",
     with cp_request(layout, cache=cache):
         logits = model(x, positions.take(idx), logits_rows=torch.tensor([row]))
     last = logits[0, 0].float() if holds_last else None
-    token = _pick_once(last, device)
-    first_logits = _broadcast_from_holder(last, logits.shape[-1], holds_last, device)
+    token = _pick_once(last, device, group)
+    first_logits = _broadcast_from_holder(last, logits.shape[-1], holds_last, device, group)
     sync(device)
     ttft = time.perf_counter() - start
 
     tokens, decode_s = _decode(model, layout, cache, token, positions, max_new_tokens, eos,
-                               device, rank)
+                               device, rank, group)
     return GenerationOutput(tokens=tokens, first_logits=first_logits, ttft_s=ttft,
                             decode_s=decode_s, layout=layout,
                             timings={"vision_s": vision_s, "prefill_llm_s": ttft - vision_s})
@@ -147,7 +152,8 @@ def answer_questions(model, inputs, queries: Sequence[Tensor], *,
                      algo: str = "spava", config: Optional[SpavaConfig] = None,
                      cp_group: Optional[dist.ProcessGroup] = None, max_new_tokens: int = 16,
                      rope_convention: Optional[str] = None, eos_token_ids: Optional[Sequence[int]] = None,
-                     device: Optional[torch.device] = None) -> List[GenerationOutput]:
+                     device: Optional[torch.device] = None,
+                     group: Optional[dist.ProcessGroup] = None) -> List[GenerationOutput]:
     """Prefill one video's context once and answer several queries over it.
 
     inputs: the context alone: input_ids [1, n] (the prompt before the query: system
@@ -162,6 +168,7 @@ def answer_questions(model, inputs, queries: Sequence[Tensor], *,
     same inputs. Returns one GenerationOutput per query; its ttft_s and timings (vision_s,
     context_s, query_s) count what that answer cost: vision and the context prefill for
     the first query, the query pass alone for later ones (the context is cached).
+    group: as in `generate` (the ranks sharing tokens and logits; default the world).
     """
     cfg = model.cfg
     device = device or next(model.parameters()).device
@@ -207,12 +214,12 @@ def answer_questions(model, inputs, queries: Sequence[Tensor], *,
             logits = model(model.decoder_input(q.to(device)), positions.take(torch.arange(n, n + lq)),
                            logits_rows=torch.tensor([lq - 1]))
         last = logits[0, 0].float()  # every rank holds the query rows
-        token = _pick_once(last, device)
-        first_logits = _broadcast_from_holder(last, logits.shape[-1], True, device)
+        token = _pick_once(last, device, group)
+        first_logits = _broadcast_from_holder(last, logits.shape[-1], True, device, group)
         sync(device)
         query_s = time.perf_counter() - start
         tokens, decode_s = _decode(model, layout, cache, token, positions, max_new_tokens, eos,
-                                   device, rank)
+                                   device, rank, group)
         first = i == 0
         timings = {"vision_s": vision_s if first else 0.0, "context_s": context_s if first else 0.0,
                    "query_s": query_s}
@@ -224,7 +231,7 @@ def answer_questions(model, inputs, queries: Sequence[Tensor], *,
 
 
 def _decode(model, layout, cache, token: int, positions, max_new_tokens: int, eos, device,
-            rank: int) -> Tuple[List[int], float]:
+            rank: int, group=None) -> Tuple[List[int], float]:
     """Greedy decode from the first token over the distributed cache: (tokens, seconds).
     positions: the prompt's (`model.prompt_positions`); decoded tokens follow it."""
     tokens: List[int] = []
@@ -239,19 +246,20 @@ def _decode(model, layout, cache, token: int, positions, max_new_tokens: int, eo
         x = model.decoder_input(torch.tensor([[token]], device=device))
         with cp_request(layout, cache=cache, decode=True):
             logits = model(x, positions.decode(step))
-        token = _pick_once(logits[0, -1].float() if rank == 0 else None, device)
+        token = _pick_once(logits[0, -1].float() if rank == 0 else None, device, group)
     sync(device)
     return tokens, time.perf_counter() - start
 
 
 def _broadcast_from_holder(row: Optional[Tensor], vocab: int, holds: bool,
-                           device: torch.device) -> Tensor:
-    """The last-token logits on every rank, broadcast from the lowest global rank holding it."""
+                           device: torch.device, group=None) -> Tensor:
+    """The last-token logits on every rank of `group` (default: the world), broadcast from
+    the lowest global rank holding it."""
     if not dist.is_initialized():
         return row.cpu()
     me = dist.get_rank()
     src = torch.tensor([me if holds else dist.get_world_size()], device=device)
-    dist.all_reduce(src, op=dist.ReduceOp.MIN)
+    dist.all_reduce(src, op=dist.ReduceOp.MIN, group=group)
     buf = row.clone() if me == int(src) else torch.empty(vocab, device=device)
-    dist.broadcast(buf, int(src))
+    dist.broadcast(buf, int(src), group=group)
     return buf.cpu()
