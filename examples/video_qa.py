@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Video question answering with Qwen2.5-VL under --context-parallel-algo, TP and CP.
+"""Video question answering with Qwen2.5-VL or InternVL3 (--model, or detected from the
+checkpoint) under --context-parallel-algo, TP and CP.
 
 The same program as `megatron-spava-demo` (megatron_spava/video_qa.py); see --help.
     torchrun --nproc-per-node 4 examples/video_qa.py --hf-path Qwen2.5-VL-7B-Instruct \\

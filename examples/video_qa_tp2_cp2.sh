@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Video QA with Qwen2.5-VL, TP=2 x CP=2, Spava, compared with exact attention.
-#   tiny offline model on CPU:   examples/video_qa_tp2_cp2.sh
+# Video QA with Qwen2.5-VL (or InternVL3: --model internvl3), TP=2 x CP=2, Spava, compared
+# with exact attention.
+#   tiny offline model on CPU:   examples/video_qa_tp2_cp2.sh   (InternVL3: ... --model internvl3)
 #   a real checkpoint on 4 GPUs: examples/video_qa_tp2_cp2.sh --hf-path /ckpt/Qwen2.5-VL-7B-Instruct \
 #                                  --video clip.mp4 --question "..." --device cuda --bf16
 # Extra arguments go to megatron_spava.video_qa (see --help).
