@@ -25,16 +25,23 @@ passing budget scaled by 8 / W: the W = 8 default's share, see below).
 Time model (documented in BENCHMARKS.md section 9): one layer is simulated as a compute
 stream and one NCCL stream in FIFO order, so an asynchronous collective costs only what
 the compute issued before its wait does not cover; a collective starts when the last rank
-launches it. Fitted constants (--fit-report shows them with their residuals):
+launches it.
+Measured kernel rates (inputs, never fitted to a prefill run; `measured_curves`): each
+attention call runs at the rate tools/bench_attention.py and tools/bench_layers.py measured
+on one H200 for a call of its FLOPs and mask (causal squares 2K-128K tokens, unmasked
+rows x keys 512 x 1536 to 16K x 48K; log rate linear in log FLOPs between points; smaller calls cost the
+smallest measured call's time), and the dense GEMMs' rate follows bench_layers' GEMM
+floors at 32K and 128K rows (--constant-rates replaces either by one fitted rate).
+Fitted constants (--fit-on, printed with their residuals):
   vision s/frame group and dense s/token: the 1-GPU `full` prefill runs (32K-256K);
-  attention FLOP rate and float32 merge cost per element: the 1-GPU full and 2-GPU
-  attention-layer runs (BENCHMARKS section 2), then the ratio of in-model attention time
-  to the layer benchmark from the 1-GPU prefill runs.
+  in-layer factor on the kernel curves and float32 merge cost per element: the 1-GPU full
+  and 2-GPU attention-layer runs (BENCHMARKS section 2), then the ratio of in-model
+  attention time to the layer model from the 1-GPU prefill runs.
 Measured hardware: NVLink all-gather (265 GB/s bus bandwidth at 16 MB per rank, 326 GB/s at
 256 MB on 4 H200: a latency and a bandwidth fitted through the two). Assumed (not measured
 here): 400 Gb/s per GPU between nodes at 90% efficiency, 10 us per network step, P2P over
-NVLink at the all-gather bus bandwidth, 132 SMs for wave quantisation, ring collectives
-across nodes using every NIC of the node (NCCL's rail-aligned rings).
+NVLink at the all-gather bus bandwidth, ring collectives across nodes using every NIC of
+the node (NCCL's rail-aligned rings), 5 us per merge kernel.
 """
 
 from __future__ import annotations
@@ -154,6 +161,7 @@ class Call:
     keys: int
     causal: bool = False
     heads_frac: float = 1.0  # share of the query heads (TP, all-to-all)
+    role: str = ""  # Spava's calls: "query", "anchor" (both replicated on every rank), "block", "passing"
 
     def pairs(self) -> float:
         return self.rows * self.keys / (2 if self.causal else 1) * self.heads_frac
@@ -290,24 +298,24 @@ def spava_ops(layout: SpavaLayout, r: int, shape: Shape, tp: int, group: List[in
                 ops.append(Op(wait=gathers[-1]))
     s_lo, s_hi = seg.anchor_shard
     blocks_len = seg.blocks[-1][2] - seg.blocks[0][1]
-    qcalls = [Call(lq, s_hi - s_lo, False, hf), Call(lq, blocks_len, False, hf)]
+    qcalls = [Call(lq, s_hi - s_lo, False, hf, "query"), Call(lq, blocks_len, False, hf, "query")]
     if r == 0:
-        qcalls.append(Call(lq, lq, True, hf))
+        qcalls.append(Call(lq, lq, True, hf, "query"))
     ops.append(Op(calls=[c for c in qcalls if c.keys], merged=lq * hq * d * len(qcalls)))
     ops.append(Op(comm=Comm("all_gather", group, int(lq * hq * (d + 1) * 4), me, name="query")))
     qwork = len([o for o in ops if o.comm is not None]) - 1
     if not cfg.overlap:
         ops.append(Op(wait=qwork))
     if la:
-        ops.append(Op(calls=[Call(la, la, True, hf)]))
-    ops.append(Op(calls=[Call(hi - lo, hi - lo, True, hf) for _, lo, hi in seg.blocks]))
+        ops.append(Op(calls=[Call(la, la, True, hf, "anchor")]))
+    ops.append(Op(calls=[Call(hi - lo, hi - lo, True, hf, "block") for _, lo, hi in seg.blocks]))
     nblk = len(seg.blocks)
     for j, (v, lo, hi) in enumerate(seg.blocks):
         if j < len(gathers) and cfg.overlap:
             ops.append(Op(wait=gathers[j]))
         keys = la + (r if j == 0 else (2 * W - 1 - r if nblk == 2 else r)) * lp
         if keys:
-            ops.append(Op(calls=[Call(hi - lo, keys, False, hf)], merged=(hi - lo) * hq * d * 2))
+            ops.append(Op(calls=[Call(hi - lo, keys, False, hf, "passing")], merged=(hi - lo) * hq * d * 2))
     if cfg.overlap:
         ops.append(Op(wait=qwork))
     ops.append(Op(merged=lq * hq * d * W))
@@ -545,9 +553,10 @@ LAYER_BENCH = "2026-12-01-h200/bench_layers.json"
 class RateCurve:
     """A rate measured against the size of one kernel call. points: (size, rate) pairs,
     sizes increasing (attention: FLOPs of the call and FLOP/s; GEMMs: rows M, i.e. tokens,
-    and FLOP/s). Between points the rate is linear in log(size), so the curve passes through
-    every point and is monotone on every interval between two of them (it never overshoots
-    the data). Above the largest size the last rate holds. Below the smallest: with `floor`,
+    and FLOP/s). Between points log(rate) is linear in log(size) (a power law per interval),
+    so the curve passes through every point, is monotone on every interval between two of
+    them (it never overshoots the data), and a call's time (size / rate) grows with its size
+    wherever the measured times do. Above the largest size the last rate holds. Below the smallest: with `floor`,
     the smallest call's *time* holds (a call is never cheaper than the smallest measured one;
     the measured attention times flatten there), else its rate holds.
     sources: the files the points come from, one per point."""
@@ -571,7 +580,7 @@ class RateCurve:
         for (s0, r0), (s1, r1) in zip(pts, pts[1:]):
             if size <= s1:
                 f = math.log(size / s0) / math.log(s1 / s0)
-                return r0 + f * (r1 - r0)
+                return r0 * (r1 / r0) ** f
         return pts[-1][1]
 
     def seconds(self, work: float) -> float:
@@ -1037,23 +1046,72 @@ def predictions(rates: Rates, shape: Shape, hw: Hardware, gpus=PRED_GPUS, tokens
     return rows, full
 
 
+def rank_compute(algo: str, n_tokens: int, W: int, shape: Shape, rates: Rates, hw: Hardware) -> Dict[str, float]:
+    """One layer's compute on the busiest CP rank (TP = 1, whole weights), in seconds, split
+    into dense work, attention calls and merges; for Spava-family layouts also the share spent
+    on what every rank repeats (the anchor's causal attention, the query's calls and the dense
+    work of the anchor and query rows). kernel_tflops: the FLOP-weighted rate of its
+    attention calls on the measured kernel curves (before the fitted factors)."""
+    plan, ops = layer_ops(algo, n_tokens, W, 1, shape, shard_weights=False)
+    layout = plan.layout
+    best = None
+    for r, rank_ops in enumerate(ops):
+        dense = sum(compute_seconds(replace(o, calls=[], merged=0.0), shape, rates, hw, shape.layers)
+                    for o in rank_ops if o.comm is None and o.wait is None)
+        calls = [c for o in rank_ops for c in o.calls]
+        attn = {}
+        for c in calls:
+            attn[c.role or "other"] = attn.get(c.role or "other", 0.0) + rates.model_attn * call_seconds(c, shape, rates, hw)
+        merge = sum(rates.model_attn * (o.merged * rates.merge + hw.call_overhead) for o in rank_ops if o.merged)
+        flops = sum(c.pairs() * shape.flop_per_pair for c in calls)
+        kernel = sum(call_seconds(c, shape, replace(rates, attention=1.0), hw) for c in calls)
+        total = dense + sum(attn.values()) + merge
+        row = dict(rank=r, total=total, dense=dense, attention=sum(attn.values()), merge=merge,
+                   kernel_tflops=flops / kernel / 1e12 if kernel else 0.0, calls=len(calls),
+                   attention_by_role=attn)
+        if isinstance(layout, SpavaLayout):
+            repl_tokens = layout.anchor_len + layout.query_len
+            repl = dense * repl_tokens / plan.local_tokens[r] + attn.get("anchor", 0.0) + attn.get("query", 0.0)
+            row.update(replicated=repl, replicated_share=repl / total)
+        if best is None or total > best["total"]:
+            best = row
+    return best
+
+
+def _tok(n: int) -> str:
+    return f"{n // 2 ** 20}M" if n >= 2 ** 20 else f"{n // 1024}K"
+
+
 def findings(rows, shape: Shape, rates: Rates, hw: Hardware) -> List[str]:
     """Plain statements the predictions support (stalls, where replication dominates)."""
     out = []
     by = {(r["algo"], r["gpus"], r["n"]): r for r in rows if r.get("feasible")}
-    for algo in ("ring", "megatron-p2p", "megatron-a2a+p2p", "megatron-allgather"):
-        stalls = [(W, n, by[(algo, W, n)]["exposed_comm_share"]) for W in PRED_GPUS for n in PRED_TOKENS
-                  if (algo, W, n) in by and by[(algo, W, n)]["exposed_comm_share"] > 0.05]
-        if stalls:
+    rings = ("ring", "megatron-p2p", "megatron-a2a+p2p", "megatron-allgather")
+    exposed = {}
+    for algo in ("spava", "spava-scaled-passing", "apb") + rings:
+        exposed[algo] = [(W, n, by[(algo, W, n)]["exposed_comm_share"]) for W in PRED_GPUS for n in PRED_TOKENS
+                         if (algo, W, n) in by and by[(algo, W, n)]["exposed_comm_share"] > 0.05]
+        if exposed[algo]:
             out.append(f"{algo}: communication exposed > 5% of TTFT at " + ", ".join(
-                f"{W} GPUs/{n // 1024}K ({100 * s:.0f}%)" for W, n, s in stalls))
+                f"{W} GPUs/{_tok(n)} ({100 * e:.0f}%)" for W, n, e in exposed[algo]))
         else:
             out.append(f"{algo}: exposed communication stays under 5% of TTFT at every predicted size")
+    spava_stalls = {(W, n) for W, n, _ in exposed["spava"]}
+    ring_only = sorted({(W, n) for a in rings for W, n, _ in exposed[a]} - spava_stalls)
+    out.append("sizes where a ring / all-gather / all-to-all exposes > 5% and spava does not: "
+               + (", ".join(f"{W} GPUs/{_tok(n)}" for W, n in ring_only) or "none"))
     spava = [(W, n, by[("spava", W, n)]["exposed_comm_share"]) for W in PRED_GPUS for n in PRED_TOKENS
              if ("spava", W, n) in by]
     worst = max(spava, key=lambda x: x[2])
     out.append(f"spava: exposed communication at most {100 * worst[2]:.1f}% of TTFT "
-               f"({worst[0]} GPUs, {worst[1] // 1024}K)")
+               f"({worst[0]} GPUs, {_tok(worst[1])})")
+    for W in (16, 64):  # what the measured small-call rates do to the per-rank attention
+        parts = []
+        for algo in ("spava", "ring"):
+            c = rank_compute(algo, 131072, W, shape, rates, hw)
+            parts.append(f"{algo} {c['calls']} calls per layer at {c['kernel_tflops']:.0f} TFLOP/s")
+        out.append(f"per-rank attention kernels at {W} GPUs / 128K (FLOP-weighted rate on the measured "
+                   f"curves): " + ", ".join(parts))
     for alpha in (5e-6, 20e-6):  # sensitivity to the assumed per-step network latency
         h = replace(hw, net_alpha_step=alpha)
         parts = []
@@ -1069,6 +1127,11 @@ def findings(rows, shape: Shape, rates: Rates, hw: Hardware) -> List[str]:
                    f"{100 * (on['ttft'] / off['ttft'] - 1):.0f}% at 128K ({on['ttft']:.3f} s vs "
                    f"{off['ttft']:.3f} s): each layer's {shape.layer_params * shape.weight_bytes / 1e6:.0f} MB is gathered across nodes; 7B fits "
                    f"unsharded, so predictions keep whole weights")
+    for algo in ("spava", "spava-scaled-passing"):
+        parts = [f"{W} GPUs {100 * rank_compute(algo, n, W, shape, rates, hw)['replicated_share']:.0f}% at "
+                 f"{_tok(n)}" for W in PRED_GPUS for n in (131072, 1048576)]
+        out.append(f"{algo}: share of the busiest rank's compute spent on replicated work (anchor and "
+                   f"query attention, their rows' dense work): " + ", ".join(parts))
     for W in PRED_GPUS:
         n = 1048576
         cfg = SpavaConfig()
@@ -1195,8 +1258,9 @@ def main(argv=None) -> int:
     val = validate(meas, rates, shape, hw)
     print(f"fit (runs of <= {args.fit_on} GPUs): attention x{rates.attention:.3f} of the kernel curves, "
           f"merge {fit_report['attention']['merge_ps_per_element']:.2f} ps/element, in-model attention x"
-          f"{rates.model_attn:.3f}, dense {1e6 * rates.dense_per_token:.2f} us/token (GEMMs <= "
-          f"{curves.gemm.points[0][0]:.0f} rows) + {rates.dense_const:.3f} s, "
+          f"{rates.model_attn:.3f}, dense {1e6 * rates.dense_per_token:.2f} us/token ("
+          + (f"GEMMs of <= {curves.gemm.points[0][0]:.0f} rows" if len(curves.gemm.points) > 1 else "constant GEMM rate")
+          + f") + {rates.dense_const:.3f} s, "
           f"vision {1e3 * rates.vision_per_group:.3f} ms/group + {rates.vision_const:.3f} s")
     for pt in fit_report["attention"]["points"]:
         print(f"  layer fit: {pt['algo']:<22} W={pt['world']} n={pt['context']:>7}: measured {pt['measured_ms']:8.2f} ms, "
