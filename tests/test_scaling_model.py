@@ -236,7 +236,8 @@ def test_kernel_curves_pass_through_the_measured_kernel_times():
     assert gemm.slowdown(8192) == 1.0 and gemm.slowdown(10 ** 7) == gemm.slowdown(131072)  # held outside
     # A measured causal 4096 call is 1.62x slower per FLOP than a 16384 one, as measured.
     small, big = sm.Call(4096, 4096, True), sm.Call(16384, 16384, True)
-    ratio = sm.call_seconds(small, shape, rates, hw) / small.pairs() / (sm.call_seconds(big, shape, rates, hw) / big.pairs())
+    per_pair = [sm.call_seconds(c, shape, rates, hw) / c.pairs() for c in (small, big)]
+    ratio = per_pair[0] / per_pair[1]
     assert ratio == pytest.approx(652.33 / 464.65, rel=1e-3)
 
 

@@ -29,9 +29,10 @@ launches it.
 Measured kernel rates (inputs, never fitted to a prefill run; `measured_curves`): each
 attention call runs at the rate tools/bench_attention.py and tools/bench_layers.py measured
 on one H200 for a call of its FLOPs and mask (causal squares 2K-128K tokens, unmasked
-rows x keys 512 x 1536 to 16K x 48K; log rate linear in log FLOPs between points; smaller calls cost the
-smallest measured call's time), and the dense GEMMs' rate follows bench_layers' GEMM
-floors at 32K and 128K rows (--constant-rates replaces either by one fitted rate).
+rows x keys 512 x 1536 to 16K x 48K; log rate linear in log FLOPs between points; smaller
+calls cost the smallest measured call's time), and the dense GEMMs' rate follows
+bench_layers' GEMM floors at 32K and 128K rows (--constant-rates replaces either by one
+fitted rate).
 Fitted constants (--fit-on, printed with their residuals):
   vision s/frame group and dense s/token: the 1-GPU `full` prefill runs (32K-256K);
   in-layer factor on the kernel curves and float32 merge cost per element: the 1-GPU full
@@ -377,7 +378,8 @@ def a2a_ops(S: int, W: int, r: int, shape: Shape, tp: int, group: List[int],
     per_peer_o = int(local / W * shape.heads / tp * d * shape.act_bytes)
     ops = [Op(comm=weights)] if weights is not None else []
     n = 1 if weights is not None else 0
-    ops += [Op(dense=pre * local, gemm_rows=local), Op(comm=Comm("all_to_all", group, per_peer_qkv, me, name="a2a_qkv")),
+    ops += [Op(dense=pre * local, gemm_rows=local),
+            Op(comm=Comm("all_to_all", group, per_peer_qkv, me, name="a2a_qkv")),
             Op(wait=n), Op(calls=[Call(S, S, True, 1.0 / (W * tp))]),
             Op(comm=Comm("all_to_all", group, per_peer_o, me, name="a2a_out")), Op(wait=n + 1),
             Op(dense=(1 - pre) * local, gemm_rows=local)]
@@ -1061,7 +1063,8 @@ def rank_compute(algo: str, n_tokens: int, W: int, shape: Shape, rates: Rates, h
         calls = [c for o in rank_ops for c in o.calls]
         attn = {}
         for c in calls:
-            attn[c.role or "other"] = attn.get(c.role or "other", 0.0) + rates.model_attn * call_seconds(c, shape, rates, hw)
+            role = c.role or "other"
+            attn[role] = attn.get(role, 0.0) + rates.model_attn * call_seconds(c, shape, rates, hw)
         merge = sum(rates.model_attn * (o.merged * rates.merge + hw.call_overhead) for o in rank_ops if o.merged)
         flops = sum(c.pairs() * shape.flop_per_pair for c in calls)
         kernel = sum(call_seconds(c, shape, replace(rates, attention=1.0), hw) for c in calls)
@@ -1259,7 +1262,8 @@ def main(argv=None) -> int:
     print(f"fit (runs of <= {args.fit_on} GPUs): attention x{rates.attention:.3f} of the kernel curves, "
           f"merge {fit_report['attention']['merge_ps_per_element']:.2f} ps/element, in-model attention x"
           f"{rates.model_attn:.3f}, dense {1e6 * rates.dense_per_token:.2f} us/token ("
-          + (f"GEMMs of <= {curves.gemm.points[0][0]:.0f} rows" if len(curves.gemm.points) > 1 else "constant GEMM rate")
+          + (f"GEMMs of <= {curves.gemm.points[0][0]:.0f} rows" if len(curves.gemm.points) > 1
+             else "constant GEMM rate")
           + f") + {rates.dense_const:.3f} s, "
           f"vision {1e3 * rates.vision_per_group:.3f} ms/group + {rates.vision_const:.3f} s")
     for pt in fit_report["attention"]["points"]:
