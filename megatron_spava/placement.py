@@ -176,8 +176,12 @@ def fit_error(*, tp: int, cp: int, algos: Sequence[str], config=None,
                     f"sample more frames (--fps, --max-frames) or use a smaller CP")
         for entry in algos:
             algo, cfg = entry if isinstance(entry, tuple) else (entry, config)
+            # unfused (fuse_query=False): the prefill holds the context only, the query runs
+            # over the cache afterwards
+            fused = cfg is None or cfg.fuse_query
             try:
-                plan_layout(algo, context_len=req.context_len, query_len=req.query_len,
+                plan_layout(algo, context_len=req.context_len,
+                            query_len=req.query_len if fused else 0,
                             cp_size=1 if algo == "full" else cp, config=cfg)
             except ValueError as err:
                 return (f"--context-parallel-algo {algo} at CP={cp} with a {req.context_len}-token "

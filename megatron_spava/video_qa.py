@@ -215,7 +215,7 @@ def run(args) -> dict:
 def _answer_questions(args, checkpoint, inputs, queries, algo: str, tp: int, cp: int, device, config):
     from .models.qwen2_5_vl.generate import answer_questions
 
-    model, ps = _build_model(args, checkpoint, tp, cp, device)
+    model, ps = _build_model(args, checkpoint, tp, cp, device, algo)
     if args.shard_weights:
         model.shard_weights(ps.get_context_parallel_group())
     kwargs = dict(algo=algo, config=config, cp_group=ps.get_context_parallel_group(),
