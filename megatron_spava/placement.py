@@ -174,11 +174,12 @@ def fit_error(*, tp: int, cp: int, algos: Sequence[str], config=None,
                     f"--max-frames) or use a smaller CP")
         for entry in algos:
             algo, cfg = entry if isinstance(entry, tuple) else (entry, config)
-            # without fuse_query the prefill holds the context alone (the query runs over the
-            # KV cache in a second pass), as generate / answer_questions plan it
-            query_len = req.query_len if cfg is None or cfg.fuse_query else 0
+            # unfused (fuse_query=False): the prefill holds the context only, the query runs
+            # over the cache afterwards
+            fused = cfg is None or cfg.fuse_query
             try:
-                plan_layout(algo, context_len=req.context_len, query_len=query_len,
+                plan_layout(algo, context_len=req.context_len,
+                            query_len=req.query_len if fused else 0,
                             cp_size=1 if algo == "full" else cp, config=cfg)
             except ValueError as err:
                 return (f"--context-parallel-algo {algo} at CP={cp} with a {req.context_len}-token "

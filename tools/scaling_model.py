@@ -25,16 +25,24 @@ passing budget scaled by 8 / W: the W = 8 default's share, see below).
 Time model (documented in BENCHMARKS.md section 9): one layer is simulated as a compute
 stream and one NCCL stream in FIFO order, so an asynchronous collective costs only what
 the compute issued before its wait does not cover; a collective starts when the last rank
-launches it. Fitted constants (--fit-report shows them with their residuals):
+launches it.
+Measured kernel rates (inputs, never fitted to a prefill run; `measured_curves`): each
+attention call runs at the rate tools/bench_attention.py and tools/bench_layers.py measured
+on one H200 for a call of its FLOPs and mask (causal squares 2K-128K tokens, unmasked
+rows x keys 512 x 1536 to 16K x 48K; log rate linear in log FLOPs between points; smaller
+calls cost the smallest measured call's time), and the dense GEMMs' rate follows
+bench_layers' GEMM floors at 32K and 128K rows (--constant-rates replaces either by one
+fitted rate).
+Fitted constants (--fit-on, printed with their residuals):
   vision s/frame group and dense s/token: the 1-GPU `full` prefill runs (32K-256K);
-  attention FLOP rate and float32 merge cost per element: the 1-GPU full and 2-GPU
-  attention-layer runs (BENCHMARKS section 2), then the ratio of in-model attention time
-  to the layer benchmark from the 1-GPU prefill runs.
+  in-layer factor on the kernel curves and float32 merge cost per element: the 1-GPU full
+  and 2-GPU attention-layer runs (BENCHMARKS section 2), then the ratio of in-model
+  attention time to the layer model from the 1-GPU prefill runs.
 Measured hardware: NVLink all-gather (265 GB/s bus bandwidth at 16 MB per rank, 326 GB/s at
 256 MB on 4 H200: a latency and a bandwidth fitted through the two). Assumed (not measured
 here): 400 Gb/s per GPU between nodes at 90% efficiency, 10 us per network step, P2P over
-NVLink at the all-gather bus bandwidth, 132 SMs for wave quantisation, ring collectives
-across nodes using every NIC of the node (NCCL's rail-aligned rings).
+NVLink at the all-gather bus bandwidth, ring collectives across nodes using every NIC of
+the node (NCCL's rail-aligned rings), 5 us per merge kernel.
 """
 
 from __future__ import annotations
@@ -119,8 +127,7 @@ class Hardware:
     nvlink_busbw: float = 331e9          # B/s (fitted through the 2 measured points)
     net_bw: float = 400e9 / 8 * 0.9      # B/s per GPU: 400 Gb/s at 90% (assumed)
     net_alpha_step: float = 10e-6        # s per ring step that crosses nodes (assumed)
-    sms: int = 132                       # H200 streaming multiprocessors (spec)
-    call_overhead: float = 5e-6          # s per attention / merge kernel call (assumed)
+    call_overhead: float = 5e-6          # s per LSE merge kernel call (assumed)
     source: Dict[str, str] = field(default_factory=lambda: {
         "nvlink": "measured 2026-11-21, 4x H200 NV18: NCCL all-gather bus bandwidth 265 GB/s at "
                   "16 MB per rank, 326 GB/s at 256 MB (../shared/ENVIRONMENT.md); t = (W-1) * "
@@ -155,6 +162,7 @@ class Call:
     keys: int
     causal: bool = False
     heads_frac: float = 1.0  # share of the query heads (TP, all-to-all)
+    role: str = ""  # Spava's calls: "query", "anchor" (both replicated on every rank), "block", "passing"
 
     def pairs(self) -> float:
         return self.rows * self.keys / (2 if self.causal else 1) * self.heads_frac
@@ -235,6 +243,7 @@ class Op:
     calls: List[Call] = field(default_factory=list)
     merged: float = 0.0  # float32 elements read in LSE merges (rows x heads x d x parts)
     dense: float = 0.0   # share of the layer's dense work, in tokens
+    gemm_rows: float = 0.0  # rows M of that work's GEMMs (the rank's local tokens): sets their rate
     comm: Optional[Comm] = None
     wait: Optional[int] = None
 
@@ -279,7 +288,7 @@ def spava_ops(layout: SpavaLayout, r: int, shape: Shape, tp: int, group: List[in
     local = layout.local_len(r)
     pre = dense_split(shape)
     ops = [Op(comm=weights)] if weights is not None else []
-    ops.append(Op(dense=pre * local))
+    ops.append(Op(dense=pre * local, gemm_rows=local))
     gathers = []
     if lp:
         for j, _ in enumerate(seg.blocks):
@@ -290,28 +299,28 @@ def spava_ops(layout: SpavaLayout, r: int, shape: Shape, tp: int, group: List[in
                 ops.append(Op(wait=gathers[-1]))
     s_lo, s_hi = seg.anchor_shard
     blocks_len = seg.blocks[-1][2] - seg.blocks[0][1]
-    qcalls = [Call(lq, s_hi - s_lo, False, hf), Call(lq, blocks_len, False, hf)]
+    qcalls = [Call(lq, s_hi - s_lo, False, hf, "query"), Call(lq, blocks_len, False, hf, "query")]
     if r == 0:
-        qcalls.append(Call(lq, lq, True, hf))
+        qcalls.append(Call(lq, lq, True, hf, "query"))
     ops.append(Op(calls=[c for c in qcalls if c.keys], merged=lq * hq * d * len(qcalls)))
     ops.append(Op(comm=Comm("all_gather", group, int(lq * hq * (d + 1) * 4), me, name="query")))
     qwork = len([o for o in ops if o.comm is not None]) - 1
     if not cfg.overlap:
         ops.append(Op(wait=qwork))
     if la:
-        ops.append(Op(calls=[Call(la, la, True, hf)]))
-    ops.append(Op(calls=[Call(hi - lo, hi - lo, True, hf) for _, lo, hi in seg.blocks]))
+        ops.append(Op(calls=[Call(la, la, True, hf, "anchor")]))
+    ops.append(Op(calls=[Call(hi - lo, hi - lo, True, hf, "block") for _, lo, hi in seg.blocks]))
     nblk = len(seg.blocks)
     for j, (v, lo, hi) in enumerate(seg.blocks):
         if j < len(gathers) and cfg.overlap:
             ops.append(Op(wait=gathers[j]))
         keys = la + (r if j == 0 else (2 * W - 1 - r if nblk == 2 else r)) * lp
         if keys:
-            ops.append(Op(calls=[Call(hi - lo, keys, False, hf)], merged=(hi - lo) * hq * d * 2))
+            ops.append(Op(calls=[Call(hi - lo, keys, False, hf, "passing")], merged=(hi - lo) * hq * d * 2))
     if cfg.overlap:
         ops.append(Op(wait=qwork))
     ops.append(Op(merged=lq * hq * d * W))
-    ops.append(Op(dense=(1 - pre) * local))
+    ops.append(Op(dense=(1 - pre) * local, gemm_rows=local))
     return ops
 
 
@@ -326,7 +335,7 @@ def ring_ops(layout: RingLayout, r: int, shape: Shape, tp: int, group: List[int]
     local = layout.local_len(r)
     pre = dense_split(shape)
     ops = [Op(comm=weights)] if weights is not None else []
-    ops.append(Op(dense=pre * local))
+    ops.append(Op(dense=pre * local, gemm_rows=local))
     mine = layout.chunks_of(r)
     lens = [hi - lo for lo, hi in map(layout.chunk_range, mine)]
     slot = int(2 * layout.chunk_len * hk * 2 * d * shape.act_bytes)
@@ -353,7 +362,7 @@ def ring_ops(layout: RingLayout, r: int, shape: Shape, tp: int, group: List[int]
         ops.append(Op(calls=calls, merged=merged))
         if pending is not None:
             ops.append(Op(wait=pending))
-    ops.append(Op(dense=(1 - pre) * local))
+    ops.append(Op(dense=(1 - pre) * local, gemm_rows=local))
     return ops
 
 
@@ -369,10 +378,11 @@ def a2a_ops(S: int, W: int, r: int, shape: Shape, tp: int, group: List[int],
     per_peer_o = int(local / W * shape.heads / tp * d * shape.act_bytes)
     ops = [Op(comm=weights)] if weights is not None else []
     n = 1 if weights is not None else 0
-    ops += [Op(dense=pre * local), Op(comm=Comm("all_to_all", group, per_peer_qkv, me, name="a2a_qkv")),
+    ops += [Op(dense=pre * local, gemm_rows=local),
+            Op(comm=Comm("all_to_all", group, per_peer_qkv, me, name="a2a_qkv")),
             Op(wait=n), Op(calls=[Call(S, S, True, 1.0 / (W * tp))]),
             Op(comm=Comm("all_to_all", group, per_peer_o, me, name="a2a_out")), Op(wait=n + 1),
-            Op(dense=(1 - pre) * local)]
+            Op(dense=(1 - pre) * local, gemm_rows=local)]
     return ops
 
 
@@ -387,7 +397,7 @@ def allgather_ops(layout: RingLayout, r: int, shape: Shape, tp: int, group: List
     pre = dense_split(shape)
     ops = [Op(comm=weights)] if weights is not None else []
     n = 1 if weights is not None else 0
-    ops.append(Op(dense=pre * local))
+    ops.append(Op(dense=pre * local, gemm_rows=local))
     ops.append(Op(comm=Comm("all_gather", group, int(2 * layout.chunk_len * hk * 2 * d * shape.act_bytes), me,
                             name="kv_all_gather")))
     ops.append(Op(wait=n))
@@ -396,7 +406,7 @@ def allgather_ops(layout: RingLayout, r: int, shape: Shape, tp: int, group: List
         lo, hi = layout.chunk_range(c)
         calls += [Call(hi - lo, lo, False, hf), Call(hi - lo, hi - lo, True, hf)]
     ops.append(Op(calls=[c for c in calls if c.keys], merged=local * shape.heads * hf * d * 2))
-    ops.append(Op(dense=(1 - pre) * local))
+    ops.append(Op(dense=(1 - pre) * local, gemm_rows=local))
     return ops
 
 
@@ -445,8 +455,8 @@ def layer_ops(algo: str, n_tokens: int, W: int, tp: int, shape: Shape, *,
     if algo == "full" or cp == 1 and algo in ("ring", "megatron-p2p", "megatron-allgather", "megatron-a2a",
                                               "megatron-a2a+p2p"):
         layout = plan_layout("full", context_len=context, query_len=query, cp_size=1)
-        ops = [[Op(dense=dense_split(shape) * S), Op(calls=[Call(S, S, True, 1.0 / tp)]),
-                Op(dense=(1 - dense_split(shape)) * S)]]
+        ops = [[Op(dense=dense_split(shape) * S, gemm_rows=S), Op(calls=[Call(S, S, True, 1.0 / tp)]),
+                Op(dense=(1 - dense_split(shape)) * S, gemm_rows=S)]]
         local = (S,)
     elif base in ("spava", "apb", "star"):
         cfg = spava_config(algo, n_tokens, cp) if base == "spava" else SpavaConfig()
@@ -483,7 +493,7 @@ def layer_ops(algo: str, n_tokens: int, W: int, tp: int, shape: Shape, *,
             per_peer_o = int(local[r] / a * shape.heads / tp * shape.head_dim * shape.act_bytes)
             head = [Op(comm=w(r))] if weights is not None else []
             n0 = len(head)
-            body = [Op(dense=dense_split(shape) * local[r]),
+            body = [Op(dense=dense_split(shape) * local[r], gemm_rows=local[r]),
                     Op(comm=Comm("all_to_all", a2a_group, per_peer_qkv, me, name="a2a_qkv")), Op(wait=n0)]
             if layout is not None:
                 inner_ops = ring_ops(layout, sub, shape, tp, ring_group, None, heads_frac=1.0 / a, name="kv")
@@ -495,7 +505,7 @@ def layer_ops(algo: str, n_tokens: int, W: int, tp: int, shape: Shape, *,
                 body.append(Op(calls=[Call(S, S, True, 1.0 / (a * tp))]))
             n_comm = sum(1 for o in head + body if o.comm is not None)
             body += [Op(comm=Comm("all_to_all", a2a_group, per_peer_o, me, name="a2a_out")),
-                     Op(wait=n_comm), Op(dense=(1 - dense_split(shape)) * local[r])]
+                     Op(wait=n_comm), Op(dense=(1 - dense_split(shape)) * local[r], gemm_rows=local[r])]
             ops.append(head + body)
     else:
         raise ValueError(f"unknown algorithm {algo!r}; choose from {ALGOS + list(MEASURED_VARIANTS)}")
@@ -534,16 +544,135 @@ def layer_traffic(algo: str, n_tokens: int, W: int, tp: int = 1, shape: Optional
 
 
 # ---------------------------------------------------------------------------------------
+# Measured kernel rates against call size
+# ---------------------------------------------------------------------------------------
+ATTENTION_BENCH = tuple(f"2026-12-01-h200/bench_attention_{s}.json" for s in (2048, 4096, 8192, 16384)) + (
+    "2026-11-21-h200x2/bench_attention.json",)
+LAYER_BENCH = "2026-12-01-h200/bench_layers.json"
+
+
+@dataclass(frozen=True)
+class RateCurve:
+    """A rate measured against the size of one kernel call. points: (size, rate) pairs,
+    sizes increasing (attention: FLOPs of the call and FLOP/s; GEMMs: rows M, i.e. tokens,
+    and FLOP/s). Between points log(rate) is linear in log(size) (a power law per interval),
+    so the curve passes through every point, is monotone on every interval between two of
+    them (it never overshoots the data), and a call's time (size / rate) grows with its size
+    wherever the measured times do. Above the largest size the last rate holds. Below the smallest: with `floor`,
+    the smallest call's *time* holds (a call is never cheaper than the smallest measured one;
+    the measured attention times flatten there), else its rate holds.
+    sources: the files the points come from, one per point."""
+
+    name: str
+    points: Tuple[Tuple[float, float], ...]
+    floor: bool = True
+    sources: Tuple[str, ...] = ()
+
+    def __post_init__(self):
+        sizes = [s for s, _ in self.points]
+        if not self.points or any(b <= a for a, b in zip(sizes, sizes[1:])) or min(r for _, r in self.points) <= 0:
+            raise ValueError(f"rate curve {self.name!r}: needs points of increasing size and positive rate, "
+                             f"got {self.points}")
+
+    def rate(self, size: float) -> float:
+        """The rate at `size` (clamped to the measured range)."""
+        pts = self.points
+        if size <= pts[0][0]:
+            return pts[0][1]
+        for (s0, r0), (s1, r1) in zip(pts, pts[1:]):
+            if size <= s1:
+                f = math.log(size / s0) / math.log(s1 / s0)
+                return r0 * (r1 / r0) ** f
+        return pts[-1][1]
+
+    def seconds(self, work: float) -> float:
+        """Time of one call of `work` (size units x rate units = s); 0 for no work."""
+        if work <= 0:
+            return 0.0
+        s0, r0 = self.points[0]
+        if self.floor and work < s0:
+            return s0 / r0
+        return work / self.rate(work)
+
+    def slowdown(self, size: float) -> float:
+        """Time per unit of work at `size` over that at the smallest measured size."""
+        return self.points[0][1] / self.rate(size)
+
+
+def constant_curve(name: str, rate: float) -> RateCurve:
+    """A size-independent rate (the `--constant-rates` ablation: the fit scales it)."""
+    return RateCurve(name, ((1.0, rate),), floor=False, sources=("constant",))
+
+
+@dataclass(frozen=True)
+class KernelCurves:
+    """Measured single-kernel rates on one H200 (never fitted to a prefill run):
+    causal: one causal square (cuDNN through `attend`, 28/4 heads of 128, bf16) against its
+    FLOPs (4 hq d sq sk / 2); full: unmasked rows x keys (the benchmark's "prefix" shape, S/4
+    rows over 3S/4 keys) against its FLOPs; gemm: one 7B layer's four GEMMs against their rows."""
+
+    causal: RateCurve
+    full: RateCurve
+    gemm: RateCurve
+
+
+def _load_bench(path: str):
+    with open(path if os.path.isabs(path) else os.path.join(BENCH, path)) as f:
+        return json.load(f)
+
+
+@functools.lru_cache(maxsize=None)
+def measured_curves(constant: Tuple[str, ...] = ()) -> KernelCurves:
+    """The KernelCurves from tools/bench_attention.py (--kernels cudnn: 2K-16K on
+    2026-12-01, 64K on 2026-11-21) and tools/bench_layers.py (its attention and GEMM floors at
+    32K and 128K). `constant`: names ("attention", "gemm") to replace by a constant rate."""
+    points = {True: {}, False: {}}
+    for path in ATTENTION_BENCH:
+        d = _load_bench(path)
+        a = d["args"]
+        if (a["q_heads"], a["kv_heads"], a["head_dim"]) != (28, 4, 128):
+            raise ValueError(f"{path}: the curves are of the 7B attention shape (28/4 heads of 128)")
+        for r in d["results"]:
+            if r["kernel"] == "cudnn" and "median_ms" in r:  # Spava's attend (not the MHA baseline)
+                flops = 4 * a["q_heads"] * r["sq"] * r["sk"] * a["head_dim"] / (2 if r["causal"] else 1)
+                points[r["causal"]][flops] = (flops / (r["median_ms"] / 1e3), f"benchmarks/{path}")
+    layers = _load_bench(LAYER_BENCH)
+    gemm = {}
+    for S, f in layers["floor"].items():
+        S = int(S)
+        flops = 4 * 28 * S * S * 128 / 2
+        # bench_layers' "sdpa_cudnn" is `attend(kernel="cudnn")`, GQA 28/4: the same call
+        points[True].setdefault(flops, (flops / (f["attention_ms"]["sdpa_cudnn"] / 1e3), f"benchmarks/{LAYER_BENCH}"))
+        gemm[S] = (f["gemm_tflops"] * 1e12, f"benchmarks/{LAYER_BENCH}")
+
+    def curve(name, pts, floor):
+        keys = sorted(pts)
+        return RateCurve(name, tuple((k, pts[k][0]) for k in keys), floor, tuple(pts[k][1] for k in keys))
+
+    causal = curve("attention, causal", points[True], True)
+    full = curve("attention, unmasked", points[False], True)
+    g = curve("dense GEMMs", gemm, False)
+    if "attention" in constant:  # the 128K causal rate, a size the fit's layer runs have
+        causal = full = constant_curve("attention, constant", causal.rate(4 * 28 * 131072 ** 2 * 128 / 2))
+    if "gemm" in constant:
+        g = constant_curve("dense GEMMs, constant", g.points[0][1])
+    return KernelCurves(causal, full, g)
+
+
+# ---------------------------------------------------------------------------------------
 # Time
 # ---------------------------------------------------------------------------------------
 @dataclass
 class Rates:
-    """Fitted time constants (see fit()). attention: s per attention FLOP at full waves;
-    merge: s per float32 element merged; model_attn: in-model attention over the layer
-    benchmark's; dense: s per token per layer (all layers: x layers) and a per-forward
-    constant; vision: s per frame group and a constant."""
+    """Time constants (see fit()). curves: the measured single-kernel rates against call size
+    (not fitted); attention: in-layer attention call time over the kernel curves' (fitted on
+    the 1-2 GPU attention-layer runs); merge: s per float32 element merged; model_attn:
+    in-model attention over the layer model (1-GPU prefill runs); dense_per_token: s per token
+    for all layers at the GEMM rate of the GEMM curve's smallest measured size (larger GEMMs
+    scale with the curve), plus a per-forward constant; vision: s per frame group and a
+    constant."""
 
-    attention: float = 1 / 577e12
+    attention: float = 1.0
     merge: float = 7.6e-12
     model_attn: float = 1.0
     algo_attn: Dict[str, float] = field(default_factory=dict)  # per algorithm, from 2-GPU prefill runs
@@ -551,23 +680,26 @@ class Rates:
     dense_const: float = 0.0
     vision_per_group: float = 3.7e-3
     vision_const: float = 0.0
+    curves: KernelCurves = field(default_factory=measured_curves)
 
 
 def call_seconds(c: Call, shape: Shape, rates: Rates, hw: Hardware) -> float:
-    """One attention call: FLOPs at the fitted rate, with wave quantisation over the SMs
-    (one tile = 128 query rows of one head) and a fixed per-call cost."""
+    """One attention call: its FLOPs at the measured kernel rate for a call of that many
+    FLOPs and that mask (causal / unmasked), times the fitted in-layer factor. The measured
+    times include each call's fixed cost (launch, small-size inefficiency, wave fill), so
+    nothing is added per call."""
     if c.rows == 0 or c.keys == 0:
         return 0.0
-    tiles = math.ceil(c.rows / 128) * max(1, round(shape.heads * c.heads_frac))
-    waves = tiles / (math.ceil(tiles / hw.sms) * hw.sms)
     flops = c.pairs() * shape.flop_per_pair
-    return flops * rates.attention / waves + hw.call_overhead
+    curve = rates.curves.causal if c.causal else rates.curves.full
+    return rates.attention * curve.seconds(flops)
 
 
 def compute_seconds(op: Op, shape: Shape, rates: Rates, hw: Hardware, layers: int) -> float:
     attn = sum(call_seconds(c, shape, rates, hw) for c in op.calls)
     merge = op.merged * rates.merge + (hw.call_overhead if op.merged else 0.0)
-    return rates.model_attn * (attn + merge) + op.dense * rates.dense_per_token / layers
+    dense = op.dense * rates.dense_per_token * rates.curves.gemm.slowdown(op.gemm_rows) / layers
+    return rates.model_attn * (attn + merge) + dense
 
 
 @dataclass
@@ -767,28 +899,35 @@ def _lstsq(xs, ys, weights=None):
     return a, sy - a * sx
 
 
-def fit(meas: Dict[str, object], shape: Shape, hw: Hardware, *, max_gpus: int = 2) -> Tuple[Rates, Dict]:
+def fit(meas: Dict[str, object], shape: Shape, hw: Hardware, *, max_gpus: int = 2,
+        curves: Optional[KernelCurves] = None) -> Tuple[Rates, Dict]:
     """Fit the Rates on runs of at most `max_gpus` GPUs: the 1-GPU `full` prefill runs (vision,
-    dense) and the 1- and 2-GPU attention-layer runs (FLOP rate, merge cost); then the ratio
-    of in-model attention to the layer model from the 1-GPU prefill runs."""
+    dense) and the 1- and 2-GPU attention-layer runs (in-layer factor on the kernel curves,
+    merge cost); then the ratio of in-model attention to the layer model from the 1-GPU
+    prefill runs. curves: the kernel rates against call size (default: the measured ones);
+    they are inputs, not fitted."""
+    curves = curves or measured_curves()
     bench = _bench_prefill()
     one = sorted(meas["one_gpu_prefill"], key=lambda r: r["n"])
     groups = [bench.prompt_lengths(r["n"])[0] for r in one]
     a_v, b_v = _lstsq(groups, [r["vision"] for r in one])
     dense = [r["llm"] * (1 - r["attention_share"]) for r in one]
-    a_d, b_d = _lstsq([r["tokens"] for r in one], dense)
+    # Dense time = a * tokens * (GEMM slowdown at that many rows) + b: the measured GEMM rate
+    # sets how the per-token cost moves with size; a and b absorb what is not GEMM.
+    dense_x = [r["tokens"] * curves.gemm.slowdown(r["tokens"]) for r in one]
+    a_d, b_d = _lstsq(dense_x, dense)
     layers = [r for r in meas["attention_layer"]  # (a 1-process row of the 2-GPU run is a 1-GPU run)
               if r["world"] <= max_gpus and (r["gpus_in_run"] <= max_gpus or r["gpus_in_run"] <= 2)]
-    # Two parameters (s per FLOP, s per merged element) by least squares in relative error:
-    # the layer time is linear in both.
-    base = Rates(attention=0.0, merge=0.0)
+    # Two parameters (in-layer factor on the kernel curves, s per merged element) by least
+    # squares in relative error: the layer time is linear in both.
+    base = Rates(attention=0.0, merge=0.0, curves=curves)
     rows = []
     for r in layers:
-        t0 = demo_seconds(r, shape, replace(base, attention=1.0 / 1e30, merge=0.0), hw)  # overheads + comm
-        ta = demo_seconds(r, shape, replace(base, attention=1e-15, merge=0.0), hw) - t0  # per 1e-15 s/FLOP
-        tm = demo_seconds(r, shape, replace(base, attention=1.0 / 1e30, merge=1e-12), hw) - t0
-        rows.append((ta / 1e-15, tm / 1e-12, r["time"] - t0, r))
-    # Solve min sum ((x*ta + y*tm - y0)/y0)^2 for x (s/FLOP), y (s/element).
+        t0 = demo_seconds(r, shape, replace(base, attention=1e-30, merge=0.0), hw)  # overheads + comm
+        ta = demo_seconds(r, shape, replace(base, attention=1.0, merge=0.0), hw) - t0  # at the curves' rates
+        tm = demo_seconds(r, shape, replace(base, attention=1e-30, merge=1e-12), hw) - t0
+        rows.append((ta, tm / 1e-12, r["time"] - t0, r))
+    # Solve min sum ((x*ta + y*tm - y0)/y0)^2 for x (factor), y (s/element).
     s11 = sum((ta / y) ** 2 for ta, tm, y, _ in rows)
     s12 = sum(ta * tm / y ** 2 for ta, tm, y, _ in rows)
     s22 = sum((tm / y) ** 2 for ta, tm, y, _ in rows)
@@ -799,8 +938,8 @@ def fit(meas: Dict[str, object], shape: Shape, hw: Hardware, *, max_gpus: int = 
         x, y = b1 / s11, Rates().merge
     else:
         x, y = (b1 * s22 - b2 * s12) / det, (s11 * b2 - s12 * b1) / det
-    rates = Rates(attention=x, merge=max(y, 0.0), dense_per_token=a_d * shape.layers / shape.layers,
-                  dense_const=b_d, vision_per_group=a_v, vision_const=b_v)
+    rates = Rates(attention=x, merge=max(y, 0.0), dense_per_token=a_d, dense_const=b_d,
+                  vision_per_group=a_v, vision_const=b_v, curves=curves)
     # In-model attention / layer model, from the 1-GPU prefill runs.
     ratios = []
     for r in one:
@@ -823,9 +962,9 @@ def fit(meas: Dict[str, object], shape: Shape, hw: Hardware, *, max_gpus: int = 
                                                                 fitted=round(a_v * g + b_v, 4))
                                                            for r, g in zip(one, groups)]),
         dense=dict(per_token_s=a_d, const_s=b_d, points=[dict(n=r["n"], tokens=r["tokens"], measured=round(m, 4),
-                                                               fitted=round(a_d * r["tokens"] + b_d, 4))
-                                                          for r, m in zip(one, dense)]),
-        attention=dict(tflops=1e-12 / x, merge_ps_per_element=y * 1e12, points=[
+                                                               fitted=round(a_d * xd + b_d, 4))
+                                                          for r, m, xd in zip(one, dense, dense_x)]),
+        attention=dict(in_layer_factor=x, merge_ps_per_element=y * 1e12, points=[
             dict(algo=r["algo"], world=r["world"], context=r["context"], measured_ms=round(1e3 * r["time"], 3),
                  fitted_ms=round(1e3 * demo_seconds(r, shape, rates, hw), 3), source=r["source"])
             for *_, r in rows]),
@@ -909,23 +1048,73 @@ def predictions(rates: Rates, shape: Shape, hw: Hardware, gpus=PRED_GPUS, tokens
     return rows, full
 
 
+def rank_compute(algo: str, n_tokens: int, W: int, shape: Shape, rates: Rates, hw: Hardware) -> Dict[str, float]:
+    """One layer's compute on the busiest CP rank (TP = 1, whole weights), in seconds, split
+    into dense work, attention calls and merges; for Spava-family layouts also the share spent
+    on what every rank repeats (the anchor's causal attention, the query's calls and the dense
+    work of the anchor and query rows). kernel_tflops: the FLOP-weighted rate of its
+    attention calls on the measured kernel curves (before the fitted factors)."""
+    plan, ops = layer_ops(algo, n_tokens, W, 1, shape, shard_weights=False)
+    layout = plan.layout
+    best = None
+    for r, rank_ops in enumerate(ops):
+        dense = sum(compute_seconds(replace(o, calls=[], merged=0.0), shape, rates, hw, shape.layers)
+                    for o in rank_ops if o.comm is None and o.wait is None)
+        calls = [c for o in rank_ops for c in o.calls]
+        attn = {}
+        for c in calls:
+            role = c.role or "other"
+            attn[role] = attn.get(role, 0.0) + rates.model_attn * call_seconds(c, shape, rates, hw)
+        merge = sum(rates.model_attn * (o.merged * rates.merge + hw.call_overhead) for o in rank_ops if o.merged)
+        flops = sum(c.pairs() * shape.flop_per_pair for c in calls)
+        kernel = sum(call_seconds(c, shape, replace(rates, attention=1.0), hw) for c in calls)
+        total = dense + sum(attn.values()) + merge
+        row = dict(rank=r, total=total, dense=dense, attention=sum(attn.values()), merge=merge,
+                   kernel_tflops=flops / kernel / 1e12 if kernel else 0.0, calls=len(calls),
+                   attention_by_role=attn)
+        if isinstance(layout, SpavaLayout):
+            repl_tokens = layout.anchor_len + layout.query_len
+            repl = dense * repl_tokens / plan.local_tokens[r] + attn.get("anchor", 0.0) + attn.get("query", 0.0)
+            row.update(replicated=repl, replicated_share=repl / total)
+        if best is None or total > best["total"]:
+            best = row
+    return best
+
+
+def _tok(n: int) -> str:
+    return f"{n // 2 ** 20}M" if n >= 2 ** 20 else f"{n // 1024}K"
+
+
 def findings(rows, shape: Shape, rates: Rates, hw: Hardware) -> List[str]:
     """Plain statements the predictions support (stalls, where replication dominates)."""
     out = []
     by = {(r["algo"], r["gpus"], r["n"]): r for r in rows if r.get("feasible")}
-    for algo in ("ring", "megatron-p2p", "megatron-a2a+p2p", "megatron-allgather"):
-        stalls = [(W, n, by[(algo, W, n)]["exposed_comm_share"]) for W in PRED_GPUS for n in PRED_TOKENS
-                  if (algo, W, n) in by and by[(algo, W, n)]["exposed_comm_share"] > 0.05]
-        if stalls:
+    rings = ("ring", "megatron-p2p", "megatron-a2a+p2p", "megatron-allgather")
+    exposed = {}
+    for algo in ("spava", "spava-scaled-passing", "apb") + rings:
+        exposed[algo] = [(W, n, by[(algo, W, n)]["exposed_comm_share"]) for W in PRED_GPUS for n in PRED_TOKENS
+                         if (algo, W, n) in by and by[(algo, W, n)]["exposed_comm_share"] > 0.05]
+        if exposed[algo]:
             out.append(f"{algo}: communication exposed > 5% of TTFT at " + ", ".join(
-                f"{W} GPUs/{n // 1024}K ({100 * s:.0f}%)" for W, n, s in stalls))
+                f"{W} GPUs/{_tok(n)} ({100 * e:.0f}%)" for W, n, e in exposed[algo]))
         else:
             out.append(f"{algo}: exposed communication stays under 5% of TTFT at every predicted size")
+    spava_stalls = {(W, n) for W, n, _ in exposed["spava"]}
+    ring_only = sorted({(W, n) for a in rings for W, n, _ in exposed[a]} - spava_stalls)
+    out.append("sizes where a ring / all-gather / all-to-all exposes > 5% and spava does not: "
+               + (", ".join(f"{W} GPUs/{_tok(n)}" for W, n in ring_only) or "none"))
     spava = [(W, n, by[("spava", W, n)]["exposed_comm_share"]) for W in PRED_GPUS for n in PRED_TOKENS
              if ("spava", W, n) in by]
     worst = max(spava, key=lambda x: x[2])
     out.append(f"spava: exposed communication at most {100 * worst[2]:.1f}% of TTFT "
-               f"({worst[0]} GPUs, {worst[1] // 1024}K)")
+               f"({worst[0]} GPUs, {_tok(worst[1])})")
+    for W in (16, 64):  # what the measured small-call rates do to the per-rank attention
+        parts = []
+        for algo in ("spava", "ring"):
+            c = rank_compute(algo, 131072, W, shape, rates, hw)
+            parts.append(f"{algo} {c['calls']} calls per layer at {c['kernel_tflops']:.0f} TFLOP/s")
+        out.append(f"per-rank attention kernels at {W} GPUs / 128K (FLOP-weighted rate on the measured "
+                   f"curves): " + ", ".join(parts))
     for alpha in (5e-6, 20e-6):  # sensitivity to the assumed per-step network latency
         h = replace(hw, net_alpha_step=alpha)
         parts = []
@@ -941,6 +1130,11 @@ def findings(rows, shape: Shape, rates: Rates, hw: Hardware) -> List[str]:
                    f"{100 * (on['ttft'] / off['ttft'] - 1):.0f}% at 128K ({on['ttft']:.3f} s vs "
                    f"{off['ttft']:.3f} s): each layer's {shape.layer_params * shape.weight_bytes / 1e6:.0f} MB is gathered across nodes; 7B fits "
                    f"unsharded, so predictions keep whole weights")
+    for algo in ("spava", "spava-scaled-passing"):
+        parts = [f"{W} GPUs {100 * rank_compute(algo, n, W, shape, rates, hw)['replicated_share']:.0f}% at "
+                 f"{_tok(n)}" for W in PRED_GPUS for n in (131072, 1048576)]
+        out.append(f"{algo}: share of the busiest rank's compute spent on replicated work (anchor and "
+                   f"query attention, their rows' dense work): " + ", ".join(parts))
     for W in PRED_GPUS:
         n = 1048576
         cfg = SpavaConfig()
@@ -1034,6 +1228,9 @@ def main(argv=None) -> int:
     p.add_argument("--fit-on", type=int, default=2, choices=[1, 2, 4],
                    help="fit on runs of at most this many GPUs (default: %(default)s; 4 uses the "
                         "4-GPU attention layers too, then validation is no longer out of sample)")
+    p.add_argument("--constant-rates", nargs="+", default=[], choices=["attention", "gemm"],
+                   help="ablation: replace the measured rate-vs-size curve of these kernels by one "
+                        "constant rate (the fit then scales it), to show what the curves change")
     args = p.parse_args(argv)
     shape, hw = Shape.of(args.shape), Hardware()
     if args.bytes:
@@ -1053,11 +1250,21 @@ def main(argv=None) -> int:
                          ["algo", "rank", "tokens", "NVLink out", "NVLink in", "net out", "net in"]))
         return 0
     meas = load_measurements(args.prefill_json)
-    rates, fit_report = fit(meas, shape, hw, max_gpus=args.fit_on)
+    curves = measured_curves(tuple(sorted(args.constant_rates)))
+    print("kernel rates against call size (measured on one H200, not fitted):")
+    for c in (curves.causal, curves.full, curves.gemm):
+        unit = "rows" if c is curves.gemm else "GFLOP"
+        print(f"  {c.name}: " + ", ".join(
+            f"{x:.0f} {unit} {r / 1e12:.0f}" if unit == "rows" else f"{x / 1e9:.3g} {unit} {r / 1e12:.0f}"
+            for x, r in c.points) + " TFLOP/s")
+    rates, fit_report = fit(meas, shape, hw, max_gpus=args.fit_on, curves=curves)
     val = validate(meas, rates, shape, hw)
-    print(f"fit (runs of <= {args.fit_on} GPUs): attention {fit_report['attention']['tflops']:.0f} TFLOP/s, "
+    print(f"fit (runs of <= {args.fit_on} GPUs): attention x{rates.attention:.3f} of the kernel curves, "
           f"merge {fit_report['attention']['merge_ps_per_element']:.2f} ps/element, in-model attention x"
-          f"{rates.model_attn:.3f}, dense {1e6 * rates.dense_per_token:.2f} us/token + {rates.dense_const:.3f} s, "
+          f"{rates.model_attn:.3f}, dense {1e6 * rates.dense_per_token:.2f} us/token ("
+          + (f"GEMMs of <= {curves.gemm.points[0][0]:.0f} rows" if len(curves.gemm.points) > 1
+             else "constant GEMM rate")
+          + f") + {rates.dense_const:.3f} s, "
           f"vision {1e3 * rates.vision_per_group:.3f} ms/group + {rates.vision_const:.3f} s")
     for pt in fit_report["attention"]["points"]:
         print(f"  layer fit: {pt['algo']:<22} W={pt['world']} n={pt['context']:>7}: measured {pt['measured_ms']:8.2f} ms, "
