@@ -1,8 +1,17 @@
-"""Qwen2.5-VL on megatron-core with context-parallel (Spava) attention."""
+"""Qwen2.5-VL on megatron-core with context-parallel (Spava) attention.
 
-from .config import Qwen25VLConfig
-from .model import Qwen25VLModel, encode_video_frame_parallel, video_ordinals
-from .vision import VisionConfig, VisionEncoder
+The names below load lazily, so that the megatron-free submodules (`tiny`, `rope`,
+`config`) import without megatron-core (the needle model's HF-only training does)."""
 
-__all__ = ["Qwen25VLConfig", "Qwen25VLModel", "VisionConfig", "VisionEncoder",
-           "encode_video_frame_parallel", "video_ordinals"]
+import importlib
+
+_LAZY = {"Qwen25VLConfig": "config", "Qwen25VLModel": "model", "encode_video_frame_parallel": "model",
+         "video_ordinals": "model", "VisionConfig": "vision", "VisionEncoder": "vision"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
