@@ -113,6 +113,11 @@ class NeedlePrompter:
         self._question = {task: tok(q_before + q + q_after, add_special_tokens=False)["input_ids"]
                           for task, q in QUESTIONS.items()}
 
+    @property
+    def prefix_len(self) -> int:
+        """Prompt tokens before the first video token."""
+        return len(self._before)
+
     def prompt_ids(self, question_task: str, video_tokens: int) -> List[int]:
         return self._before + [self.video_pad] * video_tokens + self._question[question_task]
 

@@ -57,12 +57,12 @@ def query_length(input_ids: Tensor, vision_end_token_id: int) -> int:
     return input_ids.shape[1] - int(ends[-1]) - 1
 
 
-def _pick_once(logits_row: Optional[Tensor], device: torch.device) -> int:
+def _pick_once(logits_row: Optional[Tensor], device: torch.device, group=None) -> int:
     """Greedy token chosen on the rank(s) holding the last position and broadcast to every
-    rank of the world (others pass None)."""
+    rank of `group` (default: the world; others pass None)."""
     choice = torch.tensor([-1 if logits_row is None else int(logits_row.argmax())], device=device)
     if dist.is_initialized():
-        dist.all_reduce(choice, op=dist.ReduceOp.MAX)
+        dist.all_reduce(choice, op=dist.ReduceOp.MAX, group=group)
     return int(choice)
 
 
@@ -71,11 +71,15 @@ def generate(model: Qwen25VLModel, inputs: VideoQAInputs, *, algo: str = "spava"
              config: Optional[SpavaConfig] = None, cp_group: Optional[dist.ProcessGroup] = None,
              max_new_tokens: int = 16, query_len: Optional[int] = None,
              rope_convention: str = "qwen", eos_token_ids: Optional[Sequence[int]] = None,
-             device: Optional[torch.device] = None, vision_group="cp") -> GenerationOutput:
+             device: Optional[torch.device] = None, vision_group="cp",
+             group: Optional[dist.ProcessGroup] = None) -> GenerationOutput:
     """Greedy answer to one video prompt; every rank of the model's TP x CP grid calls it
     with the same inputs. Stops at an EOS token or after max_new_tokens.
     vision_group: the group that shares the vision encoding ("cp": frame parallelism over
-    the CP group; None: every rank encodes the whole video)."""
+    the CP group; None: every rank encodes the whole video).
+    group: the ranks answering this prompt together (its TP x CP grid), over which the
+    chosen tokens and the first-token logits are shared; default the whole world. Pass it
+    when data-parallel replicas answer different prompts at the same time."""
     cfg = model.cfg
     device = device or next(model.parameters()).device
     rank, world = group_rank_world(cp_group)
@@ -108,8 +112,8 @@ def generate(model: Qwen25VLModel, inputs: VideoQAInputs, *, algo: str = "spava"
     with cp_request(layout, cache=cache):
         logits = model(x, positions[:, :, idx].to(device), logits_rows=torch.tensor([row]))
     last = logits[0, 0].float() if holds_last else None
-    token = _pick_once(last, device)
-    first_logits = _broadcast_from_holder(last, logits.shape[-1], holds_last, device)
+    token = _pick_once(last, device, group)
+    first_logits = _broadcast_from_holder(last, logits.shape[-1], holds_last, device, group)
     sync(device)
     ttft = time.perf_counter() - start
 
@@ -126,7 +130,7 @@ def generate(model: Qwen25VLModel, inputs: VideoQAInputs, *, algo: str = "spava"
         pos = decode_positions(positions, deltas, step, S).to(device)
         with cp_request(layout, cache=cache, decode=True):
             logits = model(x, pos)
-        token = _pick_once(logits[0, -1].float() if rank == 0 else None, device)
+        token = _pick_once(logits[0, -1].float() if rank == 0 else None, device, group)
     sync(device)
     return GenerationOutput(tokens=tokens, first_logits=first_logits, ttft_s=ttft,
                             decode_s=time.perf_counter() - start, layout=layout,
@@ -134,13 +138,14 @@ def generate(model: Qwen25VLModel, inputs: VideoQAInputs, *, algo: str = "spava"
 
 
 def _broadcast_from_holder(row: Optional[Tensor], vocab: int, holds: bool,
-                           device: torch.device) -> Tensor:
-    """The last-token logits on every rank, broadcast from the lowest global rank holding it."""
+                           device: torch.device, group=None) -> Tensor:
+    """The last-token logits on every rank of `group` (default: the world), broadcast from
+    the lowest global rank holding it."""
     if not dist.is_initialized():
         return row.cpu()
     me = dist.get_rank()
     src = torch.tensor([me if holds else dist.get_world_size()], device=device)
-    dist.all_reduce(src, op=dist.ReduceOp.MIN)
+    dist.all_reduce(src, op=dist.ReduceOp.MIN, group=group)
     buf = row.clone() if me == int(src) else torch.empty(vocab, device=device)
-    dist.broadcast(buf, int(src))
+    dist.broadcast(buf, int(src), group=group)
     return buf.cpu()

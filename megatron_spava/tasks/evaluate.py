@@ -1,0 +1,475 @@
+"""Needle-task accuracy of every context-parallel algorithm, through the project's Megatron
+path (HF checkpoint -> Qwen25VLModel -> frame-parallel vision -> CP prefill -> greedy decode).
+
+    python tools/eval_needles.py --nproc 2 --tokens 1024 4096 --samples 8        # CPU, gloo
+    torchrun --nproc-per-node 4 tools/eval_needles.py --device cuda --bf16 \\
+        --tokens 4096 16384 32768 65536 --cp-sizes 2 4 --json needles.json \\
+        --plot needles.png --markdown needles.md
+
+For every length (video tokens), task and sample index (eval sets are seeded and the same
+on every rank), it answers the question under
+  full                        exact attention, no context parallelism (the reference)
+  ring, star, apb, spava      at each --cp-sizes W
+  spava-no-<switch>           Spava with one ablation switch of SpavaConfig off (read from
+                              megatron_spava at run time: every boolean switch that is on
+                              by default, e.g. zigzag, overlap, shard_anchor, passing)
+and scores exact match. It also reports the KL divergence KL(full || algo) of the
+first-token distributions, and for the first --hidden-samples samples of each task and
+length, the relative error ||h_algo - h_full|| / ||h_full|| of every decoder layer's output
+over all tokens and over the query tokens (each token counted once, on the rank that owns
+it). With W ranks in the world and CP size c, W / c data-parallel replicas share the
+samples; `full` runs W replicas.
+
+Devices: CPU ranks (gloo); one GPU per rank (NCCL); or several ranks sharing fewer GPUs
+(--backend gloo, chosen automatically when ranks outnumber GPUs: all-gather, all-reduce
+and broadcast work on CUDA tensors under gloo, and `ring` stages its point-to-point
+transfers through host memory). Timings from shared GPUs mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .needles import TASKS, eval_set, needle_blocks, score
+
+BASE_ALGOS = ("full", "ring", "star", "apb", "spava")
+NOT_ABLATIONS = ("check_ranks_agree",)  # boolean SpavaConfig fields that are not the paper's ablations
+
+
+def ablation_switches() -> List[str]:
+    """SpavaConfig's ablation switches: the registry megatron_spava publishes if it has one
+    (`algos.ABLATIONS` or `config.ABLATION_SWITCHES`), else every boolean field that is on
+    by default (execution options such as check_ranks_agree are off by default)."""
+    from .. import algos, config
+    for registry in (getattr(algos, "ABLATIONS", None), getattr(config, "ABLATION_SWITCHES", None)):
+        if registry:
+            names = list(registry.keys() if isinstance(registry, dict) else registry)
+            fields = {f.name for f in dataclasses.fields(config.SpavaConfig)}
+            return [n for n in names if n in fields]
+    return [f.name for f in dataclasses.fields(config.SpavaConfig)
+            if f.default is True and f.name not in NOT_ABLATIONS]
+
+
+def variants() -> List[Tuple[str, str, dict]]:
+    """(name, algorithm, SpavaConfig changes) of everything evaluated."""
+    out = [(a, a, {}) for a in BASE_ALGOS]
+    out += [(f"spava-no-{s.replace('_', '-')}", "spava", {s: False}) for s in ablation_switches()]
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    names = [v[0] for v in variants()]
+    p = argparse.ArgumentParser(prog="eval_needles", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="HF Qwen2.5-VL checkpoint (default: the shipped needle model)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768, 65536],
+                   help="video lengths in LLM tokens (default: %(default)s)")
+    p.add_argument("--cp-sizes", type=int, nargs="+", default=None,
+                   help="context-parallel sizes (each divides the world size; default: the world size)")
+    p.add_argument("--algos", nargs="+", default=names, metavar="ALGO",
+                   help=f"from {names} (default: all); full always runs (the reference)")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--samples", type=int, default=20, help="samples per task and length (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="eval-set seed (default: %(default)s; training "
+                   "never uses seeds below 1000003)")
+    p.add_argument("--hidden-samples", type=int, default=1,
+                   help="samples per task and length whose per-layer hidden-state error is measured "
+                        "(default: %(default)s)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default: %(default)s)")
+    p.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto",
+                   help="auto: NCCL with a GPU per rank, else gloo (default: %(default)s)")
+    p.add_argument("--bf16", action="store_true", help="bf16 weights and activations")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="ranks to launch when not under torchrun (default: the largest --cp-sizes, or 2)")
+    p.add_argument("--json", help="write all results (and every sample's answer) here")
+    p.add_argument("--plot", help="write a PNG of accuracy vs tokens here")
+    p.add_argument("--markdown", help="write the BENCHMARKS.md tables here")
+    p.add_argument("--verbose", action="store_true", help="show megatron-core's warnings")
+    return p
+
+
+# ------------------------------------------------------------------------------- ranks
+
+def _init(args) -> torch.device:
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda but CUDA is not available")
+        n = torch.cuda.device_count()
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local % n)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+        backend = args.backend if args.backend != "auto" else ("nccl" if n >= local_world else "gloo")
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        return torch.device("cuda", torch.cuda.current_device())
+    from .. import cpu_compat
+    cpu_compat.apply()
+    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
+    return torch.device("cpu")
+
+
+def _parallel_state(cp: int):
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=cp)
+    initialize_rng_tracker(inference_rng_tracker=True)
+    return ps
+
+
+def _build_model(checkpoint: str, cp: int, device, dtype):
+    from ..models.qwen2_5_vl import Qwen25VLConfig, Qwen25VLModel
+    from ..models.qwen2_5_vl.convert import load_hf_into_model
+    model = Qwen25VLModel(Qwen25VLConfig.from_hf(checkpoint), context_parallel=cp, dtype=dtype,
+                          use_cpu_initialization=True, perform_initialization=False)
+    load_hf_into_model(model, checkpoint, tp_rank=0, tp_size=1, progress=False)
+    return model.to(device).eval()
+
+
+class LayerCapture:
+    """Outputs [s, b, h] of every decoder layer in the first forward after `arm()` (the
+    prefill of a generate call), as float32 on the device."""
+
+    def __init__(self, model):
+        self.layers = list(model.language_model.decoder.layers)
+        self.outputs: List[torch.Tensor] = []
+        self.armed = False
+        for layer in self.layers:
+            layer.register_forward_hook(self._hook)
+
+    def arm(self):
+        self.outputs, self.armed = [], True
+
+    def _hook(self, module, inputs, output):
+        if self.armed:
+            self.outputs.append((output[0] if isinstance(output, tuple) else output).float())
+            if len(self.outputs) == len(self.layers):
+                self.armed = False
+
+
+def owned_rows(layout, rank: int, world: int, total: int) -> torch.Tensor:
+    """bool [local_len(rank)]: the local rows whose token no lower rank also holds (each
+    token counted once across the CP group)."""
+    owner = torch.full((total,), world, dtype=torch.long)
+    for r in reversed(range(world)):
+        owner[layout.local_indices(r)] = r
+    return owner[layout.local_indices(rank)] == rank
+
+
+def _kl(full_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    p = torch.log_softmax(full_logits.double(), -1)
+    q = torch.log_softmax(logits.double(), -1)
+    return float((p.exp() * (p - q)).sum())
+
+
+def run(args) -> Optional[dict]:
+    from tqdm.auto import tqdm
+
+    from .. import SpavaConfig
+    from ..algos import config_for
+    from ..models.qwen2_5_vl.generate import generate
+    from .model import NeedlePrompter, shipped_checkpoint
+    from .needles import render_frames
+
+    device = _init(args)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cp_sizes = args.cp_sizes or [world]
+    for cp in cp_sizes:
+        if world % cp:
+            raise SystemExit(f"--cp-sizes {cp} does not divide the world size {world}")
+    checkpoint = args.checkpoint or shipped_checkpoint()
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    prompter = NeedlePrompter(checkpoint)
+    flat = [(tokens, s) for tokens in args.tokens for s in eval_set(args.tasks, tokens, args.samples, args.seed)]
+    wanted = [v for v in variants() if v[0] in args.algos and v[0] != "full"]
+    max_new = 1 + max(len(prompter.answer_ids(s.answer)) for _, s in flat)
+    records: List[dict] = []
+    hidden: List[dict] = []
+
+    def inputs_of(sample):
+        return prompter.inputs(sample, render_frames(sample, device))
+
+    # ---- full attention: the reference, W data-parallel replicas
+    ps = _parallel_state(1)
+    full_group = ps.get_context_parallel_group()
+    full_model = _build_model(checkpoint, 1, device, dtype)
+    full_capture = LayerCapture(full_model)
+    mine = [i for i in range(len(flat)) if i % world == rank]
+    total = len(mine) + sum(len(range(0, len(flat), world // cp)) * len(wanted) for cp in cp_sizes)
+    bar = tqdm(total=total, disable=rank != 0, desc="needle eval", unit="answer")
+    full_logits: Dict[int, torch.Tensor] = {}
+    for i in mine:
+        tokens, s = flat[i]
+        out = generate(full_model, inputs_of(s), algo="full", cp_group=full_group,
+                       max_new_tokens=max_new, device=device, group=full_group)
+        pred = prompter.decode(out.tokens)
+        full_logits[i] = out.first_logits
+        records.append(dict(algo="full", cp=1, tokens=tokens, task=s.task, index=s.index,
+                            answer=s.answer, prediction=pred, correct=score(pred, s.answer),
+                            kl=0.0, ttft_s=out.ttft_s, prompt_tokens=int(out.layout.context_len +
+                                                                         out.layout.query_len)))
+        bar.update()
+    gathered: List[Optional[dict]] = [None] * world
+    dist.all_gather_object(gathered, {i: t for i, t in full_logits.items()})
+    for part in gathered:
+        full_logits.update(part)
+
+    # ---- every CP algorithm at every CP size
+    for cp in cp_sizes:
+        ps = _parallel_state(cp)
+        group = ps.get_context_parallel_group()
+        cp_rank = ps.get_context_parallel_rank()
+        replica, replicas = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        model = _build_model(checkpoint, cp, device, dtype)
+        capture = LayerCapture(model)
+        mine = [i for i in range(len(flat)) if i % replicas == replica]
+        for name, algo, changes in wanted:
+            config = SpavaConfig(**changes)
+            for i in mine:
+                tokens, s = flat[i]
+                inputs = inputs_of(s)
+                measure = s.index < args.hidden_samples
+                if measure:  # the exact reference on this rank, for the per-layer errors
+                    full_capture.arm()
+                    generate(full_model, inputs, algo="full", cp_group=full_group, max_new_tokens=1,
+                             device=device, group=full_group)
+                    capture.arm()
+                out = generate(model, inputs, algo=algo, config=config, cp_group=group,
+                               max_new_tokens=max_new, device=device, group=group)
+                pred = prompter.decode(out.tokens)
+                layout = out.layout
+                if measure:
+                    hidden_row = _hidden_errors(full_capture.outputs, capture.outputs, layout,
+                                                cp_rank, cp, group, inputs.input_ids.shape[1])
+                    if cp_rank == 0:
+                        hidden.append(dict(algo=name, cp=cp, tokens=tokens, task=s.task, index=s.index,
+                                           **hidden_row))
+                if cp_rank == 0:
+                    records.append(dict(
+                        algo=name, cp=cp, tokens=tokens, task=s.task, index=s.index, answer=s.answer,
+                        prediction=pred, correct=score(pred, s.answer),
+                        kl=_kl(full_logits[i], out.first_logits), ttft_s=out.ttft_s,
+                        prompt_tokens=int(inputs.input_ids.shape[1]),
+                        where=needle_blocks(s, layout, prompter.prefix_len),
+                        anchor_len=getattr(layout, "anchor_len", None),
+                        block_len=getattr(layout, "block_len", None),
+                        passing_len=getattr(layout, "passing_len", None)))
+                bar.update()
+        del model, capture
+    bar.close()
+    everything: List[Optional[Tuple[list, list]]] = [None] * world
+    dist.all_gather_object(everything, (records, hidden))
+    if rank != 0:
+        return None
+    records = [r for part in everything for r in part[0]]
+    hidden = [h for part in everything for h in part[1]]
+    return dict(meta=_meta(args, world, cp_sizes, checkpoint, device, wanted),
+                summary=summarise(records), hidden=summarise_hidden(hidden),
+                records=records, hidden_records=hidden)
+
+
+def _hidden_errors(full_out, algo_out, layout, cp_rank, cp, group, total) -> dict:
+    """Per-layer relative errors over all tokens and over the query tokens (sums of
+    squares all-reduced over the CP group, each token counted once)."""
+    idx = layout.local_indices(cp_rank).to(full_out[0].device)
+    own = owned_rows(layout, cp_rank, cp, total).to(full_out[0].device)
+    query = idx >= layout.context_len
+    sums = []
+    for ref, got in zip(full_out, algo_out):
+        ref_local = ref[idx]
+        diff = (got - ref_local).pow(2).sum(dim=(1, 2))
+        norm = ref_local.pow(2).sum(dim=(1, 2))
+        sums.append(torch.stack([diff[own].sum(), norm[own].sum(), diff[own & query].sum(),
+                                 norm[own & query].sum()]))
+    sums = torch.stack(sums).double()
+    if cp > 1:
+        dist.all_reduce(sums, group=group)
+    sums = sums.cpu()
+    rel = lambda d, n: math.sqrt(d / n) if n > 0 else 0.0
+    return dict(rel_err=[rel(d, n) for d, n in sums[:, :2].tolist()],
+                query_rel_err=[rel(d, n) for d, n in sums[:, 2:].tolist()])
+
+
+def _meta(args, world, cp_sizes, checkpoint, device, wanted) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except Exception:
+        commit = "unknown"
+    info = {}
+    train_info = os.path.join(checkpoint, "train_info.json")
+    if os.path.isfile(train_info):
+        with open(train_info) as f:
+            t = json.load(f)
+        info = {k: t.get(k) for k in ("commit", "seed", "command", "steps", "device")}
+    return dict(command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M %Z"), commit=commit,
+                device=(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
+                backend=dist.get_backend(), world=world, cp_sizes=cp_sizes, tokens=args.tokens,
+                tasks=args.tasks, samples=args.samples, seed=args.seed,
+                dtype="bfloat16" if args.bf16 else "float32", checkpoint=checkpoint, model=info,
+                algos=["full"] + [w[0] for w in wanted], torch=torch.__version__)
+
+
+# ----------------------------------------------------------------------------- reports
+
+def summarise(records: Sequence[dict]) -> List[dict]:
+    """Accuracy, mean KL and mean TTFT per (algo, cp, tokens, task), plus task "all"."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in records:
+        for task in (r["task"], "all"):
+            groups.setdefault((r["algo"], r["cp"], r["tokens"], task), []).append(r)
+    rows = []
+    for (algo, cp, tokens, task), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0], kv[0][3])):
+        rows.append(dict(algo=algo, cp=cp, tokens=tokens, task=task, n=len(rs),
+                         accuracy=sum(r["correct"] for r in rs) / len(rs),
+                         kl=sum(r["kl"] for r in rs) / len(rs),
+                         ttft_s=sum(r["ttft_s"] for r in rs) / len(rs)))
+    return rows
+
+
+def summarise_hidden(hidden: Sequence[dict]) -> List[dict]:
+    """Mean per-layer relative error per (algo, cp, tokens) over the measured samples."""
+    groups: Dict[tuple, List[dict]] = {}
+    for h in hidden:
+        groups.setdefault((h["algo"], h["cp"], h["tokens"]), []).append(h)
+    out = []
+    for (algo, cp, tokens), hs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        layers = len(hs[0]["rel_err"])
+        out.append(dict(algo=algo, cp=cp, tokens=tokens, n=len(hs),
+                        rel_err=[sum(h["rel_err"][l] for h in hs) / len(hs) for l in range(layers)],
+                        query_rel_err=[sum(h["query_rel_err"][l] for h in hs) / len(hs) for l in range(layers)]))
+    return out
+
+
+def scene_breakdown(records: Sequence[dict]) -> List[dict]:
+    """Scene-task accuracy by where the title card sits relative to the needle: in the
+    anchor, in the needle's own block, or in an earlier block (needs passing blocks)."""
+    groups: Dict[tuple, List[bool]] = {}
+    for r in records:
+        if r["task"] != "scene" or not r.get("where"):
+            continue
+        card, needle = r["where"]["cards"][0], r["where"]["needles"][0]
+        kind = "anchor" if card == "anchor" else ("same block" if card == needle else "earlier block")
+        groups.setdefault((r["algo"], r["cp"], kind), []).append(r["correct"])
+    return [dict(algo=a, cp=c, card=k, n=len(v), accuracy=sum(v) / len(v))
+            for (a, c, k), v in sorted(groups.items())]
+
+
+def markdown(result: dict) -> str:
+    meta, rows = result["meta"], result["summary"]
+    acc = {(r["algo"], r["cp"], r["tokens"], r["task"]): r for r in rows}
+    tokens = meta["tokens"]
+    lines = [f"Command: `{meta['command']}`  ",
+             f"Device: {meta['device']} ({meta['backend']}, {meta['world']} ranks, {meta['dtype']}); "
+             f"date {meta['date']}; commit {meta['commit']}; checkpoint {meta['checkpoint']} "
+             f"(trained at {meta['model'].get('commit')}, seed {meta['model'].get('seed')}); "
+             f"{meta['samples']} samples per task and length (seed {meta['seed']}).", ""]
+    for task in ["all", *meta["tasks"]]:
+        lines += [f"**{task}**: exact-match accuracy, gap to full in points", "",
+                  "| algorithm | CP | " + " | ".join(f"{t // 1024}K" if t >= 1024 else str(t) for t in tokens) + " |",
+                  "|---|---|" + "---|" * len(tokens)]
+        for algo in meta["algos"]:
+            for cp in ([1] if algo == "full" else meta["cp_sizes"]):
+                cells = []
+                for t in tokens:
+                    r = acc.get((algo, cp, t, task))
+                    if r is None:
+                        cells.append("-")
+                        continue
+                    full = acc.get(("full", 1, t, task))
+                    gap = "" if algo == "full" or full is None else f" ({100 * (r['accuracy'] - full['accuracy']):+.0f})"
+                    cells.append(f"{100 * r['accuracy']:.0f}{gap}")
+                lines.append(f"| {algo} | {cp} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["**First-token KL(full || algo)**, mean over all tasks (nats)", "",
+              "| algorithm | CP | " + " | ".join(str(t) for t in tokens) + " |", "|---|---|" + "---|" * len(tokens)]
+    for algo in meta["algos"][1:]:
+        for cp in meta["cp_sizes"]:
+            cells = [f"{acc[(algo, cp, t, 'all')]['kl']:.2e}" if (algo, cp, t, "all") in acc else "-" for t in tokens]
+            lines.append(f"| {algo} | {cp} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if result["hidden"]:
+        lines += ["**Relative error of each decoder layer's output** vs full, all tokens / query tokens "
+                  "(mean over the measured samples)", "", "| algorithm | CP | tokens | per layer (all) | per layer (query) |",
+                  "|---|---|---|---|---|"]
+        for h in result["hidden"]:
+            lines.append(f"| {h['algo']} | {h['cp']} | {h['tokens']} | "
+                         + " ".join(f"{e:.1e}" for e in h["rel_err"]) + " | "
+                         + " ".join(f"{e:.1e}" for e in h["query_rel_err"]) + " |")
+        lines.append("")
+    breakdown = scene_breakdown(result["records"])
+    if breakdown:
+        lines += ["**scene** accuracy by where the title card is (all lengths)", "",
+                  "| algorithm | CP | card in | n | accuracy |", "|---|---|---|---|---|"]
+        for b in breakdown:
+            lines.append(f"| {b['algo']} | {b['cp']} | {b['card']} | {b['n']} | {100 * b['accuracy']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    """Accuracy vs tokens, one line per algorithm; one panel per (CP size, task)."""
+    from .plot import line_panels
+    meta, rows = result["meta"], result["summary"]
+    panels = []
+    for cp in meta["cp_sizes"]:
+        for task in ["all", *meta["tasks"]]:
+            series = {}
+            for algo in meta["algos"]:
+                pick_cp = 1 if algo == "full" else cp
+                pts = sorted((r["tokens"], 100 * r["accuracy"]) for r in rows
+                             if r["algo"] == algo and r["cp"] == pick_cp and r["task"] == task)
+                if pts:
+                    series[algo] = pts
+            panels.append((f"{task}, CP={cp}", series))
+    line_panels(panels, path, xlabel="video tokens (log scale)", ylabel="accuracy %", ylim=(0, 100))
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from ..launch import quiet_known_warnings, relaunch, under_torchrun
+    unknown = [a for a in args.algos if a not in [v[0] for v in variants()]]
+    if unknown:
+        parser.error(f"unknown --algos {unknown}; choose from {[v[0] for v in variants()]}")
+    if not under_torchrun():
+        if not args.checkpoint:
+            from .model import shipped_checkpoint
+            try:
+                shipped_checkpoint()
+            except FileNotFoundError as err:
+                parser.error(str(err))
+        relaunch("megatron_spava.tasks.evaluate", args.nproc or max(args.cp_sizes or [2]), argv)
+        return 0
+    quiet_known_warnings(args.verbose, announce=os.environ.get("RANK") == "0")
+    try:
+        result = run(args)
+        if result is not None:
+            print(markdown(result))
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(result, f, indent=1)
+            if args.plot:
+                plot(result, args.plot)
+            if args.markdown:
+                with open(args.markdown, "w") as f:
+                    f.write(markdown(result) + "\n")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
