@@ -3,6 +3,7 @@ and set up the process group it then runs in."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Optional, Sequence
@@ -15,9 +16,27 @@ def under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def relaunch(module: str, nproc: int, argv: Optional[Sequence[str]] = None) -> None:
+#: Set by `relaunch` for its ranks: where a failing rank writes its error (one JSON file).
+ERROR_DIR_ENV = "MEGATRON_SPAVA_ERROR_DIR"
+
+
+class RankError(RuntimeError):
+    """A rank failed; the message is the first failing rank's error, in one line."""
+
+
+def relaunch(module: str, nproc: int, argv: Optional[Sequence[str]] = None, *,
+             verbose: bool = True) -> None:
     """Run `python -m module argv` on `nproc` local ranks through torchrun and return when
-    they finish. NVLink multicast stays off; CPU threads are split between the ranks."""
+    they finish. NVLink multicast stays off; CPU threads are split between the ranks.
+
+    If a rank fails, raises RankError with the earliest error a rank reported through
+    `report_rank_errors` (instead of torchrun's ChildFailedError report; with `verbose`,
+    torchrun's own logging stays on)."""
+    import json
+    import logging
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
@@ -31,7 +50,51 @@ def relaunch(module: str, nproc: int, argv: Optional[Sequence[str]] = None) -> N
             del args[i:i + 2]
         elif args[i].startswith("--nproc="):
             del args[i]
-    torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", module, *args])
+    if not verbose:
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory(prefix="megatron_spava_errors_") as errors:
+        os.environ[ERROR_DIR_ENV] = errors
+        try:
+            torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", module, *args])
+        except ChildFailedError as err:
+            reports = []
+            for name in os.listdir(errors):
+                with open(os.path.join(errors, name)) as f:
+                    reports.append(json.load(f))
+            if not reports:
+                first = next(iter(err.failures.values()))
+                raise RankError(f"rank {first.local_rank} exited with code {first.exitcode}") from None
+            first = min(reports, key=lambda r: r["time"])
+            raise RankError(first["message"] + (f" (rank {first['rank']})" if nproc > 1 else "")) from None
+        finally:
+            os.environ.pop(ERROR_DIR_ENV, None)
+
+
+@contextlib.contextmanager
+def report_rank_errors(verbose: bool = False):
+    """In a rank: an exception leaves the process with exit code 1 after reporting it once.
+    Under `relaunch` the error goes to the parent, which prints the earliest one; under a
+    plain torchrun, rank 0 prints its own. Tracebacks are printed only with `verbose`."""
+    import json
+    import time
+    import traceback
+
+    try:
+        yield
+    except Exception as err:
+        rank = int(os.environ.get("RANK", 0))
+        message = str(err) if isinstance(err, (ValueError, FileNotFoundError)) else f"{type(err).__name__}: {err}"
+        message = " ".join(message.split())
+        if verbose:
+            traceback.print_exc()
+        errors = os.environ.get(ERROR_DIR_ENV)
+        if errors:
+            with open(os.path.join(errors, f"rank{rank}.json"), "w") as f:
+                json.dump({"rank": rank, "time": time.time(), "message": message}, f)
+        elif rank == 0:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # no interpreter teardown: a peer may still sit in a collective
 
 
 def init_distributed(device: str) -> torch.device:

@@ -1,17 +1,25 @@
 """Video question answering with Qwen2.5-VL under TP x CP and --context-parallel-algo.
 
-    megatron-spava-demo                       # tiny offline checkpoint + synthetic video, 2 CPU ranks
+    megatron-spava-demo                       # shipped needle model + needle video, 2 CPU ranks
     megatron-spava-demo --hf-path Qwen2.5-VL-7B-Instruct --video clip.mp4 --question "..." \\
         --device cuda --bf16 --context-parallel-size 4
     torchrun --nproc-per-node 4 -m megatron_spava.video_qa --tensor-model-parallel-size 2 \\
         --context-parallel-size 2 --context-parallel-algo spava ...
 
-Without --hf-path/--megatron-path it writes a tiny random Qwen2.5-VL-architecture
-checkpoint (config and tokenizer made in code) and a synthetic mp4 under --work-dir and
-answers a question about it: the answer is noise, the pipeline is real. It prints the
-answer, time to first token (vision + prefill), decode speed and, with --compare full
-(the default), the same prompt under exact attention on one CP rank: the timing and the
-agreement of the first-token logits.
+Without --hf-path/--megatron-path it uses the needle model shipped with the package (a small
+Qwen2.5-VL-architecture model trained here on synthetic long-video needle tasks:
+retrieval, ordering, counting and "scene", see megatron_spava/tasks), and without --video it
+writes a needle video as an mp4 under --work-dir (--needle-task, --needle-tokens,
+--needle-seed, --needle-index pick it) and asks that video's question. It prints the
+question, the true answer, each algorithm's answer and whether it is right, time to first
+token (vision + prefill) and decode speed and, with --compare full (the default), the same
+prompt under exact attention on one CP rank with the agreement of the first-token logits.
+--random-weights answers with random weights instead (on a tiny generated checkpoint when
+no checkpoint is given): the answer is then noise, the pipeline is real.
+
+Bad input (a missing video, a file that is not a video, fewer temporal groups than
+context-parallel ranks) is reported in one line before any rank starts; an error inside
+the ranks is reported once (tracebacks with --verbose).
 """
 
 from __future__ import annotations
@@ -25,10 +33,12 @@ import torch
 import torch.distributed as dist
 
 from .arguments import add_spava_args, spava_config_from_args
-from .launch import init_distributed, relaunch, under_torchrun
+from .launch import (RankError, init_distributed, quiet_known_warnings, relaunch, report_rank_errors,
+                     under_torchrun)
+from .tasks.needles import TASKS as NEEDLE_TASKS
 
 DEFAULT_WORK_DIR = os.path.join(os.path.expanduser("~"), ".cache", "megatron_spava")
-DEFAULT_QUESTION = "What is happening in this video?"
+DEFAULT_QUESTION = "What is happening in this video?"  # for a --video without --question
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,21 +52,32 @@ def build_parser() -> argparse.ArgumentParser:
                      help="without a checkpoint: the generated model's shape; 3b/7b are the "
                           "released Qwen2.5-VL shapes and need --random-weights (default: %(default)s)")
     src.add_argument("--random-weights", action="store_true",
-                     help="random weights (seeded, the same in every run) instead of the checkpoint's")
+                     help="random weights (seeded, the same in every run) instead of the checkpoint's; "
+                          "without a checkpoint, on a tiny generated one")
     src.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     src.add_argument("--work-dir", default=DEFAULT_WORK_DIR,
-                     help="where the tiny checkpoint and synthetic video go (default: %(default)s)")
+                     help="where the needle video (and a generated checkpoint) go (default: %(default)s)")
     src.add_argument("--bf16", action="store_true", help="bf16 weights and activations")
     src.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default: %(default)s)")
     vid = p.add_argument_group("video and question")
-    vid.add_argument("--video", help="video file (mp4, mkv, webm, ...); default: a synthetic mp4")
+    vid.add_argument("--video", help="video file (mp4, mkv, webm, ...); default: a needle video (below)")
     vid.add_argument("--frames-dir", help="a directory of frame images instead of --video")
     vid.add_argument("--frames-fps", type=float, default=2.0,
                      help="frame rate of --frames-dir (default: %(default)s)")
-    vid.add_argument("--fps", type=float, default=2.0,
-                     help="frames sampled per second of video (default: %(default)s)")
-    vid.add_argument("--max-frames", type=int, default=768, help="(default: %(default)s)")
-    vid.add_argument("--question", default=DEFAULT_QUESTION, help="(default: %(default)r)")
+    vid.add_argument("--fps", type=float, default=None,
+                     help="frames sampled per second of video (default: 2; the needle video keeps "
+                          "every frame)")
+    vid.add_argument("--max-frames", type=int, default=None,
+                     help="(default: 768; the needle video keeps every frame)")
+    vid.add_argument("--question", default=None,
+                     help=f"(default: the needle video's question, or {DEFAULT_QUESTION!r})")
+    needle = p.add_argument_group("needle video (the input when no --video or --frames-dir is given)")
+    needle.add_argument("--needle-task", choices=NEEDLE_TASKS, default="ordering",
+                        help="(default: %(default)s)")
+    needle.add_argument("--needle-tokens", type=int, default=4096,
+                        help="video length in LLM tokens, 16 per 2 frames (default: %(default)s)")
+    needle.add_argument("--needle-seed", type=int, default=0, help="(default: %(default)s)")
+    needle.add_argument("--needle-index", type=int, default=0, help="(default: %(default)s)")
     run = p.add_argument_group("parallelism and decoding")
     run.add_argument("--tensor-model-parallel-size", type=int, default=1)
     run.add_argument("--context-parallel-size", type=int, default=2)
@@ -73,31 +94,87 @@ def build_parser() -> argparse.ArgumentParser:
                           "transformers 5.x (default: %(default)s)")
     run.add_argument("--json", help="write the results as JSON here")
     run.add_argument("--save-logits", help="save each run's first-token logits (torch.save) here")
+    run.add_argument("--verbose", action="store_true",
+                     help="show every warning, progress bar and, for errors, the tracebacks")
     add_spava_args(p)
     p.set_defaults(context_parallel_algo="spava")
     return p
 
 
+def needle_sample(args):
+    """The needle sample the default video shows, or None when the user gave a video."""
+    if hasattr(args, "needle"):  # resolved already (resolve_paths fills in args.video)
+        return args.needle
+    if args.video or args.frames_dir:
+        return None
+    from .tasks.needles import groups_for_tokens, make_sample
+    return make_sample(args.needle_task, groups=groups_for_tokens(args.needle_tokens),
+                       seed=args.needle_seed, index=args.needle_index)
+
+
 def resolve_paths(args) -> str:
-    """Fill in the default video path; return the checkpoint directory. Pure."""
-    if not args.video and not args.frames_dir:
-        args.video = os.path.join(args.work_dir, "synthetic.mp4")
-    name = "tiny-qwen2.5-vl" if args.model_shape == "tiny" else f"qwen2.5-vl-{args.model_shape}-shape"
-    return args.hf_path or args.megatron_path or os.path.join(args.work_dir, name)
+    """Fill in the default video path, question and frame sampling; return the checkpoint
+    directory. Pure (nothing is written)."""
+    sample = args.needle = needle_sample(args)
+    if sample is not None:
+        from .tasks.demo import needle_video_path
+        args.video = needle_video_path(args.work_dir, sample)
+        args.question = args.question or sample.question
+        args.fps = args.fps if args.fps is not None else 0.0  # 0: keep every frame
+    args.question = args.question or DEFAULT_QUESTION
+    args.fps = 2.0 if args.fps is None else args.fps
+    if args.hf_path or args.megatron_path:
+        return args.hf_path or args.megatron_path
+    if args.model_shape != "tiny":
+        return os.path.join(args.work_dir, f"qwen2.5-vl-{args.model_shape}-shape")
+    if args.random_weights:
+        return os.path.join(args.work_dir, "tiny-qwen2.5-vl")
+    from .tasks.model import ASSET_DIR
+    return ASSET_DIR
 
 
 def create_defaults(args, checkpoint: str) -> None:
-    """Write the tiny checkpoint and the synthetic video when they are the ones asked for."""
+    """Write the generated checkpoint and the needle video when they are the ones asked for."""
     if args.hf_path or args.megatron_path:
         if not os.path.isdir(checkpoint):
             raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
-    else:
+    elif args.model_shape != "tiny" or args.random_weights:
         from .models.qwen2_5_vl.tiny import make_tiny_checkpoint
+        if not args.verbose:
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
         make_tiny_checkpoint(checkpoint, shape=None if args.model_shape == "tiny" else args.model_shape)
-    if args.video == os.path.join(args.work_dir, "synthetic.mp4") and not os.path.isfile(args.video):
-        from .video import write_synthetic_video
-        os.makedirs(args.work_dir, exist_ok=True)
-        write_synthetic_video(args.video, frames=128, height=224, width=224, fps=8)
+    else:
+        from .tasks.model import shipped_checkpoint
+        shipped_checkpoint()  # FileNotFoundError saying how to get one
+    sample = needle_sample(args)
+    if sample is not None:
+        from .tasks.demo import write_needle_video
+        write_needle_video(args.video, sample)
+
+
+def check_video(args) -> None:
+    """Before any rank starts: the video exists and decodes, and it has a temporal group
+    (2 frames) for every context-parallel rank. Raises FileNotFoundError or ValueError."""
+    from .video import count_sampled_frames
+    path = args.frames_dir or args.video
+    frames = count_sampled_frames(path, fps=_sampling_fps(args), max_frames=_max_frames(args),
+                                  frames_fps=args.frames_fps)
+    cp = args.context_parallel_size
+    if frames // 2 < cp:
+        raise ValueError(f"{path} gives {frames} frames ({frames // 2} temporal groups of 2) but "
+                         f"--context-parallel-size {cp} needs at least {cp} groups, one per rank: "
+                         f"sample more frames (--fps, --max-frames) or use fewer ranks")
+
+
+def _sampling_fps(args):
+    return None if not args.fps else args.fps  # 0 or None: every frame
+
+
+def _max_frames(args):
+    if args.max_frames is not None:
+        return args.max_frames
+    return None if needle_sample(args) is not None else 768
 
 
 def _setup_parallel(tp: int, cp: int):
@@ -131,7 +208,7 @@ def _build_model(args, checkpoint: str, tp: int, cp: int, device):
         load_dist_into_model(model, checkpoint)
     else:
         load_hf_into_model(model, checkpoint, tp_rank=ps.get_tensor_model_parallel_rank(),
-                           tp_size=tp, progress=dist.get_rank() == 0)
+                           tp_size=tp, progress=dist.get_rank() == 0 and args.verbose)
     return model.to(device).eval(), ps
 
 
@@ -156,7 +233,7 @@ def run(args) -> dict:
     rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     checkpoint = resolve_paths(args)
-    clip = load_video(args.frames_dir or args.video, fps=args.fps, max_frames=args.max_frames,
+    clip = load_video(args.frames_dir or args.video, fps=_sampling_fps(args), max_frames=_max_frames(args),
                       frames_fps=args.frames_fps)
     prompter = VideoPrompter(checkpoint)
     inputs = prompter(clip, args.question)
@@ -172,6 +249,10 @@ def run(args) -> dict:
         prompt_tokens=int(inputs.input_ids.shape[1]), video_tokens=video_tokens,
         processor_backend=prompter.backend, processor_fallback_reason=prompter.fallback_reason,
         question=args.question, runs={})
+    sample = needle_sample(args)
+    if sample is not None:
+        result.update(true_answer=sample.answer, needle_task=sample.task,
+                      needles=[list(n) for n in sample.needles], cards=[list(c) for c in sample.cards])
     for name, out in runs.items():
         layout = out.layout
         result["runs"][name] = dict(
@@ -181,6 +262,9 @@ def run(args) -> dict:
             decode_tokens_per_s=(len(out.tokens) - 1) / out.decode_s if len(out.tokens) > 1 and out.decode_s > 0 else None,
             tokens_per_rank=int(layout.local_len(0)),
             anchor_len=getattr(layout, "anchor_len", None), passing_len=getattr(layout, "passing_len", None))
+        if sample is not None:
+            from .tasks.needles import score
+            result["runs"][name]["correct"] = score(result["runs"][name]["answer"], sample.answer)
     if "full" in runs and len(runs) > 1:
         main = runs[args.context_parallel_algo]
         diff = (main.first_logits - runs["full"].first_logits).abs()
@@ -202,18 +286,24 @@ def print_report(result: dict, args) -> None:
     print(f"Video QA: {result['video']} ({result['frames']} frames at {result['sampled_fps']:.2f} fps, "
           f"{result['video_tokens']} video tokens, {result['prompt_tokens']} prompt tokens; "
           f"processor: {result['processor_backend']})")
-    if result["processor_fallback_reason"]:
+    if result["processor_fallback_reason"] and args.verbose:
         print(f"(HF's processor not used: {result['processor_fallback_reason']})")
     print(f"question: {result['question']!r}")
-    header = f"{'algorithm':<10} {'TPxCP':>6} {'tokens/rank':>11} {'TTFT ms':>9} {'vision ms':>9} {'decode tok/s':>12}  answer"
+    truth = result.get("true_answer")
+    if truth is not None:
+        print(f"true answer: {truth!r} (needle task {result['needle_task']!r})")
+    header = (f"{'algorithm':<10} {'TPxCP':>6} {'tokens/rank':>11} {'TTFT ms':>9} {'vision ms':>9} "
+              f"{'decode tok/s':>12}  answer")
     print(header)
-    print("-" * len(header))
+    print("-" * (len(header) + 24))
     for name, r in result["runs"].items():
         tps = f"{r['decode_tokens_per_s']:.1f}" if r["decode_tokens_per_s"] else "-"
+        verdict = "" if "correct" not in r else ("  right" if r["correct"] else "  WRONG")
         print(f"{name:<10} {r['tp']}x{r['cp']:<4} {r['tokens_per_rank']:>11} {1e3 * r['ttft_s']:>9.1f} "
-              f"{1e3 * r['vision_s']:>9.1f} {tps:>12}  {r['answer']!r}")
-    for name, r in result["runs"].items():
-        print(f"{name} answer tokens: {r['tokens']}")
+              f"{1e3 * r['vision_s']:>9.1f} {tps:>12}  {r['answer']!r}{verdict}")
+    if args.verbose:
+        for name, r in result["runs"].items():
+            print(f"{name} answer tokens: {r['tokens']}")
     if "first_logits_max_abs_diff" in result:
         print(f"first-token logits, {args.context_parallel_algo} vs full: max abs diff "
               f"{result['first_logits_max_abs_diff']:.2e}, relative error {result['first_logits_rel_err']:.2e}; "
@@ -225,6 +315,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
     world = int(os.environ.get("WORLD_SIZE", args.nproc or tp * cp))
+    quiet_known_warnings(args.verbose, announce=os.environ.get("RANK", "0") == "0")
     try:
         if world != tp * cp:
             raise ValueError(f"{world} ranks for --tensor-model-parallel-size {tp} x "
@@ -233,21 +324,30 @@ def main(argv=None) -> int:
             raise ValueError("--max-new-tokens must be >= 1")
         if args.model_shape != "tiny" and not args.random_weights and not (args.hf_path or args.megatron_path):
             raise ValueError(f"--model-shape {args.model_shape} has no weights to load: add --random-weights")
+        if args.needle_tokens < 64:
+            raise ValueError("--needle-tokens must be >= 64")
         spava_config_from_args(args)
         checkpoint = resolve_paths(args)
         if not under_torchrun() or os.environ.get("RANK") == "0":
             create_defaults(args, checkpoint)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+            check_video(args)
+    except (ValueError, FileNotFoundError) as err:  # one line, no usage dump
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     if not under_torchrun():
-        relaunch("megatron_spava.video_qa", world, argv)
+        try:
+            relaunch("megatron_spava.video_qa", world, argv, verbose=args.verbose)
+        except RankError as err:
+            print(f"megatron-spava-demo: error: {err}", file=sys.stderr)
+            return 1
         return 0
-    init_distributed(args.device)
-    try:
-        dist.barrier()  # rank 0 has written the default checkpoint and video
-        run(args)
-    finally:
-        dist.destroy_process_group()
+    with report_rank_errors(args.verbose):
+        init_distributed(args.device)
+        try:
+            dist.barrier()  # rank 0 has written the default checkpoint and video
+            run(args)
+        finally:
+            dist.destroy_process_group()
     return 0
 
 
