@@ -261,17 +261,30 @@ def _bounce(p: torch.Tensor) -> torch.Tensor:
 
 def render_frames(sample: NeedleSample, device="cpu", chunk: int = 1024) -> torch.Tensor:
     """uint8 frames [2 * groups, size, size, 3] of `sample`, rendered on `device` in chunks
-    of `chunk` frames.
+    of `chunk` frames (see `render_videos`)."""
+    return render_videos([sample], device, chunk)
+
+
+def render_videos(samples: Sequence[NeedleSample], device="cpu", chunk: int = 1024) -> torch.Tensor:
+    """The frames of several samples of one frame size, concatenated in order: uint8
+    [sum of 2 * groups, size, size, 3]. Rendered together (the same pixels as one by one),
+    in chunks of `chunk` frames.
 
     A haystack frame of scene s at frame t of the scene: the scene's colour ramp plus
     stripes drifting with t, sin(f u + w t) = sin(f u) cos(w t) + cos(f u) sin(w t) (u the
     coordinate along the stripes' normal), then the scene's objects at their positions at t.
     Per-scene images are built once; per-frame work is a few passes over the frames."""
     device = torch.device(device)
-    size, T = sample.size, sample.frames
-    p = {k: torch.as_tensor(v, device=device, dtype=torch.float32 if v.dtype != bool else torch.bool)
-         for k, v in _haystack_params(sample).items()}
-    cuts = torch.tensor(sample.cuts, device=device)
+    size = samples[0].size
+    if any(s.size != size for s in samples):
+        raise ValueError("render_videos: every sample must have the same frame size")
+    params = [_haystack_params(s) for s in samples]
+    p = {k: torch.as_tensor(np.concatenate([q[k] for q in params]), device=device,
+                            dtype=torch.float32 if params[0][k].dtype != bool else torch.bool)
+         for k in params[0]}
+    starts = np.cumsum([0] + [s.frames for s in samples])
+    cuts = torch.tensor([int(c + o) for s, o in zip(samples, starts) for c in s.cuts], device=device)
+    T = int(starts[-1])
     y, x = _grid(size, device)
     a = p["grad_angle"][:, None, None]
     ramp = (0.5 + ((x - size / 2) * torch.cos(a) + (y - size / 2) * torch.sin(a)) / (1.5 * size)).clamp(0, 1)
@@ -302,10 +315,13 @@ def render_frames(sample: NeedleSample, device="cpu", chunk: int = 1024) -> torc
             img = torch.where(mask[..., None], colour, img)
         out[lo:lo + len(t)] = img
     needles, cards = _bank(size, str(device))
-    for group, label in sample.needles:
-        out[FRAMES_PER_GROUP * group:FRAMES_PER_GROUP * (group + 1)] = needles[label]
-    for group, colour in sample.cards:
-        out[FRAMES_PER_GROUP * group:FRAMES_PER_GROUP * (group + 1)] = cards[colour]
+    for sample, offset in zip(samples, starts):
+        for group, label in sample.needles:
+            first = int(offset) + FRAMES_PER_GROUP * group
+            out[first:first + FRAMES_PER_GROUP] = needles[label]
+        for group, colour in sample.cards:
+            first = int(offset) + FRAMES_PER_GROUP * group
+            out[first:first + FRAMES_PER_GROUP] = cards[colour]
     return out
 
 

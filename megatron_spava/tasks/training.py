@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import FPS, NeedlePrompter
-from .needles import FRAMES_PER_GROUP, NeedleSample, render_frames
+from .needles import FRAMES_PER_GROUP, NeedleSample, render_videos
 
 
 @dataclass
@@ -53,17 +53,19 @@ def make_batch(samples: Sequence[NeedleSample], prompter: NeedlePrompter, hf_con
     from ..models.qwen2_5_vl.rope import rope_index
 
     device = torch.device(device)
-    pixels, grids, rows, starts, lens = [], [], [], [], []
+    frames = render_videos(samples, device)  # all samples at once: [sum T, H, W, 3]
+    if frame_noise:
+        noise = torch.randint(-frame_noise, frame_noise + 1, frames.shape, device=device,
+                              generator=generator, dtype=torch.int16)
+        frames = (frames.to(torch.int16) + noise).clamp_(0, 255).to(torch.uint8)
+    # Every video has whole temporal groups, so the patches of the concatenated frames are
+    # the concatenation of each video's patches (the processor's order is group-major).
+    pixels, whole = prompter.pixels(frames)
+    per_group = int(whole[0, 1] * whole[0, 2])
+    grid = torch.tensor([[s.groups, int(whole[0, 1]), int(whole[0, 2])] for s in samples])
+    rows, starts, lens = [], [], []
     for s in samples:
-        frames = render_frames(s, device)
-        if frame_noise:
-            noise = torch.randint(-frame_noise, frame_noise + 1, frames.shape, device=device,
-                                  generator=generator, dtype=torch.int16)
-            frames = (frames.to(torch.int16) + noise).clamp_(0, 255).to(torch.uint8)
-        pix, grid = prompter.pixels(frames)
-        pixels.append(pix)
-        grids.append(grid)
-        prompt = prompter.prompt_ids(s.task, int(grid.prod()) // prompter.preprocess.merge_size ** 2)
+        prompt = prompter.prompt_ids(s.task, s.groups * per_group // prompter.preprocess.merge_size ** 2)
         answer = prompter.answer_ids(s.answer)
         rows.append(prompt + answer)
         starts.append(len(prompt))
@@ -74,14 +76,13 @@ def make_batch(samples: Sequence[NeedleSample], prompter: NeedlePrompter, hf_con
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r)
         mask[i, :len(r)] = 1
-    grid = torch.cat(grids)
     vision = hf_config.vision_config
     positions, _ = rope_index(
         ids, image_token_id=hf_config.image_token_id, video_token_id=hf_config.video_token_id,
         spatial_merge_size=vision.spatial_merge_size, tokens_per_second=vision.tokens_per_second,
         video_grid_thw=grid, second_per_grid_ts=torch.full((len(rows),), FRAMES_PER_GROUP / FPS),
         attention_mask=mask, convention="qwen")
-    return Batch(input_ids=ids.to(device), pixel_values_videos=torch.cat(pixels).to(device),
+    return Batch(input_ids=ids.to(device), pixel_values_videos=pixels.to(device),
                  video_grid_thw=grid.to(device), position_ids=positions.to(device),
                  answer_start=torch.tensor(starts), answer_len=torch.tensor(lens),
                  tasks=[s.task for s in samples])
