@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="bf16 weights and activations")
     p.add_argument("--nproc", type=int, default=None,
                    help="ranks to launch when not under torchrun (default: the largest --cp-sizes, or 2)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop starting new samples after this long (every rank at the same sample; "
+                        "the report says how many were done)")
     p.add_argument("--json", help="write all results (and every sample's answer) here")
     p.add_argument("--plot", help="write a PNG of accuracy vs tokens here")
     p.add_argument("--markdown", help="write the BENCHMARKS.md tables here")
@@ -174,99 +177,99 @@ def _kl(full_logits: torch.Tensor, logits: torch.Tensor) -> float:
 
 
 def run(args) -> Optional[dict]:
+    """Evaluate on this rank; rank 0 returns the results (others None).
+
+    Sample-major: each sample is rendered once, answered under full attention on every rank
+    (the reference for KL and hidden-state errors; the same answer on every rank), then by
+    each (CP size, algorithm) on the data-parallel replica that owns it (sample i belongs
+    to replica i mod replicas). Samples are ordered index-major, so --max-minutes cuts the
+    same number of samples from every task and length."""
     from tqdm.auto import tqdm
 
     from .. import SpavaConfig
-    from ..algos import config_for
     from ..models.qwen2_5_vl.generate import generate
     from .model import NeedlePrompter, shipped_checkpoint
     from .needles import render_frames
 
+    t0 = time.time()
     device = _init(args)
     rank, world = dist.get_rank(), dist.get_world_size()
     cp_sizes = args.cp_sizes or [world]
     for cp in cp_sizes:
         if world % cp:
-            raise SystemExit(f"--cp-sizes {cp} does not divide the world size {world}")
+            raise ValueError(f"--cp-sizes {cp} does not divide the world size {world}")
     checkpoint = args.checkpoint or shipped_checkpoint()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     prompter = NeedlePrompter(checkpoint)
-    flat = [(tokens, s) for tokens in args.tokens for s in eval_set(args.tasks, tokens, args.samples, args.seed)]
+    sets = {t: eval_set(args.tasks, t, args.samples, args.seed) for t in args.tokens}
+    flat = sorted(((t, s) for t in args.tokens for s in sets[t]),
+                  key=lambda ts: (ts[1].index, args.tokens.index(ts[0]), args.tasks.index(ts[1].task)))
     wanted = [v for v in variants() if v[0] in args.algos and v[0] != "full"]
     max_new = 1 + max(len(prompter.answer_ids(s.answer)) for _, s in flat)
-    records: List[dict] = []
-    hidden: List[dict] = []
 
-    def inputs_of(sample):
-        return prompter.inputs(sample, render_frames(sample, device))
-
-    # ---- full attention: the reference, W data-parallel replicas
+    # One model per CP size (each built under its own parallel state; a model keeps the
+    # groups it was built with), and the full-attention reference.
     ps = _parallel_state(1)
     full_group = ps.get_context_parallel_group()
     full_model = _build_model(checkpoint, 1, device, dtype)
     full_capture = LayerCapture(full_model)
-    mine = [i for i in range(len(flat)) if i % world == rank]
-    total = len(mine) + sum(len(range(0, len(flat), world // cp)) * len(wanted) for cp in cp_sizes)
-    bar = tqdm(total=total, disable=rank != 0, desc="needle eval", unit="answer")
-    full_logits: Dict[int, torch.Tensor] = {}
-    for i in mine:
-        tokens, s = flat[i]
-        out = generate(full_model, inputs_of(s), algo="full", cp_group=full_group,
-                       max_new_tokens=max_new, device=device, group=full_group)
-        pred = prompter.decode(out.tokens)
-        full_logits[i] = out.first_logits
-        records.append(dict(algo="full", cp=1, tokens=tokens, task=s.task, index=s.index,
-                            answer=s.answer, prediction=pred, correct=score(pred, s.answer),
-                            kl=0.0, ttft_s=out.ttft_s, prompt_tokens=int(out.layout.context_len +
-                                                                         out.layout.query_len)))
-        bar.update()
-    gathered: List[Optional[dict]] = [None] * world
-    dist.all_gather_object(gathered, {i: t for i, t in full_logits.items()})
-    for part in gathered:
-        full_logits.update(part)
-
-    # ---- every CP algorithm at every CP size
+    setups = []
     for cp in cp_sizes:
         ps = _parallel_state(cp)
-        group = ps.get_context_parallel_group()
-        cp_rank = ps.get_context_parallel_rank()
-        replica, replicas = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         model = _build_model(checkpoint, cp, device, dtype)
-        capture = LayerCapture(model)
-        mine = [i for i in range(len(flat)) if i % replicas == replica]
-        for name, algo, changes in wanted:
-            config = SpavaConfig(**changes)
-            for i in mine:
-                tokens, s = flat[i]
-                inputs = inputs_of(s)
-                measure = s.index < args.hidden_samples
-                if measure:  # the exact reference on this rank, for the per-layer errors
-                    full_capture.arm()
-                    generate(full_model, inputs, algo="full", cp_group=full_group, max_new_tokens=1,
-                             device=device, group=full_group)
-                    capture.arm()
-                out = generate(model, inputs, algo=algo, config=config, cp_group=group,
-                               max_new_tokens=max_new, device=device, group=group)
-                pred = prompter.decode(out.tokens)
+        setups.append(dict(cp=cp, model=model, capture=LayerCapture(model),
+                           group=ps.get_context_parallel_group(), cp_rank=ps.get_context_parallel_rank(),
+                           replica=ps.get_data_parallel_rank(), replicas=ps.get_data_parallel_world_size()))
+    records: List[dict] = []
+    hidden: List[dict] = []
+    done, stopped = 0, False
+    bar = tqdm(total=len(flat), disable=rank != 0, desc="needle eval", unit="sample")
+    for i, (tokens, s) in enumerate(flat):
+        if args.max_minutes is not None:  # every rank stops at the same sample
+            late = torch.tensor([float(time.time() - t0 > 60 * args.max_minutes)], device=device)
+            dist.all_reduce(late, op=dist.ReduceOp.MAX)
+            if late.item():
+                stopped = True
+                break
+        inputs = prompter.inputs(s, render_frames(s, device))
+        measure = s.index < args.hidden_samples
+        if measure:
+            full_capture.arm()
+        full = generate(full_model, inputs, algo="full", cp_group=full_group, max_new_tokens=max_new,
+                        device=device, group=full_group)
+        base = dict(tokens=tokens, task=s.task, index=s.index, answer=s.answer,
+                    prompt_tokens=int(inputs.input_ids.shape[1]))
+        if rank == 0:
+            pred = prompter.decode(full.tokens)
+            records.append(dict(algo="full", cp=1, **base, prediction=pred, correct=score(pred, s.answer),
+                                kl=0.0, ttft_s=full.ttft_s))
+        for st in setups:
+            if i % st["replicas"] != st["replica"]:
+                continue
+            for name, algo, changes in wanted:
+                if measure:
+                    st["capture"].arm()
+                out = generate(st["model"], inputs, algo=algo, config=SpavaConfig(**changes),
+                               cp_group=st["group"], max_new_tokens=max_new, device=device, group=st["group"])
                 layout = out.layout
                 if measure:
-                    hidden_row = _hidden_errors(full_capture.outputs, capture.outputs, layout,
-                                                cp_rank, cp, group, inputs.input_ids.shape[1])
-                    if cp_rank == 0:
-                        hidden.append(dict(algo=name, cp=cp, tokens=tokens, task=s.task, index=s.index,
-                                           **hidden_row))
-                if cp_rank == 0:
+                    errors = _hidden_errors(full_capture.outputs, st["capture"].outputs, layout,
+                                            st["cp_rank"], st["cp"], st["group"], inputs.input_ids.shape[1])
+                    if st["cp_rank"] == 0:
+                        hidden.append(dict(algo=name, cp=st["cp"], tokens=tokens, task=s.task,
+                                           index=s.index, **errors))
+                if st["cp_rank"] == 0:
+                    pred = prompter.decode(out.tokens)
                     records.append(dict(
-                        algo=name, cp=cp, tokens=tokens, task=s.task, index=s.index, answer=s.answer,
-                        prediction=pred, correct=score(pred, s.answer),
-                        kl=_kl(full_logits[i], out.first_logits), ttft_s=out.ttft_s,
-                        prompt_tokens=int(inputs.input_ids.shape[1]),
+                        algo=name, cp=st["cp"], **base, prediction=pred, correct=score(pred, s.answer),
+                        kl=_kl(full.first_logits, out.first_logits), ttft_s=out.ttft_s,
                         where=needle_blocks(s, layout, prompter.prefix_len),
                         anchor_len=getattr(layout, "anchor_len", None),
                         block_len=getattr(layout, "block_len", None),
                         passing_len=getattr(layout, "passing_len", None)))
-                bar.update()
-        del model, capture
+        full_capture.outputs = []
+        done += 1
+        bar.update()
     bar.close()
     everything: List[Optional[Tuple[list, list]]] = [None] * world
     dist.all_gather_object(everything, (records, hidden))
@@ -274,8 +277,10 @@ def run(args) -> Optional[dict]:
         return None
     records = [r for part in everything for r in part[0]]
     hidden = [h for part in everything for h in part[1]]
-    return dict(meta=_meta(args, world, cp_sizes, checkpoint, device, wanted),
-                summary=summarise(records), hidden=summarise_hidden(hidden),
+    meta = _meta(args, world, cp_sizes, checkpoint, device, wanted)
+    meta.update(samples_done=done, samples_planned=len(flat), stopped_by_time_limit=stopped,
+                wall_s=round(time.time() - t0, 1))
+    return dict(meta=meta, summary=summarise(records), hidden=summarise_hidden(hidden),
                 records=records, hidden_records=hidden)
 
 
@@ -374,7 +379,9 @@ def markdown(result: dict) -> str:
              f"Device: {meta['device']} ({meta['backend']}, {meta['world']} ranks, {meta['dtype']}); "
              f"date {meta['date']}; commit {meta['commit']}; checkpoint {meta['checkpoint']} "
              f"(trained at {meta['model'].get('commit')}, seed {meta['model'].get('seed')}); "
-             f"{meta['samples']} samples per task and length (seed {meta['seed']}).", ""]
+             f"{meta['samples']} samples per task and length (seed {meta['seed']})"
+             + (f"; stopped by --max-minutes after {meta['samples_done']} of {meta['samples_planned']} "
+                f"samples" if meta.get("stopped_by_time_limit") else "") + ".", ""]
     for task in ["all", *meta["tasks"]]:
         lines += [f"**{task}**: exact-match accuracy, gap to full in points", "",
                   "| algorithm | CP | " + " | ".join(f"{t // 1024}K" if t >= 1024 else str(t) for t in tokens) + " |",
