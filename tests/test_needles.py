@@ -230,13 +230,16 @@ def test_needle_checkpoint_runs_the_same_under_megatron_and_hf(random_checkpoint
     assert torch.allclose(ours, ref, atol=2e-4, rtol=1e-4), (ours - ref).abs().max()
 
 
-def test_eval_tool_exact_algorithms_are_exact(tmp_path, random_checkpoint):
-    """tools/eval_needles.py on 2 CPU ranks: ring, and spava with passing blocks as long as
-    the blocks (the default at 512 tokens), reproduce full attention; star does not."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_eval_tool_exact_algorithms_are_exact(tmp_path, random_checkpoint, device):
+    """tools/eval_needles.py on 2 ranks (CPU, or sharing one GPU over gloo, where ring stages
+    its transfers through host memory): ring, and spava with passing blocks as long as the
+    blocks (the default at 512 tokens), reproduce full attention; star does not."""
     ckpt = random_checkpoint
     out = tmp_path / "r.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    run = subprocess.run([sys.executable, "tools/eval_needles.py", "--checkpoint", ckpt, "--nproc", "2",
+    gpu = ["--device", "cuda", "--backend", "gloo"] if device == "cuda" else []
+    run = subprocess.run([sys.executable, "tools/eval_needles.py", *gpu, "--checkpoint", ckpt, "--nproc", "2",
                           "--tokens", "512", "--samples", "2", "--tasks", "scene", "--algos", "ring",
                           "star", "spava", "--json", str(out), "--markdown", str(tmp_path / "r.md"),
                           "--plot", str(tmp_path / "r.png")],
@@ -264,3 +267,28 @@ def test_ablation_switches_come_from_spava_config():
     assert "check_ranks_agree" not in switches
     names = [v[0] for v in variants()]
     assert names[:5] == ["full", "ring", "star", "apb", "spava"] and "spava-no-zigzag" in names
+
+
+def _ring_gloo_cuda(n, lq, seed):
+    import torch.distributed as dist
+
+    from megatron_spava.algos import cp_attn_func, plan_layout
+    from megatron_spava.testing.reference import random_qkv
+    q, k, v = random_qkv(n + lq, 1, 4, 2, 64, seed=seed, device="cuda")
+    layout = plan_layout("ring", context_len=n, query_len=lq, cp_size=dist.get_world_size())
+    idx = layout.local_indices(dist.get_rank())
+    return idx, cp_attn_func(q[idx], k[idx], v[idx], layout=layout, cp_group=dist.group.WORLD).cpu()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_over_gloo_on_one_gpu_is_exact(world):
+    """Several ranks sharing one GPU over gloo: gloo cannot send CUDA tensors point to point,
+    so the ring stages them through host memory; the result stays exact."""
+    from megatron_spava.testing import run_ranks
+    from megatron_spava.testing.reference import full_attention, random_qkv
+    results = run_ranks(_ring_gloo_cuda, world, 1000, 7, 3, backend="gloo", timeout=120)
+    q, k, v = random_qkv(1007, 1, 4, 2, 64, seed=3, device="cuda")
+    ref = full_attention(q, k, v).cpu()
+    for idx, out in results:
+        torch.testing.assert_close(out.double(), ref[idx].double(), rtol=1e-4, atol=1e-4)

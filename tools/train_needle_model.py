@@ -44,7 +44,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 DEFAULT_OUT = os.path.join(ROOT, "megatron_spava", "assets", "needle_qwen")
-DEFAULT_CURRICULUM = "512:0.22,1024:0.22,2048:0.12,4096:0.1,8192:0.1,16384:0.1,32768:0.14"
+DEFAULT_CURRICULUM = ("128:0.06,256:0.1,512:0.14,1024:0.14,2048:0.1,4096:0.1,8192:0.1,16384:0.1,"
+                      "32768:0.1,65536:0.06")
 TRAIN_SEED_OFFSET = 1_000_003  # training samples use seeds >= this; evaluation sets use 0
 
 
@@ -80,9 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"],
                    help="HF attention implementation (default: %(default)s)")
     p.add_argument("--log-every", type=int, default=25, help="steps between log lines (default: %(default)s)")
-    p.add_argument("--eval-tokens", type=int, nargs="*", default=[1024, 4096, 16384, 32768],
+    p.add_argument("--eval-tokens", type=int, nargs="*", default=[1024, 4096, 16384, 32768, 65536],
                    help="final evaluation lengths in video tokens (default: %(default)s)")
-    p.add_argument("--eval-samples", type=int, default=24,
+    p.add_argument("--eval-samples", type=int, default=16,
                    help="final evaluation samples per task and length (default: %(default)s)")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
