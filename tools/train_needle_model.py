@@ -52,6 +52,9 @@ TRAIN_SEED_OFFSET = 1_000_003  # training samples use seeds >= this; evaluation 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=DEFAULT_OUT, help="checkpoint directory (default: the shipped asset)")
+    p.add_argument("--archive", default=None,
+                   help="also write the whole checkpoint directory as one tar file here, at every "
+                        "save (one file to copy off a machine; tar -xf it into megatron_spava/assets/)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="(default: %(default)s)")
     p.add_argument("--max-minutes", type=float, default=8.0,
                    help="wall-clock budget for everything after start-up (default: %(default)s)")
@@ -131,9 +134,10 @@ def git_commit(explicit):
         return "unknown"
 
 
-def save_checkpoint(model, out_dir: str, tokenizer, info: dict) -> None:
-    """fp16 safetensors + config + tokenizer files + train_info.json, written atomically
-    enough (weights to a temporary name first)."""
+def save_checkpoint(model, out_dir: str, tokenizer, info: dict, archive: str = None) -> None:
+    """fp16 safetensors + config + tokenizer files + train_info.json (weights to a temporary
+    name first), and with `archive`, a tar of the directory (its top folder named like
+    out_dir's last component)."""
     from safetensors.torch import save_file
 
     from megatron_spava.tasks.model import write_checkpoint_files
@@ -141,12 +145,23 @@ def save_checkpoint(model, out_dir: str, tokenizer, info: dict) -> None:
     state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
     tmp = os.path.join(out_dir, "model.safetensors.tmp")
     save_file(state, tmp, metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)
     os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
     model.config.save_pretrained(out_dir)
-    model.generation_config.save_pretrained(out_dir)
     write_checkpoint_files(out_dir, tokenizer)
     with open(os.path.join(out_dir, "train_info.json"), "w") as f:
         json.dump(info, f, indent=1)
+    if archive:
+        write_archive(out_dir, archive)
+
+
+def write_archive(out_dir: str, archive: str) -> None:
+    import tarfile
+    os.makedirs(os.path.dirname(os.path.abspath(archive)), exist_ok=True)
+    tmp = archive + ".tmp"
+    with tarfile.open(tmp, "w") as tar:
+        tar.add(out_dir, arcname=os.path.basename(os.path.normpath(out_dir)))
+    os.replace(tmp, archive)
 
 
 def load_fp16_weights(model, out_dir: str) -> None:
@@ -299,7 +314,8 @@ def main(argv=None) -> int:
                      "exact": {t: round(sum(v) / len(v), 3) for t, v in window["exact"].items() if v}})
                 window = {"loss": [], "exact": {t: [] for t in tasks}}
             if time.time() - last_save >= args.save_minutes * 60:
-                save_checkpoint(model, args.out, tokenizer, {**info, "steps": step, "status": "training"})
+                save_checkpoint(model, args.out, tokenizer, {**info, "steps": step, "status": "training"},
+                                args.archive)
                 last_save = time.time()
                 log({"event": "saved", "step": step})
     except BaseException as err:  # save what there is, log why, then re-raise
@@ -309,7 +325,7 @@ def main(argv=None) -> int:
     finally:
         info.update(steps=step, samples=sample_counter, train_seconds=round(time.time() - t0, 1),
                     status=status)
-        save_checkpoint(model, args.out, tokenizer, info)
+        save_checkpoint(model, args.out, tokenizer, info, args.archive)
         log({"event": "saved", "step": step, "status": status})
         if status == "ok" and args.eval_tokens:
             load_fp16_weights(model, args.out)  # evaluate exactly what was saved
@@ -323,6 +339,8 @@ def main(argv=None) -> int:
                 json.dump(info, f, indent=1)
             log({"event": "final_eval", "accuracy": results})
         log_file.close()
+        if args.archive:
+            write_archive(args.out, args.archive)
     size = os.path.getsize(os.path.join(args.out, "model.safetensors"))
     print(f"checkpoint: {args.out} ({size / 2 ** 20:.2f} MiB weights, {step} steps, "
           f"{time.time() - t0:.0f} s)")
