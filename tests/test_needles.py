@@ -114,6 +114,8 @@ def test_answer_words_are_single_tokens_and_prompts_match_the_chat_template():
     tok = _tokenizer()
     for word in LABELS + COUNTS:
         assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1, word
+    for word in LABELS:  # as in orderings: every label after the first has a leading space
+        assert len(tok(" " + word, add_special_tokens=False)["input_ids"]) == 1, word
     p = NeedlePrompter(tok)
     for task, question in QUESTIONS.items():
         msg = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
@@ -121,7 +123,8 @@ def test_answer_words_are_single_tokens_and_prompts_match_the_chat_template():
                                        add_generation_prompt=True)
         expected = tok(text.replace("<|video_pad|>", "<|video_pad|>" * 32), add_special_tokens=False)["input_ids"]
         assert p.prompt_ids(task, 32) == expected
-    assert p.decode(p.answer_ids("3 red circle")) == "3 red circle"
+    assert p.decode(p.answer_ids("seven red circle")) == "seven red circle"
+    assert len(p.answer_ids("seven red circle")) == 4  # three words and <|im_end|>
 
 
 @pytest.fixture(scope="module")

@@ -46,11 +46,12 @@ def build_tokenizer():
     """The needle model's tokenizer (Qwen2Tokenizer, Qwen control tokens and chat template).
     Raises RuntimeError if an answer word is not a single token."""
     from ..models.qwen2_5_vl.tiny import build_tiny_tokenizer
-    tok = build_tiny_tokenizer(vocab_size=320, corpus=corpus(), repeats=5)
-    for word in ANSWER_WORDS:  # (" 7" is " " + "7": Qwen's pre-tokenizer splits digits off)
-        ids = tok(word, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise RuntimeError(f"answer word {word!r} is {len(ids)} tokens in the needle tokenizer")
+    tok = build_tiny_tokenizer(vocab_size=640, corpus=corpus(), repeats=5)
+    for word in ANSWER_WORDS:
+        forms = (word,) if word.isdigit() else (word, " " + word)  # " 7" is " " + "7" in Qwen's
+        for form in forms:                                          # pre-tokenizer; counts stand alone
+            if len(tok(form, add_special_tokens=False)["input_ids"]) != 1:
+                raise RuntimeError(f"answer word {form!r} is not one token in the needle tokenizer")
     return tok
 
 

@@ -4,7 +4,7 @@ task whose answer must travel through context tokens ("scene").
     from megatron_spava.tasks import make_sample, render_frames, groups_for_tokens
     s = make_sample("ordering", groups=groups_for_tokens(4096), seed=0, index=7)
     frames = render_frames(s)            # uint8 [2 * s.groups, 112, 112, 3]
-    s.question, s.answer                 # "In which order did the needles appear?", "red 7 cross"
+    s.question, s.answer                 # "In which order did the needles appear?", "red seven cross"
 
 A video is a sequence of temporal groups (Qwen2.5-VL encodes 2 frames per group; at
 112x112 a group is 16 LLM tokens). The haystack has structure: scenes of a gradient
@@ -49,7 +49,9 @@ import torch
 TASKS = ("retrieval", "ordering", "counting", "scene")
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = ("red", "green", "blue", "yellow")
-DIGITS = tuple(str(d) for d in range(10))
+#: Seven-segment digit needles, labelled by their names so that every label is a word (one
+#: token with or without a leading space; Qwen's pre-tokenizer splits " 7" into two).
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 LABELS = SHAPES + COLOURS + DIGITS  # every needle's label
 COUNTS = tuple(str(k) for k in range(1, 5))  # counting answers
 #: Every word an answer can contain (one token each in the needle model's tokenizer).
@@ -193,8 +195,8 @@ def _shape_mask(label: str, size: int, device) -> torch.Tensor:
         arm, half = 11 * s, 40 * s
         return ((dx.abs() <= arm) & (dy.abs() <= half)) | ((dy.abs() <= arm) & (dx.abs() <= half))
     if label in DIGITS:  # seven segments a-g in a 56 x 88 box, strokes 12 px
-        segments = {"0": "abcdef", "1": "bc", "2": "abdeg", "3": "abcdg", "4": "bcfg",
-                    "5": "acdfg", "6": "acdefg", "7": "abc", "8": "abcdefg", "9": "abcdfg"}[label]
+        segments = ("abcdef", "bc", "abdeg", "abcdg", "bcfg", "acdfg", "acdefg", "abc", "abcdefg",
+                    "abcdfg")[DIGITS.index(label)]
         w, h, t = 28 * s, 44 * s, 6 * s  # half width, half height, half stroke
         horizontal = lambda cy: (dx.abs() <= w) & ((dy - cy).abs() <= t)
         vertical = lambda cx, y0, y1: ((dx - cx).abs() <= t) & (dy >= y0 - t) & (dy <= y1 + t)
