@@ -172,6 +172,32 @@ def test_needle_prompter_equals_the_demo_processor_path(random_checkpoint):
     assert torch.allclose(ours.second_per_grid_ts, theirs.second_per_grid_ts)
 
 
+def test_training_batch_positions_and_targets():
+    """make_batch: padded rows, M-RoPE positions equal to rope_index over the whole batch
+    (Qwen's convention, padding masked), answer targets equal to the answer tokens."""
+    from transformers import Qwen2_5_VLConfig
+
+    from megatron_spava.models.qwen2_5_vl.rope import rope_index
+    from megatron_spava.tasks.model import NeedlePrompter, hf_config
+    from megatron_spava.tasks.training import answer_logits, make_batch
+    tok = _tokenizer()
+    cfg = Qwen2_5_VLConfig(**hf_config(tok))
+    p = NeedlePrompter(tok)
+    samples = [make_sample(t, groups=6, seed=0, index=i) for i, t in enumerate(TASKS * 2)]
+    batch = make_batch(samples, p, cfg, "cpu")
+    mask = torch.stack([torch.arange(batch.input_ids.shape[1]) < s + n
+                        for s, n in zip(batch.answer_start, batch.answer_len)]).long()
+    ref, _ = rope_index(batch.input_ids, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+                        spatial_merge_size=2, tokens_per_second=2, video_grid_thw=batch.video_grid_thw,
+                        second_per_grid_ts=torch.ones(len(samples)), attention_mask=mask)
+    assert torch.equal(batch.position_ids, ref)
+    logits = torch.zeros(*batch.input_ids.shape, cfg.text_config.vocab_size)
+    _, targets, rows = answer_logits(logits, batch)
+    for i, s in enumerate(samples):
+        assert targets[rows == i].tolist() == p.answer_ids(s.answer)
+    assert batch.pixel_values_videos.shape == (len(samples) * 6 * 64, 1176)
+
+
 def test_batched_vision_attention_equals_hf():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 

@@ -50,8 +50,6 @@ def make_batch(samples: Sequence[NeedleSample], prompter: NeedlePrompter, hf_con
     """Render `samples` on `device` and build one right-padded batch. frame_noise: uniform
     integer noise in [-frame_noise, frame_noise] added to every pixel (robustness to video
     compression); `generator` (on `device`) draws it."""
-    from ..models.qwen2_5_vl.rope import rope_index
-
     device = torch.device(device)
     frames = render_videos(samples, device)  # all samples at once: [sum T, H, W, 3]
     if frame_noise:
@@ -72,20 +70,34 @@ def make_batch(samples: Sequence[NeedleSample], prompter: NeedlePrompter, hf_con
         lens.append(len(answer))
     S = max(map(len, rows))
     ids = torch.full((len(rows), S), prompter.pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), S), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-    vision = hf_config.vision_config
-    positions, _ = rope_index(
-        ids, image_token_id=hf_config.image_token_id, video_token_id=hf_config.video_token_id,
-        spatial_merge_size=vision.spatial_merge_size, tokens_per_second=vision.tokens_per_second,
-        video_grid_thw=grid, second_per_grid_ts=torch.full((len(rows),), FRAMES_PER_GROUP / FPS),
-        attention_mask=mask, convention="qwen")
+    # Rows differ only in their text lengths: compute each distinct row shape's positions once.
+    positions = torch.zeros(3, len(rows), S, dtype=torch.long)
+    for i, r in enumerate(rows):
+        key = (prompter.prefix_len, tuple(grid[i].tolist()), len(r), len(r) - starts[i])
+        row = _POSITIONS.get(key)
+        if row is None:
+            row = _POSITIONS[key] = _row_positions(ids[i:i + 1, :len(r)], grid[i:i + 1], hf_config)
+        positions[:, i, :len(r)] = row
     return Batch(input_ids=ids.to(device), pixel_values_videos=pixels.to(device),
                  video_grid_thw=grid.to(device), position_ids=positions.to(device),
                  answer_start=torch.tensor(starts), answer_len=torch.tensor(lens),
                  tasks=[s.task for s in samples])
+
+
+_POSITIONS: dict = {}  # (prefix, grid, row length, text after the video) -> positions [3, length]
+
+
+def _row_positions(ids: torch.Tensor, grid: torch.Tensor, hf_config) -> torch.Tensor:
+    """M-RoPE positions [3, S] of one unpadded row [1, S] (Qwen's original convention)."""
+    from ..models.qwen2_5_vl.rope import rope_index
+    vision = hf_config.vision_config
+    positions, _ = rope_index(
+        ids, image_token_id=hf_config.image_token_id, video_token_id=hf_config.video_token_id,
+        spatial_merge_size=vision.spatial_merge_size, tokens_per_second=vision.tokens_per_second,
+        video_grid_thw=grid, second_per_grid_ts=torch.tensor([FRAMES_PER_GROUP / FPS]), convention="qwen")
+    return positions[:, 0]
 
 
 def answer_logits(logits: torch.Tensor, batch: Batch):
