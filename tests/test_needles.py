@@ -210,9 +210,12 @@ def test_batched_vision_attention_equals_hf():
     samples = [make_sample(t, groups=8, seed=0, index=i) for i, t in enumerate(TASKS)]
     batch = make_batch(samples, NeedlePrompter(tok), cfg, "cpu")
     with torch.no_grad():
-        before = model(**batch.model_inputs()).logits
+        before = model(**batch.model_inputs(one_video=False)).logits
+        one = model(**batch.model_inputs()).logits  # all groups as one video: same embeddings
         assert batch_vision_attention(model) == cfg.vision_config.depth
         after = model(**batch.model_inputs()).logits
+    assert batch.model_inputs()["video_grid_thw"].tolist() == [[8 * len(samples), 8, 8]]
+    assert torch.allclose(before, one, atol=1e-5, rtol=1e-4)
     assert torch.allclose(before, after, atol=1e-5, rtol=1e-4)
 
 

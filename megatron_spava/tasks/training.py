@@ -40,9 +40,16 @@ class Batch:
     answer_len: torch.Tensor
     tasks: List[str]
 
-    def model_inputs(self) -> dict:
+    def model_inputs(self, one_video: bool = True) -> dict:
+        """HF forward kwargs. one_video: hand the vision encoder all samples' groups as one
+        video (t = all groups): every temporal group is its own attention segment, so the
+        embeddings are the same, and HF's per-video Python loops run once instead of once
+        per sample. The positions are given, so HF never needs the per-sample grids."""
+        grid = self.video_grid_thw
+        if one_video:
+            grid = torch.cat([grid[:, :1].sum(0, keepdim=True), grid[:1, 1:]], dim=1)
         return dict(input_ids=self.input_ids, pixel_values_videos=self.pixel_values_videos,
-                    video_grid_thw=self.video_grid_thw, position_ids=self.position_ids)
+                    video_grid_thw=grid, position_ids=self.position_ids)
 
 
 def make_batch(samples: Sequence[NeedleSample], prompter: NeedlePrompter, hf_config, device,
