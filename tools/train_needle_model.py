@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -72,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--tokens-per-step", type=int, default=32768,
                    help="video tokens per optimiser step; batch = this / length (default: %(default)s)")
     p.add_argument("--tasks", nargs="+", default=None, help="tasks to train (default: all)")
+    p.add_argument("--task-weights", default="retrieval:1,ordering:2,counting:1.5,scene:1",
+                   help="relative sampling frequency of each task (default: %(default)s: ordering and "
+                        "counting learn slowest)")
     p.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (default: %(default)s)")
     p.add_argument("--min-lr-ratio", type=float, default=0.05, help="(default: %(default)s)")
     p.add_argument("--warmup-steps", type=int, default=100, help="(default: %(default)s)")
@@ -223,6 +227,11 @@ def main(argv=None) -> int:
         if t not in TASKS:
             raise SystemExit(f"unknown task {t!r}; choose from {TASKS}")
     stages = parse_curriculum(args.curriculum)
+    weights = {}
+    for item in args.task_weights.split(","):
+        name, _, value = item.partition(":")
+        weights[name] = float(value)
+    task_weights = [weights.get(t, 1.0) for t in tasks]
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -268,7 +277,12 @@ def main(argv=None) -> int:
         log_file.flush()
         print(json.dumps(record), flush=True)
 
-    log({"event": "start", "parameters": params, "device": info["device"], "curriculum": stages})
+    log({"event": "start", "parameters": params, "device": info["device"], "curriculum": stages,
+         "task_weights": dict(zip(tasks, task_weights))})
+
+    def on_term(signum, frame):  # a time limit's SIGTERM: save and log through the finally below
+        raise SystemExit(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_term)
     budget = args.max_minutes * 60
     train_budget = max(1.0, budget - args.reserve_minutes * 60)
     step, sample_counter, last_save = 0, 0, time.time()
@@ -286,7 +300,7 @@ def main(argv=None) -> int:
             groups = groups_for_tokens(length)
             samples = []
             for _ in range(batch_size):
-                samples.append(make_sample(tasks[rng.randrange(len(tasks))], groups=groups,
+                samples.append(make_sample(rng.choices(tasks, task_weights)[0], groups=groups,
                                            seed=TRAIN_SEED_OFFSET + args.seed, index=sample_counter))
                 sample_counter += 1
             batch = make_batch(samples, prompter, config, device, frame_noise=args.frame_noise,
