@@ -28,6 +28,7 @@ Needs torch and transformers only (no megatron-core).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -217,7 +218,7 @@ def main(argv=None) -> int:
 
     from megatron_spava.tasks import TASKS, groups_for_tokens, make_sample
     from megatron_spava.tasks.model import NeedlePrompter, build_tokenizer, hf_config
-    from megatron_spava.tasks.training import batch_vision_attention, loss_and_exact, make_batch
+    from megatron_spava.tasks.training import batch_vision_attention, loss_and_exact, make_batch, plan_batch
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available; use --device cpu")
@@ -285,9 +286,25 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     budget = args.max_minutes * 60
     train_budget = max(1.0, budget - args.reserve_minutes * 60)
-    step, sample_counter, last_save = 0, 0, time.time()
+    step, last_save = 0, time.time()
     window = {"loss": [], "exact": {t: [] for t in tasks}}
     status = "ok"
+    counter = [0]
+
+    def draw(frac):
+        """The samples and host-side batch of the step at time fraction `frac` (in a thread:
+        only it touches `rng` and the sample counter)."""
+        length = curriculum_length(stages, frac, rng, args.revisit)
+        groups = groups_for_tokens(length)
+        samples = []
+        for _ in range(max(1, args.tokens_per_step // length)):
+            samples.append(make_sample(rng.choices(tasks, task_weights)[0], groups=groups,
+                                       seed=TRAIN_SEED_OFFSET + args.seed, index=counter[0]))
+            counter[0] += 1
+        return length, plan_batch(samples, prompter, config)
+
+    prefetch = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    pending = prefetch.submit(draw, 0.0)
     try:
         model.train()
         while True:
@@ -295,16 +312,11 @@ def main(argv=None) -> int:
             if elapsed >= train_budget or (args.max_steps is not None and step >= args.max_steps):
                 break
             frac = elapsed / train_budget
-            length = curriculum_length(stages, frac, rng, args.revisit)
-            batch_size = max(1, args.tokens_per_step // length)
-            groups = groups_for_tokens(length)
-            samples = []
-            for _ in range(batch_size):
-                samples.append(make_sample(rng.choices(tasks, task_weights)[0], groups=groups,
-                                           seed=TRAIN_SEED_OFFSET + args.seed, index=sample_counter))
-                sample_counter += 1
-            batch = make_batch(samples, prompter, config, device, frame_noise=args.frame_noise,
-                               generator=noise_gen)
+            length, plan = pending.result()
+            pending = prefetch.submit(draw, frac)  # the next batch's host work, during this step
+            batch = make_batch(plan.samples, prompter, config, device, frame_noise=args.frame_noise,
+                               generator=noise_gen, plan=plan)
+            batch_size = len(plan.samples)
             warm = min(1.0, (step + 1) / args.warmup_steps)
             cosine = args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
             lr = args.lr * warm * cosine
@@ -337,7 +349,8 @@ def main(argv=None) -> int:
         log({"event": "error", "step": step, "error": status, "traceback": traceback.format_exc()})
         raise
     finally:
-        info.update(steps=step, samples=sample_counter, train_seconds=round(time.time() - t0, 1),
+        prefetch.shutdown(wait=True, cancel_futures=True)
+        info.update(steps=step, samples=counter[0], train_seconds=round(time.time() - t0, 1),
                     status=status)
         save_checkpoint(model, args.out, tokenizer, info, args.archive)
         log({"event": "saved", "step": step, "status": status})

@@ -238,7 +238,7 @@ def _bank(size: int, device: str) -> Tuple[dict, dict]:
     return needles, cards
 
 
-def _haystack_params(sample: NeedleSample) -> dict:
+def haystack_params(sample: NeedleSample) -> dict:
     """Per-scene parameters (numpy) of the haystack, drawn from the sample's own stream."""
     rng = _rng(sample.task, sample.groups, sample.seed, sample.index, stream=1)
     n = len(sample.cuts)
@@ -267,7 +267,8 @@ def render_frames(sample: NeedleSample, device="cpu", chunk: int = 1024) -> torc
     return render_videos([sample], device, chunk)
 
 
-def render_videos(samples: Sequence[NeedleSample], device="cpu", chunk: int = 1024) -> torch.Tensor:
+def render_videos(samples: Sequence[NeedleSample], device="cpu", chunk: int = 1024,
+                  params: Optional[Sequence[dict]] = None) -> torch.Tensor:
     """The frames of several samples of one frame size, concatenated in order: uint8
     [sum of 2 * groups, size, size, 3]. Rendered together (the same pixels as one by one),
     in chunks of `chunk` frames.
@@ -275,12 +276,13 @@ def render_videos(samples: Sequence[NeedleSample], device="cpu", chunk: int = 10
     A haystack frame of scene s at frame t of the scene: the scene's colour ramp plus
     stripes drifting with t, sin(f u + w t) = sin(f u) cos(w t) + cos(f u) sin(w t) (u the
     coordinate along the stripes' normal), then the scene's objects at their positions at t.
-    Per-scene images are built once; per-frame work is a few passes over the frames."""
+    Per-scene images are built once; per-frame work is a few passes over the frames.
+    params: the samples' `haystack_params`, if already drawn (e.g. by a prefetch thread)."""
     device = torch.device(device)
     size = samples[0].size
     if any(s.size != size for s in samples):
         raise ValueError("render_videos: every sample must have the same frame size")
-    params = [_haystack_params(s) for s in samples]
+    params = list(params) if params is not None else [haystack_params(s) for s in samples]
     p = {k: torch.as_tensor(np.concatenate([q[k] for q in params]), device=device,
                             dtype=torch.float32 if params[0][k].dtype != bool else torch.bool)
          for k in params[0]}

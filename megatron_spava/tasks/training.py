@@ -52,13 +52,59 @@ class Batch:
                     video_grid_thw=grid, position_ids=self.position_ids)
 
 
+@dataclass
+class BatchPlan:
+    """The host-side part of a batch (no pixels): what `plan_batch` computes, so that a
+    thread can prepare the next batch while the GPU trains on this one."""
+
+    samples: List[NeedleSample]
+    params: List[dict]
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    video_grid_thw: torch.Tensor
+    answer_start: torch.Tensor
+    answer_len: torch.Tensor
+
+
+def plan_batch(samples: Sequence[NeedleSample], prompter: NeedlePrompter, hf_config) -> BatchPlan:
+    """Token ids (right-padded), M-RoPE positions, grids and haystack parameters of a batch."""
+    from .needles import haystack_params
+
+    h = w = samples[0].size // prompter.preprocess.patch_size
+    grid = torch.tensor([[s.groups, h, w] for s in samples])
+    per_group = h * w // prompter.preprocess.merge_size ** 2
+    rows, starts, lens = [], [], []
+    for s in samples:
+        prompt = prompter.prompt_ids(s.task, s.groups * per_group)
+        answer = prompter.answer_ids(s.answer)
+        rows.append(prompt + answer)
+        starts.append(len(prompt))
+        lens.append(len(answer))
+    S = max(map(len, rows))
+    ids = torch.full((len(rows), S), prompter.pad, dtype=torch.long)
+    positions = torch.zeros(3, len(rows), S, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        # Rows differ only in their text lengths: each distinct row shape's positions once.
+        key = (prompter.prefix_len, tuple(grid[i].tolist()), len(r))
+        row = _POSITIONS.get(key)
+        if row is None:
+            row = _POSITIONS[key] = _row_positions(ids[i:i + 1, :len(r)], grid[i:i + 1], hf_config)
+        positions[:, i, :len(r)] = row
+    return BatchPlan(list(samples), [haystack_params(s) for s in samples], ids, positions, grid,
+                     torch.tensor(starts), torch.tensor(lens))
+
+
 def make_batch(samples: Sequence[NeedleSample], prompter: NeedlePrompter, hf_config, device,
-               frame_noise: int = 0, generator: torch.Generator = None) -> Batch:
+               frame_noise: int = 0, generator: torch.Generator = None,
+               plan: BatchPlan = None) -> Batch:
     """Render `samples` on `device` and build one right-padded batch. frame_noise: uniform
     integer noise in [-frame_noise, frame_noise] added to every pixel (robustness to video
-    compression); `generator` (on `device`) draws it."""
+    compression); `generator` (on `device`) draws it. plan: `plan_batch(samples, ...)` if
+    already computed."""
     device = torch.device(device)
-    frames = render_videos(samples, device)  # all samples at once: [sum T, H, W, 3]
+    plan = plan or plan_batch(samples, prompter, hf_config)
+    frames = render_videos(plan.samples, device, params=plan.params)  # all at once: [sum T, H, W, 3]
     if frame_noise:
         noise = torch.randint(-frame_noise, frame_noise + 1, frames.shape, device=device,
                               generator=generator, dtype=torch.int16)
@@ -66,31 +112,13 @@ def make_batch(samples: Sequence[NeedleSample], prompter: NeedlePrompter, hf_con
     # Every video has whole temporal groups, so the patches of the concatenated frames are
     # the concatenation of each video's patches (the processor's order is group-major).
     pixels, whole = prompter.pixels(frames)
-    per_group = int(whole[0, 1] * whole[0, 2])
-    grid = torch.tensor([[s.groups, int(whole[0, 1]), int(whole[0, 2])] for s in samples])
-    rows, starts, lens = [], [], []
-    for s in samples:
-        prompt = prompter.prompt_ids(s.task, s.groups * per_group // prompter.preprocess.merge_size ** 2)
-        answer = prompter.answer_ids(s.answer)
-        rows.append(prompt + answer)
-        starts.append(len(prompt))
-        lens.append(len(answer))
-    S = max(map(len, rows))
-    ids = torch.full((len(rows), S), prompter.pad, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-    # Rows differ only in their text lengths: compute each distinct row shape's positions once.
-    positions = torch.zeros(3, len(rows), S, dtype=torch.long)
-    for i, r in enumerate(rows):
-        key = (prompter.prefix_len, tuple(grid[i].tolist()), len(r), len(r) - starts[i])
-        row = _POSITIONS.get(key)
-        if row is None:
-            row = _POSITIONS[key] = _row_positions(ids[i:i + 1, :len(r)], grid[i:i + 1], hf_config)
-        positions[:, i, :len(r)] = row
-    return Batch(input_ids=ids.to(device), pixel_values_videos=pixels.to(device),
-                 video_grid_thw=grid.to(device), position_ids=positions.to(device),
-                 answer_start=torch.tensor(starts), answer_len=torch.tensor(lens),
-                 tasks=[s.task for s in samples])
+    if whole[0, 1:].tolist() != plan.video_grid_thw[0, 1:].tolist():
+        raise ValueError(f"frames of {tuple(frames.shape[1:3])} give a {whole[0, 1:].tolist()} patch "
+                         f"grid; the needle model's prompts assume {plan.video_grid_thw[0, 1:].tolist()}")
+    return Batch(input_ids=plan.input_ids.to(device), pixel_values_videos=pixels.to(device),
+                 video_grid_thw=plan.video_grid_thw.to(device), position_ids=plan.position_ids.to(device),
+                 answer_start=plan.answer_start, answer_len=plan.answer_len,
+                 tasks=[s.task for s in plan.samples])
 
 
 _POSITIONS: dict = {}  # (prefix, grid, row length, text after the video) -> positions [3, length]
