@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     vid.add_argument("--question", default=None,
                      help=f"(default: the needle video's question, or {DEFAULT_QUESTION!r})")
     needle = p.add_argument_group("needle video (the input when no --video or --frames-dir is given)")
-    needle.add_argument("--needle-task", choices=NEEDLE_TASKS, default="ordering",
+    needle.add_argument("--needle-task", choices=NEEDLE_TASKS, default="retrieval",
                         help="(default: %(default)s)")
     needle.add_argument("--needle-tokens", type=int, default=4096,
                         help="video length in LLM tokens, 16 per 2 frames (default: %(default)s)")

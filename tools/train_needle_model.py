@@ -95,6 +95,8 @@ def parse_args(argv=None):
                    help="final evaluation samples per task and length (default: %(default)s)")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--init-from", default=None,
+                   help="start from this checkpoint's weights (a directory this script wrote)")
     args = p.parse_args(argv)
     if args.bf16 is None:
         args.bf16 = args.device == "cuda"
@@ -250,6 +252,8 @@ def main(argv=None) -> int:
     model = Qwen2_5_VLForConditionalGeneration(config).to(device)
     model.generation_config.eos_token_id = prompter.eos
     model.generation_config.pad_token_id = prompter.pad
+    if args.init_from:
+        load_fp16_weights(model, args.init_from)
     patched = batch_vision_attention(model)
     params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
