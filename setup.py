@@ -9,6 +9,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["megatron_spava", "megatron_spava.*"]),
+    # The needle model trained by tools/train_needle_model.py (fp16 safetensors, < 10 MB),
+    # the main job's default checkpoint.
+    package_data={"megatron_spava": ["assets/needle_qwen/*"]},
     python_requires=">=3.10",
     # torch is not pinned here: install it first (the README says how) so that pip never
     # pulls a CUDA build onto a CPU machine. constraints.txt pins what CI installs.

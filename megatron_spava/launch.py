@@ -3,6 +3,7 @@ and set up the process group it then runs in."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Optional, Sequence
@@ -15,16 +16,85 @@ def under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def relaunch(module: str, nproc: int, argv: Optional[Sequence[str]] = None) -> None:
+#: Set by `relaunch` for its ranks: where a failing rank writes its error (one JSON file).
+ERROR_DIR_ENV = "MEGATRON_SPAVA_ERROR_DIR"
+
+
+class RankError(RuntimeError):
+    """A rank failed; the message is the first failing rank's error, in one line."""
+
+
+def relaunch(module: str, nproc: int, argv: Optional[Sequence[str]] = None, *,
+             verbose: bool = True) -> None:
     """Run `python -m module argv` on `nproc` local ranks through torchrun and return when
-    they finish. NVLink multicast stays off; CPU threads are split between the ranks."""
+    they finish. NVLink multicast stays off; CPU threads are split between the ranks.
+
+    If a rank fails, raises RankError with the earliest error a rank reported through
+    `report_rank_errors` (instead of torchrun's ChildFailedError report; with `verbose`,
+    torchrun's own logging stays on)."""
+    import json
+    import logging
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
         os.environ.setdefault(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")
-    torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", module,
-              *(sys.argv[1:] if argv is None else argv)])
+    args = list(sys.argv[1:] if argv is None else argv)
+    # The ranks do not need --nproc, and torchrun's own parser would reject it as an
+    # ambiguous abbreviation of its --nproc-per-node / --nproc_per_node.
+    for i in reversed(range(len(args))):
+        if args[i] == "--nproc":
+            del args[i:i + 2]
+        elif args[i].startswith("--nproc="):
+            del args[i]
+    if not verbose:
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory(prefix="megatron_spava_errors_") as errors:
+        os.environ[ERROR_DIR_ENV] = errors
+        try:
+            torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", module, *args])
+        except ChildFailedError as err:
+            reports = []
+            for name in os.listdir(errors):
+                with open(os.path.join(errors, name)) as f:
+                    reports.append(json.load(f))
+            if not reports:
+                first = next(iter(err.failures.values()))
+                raise RankError(f"rank {first.local_rank} exited with code {first.exitcode}") from None
+            first = min(reports, key=lambda r: r["time"])
+            raise RankError(first["message"] + (f" (rank {first['rank']})" if nproc > 1 else "")) from None
+        finally:
+            os.environ.pop(ERROR_DIR_ENV, None)
+
+
+@contextlib.contextmanager
+def report_rank_errors(verbose: bool = False):
+    """In a rank: an exception leaves the process with exit code 1 after reporting it once.
+    Under `relaunch` the error goes to the parent, which prints the earliest one; under a
+    plain torchrun, rank 0 prints its own. Tracebacks are printed only with `verbose`."""
+    import json
+    import time
+    import traceback
+
+    try:
+        yield
+    except Exception as err:
+        rank = int(os.environ.get("RANK", 0))
+        message = str(err) if isinstance(err, (ValueError, FileNotFoundError)) else f"{type(err).__name__}: {err}"
+        message = " ".join(message.split())
+        if verbose:
+            traceback.print_exc()
+        errors = os.environ.get(ERROR_DIR_ENV)
+        if errors:
+            with open(os.path.join(errors, f"rank{rank}.json"), "w") as f:
+                json.dump({"rank": rank, "time": time.time(), "message": message}, f)
+        elif rank == 0:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # no interpreter teardown: a peer may still sit in a collective
 
 
 def init_distributed(device: str) -> torch.device:
@@ -38,3 +108,35 @@ def init_distributed(device: str) -> torch.device:
     cpu_compat.apply()
     dist.init_process_group("gloo")
     return torch.device("cpu")
+
+
+#: Warnings megatron-core prints in every process on machines without Transformer Engine or
+#: Apex (and its deprecation notes): known, harmless for this project's local layers.
+_KNOWN_WARNING_PATTERNS = ("Transformer Engine", "Apex is not installed", "apex", "TransformerEngine",
+                           "full scope is deprecated")
+
+
+def quiet_known_warnings(verbose: bool = False, announce: bool = True) -> None:
+    """Hide the known megatron-core warnings (any warning raised from megatron/core, and
+    any mentioning Transformer Engine or Apex). With `announce`, the first one hidden is
+    replaced by a single line saying so; with `verbose`, nothing is hidden."""
+    import re
+    import warnings
+
+    if verbose:
+        return
+    pattern = re.compile("|".join(map(re.escape, _KNOWN_WARNING_PATTERNS)))
+    original = warnings.showwarning
+    shown = []
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if f"{os.sep}megatron{os.sep}core{os.sep}" in filename or pattern.search(text):
+            if announce and not shown:
+                shown.append(True)
+                print("note: megatron-core warns that Transformer Engine/Apex are missing and uses "
+                      "its local fallbacks (--verbose shows its warnings)", file=sys.stderr, flush=True)
+            return
+        original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning

@@ -1,19 +1,29 @@
 """Video question answering with Qwen2.5-VL or InternVL3 under TP x CP and
 --context-parallel-algo.
 
-    megatron-spava-demo                       # tiny offline checkpoint + synthetic video, 2 CPU ranks
+    megatron-spava-demo                       # shipped needle model + needle video, 2 CPU ranks
     megatron-spava-demo --hf-path Qwen2.5-VL-7B-Instruct --video clip.mp4 --question "..." \\
         --device cuda --bf16 --context-parallel-size 4
     torchrun --nproc-per-node 4 -m megatron_spava.video_qa --tensor-model-parallel-size 2 \\
         --context-parallel-size 2 --context-parallel-algo spava ...
     megatron-spava-demo --model internvl3     # a tiny random InternVL3-architecture checkpoint
 
-Without --hf-path/--megatron-path it writes a tiny random Qwen2.5-VL-architecture (with
---model internvl3: InternVL3-architecture) checkpoint (config and tokenizer made in code)
-and a synthetic mp4 under --work-dir and answers a question about it: the answer is noise, the pipeline is real. It prints the
-answer, time to first token (vision + prefill), decode speed and, with --compare full
-(the default), the same prompt under exact attention on one CP rank: the timing and the
-agreement of the first-token logits.
+Without --hf-path/--megatron-path it uses the needle model shipped with the package (a small
+Qwen2.5-VL-architecture model trained here on synthetic long-video needle tasks:
+retrieval, ordering, counting and "scene", see megatron_spava/tasks), and without --video it
+writes a needle video as an mp4 under --work-dir (--needle-task, --needle-tokens,
+--needle-seed, --needle-index pick it) and asks that video's question. It prints the
+question, the true answer, each algorithm's answer and whether it is right, time to first
+token (vision + prefill) and decode speed and, with --compare full (the default), the same
+prompt under exact attention on one CP rank with the agreement of the first-token logits.
+--random-weights (and --model internvl3 without a checkpoint) answers with random weights on
+a tiny generated checkpoint instead: the answer is then noise, the pipeline is real.
+--question given several times prefills the video once and answers each question over the
+cached context.
+
+Bad input (a missing video, a file that is not a video, fewer temporal groups than
+context-parallel ranks) is reported in one line before any rank starts; an error inside
+the ranks is reported once (tracebacks with --verbose).
 """
 
 from __future__ import annotations
@@ -29,12 +39,14 @@ import torch.distributed as dist
 
 from .algos import config_for
 from .arguments import add_spava_args, spava_config_from_args
-from .launch import init_distributed, relaunch, under_torchrun
+from .launch import (RankError, init_distributed, quiet_known_warnings, relaunch, report_rank_errors,
+                     under_torchrun)
 from .models.families import FAMILIES
 from .specs import add_transformer_impl_arg, backend_for_impl, resolve_transformer_impl
+from .tasks.needles import TASKS as NEEDLE_TASKS
 
 DEFAULT_WORK_DIR = os.path.join(os.path.expanduser("~"), ".cache", "megatron_spava")
-DEFAULT_QUESTION = "What is happening in this video?"
+DEFAULT_QUESTION = "What is happening in this video?"  # for a --video without --question
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,25 +65,36 @@ def build_parser() -> argparse.ArgumentParser:
                           "released Qwen2.5-VL shapes, 2b InternVL3's, and need --random-weights "
                           "(default: %(default)s)")
     src.add_argument("--random-weights", action="store_true",
-                     help="random weights (seeded, the same in every run) instead of the checkpoint's")
+                     help="random weights (seeded, the same in every run) instead of the checkpoint's; "
+                          "without a checkpoint, on a tiny generated one")
     src.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     src.add_argument("--work-dir", default=DEFAULT_WORK_DIR,
-                     help="where the tiny checkpoint and synthetic video go (default: %(default)s)")
+                     help="where the needle video (and a generated checkpoint) go (default: %(default)s)")
     src.add_argument("--bf16", action="store_true", help="bf16 weights and activations")
     src.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default: %(default)s)")
     vid = p.add_argument_group("video and question")
-    vid.add_argument("--video", help="video file (mp4, mkv, webm, ...); default: a synthetic mp4")
+    vid.add_argument("--video", help="video file (mp4, mkv, webm, ...); default: a needle video (below)")
     vid.add_argument("--frames-dir", help="a directory of frame images instead of --video")
     vid.add_argument("--frames-fps", type=float, default=2.0,
                      help="frame rate of --frames-dir (default: %(default)s)")
-    vid.add_argument("--fps", type=float, default=2.0,
-                     help="frames sampled per second of video (default: %(default)s)")
-    vid.add_argument("--max-frames", type=int, default=768, help="(default: %(default)s)")
+    vid.add_argument("--fps", type=float, default=None,
+                     help="frames sampled per second of video (default: 2; the needle video keeps "
+                          "every frame)")
+    vid.add_argument("--max-frames", type=int, default=None,
+                     help="(default: 768; the needle video keeps every frame)")
     vid.add_argument("--question", action="append", dest="questions", metavar="QUESTION",
-                     help=f"the question (default: {DEFAULT_QUESTION!r}). Give it several times to "
-                          f"ask several questions about one video: the video context is prefilled "
-                          f"once and each question answered over the cached context (the "
-                          f"two-pass prefill of --spava-no-fuse-query), with a report per question")
+                     help=f"the question (default: the needle video's question, or "
+                          f"{DEFAULT_QUESTION!r}). Give it several times to ask several questions "
+                          f"about one video: the video context is prefilled once and each question "
+                          f"answered over the cached context (the two-pass prefill of "
+                          f"--spava-no-fuse-query), with a report per question")
+    needle = p.add_argument_group("needle video (the input when no --video or --frames-dir is given)")
+    needle.add_argument("--needle-task", choices=NEEDLE_TASKS, default="retrieval",
+                        help="(default: %(default)s)")
+    needle.add_argument("--needle-tokens", type=int, default=4096,
+                        help="video length in LLM tokens, 16 per 2 frames (default: %(default)s)")
+    needle.add_argument("--needle-seed", type=int, default=0, help="(default: %(default)s)")
+    needle.add_argument("--needle-index", type=int, default=0, help="(default: %(default)s)")
     run = p.add_argument_group("parallelism and decoding")
     run.add_argument("--tensor-model-parallel-size", type=int, default=1)
     run.add_argument("--context-parallel-size", type=int, default=2)
@@ -88,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "trained) or transformers 5.x (default: qwen)")
     run.add_argument("--json", help="write the results as JSON here")
     run.add_argument("--save-logits", help="save each run's first-token logits (torch.save) here")
+    run.add_argument("--verbose", action="store_true",
+                     help="show every warning, progress bar and, for errors, the tracebacks")
     add_spava_args(p)
     add_transformer_impl_arg(p)
     p.set_defaults(context_parallel_algo="spava")
@@ -102,34 +127,96 @@ def model_family(args, checkpoint: Optional[str] = None):
     return resolve_family(args.model, (checkpoint or given) if given else None)
 
 
+def needle_sample(args):
+    """The needle sample the default video shows, or None when the user gave a video."""
+    if hasattr(args, "needle"):  # resolved already (resolve_paths fills in args.video)
+        return args.needle
+    if args.video or args.frames_dir:
+        return None
+    from .tasks.needles import groups_for_tokens, make_sample
+    return make_sample(args.needle_task, groups=groups_for_tokens(args.needle_tokens),
+                       seed=args.needle_seed, index=args.needle_index)
+
+
+def uses_generated_checkpoint(args) -> bool:
+    """Without a checkpoint: a tiny (or released-shape) random checkpoint is generated for
+    --random-weights, a --model-shape other than tiny, and InternVL3 (no model is shipped for
+    it); otherwise the shipped needle model answers."""
+    if args.hf_path or args.megatron_path:
+        return False
+    return args.random_weights or args.model_shape != "tiny" or model_family(args).name != "qwen2_5_vl"
+
+
 def resolve_paths(args) -> str:
-    """Fill in the default video path; return the checkpoint directory. Pure."""
-    if not args.video and not args.frames_dir:
-        args.video = os.path.join(args.work_dir, "synthetic.mp4")
+    """Fill in the default video path, questions and frame sampling; return the checkpoint
+    directory. Pure (nothing is written)."""
+    sample = args.needle = needle_sample(args)
+    if sample is not None:
+        from .tasks.demo import needle_video_path
+        args.video = needle_video_path(args.work_dir, sample)
+        args.questions = args.questions or [sample.question]
+        args.fps = args.fps if args.fps is not None else 0.0  # 0: keep every frame
+    args.questions = args.questions or [DEFAULT_QUESTION]
+    args.question = args.questions[0]
+    args.fps = 2.0 if args.fps is None else args.fps
     if args.hf_path or args.megatron_path:
         return args.hf_path or args.megatron_path
-    family = model_family(args)
-    shaped = family.tiny_name.replace("tiny-", "", 1) + f"-{args.model_shape}-shape"
-    name = family.tiny_name if args.model_shape == "tiny" else shaped
-    return os.path.join(args.work_dir, name)
+    if uses_generated_checkpoint(args):
+        family = model_family(args)
+        shaped = family.tiny_name.replace("tiny-", "", 1) + f"-{args.model_shape}-shape"
+        return os.path.join(args.work_dir, family.tiny_name if args.model_shape == "tiny" else shaped)
+    from .tasks.model import ASSET_DIR
+    return ASSET_DIR
 
 
 def create_defaults(args, checkpoint: str) -> None:
-    """Write the tiny checkpoint and the synthetic video when they are the ones asked for."""
+    """Write the generated checkpoint and the needle video when they are the ones asked for."""
     if args.hf_path or args.megatron_path:
         if not os.path.isdir(checkpoint):
             raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
-    else:
+    elif uses_generated_checkpoint(args):
         family = model_family(args)
         if args.model_shape not in ("tiny", *family.shapes):
             raise ValueError(f"--model-shape {args.model_shape} is not a {family.name} shape; "
                              f"choose from tiny, {', '.join(family.shapes)}")
+        if not args.verbose:
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
         family.tiny().make_tiny_checkpoint(
             checkpoint, shape=None if args.model_shape == "tiny" else args.model_shape)
-    if args.video == os.path.join(args.work_dir, "synthetic.mp4") and not os.path.isfile(args.video):
-        from .video import write_synthetic_video
-        os.makedirs(args.work_dir, exist_ok=True)
-        write_synthetic_video(args.video, frames=128, height=224, width=224, fps=8)
+    else:
+        from .tasks.model import shipped_checkpoint
+        shipped_checkpoint()  # FileNotFoundError saying how to get one
+    sample = needle_sample(args)
+    if sample is not None:
+        from .tasks.demo import write_needle_video
+        write_needle_video(args.video, sample)
+
+
+def check_video(args, checkpoint: str) -> None:
+    """Before any rank starts: the video exists and decodes, and it has a temporal group
+    (2 frames) for every context-parallel rank. Raises FileNotFoundError or ValueError."""
+    from .video import count_sampled_frames
+    path = args.frames_dir or args.video
+    frames = count_sampled_frames(path, fps=_sampling_fps(args), max_frames=_max_frames(args),
+                                  frames_fps=args.frames_fps)
+    cp = args.context_parallel_size
+    per_group = 1 if model_family(args, checkpoint).name == "internvl3" else 2  # Qwen: 2 frames
+    groups = frames // per_group
+    if groups < cp and spava_config_from_args(args).frame_parallel:
+        raise ValueError(f"{path} gives {frames} frames ({groups} temporal groups of {per_group}) but "
+                         f"--context-parallel-size {cp} needs at least {cp} groups, one per rank: "
+                         f"sample more frames (--fps, --max-frames) or use fewer ranks")
+
+
+def _sampling_fps(args):
+    return None if not args.fps else args.fps  # 0 or None: every frame
+
+
+def _max_frames(args):
+    if args.max_frames is not None:
+        return args.max_frames
+    return None if needle_sample(args) is not None else 768
 
 
 def _setup_parallel(tp: int, cp: int):
@@ -166,7 +253,7 @@ def _build_model(args, checkpoint: str, tp: int, cp: int, device, algo: str):
         convert.load_dist_into_model(model, checkpoint)
     else:
         convert.load_hf_into_model(model, checkpoint, tp_rank=ps.get_tensor_model_parallel_rank(),
-                           tp_size=tp, progress=dist.get_rank() == 0)
+                                   tp_size=tp, progress=dist.get_rank() == 0 and args.verbose)
     return model.to(device).eval(), ps
 
 
@@ -193,7 +280,7 @@ def run(args) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     args.transformer_impl = resolve_transformer_impl(args.transformer_impl, device)
     checkpoint = resolve_paths(args)
-    clip = load_video(args.frames_dir or args.video, fps=args.fps, max_frames=args.max_frames,
+    clip = load_video(args.frames_dir or args.video, fps=_sampling_fps(args), max_frames=_max_frames(args),
                       frames_fps=args.frames_fps)
     family = model_family(args, checkpoint)
     prompter = family.prompter(checkpoint)
@@ -212,6 +299,10 @@ def run(args) -> dict:
         prompt_tokens=int(inputs.input_ids.shape[1]), video_tokens=video_tokens,
         processor_backend=prompter.backend, processor_fallback_reason=prompter.fallback_reason,
         question=args.question, transformer_impl=args.transformer_impl, model=family.name, runs={})
+    sample = needle_sample(args)
+    if sample is not None:
+        result.update(true_answer=sample.answer, needle_task=sample.task,
+                      needles=[list(n) for n in sample.needles], cards=[list(c) for c in sample.cards])
     for name, out in runs.items():
         layout = out.layout
         result["runs"][name] = dict(
@@ -221,6 +312,9 @@ def run(args) -> dict:
             decode_tokens_per_s=(len(out.tokens) - 1) / out.decode_s if len(out.tokens) > 1 and out.decode_s > 0 else None,
             tokens_per_rank=int(layout.local_len(0)),
             anchor_len=getattr(layout, "anchor_len", None), passing_len=getattr(layout, "passing_len", None))
+        if sample is not None:
+            from .tasks.needles import score
+            result["runs"][name]["correct"] = score(result["runs"][name]["answer"], sample.answer)
     if "full" in runs and len(runs) > 1:
         main = runs[args.context_parallel_algo]
         diff = (main.first_logits - runs["full"].first_logits).abs()
@@ -263,7 +357,7 @@ def run_questions(args) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     args.transformer_impl = resolve_transformer_impl(args.transformer_impl, device)
     checkpoint = resolve_paths(args)
-    clip = load_video(args.frames_dir or args.video, fps=args.fps, max_frames=args.max_frames,
+    clip = load_video(args.frames_dir or args.video, fps=_sampling_fps(args), max_frames=_max_frames(args),
                       frames_fps=args.frames_fps)
     family = model_family(args, checkpoint)
     prompter = family.prompter(checkpoint)
@@ -320,18 +414,24 @@ def print_report(result: dict, args) -> None:
     print(f"Video QA: {result['video']} ({result['frames']} frames at {result['sampled_fps']:.2f} fps, "
           f"{result['video_tokens']} video tokens, {result['prompt_tokens']} prompt tokens; "
           f"processor: {result['processor_backend']}; layers: {result['transformer_impl']})")
-    if result["processor_fallback_reason"]:
+    if result["processor_fallback_reason"] and args.verbose:
         print(f"(HF's processor not used: {result['processor_fallback_reason']})")
     print(f"question: {result['question']!r}")
-    header = f"{'algorithm':<10} {'TPxCP':>6} {'tokens/rank':>11} {'TTFT ms':>9} {'vision ms':>9} {'decode tok/s':>12}  answer"
+    truth = result.get("true_answer")
+    if truth is not None:
+        print(f"true answer: {truth!r} (needle task {result['needle_task']!r})")
+    header = (f"{'algorithm':<10} {'TPxCP':>6} {'tokens/rank':>11} {'TTFT ms':>9} {'vision ms':>9} "
+              f"{'decode tok/s':>12}  answer")
     print(header)
-    print("-" * len(header))
+    print("-" * (len(header) + 24))
     for name, r in result["runs"].items():
         tps = f"{r['decode_tokens_per_s']:.1f}" if r["decode_tokens_per_s"] else "-"
+        verdict = "" if "correct" not in r else ("  right" if r["correct"] else "  WRONG")
         print(f"{name:<10} {r['tp']}x{r['cp']:<4} {r['tokens_per_rank']:>11} {1e3 * r['ttft_s']:>9.1f} "
-              f"{1e3 * r['vision_s']:>9.1f} {tps:>12}  {r['answer']!r}")
-    for name, r in result["runs"].items():
-        print(f"{name} answer tokens: {r['tokens']}")
+              f"{1e3 * r['vision_s']:>9.1f} {tps:>12}  {r['answer']!r}{verdict}")
+    if args.verbose:
+        for name, r in result["runs"].items():
+            print(f"{name} answer tokens: {r['tokens']}")
     if "first_logits_max_abs_diff" in result:
         print(f"first-token logits, {args.context_parallel_algo} vs full: max abs diff "
               f"{result['first_logits_max_abs_diff']:.2e}, relative error {result['first_logits_rel_err']:.2e}; "
@@ -341,10 +441,9 @@ def print_report(result: dict, args) -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.questions = args.questions or [DEFAULT_QUESTION]
-    args.question = args.questions[0]
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
     world = int(os.environ.get("WORLD_SIZE", args.nproc or tp * cp))
+    quiet_known_warnings(args.verbose, announce=os.environ.get("RANK", "0") == "0")
     try:
         if world != tp * cp:
             raise ValueError(f"{world} ranks for --tensor-model-parallel-size {tp} x "
@@ -353,25 +452,34 @@ def main(argv=None) -> int:
             raise ValueError("--max-new-tokens must be >= 1")
         if args.model_shape != "tiny" and not args.random_weights and not (args.hf_path or args.megatron_path):
             raise ValueError(f"--model-shape {args.model_shape} has no weights to load: add --random-weights")
+        if args.needle_tokens < 64:
+            raise ValueError("--needle-tokens must be >= 64")
         config_for(args.context_parallel_algo, spava_config_from_args(args))  # presets may refuse
         resolve_transformer_impl(args.transformer_impl, args.device, verbose=False)
         checkpoint = resolve_paths(args)
-        if not under_torchrun() or os.environ.get("RANK") == "0":
-            create_defaults(args, checkpoint)
         if args.rope_convention is not None and model_family(args, checkpoint).name != "qwen2_5_vl":
             raise ValueError("--rope-convention chooses Qwen2.5-VL's M-RoPE rule; InternVL3 has "
                              "1-D RoPE")
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+        if not under_torchrun() or os.environ.get("RANK") == "0":
+            create_defaults(args, checkpoint)
+            check_video(args, checkpoint)
+    except (ValueError, FileNotFoundError) as err:  # one line, no usage dump
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     if not under_torchrun():
-        relaunch("megatron_spava.video_qa", world, argv)
+        try:
+            relaunch("megatron_spava.video_qa", world, argv, verbose=args.verbose)
+        except RankError as err:
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 1
         return 0
-    init_distributed(args.device)
-    try:
-        dist.barrier()  # rank 0 has written the default checkpoint and video
-        run(args)
-    finally:
-        dist.destroy_process_group()
+    with report_rank_errors(args.verbose):
+        init_distributed(args.device)
+        try:
+            dist.barrier()  # rank 0 has written the default checkpoint and video
+            run(args)
+        finally:
+            dist.destroy_process_group()
     return 0
 
 

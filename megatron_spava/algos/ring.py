@@ -86,12 +86,15 @@ def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout:
     if world > 1:  # P2P ops name peers by global rank
         send_to = dist.get_global_rank(cp_group, (rank + 1) % world)
         recv_from = dist.get_global_rank(cp_group, (rank - 1) % world)
+        # gloo's point-to-point cannot move CUDA tensors (several ranks sharing one GPU):
+        # stage each transfer through host memory there (correctness runs only).
+        staged = buf.is_cuda and dist.get_backend(cp_group) == "gloo"
     for step in range(world):
         src = (rank - step) % world
         pending = None
         if step < world - 1:  # pass the buffer on while this step computes
-            nxt = torch.empty_like(buf)
-            ops = [dist.P2POp(dist.isend, buf, send_to, group=cp_group),
+            nxt = torch.empty_like(buf, device="cpu" if staged else None)
+            ops = [dist.P2POp(dist.isend, buf.cpu() if staged else buf, send_to, group=cp_group),
                    dist.P2POp(dist.irecv, nxt, recv_from, group=cp_group)]
             pending = dist.batch_isend_irecv(ops)
         src_chunks = layout.chunks_of(src)
@@ -108,7 +111,7 @@ def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout:
         if pending is not None:
             for work in pending:
                 work.wait()
-            buf = nxt
+            buf = nxt.to(buf.device) if staged else nxt
     out = torch.empty_like(q)  # the two chunks' float32 outputs, cast once into place
     out[:lens[0]] = acc[0][0]
     out[lens[0]:] = acc[1][0]

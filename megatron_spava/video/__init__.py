@@ -3,8 +3,9 @@
 `models.internvl3.prompt`)."""
 
 from .inputs import InternVLInputs, VideoQAInputs
-from .io import VideoClip, load_video, write_synthetic_video
+from .io import VideoClip, count_sampled_frames, load_video, write_synthetic_video, write_video
 from .preprocess import VideoPreprocessConfig, preprocess_frames, smart_resize
 
-__all__ = ["InternVLInputs", "VideoClip", "VideoPreprocessConfig", "VideoQAInputs", "load_video",
-           "preprocess_frames", "smart_resize", "write_synthetic_video"]
+__all__ = ["InternVLInputs", "VideoClip", "VideoPreprocessConfig", "VideoQAInputs",
+           "count_sampled_frames", "load_video", "preprocess_frames", "smart_resize",
+           "write_synthetic_video", "write_video"]

@@ -97,8 +97,8 @@ def preprocess_frames(frames, cfg: VideoPreprocessConfig) -> Tuple[torch.Tensor,
     P, Tp, m = cfg.patch_size, cfg.temporal_patch_size, cfg.merge_size
     h, w = smart_resize(x.shape[2], x.shape[3], P * m, cfg.min_pixels, cfg.max_pixels)
     x = _resize(x, (h, w)).float() / 255.0
-    mean = torch.tensor(cfg.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.image_std).view(1, 3, 1, 1)
+    mean = torch.tensor(cfg.image_mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.image_std, device=x.device).view(1, 3, 1, 1)
     x = (x - mean) / std
     if x.shape[0] % Tp:  # repeat the last frame up to a whole temporal patch
         x = torch.cat([x, x[-1:].expand(Tp - x.shape[0] % Tp, -1, -1, -1)])

@@ -1,10 +1,19 @@
 """Qwen2.5-VL on megatron-core with context-parallel (Spava) attention. What is Qwen's:
 the vision encoder, its temporal groups, the M-RoPE positions and the weight map; the
-generation loop is `megatron_spava.inference.generate`, the shared pieces `models.common`."""
+generation loop is `megatron_spava.inference.generate`, the shared pieces `models.common`.
 
-from .config import Qwen25VLConfig
-from .model import Qwen25VLModel, encode_video_frame_parallel
-from .vision import VisionConfig, VisionEncoder
+The names below load lazily, so that the megatron-free submodules (`tiny`, `rope`,
+`config`) import without megatron-core (the needle model's HF-only training does)."""
 
-__all__ = ["Qwen25VLConfig", "Qwen25VLModel", "VisionConfig", "VisionEncoder",
-           "encode_video_frame_parallel"]
+import importlib
+
+_LAZY = {"Qwen25VLConfig": "config", "Qwen25VLModel": "model", "encode_video_frame_parallel": "model",
+         "VisionConfig": "vision", "VisionEncoder": "vision"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

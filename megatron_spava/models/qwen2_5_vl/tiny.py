@@ -102,9 +102,10 @@ _CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 400):
-    """A byte-level BPE tokenizer trained in code on a tiny corpus, with Qwen's
-    pre-tokenizer, control tokens and chat template (no download)."""
+def build_tiny_tokenizer(vocab_size: int = 400, corpus=None, repeats: int = 20):
+    """A byte-level BPE tokenizer trained in code on a tiny corpus (`corpus`, default the
+    demo's sentences, each seen `repeats` times), with Qwen's pre-tokenizer, control tokens
+    and chat template (no download)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -115,7 +116,7 @@ def build_tiny_tokenizer(vocab_size: int = 400):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    bpe.train_from_iterator(list(corpus or _CORPUS) * repeats, trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
     vocab = dict(model["vocab"])
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]

@@ -1,0 +1,94 @@
+"""The shipped needle model (megatron_spava/assets/needle_qwen, trained by
+tools/train_needle_model.py) on a fixed small eval set through the project's Megatron path
+on 2 CPU ranks: full attention answers at least 95% right; Spava with passing blocks as
+long as the blocks gives the same answers; Spava at its default budgets is within 5 points
+of full on VNBench's three tasks.
+
+MEGATRON_SPAVA_NEEDLE_CHECKPOINT and MEGATRON_SPAVA_NEEDLE_TOKENS point the tests at another
+checkpoint and length (for validating a checkpoint before it is shipped)."""
+
+import os
+
+import pytest
+import torch
+
+from megatron_spava.tasks.model import ASSET_DIR
+
+CKPT = os.environ.get("MEGATRON_SPAVA_NEEDLE_CHECKPOINT") or ASSET_DIR
+TOKENS = int(os.environ.get("MEGATRON_SPAVA_NEEDLE_TOKENS", 4096))
+PER_TASK = 5  # 20 samples: 95% allows one wrong answer
+VNBENCH_TASKS = ("retrieval", "ordering", "counting")
+
+pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(CKPT, "model.safetensors")),
+                                reason=f"no trained needle model at {CKPT} (tools/train_needle_model.py)")
+
+
+def _answer_all(ckpt, tokens, per_task):
+    """On each of 2 ranks: full attention for its half of the eval set (one replica per
+    rank), then Spava on CP = 2 for all of it, at full and at default budgets."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+
+    from megatron_spava import SpavaConfig, cpu_compat
+    from megatron_spava.inference.generate import generate
+    from megatron_spava.tasks import TASKS, eval_set, render_frames
+    from megatron_spava.tasks.evaluate import _build_model
+    from megatron_spava.tasks.model import NeedlePrompter
+
+    cpu_compat.apply()
+    rank = dist.get_rank()
+    prompter = NeedlePrompter(ckpt)
+    samples = eval_set(TASKS, tokens, per_task, seed=0)
+    inputs = [prompter.inputs(s, render_frames(s)) for s in samples]
+    out = {"full": {}, "spava_full_budget": {}, "spava": {}}
+    for cp, runs in ((1, [("full", "full", SpavaConfig())]),
+                     (2, [("spava_full_budget", "spava", SpavaConfig(budget_align=1, passing_len=1 << 20)),
+                          ("spava", "spava", SpavaConfig())])):
+        ps.destroy_model_parallel()
+        ps.initialize_model_parallel(1, context_parallel_size=cp)
+        initialize_rng_tracker(inference_rng_tracker=True)
+        model = _build_model(ckpt, cp, torch.device("cpu"), torch.float32)
+        group = ps.get_context_parallel_group()
+        for name, algo, config in runs:
+            for i, (s, x) in enumerate(zip(samples, inputs)):
+                if cp == 1 and i % 2 != rank:
+                    continue
+                g = generate(model, x, algo=algo, config=config, cp_group=group, device=torch.device("cpu"),
+                             max_new_tokens=10, group=group)
+                out[name][i] = prompter.decode(g.tokens)
+    ps.destroy_model_parallel()
+    return out, [(s.task, s.answer) for s in samples]
+
+
+@pytest.fixture(scope="module")
+def answers():
+    from megatron_spava.testing import run_ranks
+    results = run_ranks(_answer_all, 2, CKPT, TOKENS, PER_TASK, timeout=600)
+    (a, truth), (b, _) = results
+    a["full"].update(b["full"])
+    assert a["spava"] == b["spava"] and a["spava_full_budget"] == b["spava_full_budget"]
+    return a, truth
+
+
+def _accuracy(preds, truth, tasks):
+    picked = [i for i, (task, _) in enumerate(truth) if task in tasks]
+    return sum(preds[i].strip() == truth[i][1] for i in picked) / len(picked)
+
+
+def test_full_attention_answers_the_eval_set(answers):
+    preds, truth = answers
+    from megatron_spava.tasks import TASKS
+    wrong = [(truth[i], preds["full"][i]) for i in range(len(truth)) if preds["full"][i].strip() != truth[i][1]]
+    assert _accuracy(preds["full"], truth, TASKS) >= 0.95, wrong
+
+
+def test_spava_at_full_budget_gives_full_attentions_answers(answers):
+    preds, _ = answers
+    assert preds["spava_full_budget"] == preds["full"]
+
+
+def test_spava_at_default_budgets_is_within_5_points_of_full(answers):
+    preds, truth = answers
+    full, spava = _accuracy(preds["full"], truth, VNBENCH_TASKS), _accuracy(preds["spava"], truth, VNBENCH_TASKS)
+    assert spava >= full - 0.05, (full, spava)
