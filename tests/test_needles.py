@@ -46,9 +46,27 @@ def test_labels_are_right():
         s = make_sample("scene", groups=32, seed=1, index=index)
         (needle, label), = s.needles
         before = [col for g, col in s.cards if g < needle]
-        assert len(before) == 1 and s.answer == before[0] and label not in COLOURS
+        assert before and s.answer == before[-1] and label not in COLOURS
         assert all(g != needle for g, _ in s.cards)
+        colours = [col for _, col in s.cards]
+        assert all(a != b for a, b in zip(colours, colours[1:]))  # neighbouring scenes differ
         assert all(s.question == QUESTIONS[s.task] for s in (r, o, c, s))
+
+
+def test_scene_needs_the_latest_card_before_the_needle():
+    """No shortcut through the question alone: usually several cards precede the needle and
+    more follow it, so neither the first nor the last card of the video is the answer as a
+    rule; the needle's distance to its card is bounded by the scene length."""
+    first = last = several = 0
+    for index in range(300):
+        s = make_sample("scene", groups=256, seed=1, index=index)
+        (needle, _), = s.needles
+        before = [g for g, _ in s.cards if g < needle]
+        several += len(before) >= 2
+        first += s.answer == s.cards[0][1]
+        last += s.answer == s.cards[-1][1]
+        assert needle - before[-1] <= 128
+    assert several > 150 and first < 150 and last < 150
 
 
 def test_needles_are_uniform_over_the_video():

@@ -19,15 +19,17 @@ Tasks (question and answer are fixed strings; answers are words of `ANSWER_WORDS
   ordering   2-4 needles, distinct labels           "In which order did the needles appear?"
                                                                        -> labels in time order
   counting   one label shown k = 1-4 times          "How many times did the needle appear?" -> "k"
-  scene      one needle (a shape or digit), exactly one title card before it and 0-2 after
-                                                    "Which title card came before the needle?"
-                                                                       -> the card's colour
+  scene      scenes of 16-128 groups (fewer in short videos), each opened by a title card (a
+             colour, never that of the scene before), after an untitled intro; one needle (a
+             shape or digit) in one of them  "Which title card came last before the needle?"
+                                                             -> the colour of the needle's scene
 In retrieval, ordering and counting the question's tokens can read the needles' own tokens
 directly: Spava computes the query rows exactly, so those tasks test whether the needles'
 representations survive approximate attention, but not whether context tokens can gather
 information from other blocks. In `scene` they must: no token of the question can tell
-which card preceded the needle; only the needle's tokens can look back (causally) at the
-one card before them, which usually lies in an earlier block, often on another rank.
+which card preceded the needle (there are cards before and after it, and older cards before
+the right one); only the needle's own tokens can look back, causally, for the latest card
+before them, which often lies in an earlier block, on another rank.
 
 Positions are uniform: needle groups are drawn uniformly over the video (so needles fall in
 the anchor, in every rank's blocks and on block edges). Everything is a pure function of
@@ -60,7 +62,7 @@ QUESTIONS = {
     "retrieval": "What needle appeared in the video?",
     "ordering": "In which order did the needles appear?",
     "counting": "How many times did the needle appear?",
-    "scene": "Which title card came before the needle?",
+    "scene": "Which title card came last before the needle?",
 }
 RGB = {"red": (230, 25, 25), "green": (20, 190, 40), "blue": (30, 70, 235), "yellow": (245, 215, 0)}
 
@@ -68,7 +70,7 @@ FRAMES_PER_GROUP = 2  # Qwen2.5-VL's temporal patch
 FRAME_SIZE = 112      # 8x8 patches of 14 -> 4x4 merged tokens
 TOKENS_PER_GROUP = (FRAME_SIZE // 28) ** 2
 ORDER_NEEDLES = (2, 4)  # inclusive range of needles in `ordering`
-SCENE_CARDS_AFTER = (0, 2)  # inclusive range of title cards after the needle in `scene`
+SCENE_GROUPS = (16, 128)  # scene lengths in groups in `scene` (capped to fit short videos)
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ def make_sample(task: str, *, groups: int, seed: int = 0, index: int = 0,
     if size % 28:
         raise ValueError(f"frame size must be a multiple of 28 (patch 14 x merge 2), got {size}")
     need = {"retrieval": 1, "ordering": ORDER_NEEDLES[1], "counting": len(COUNTS),
-            "scene": 2 + SCENE_CARDS_AFTER[1]}[task]
+            "scene": 4}[task]
     if groups < max(need, 4):
         raise ValueError(f"task {task!r} needs at least {max(need, 4)} temporal groups, got {groups}")
     rng = _rng(task, groups, seed, index)
@@ -142,16 +144,22 @@ def make_sample(task: str, *, groups: int, seed: int = 0, index: int = 0,
         label = LABELS[rng.integers(len(LABELS))]
         needles = [(g, label) for g in _distinct(rng, k, 0, groups)]
         answer = str(k)
-    else:  # scene: card before, needle, 0-2 cards after; at least one haystack group between
-        after = int(rng.integers(SCENE_CARDS_AFTER[0], SCENE_CARDS_AFTER[1] + 1))
-        needle = int(rng.integers(1, groups - after))
-        card = int(rng.integers(0, needle))
-        later = _distinct(rng, after, needle + 1, groups) if after else []
-        colours = [COLOURS[rng.integers(len(COLOURS))] for _ in range(1 + after)]
-        cards = list(zip([card, *later], colours))
+    else:  # scene: titled scenes of bounded length after an untitled intro; the needle in one
+        hi = max(2, min(SCENE_GROUPS[1], groups // 2))
+        lo = max(2, min(SCENE_GROUPS[0], hi // 2))
+        starts = [int(rng.integers(0, lo // 2 + 1))]  # a short intro: needles stay near uniform
+        while starts[-1] + lo < groups - 1:
+            starts.append(starts[-1] + int(rng.integers(lo, hi + 1)))
+        starts = [g for g in starts if g < groups - 1]
+        colours = [COLOURS[rng.integers(len(COLOURS))]]
+        for _ in starts[1:]:  # neighbouring scenes differ: an older card is never right by luck
+            colours.append([c for c in COLOURS if c != colours[-1]][rng.integers(len(COLOURS) - 1)])
+        cards = list(zip(starts, colours))
+        free = [g for g in range(starts[0] + 1, groups) if g not in set(starts)]
+        needle = free[rng.integers(len(free))]
         shapes_digits = SHAPES + DIGITS
         needles = [(needle, shapes_digits[rng.integers(len(shapes_digits))])]
-        answer = colours[0]
+        answer = [c for g, c in cards if g < needle][-1]
     frames = FRAMES_PER_GROUP * groups
     # Haystack scene cuts: every 16-192 frames, plus a cut right after every title card.
     cuts, t = [0], 0
