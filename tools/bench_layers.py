@@ -27,13 +27,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from megatron_spava.provenance import git_commit  # noqa: E402
+
 
 SHAPES = {  # Qwen2.5-VL-7B's language model; tiny for CPU dry runs
     "7b": dict(hidden_size=3584, num_attention_heads=28, num_query_groups=4, kv_channels=128,
@@ -163,16 +164,6 @@ def time_layers(model, algo, S, shape, dtype, device, warmup, repeats):
     return _median_ms(run, device, warmup, repeats)
 
 
-def _commit():
-    if os.environ.get("MEGATRON_SPAVA_COMMIT"):  # the device machines' copy has stale git metadata
-        return os.environ["MEGATRON_SPAVA_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        return None
-
-
 def main(argv=None):
     args = parse_args(argv)
     from megatron_spava import cpu_compat
@@ -185,7 +176,7 @@ def main(argv=None):
     te = te_available() and device.type == "cuda"
     result = dict(tool="bench_layers", shape=args.shape, layers=args.layers, dtype=str(dtype),
                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                  torch=torch.__version__, date=time.strftime("%Y-%m-%d"), commit=_commit(),
+                  torch=torch.__version__, date=time.strftime("%Y-%m-%d"), commit=git_commit(short=True),
                   transformer_engine=None, floor={}, runs=[])
     if te:
         import transformer_engine

@@ -35,13 +35,14 @@ import os
 import platform
 import random
 import signal
-import subprocess
 import sys
 import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from megatron_spava.provenance import git_commit  # noqa: E402
+
 
 import torch  # noqa: E402
 
@@ -126,19 +127,6 @@ def curriculum_length(stages, frac: float, rng: random.Random, revisit: float) -
     if current and rng.random() < revisit:
         current = rng.randrange(current)
     return stages[current][0]
-
-
-def git_commit(explicit):
-    if explicit:
-        return explicit
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (head + ("+dirty" if dirty else "")) if head else "unknown"
-    except Exception:
-        return "unknown"
 
 
 def save_checkpoint(model, out_dir: str, tokenizer, info: dict, archive: str = None) -> None:

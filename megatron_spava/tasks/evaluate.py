@@ -34,7 +34,6 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -294,11 +293,8 @@ def _hidden_errors(full_out, algo_out, layout, cp_rank, cp, group, total) -> dic
 
 
 def _meta(args, world, cp_sizes, checkpoint, device, wanted) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except Exception:
-        commit = "unknown"
+    from ..provenance import git_commit
+    commit = git_commit()
     info = {}
     train_info = os.path.join(checkpoint, "train_info.json")
     if os.path.isfile(train_info):
