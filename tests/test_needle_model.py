@@ -1,8 +1,9 @@
 """The shipped needle model (megatron_spava/assets/needle_qwen, trained by
-tools/train_needle_model.py) on a fixed small eval set through the project's Megatron path
-on 2 CPU ranks: full attention answers at least 95% right; Spava with passing blocks as
-long as the blocks gives the same answers; Spava at its default budgets is within 5 points
-of full on VNBench's three tasks.
+tools/train_needle_model.py) on a fixed small eval set (4 samples per task at 4K video
+tokens, seed 0) through the project's Megatron path on 2 CPU ranks: full attention answers
+at least 95% right; Spava with passing blocks as long as the blocks gives the same answers
+(1 sample per task); Spava at its default budgets is within 5 points of full on VNBench's
+three tasks (scene is where the algorithms differ by design: BENCHMARKS.md section 9).
 
 MEGATRON_SPAVA_NEEDLE_CHECKPOINT and MEGATRON_SPAVA_NEEDLE_TOKENS point the tests at another
 checkpoint and length (for validating a checkpoint before it is shipped)."""
@@ -16,7 +17,7 @@ from megatron_spava.tasks.model import ASSET_DIR
 
 CKPT = os.environ.get("MEGATRON_SPAVA_NEEDLE_CHECKPOINT") or ASSET_DIR
 TOKENS = int(os.environ.get("MEGATRON_SPAVA_NEEDLE_TOKENS", 4096))
-PER_TASK = 5  # 20 samples: 95% allows one wrong answer
+PER_TASK = 4  # 16 samples: 95% allows no wrong answer
 VNBENCH_TASKS = ("retrieval", "ordering", "counting")
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(CKPT, "model.safetensors")),
@@ -42,17 +43,20 @@ def _answer_all(ckpt, tokens, per_task):
     samples = eval_set(TASKS, tokens, per_task, seed=0)
     inputs = [prompter.inputs(s, render_frames(s)) for s in samples]
     out = {"full": {}, "spava_full_budget": {}, "spava": {}}
-    for cp, runs in ((1, [("full", "full", SpavaConfig())]),
-                     (2, [("spava_full_budget", "spava", SpavaConfig(budget_align=1, passing_len=1 << 20)),
-                          ("spava", "spava", SpavaConfig())])):
+    vnbench = {i for i, s in enumerate(samples) if s.task in VNBENCH_TASKS}
+    exact_check = {i for i, s in enumerate(samples) if s.index < 1}  # 1 per task: time
+    for cp, runs in ((1, [("full", "full", SpavaConfig(), set(range(len(samples))))]),
+                     (2, [("spava_full_budget", "spava", SpavaConfig(budget_align=1, passing_len=1 << 20),
+                           exact_check),
+                          ("spava", "spava", SpavaConfig(), vnbench)])):
         ps.destroy_model_parallel()
         ps.initialize_model_parallel(1, context_parallel_size=cp)
         initialize_rng_tracker(inference_rng_tracker=True)
         model = _build_model(ckpt, cp, torch.device("cpu"), torch.float32)
         group = ps.get_context_parallel_group()
-        for name, algo, config in runs:
+        for name, algo, config, which in runs:
             for i, (s, x) in enumerate(zip(samples, inputs)):
-                if cp == 1 and i % 2 != rank:
+                if i not in which or (cp == 1 and i % 2 != rank):
                     continue
                 g = generate(model, x, algo=algo, config=config, cp_group=group, device=torch.device("cpu"),
                              max_new_tokens=10, group=group)
@@ -85,7 +89,8 @@ def test_full_attention_answers_the_eval_set(answers):
 
 def test_spava_at_full_budget_gives_full_attentions_answers(answers):
     preds, _ = answers
-    assert preds["spava_full_budget"] == preds["full"]
+    assert len(preds["spava_full_budget"]) == 4
+    assert preds["spava_full_budget"] == {i: preds["full"][i] for i in preds["spava_full_budget"]}
 
 
 def test_spava_at_default_budgets_is_within_5_points_of_full(answers):
