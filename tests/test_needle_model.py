@@ -95,7 +95,7 @@ def test_spava_at_full_budget_gives_full_attentions_answers(answers):
 
 @pytest.mark.xfail(strict=True, reason=(
     "issue 12's target is missed by the shipped model (measured 2026-12-01, CPU, CP=2, 4K tokens, "
-    "20 samples: full 100%, spava at default budgets 67% on retrieval/ordering/counting). The model "
+    "5 samples per task: full 100%, spava at default budgets 67% on retrieval/ordering/counting). The model "
     "counts and orders through its video tokens, which need context from other blocks: spava's "
     "accuracy on ordering+counting rises with the passing budget (42% -> 67% at 2x, 75% at 4x, "
     "83% at 4x with a n/16 anchor; BENCHMARKS.md section 11). strict: if Spava ever meets the "
