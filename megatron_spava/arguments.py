@@ -29,23 +29,28 @@ def _anchor(value: str):
         raise argparse.ArgumentTypeError(f"expected an integer or 'block', got {value!r}")
 
 
-def add_spava_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the options to `parser` (Megatron's extra_args_provider contract). Returns it."""
+def add_spava_args(parser: argparse.ArgumentParser, *, algorithm: bool = True) -> argparse.ArgumentParser:
+    """Add the options to `parser` (Megatron's extra_args_provider contract). Returns it.
+    algorithm=False adds only the budgets, switches and kernel (for tools that choose the
+    algorithms and take the query from the prompt themselves, e.g. tools/eval_needles.py)."""
     group = parser.add_argument_group(
         "context-parallel attention (megatron_spava)",
         "Which algorithm attends across the context-parallel group, and Spava's budgets "
         "and ablation switches (SPAVA.md sections 5-6).")
     algo_help = (registry.help_text() + ". Unset: Megatron's own CP attention").replace("%", "%%")
     existing = parser._option_string_actions.get("--context-parallel-algo")
-    if existing is None:
+    if not algorithm:
+        pass
+    elif existing is None:
         group.add_argument("--context-parallel-algo", choices=names(), default=None,
                            help=algo_help)
     else:  # Megatron-LM's (patched) option: the registry decides its choices
         existing.choices, existing.help = names(), algo_help
-    group.add_argument("--spava-query-len", type=int, default=128,
-                       help="tokens at the end of each sequence that form the query (question + "
-                            "assistant prefix); they are replicated and computed exactly "
-                            "(default: %(default)s)")
+    if algorithm:
+        group.add_argument("--spava-query-len", type=int, default=128,
+                           help="tokens at the end of each sequence that form the query (question + "
+                                "assistant prefix); they are replicated and computed exactly "
+                                "(default: %(default)s)")
     group.add_argument("--spava-anchor-len", type=_anchor, default=None,
                        help="anchor tokens, or 'block' for a block-sized anchor "
                             "(default: n // --spava-anchor-divisor rounded up to --spava-budget-align)")

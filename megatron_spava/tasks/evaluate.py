@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a PNG of accuracy vs tokens here")
     p.add_argument("--markdown", help="write the BENCHMARKS.md tables here")
     p.add_argument("--verbose", action="store_true", help="show megatron-core's warnings")
+    from ..arguments import add_spava_args
+    add_spava_args(p, algorithm=False)  # budgets and switches every variant starts from
     return p
 
 
@@ -169,7 +171,7 @@ def run(args) -> Optional[dict]:
     same number of samples from every task and length."""
     from tqdm.auto import tqdm
 
-    from .. import SpavaConfig
+    from ..arguments import spava_config_from_args
     from ..inference.generate import generate
     from .model import NeedlePrompter, shipped_checkpoint
     from .needles import render_frames
@@ -188,6 +190,7 @@ def run(args) -> Optional[dict]:
     flat = sorted(((t, s) for t in args.tokens for s in sets[t]),
                   key=lambda ts: (ts[1].index, args.tokens.index(ts[0]), args.tasks.index(ts[1].task)))
     wanted = [v for v in variants() if v[0] in args.algos and v[0] != "full"]
+    base = spava_config_from_args(args)  # --spava-* budgets and switches
     max_new = 1 + max(len(prompter.answer_ids(s.answer)) for _, s in flat)
 
     # One model per CP size (each built under its own parallel state; a model keeps the
@@ -235,7 +238,7 @@ def run(args) -> Optional[dict]:
                 measured = measure and changes.get("fuse_query", True)
                 if measured:
                     st["capture"].arm()
-                out = generate(st["model"], inputs, algo=algo, config=SpavaConfig(**changes),
+                out = generate(st["model"], inputs, algo=algo, config=base.replace(**changes),
                                cp_group=st["group"], max_new_tokens=max_new, device=device, group=st["group"])
                 layout = out.layout
                 if measured:
@@ -293,6 +296,7 @@ def _hidden_errors(full_out, algo_out, layout, cp_rank, cp, group, total) -> dic
 
 
 def _meta(args, world, cp_sizes, checkpoint, device, wanted) -> dict:
+    from ..arguments import spava_config_from_args
     from ..provenance import git_commit
     commit = git_commit()
     info = {}
@@ -306,7 +310,8 @@ def _meta(args, world, cp_sizes, checkpoint, device, wanted) -> dict:
                 backend=dist.get_backend(), world=world, cp_sizes=cp_sizes, tokens=args.tokens,
                 tasks=args.tasks, samples=args.samples, seed=args.seed,
                 dtype="bfloat16" if args.bf16 else "float32", checkpoint=checkpoint, model=info,
-                algos=["full"] + [w[0] for w in wanted], torch=torch.__version__)
+                algos=["full"] + [w[0] for w in wanted], torch=torch.__version__,
+                spava_config=dataclasses.asdict(spava_config_from_args(args)))
 
 
 # ----------------------------------------------------------------------------- reports
