@@ -42,7 +42,6 @@ from .arguments import add_spava_args, spava_config_from_args
 from .launch import (RankError, init_distributed, quiet_known_warnings, relaunch, report_rank_errors,
                      under_torchrun)
 from .models.families import FAMILIES
-from .specs import add_transformer_impl_arg, backend_for_impl, resolve_transformer_impl
 from .tasks.needles import TASKS as NEEDLE_TASKS
 
 DEFAULT_WORK_DIR = os.path.join(os.path.expanduser("~"), ".cache", "megatron_spava")
@@ -114,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true",
                      help="show every warning, progress bar and, for errors, the tracebacks")
     add_spava_args(p)
+    from .specs import add_transformer_impl_arg  # megatron-core: imported after the warning filter
     add_transformer_impl_arg(p)
     p.set_defaults(context_parallel_algo="spava")
     return p
@@ -237,6 +237,7 @@ def _build_model(args, checkpoint: str, tp: int, cp: int, device, algo: str):
     ps = _setup_parallel(tp, cp)
     cfg = family.config(checkpoint)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
+    from .specs import backend_for_impl
     layers = dict(backend=backend_for_impl(args.transformer_impl),
                   core_attention=core_attention_for(algo, args.cp_comm_type))
     if args.random_weights:  # the same seed everywhere: equal weights on every CP rank and run
@@ -278,6 +279,7 @@ def run(args) -> dict:
         return run_questions(args)
     rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    from .specs import resolve_transformer_impl
     args.transformer_impl = resolve_transformer_impl(args.transformer_impl, device)
     checkpoint = resolve_paths(args)
     clip = load_video(args.frames_dir or args.video, fps=_sampling_fps(args), max_frames=_max_frames(args),
@@ -355,6 +357,7 @@ def run_questions(args) -> dict:
 
     rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    from .specs import resolve_transformer_impl
     args.transformer_impl = resolve_transformer_impl(args.transformer_impl, device)
     checkpoint = resolve_paths(args)
     clip = load_video(args.frames_dir or args.video, fps=_sampling_fps(args), max_frames=_max_frames(args),
@@ -439,11 +442,16 @@ def print_report(result: dict, args) -> None:
 
 
 def main(argv=None) -> int:
+    # before anything imports megatron-core (the parser's --transformer-impl does)
+    # the note once: by the launching process, or by rank 0 when the user ran torchrun
+    from .launch import ERROR_DIR_ENV
+    launched = ERROR_DIR_ENV in os.environ  # a rank our own relaunch started
+    quiet_known_warnings("--verbose" in (sys.argv[1:] if argv is None else argv),
+                         announce=not launched and os.environ.get("RANK", "0") == "0")
     parser = build_parser()
     args = parser.parse_args(argv)
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
     world = int(os.environ.get("WORLD_SIZE", args.nproc or tp * cp))
-    quiet_known_warnings(args.verbose, announce=os.environ.get("RANK", "0") == "0")
     try:
         if world != tp * cp:
             raise ValueError(f"{world} ranks for --tensor-model-parallel-size {tp} x "
@@ -455,6 +463,7 @@ def main(argv=None) -> int:
         if args.needle_tokens < 64:
             raise ValueError("--needle-tokens must be >= 64")
         config_for(args.context_parallel_algo, spava_config_from_args(args))  # presets may refuse
+        from .specs import resolve_transformer_impl
         resolve_transformer_impl(args.transformer_impl, args.device, verbose=False)
         checkpoint = resolve_paths(args)
         if args.rope_convention is not None and model_family(args, checkpoint).name != "qwen2_5_vl":

@@ -110,6 +110,7 @@ def test_video_qa_several_questions_over_one_cached_context(tmp_path):
     """--question twice: one video prefill, both questions answered over the cached context,
     a row per question (the second pays only its query pass), compared with exact attention."""
     out = _run([sys.executable, "-m", "megatron_spava.video_qa", "--work-dir", str(tmp_path),
+                "--random-weights",  # the pipeline, not the answers: random weights decode every token
                 "--max-new-tokens", "2", "--max-frames", "16", "--question", "What is shown?",
                 "--question", "What colour is it?", "--json", str(tmp_path / "r.json")], timeout=600)
     import json
