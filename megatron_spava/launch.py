@@ -74,7 +74,7 @@ def relaunch(module: str, nproc: int, argv: Optional[Sequence[str]] = None, *,
 def report_rank_errors(verbose: bool = False):
     """In a rank: an exception leaves the process with exit code 1 after reporting it once.
     Under `relaunch` the error goes to the parent, which prints the earliest one; under a
-    plain torchrun, rank 0 prints its own. Tracebacks are printed only with `verbose`."""
+    plain torchrun, local rank 0 prints its own (once per node: each node's log says why). Tracebacks are printed only with `verbose`."""
     import json
     import time
     import traceback
@@ -91,7 +91,7 @@ def report_rank_errors(verbose: bool = False):
         if errors:
             with open(os.path.join(errors, f"rank{rank}.json"), "w") as f:
                 json.dump({"rank": rank, "time": time.time(), "message": message}, f)
-        elif rank == 0:
+        elif int(os.environ.get("LOCAL_RANK", rank)) == 0:
             print(f"error: {message}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)  # no interpreter teardown: a peer may still sit in a collective

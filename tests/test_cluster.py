@@ -105,7 +105,7 @@ def test_two_nodes_misfit_fails_on_every_node_with_the_placement_warning(work):
                          "--spava-anchor-len", "65536"], timeout=180)
     for rc, out in res:
         assert rc != 0
-        assert "error: --context-parallel-algo spava at CP=1" in out, out[-3000:]  # one line per rank
+        assert "error: --context-parallel-algo spava at CP=1" in out, out[-3000:]  # one line per node
         assert "longer than the context" in out
         assert "loading HF weights" not in out  # failed before the checkpoint was read
     assert "1 of 1 tensor-parallel groups span nodes" in res[0][1], res[0][1][-3000:]
