@@ -75,9 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--tokens-per-step", type=int, default=32768,
                    help="video tokens per optimiser step; batch = this / length (default: %(default)s)")
     p.add_argument("--tasks", nargs="+", default=None, help="tasks to train (default: all)")
-    p.add_argument("--task-weights", default="retrieval:1,ordering:2,counting:2,scene:0.75",
-                   help="relative sampling frequency of each task (default: %(default)s: ordering and "
-                        "counting learn slowest, scene fastest)")
+    p.add_argument("--task-weights", default="retrieval:0.5,ordering:1.5,counting:1.5,scene:1.5",
+                   help="relative sampling frequency of each task (default: %(default)s, the shipped "
+                        "model's: retrieval learns fastest)")
     p.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (default: %(default)s)")
     p.add_argument("--min-lr-ratio", type=float, default=0.05, help="(default: %(default)s)")
     p.add_argument("--warmup-steps", type=int, default=100, help="(default: %(default)s)")
