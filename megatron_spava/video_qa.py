@@ -272,20 +272,25 @@ def _run_one(args, checkpoint, inputs, algo: str, tp: int, cp: int, device, conf
     return out
 
 
-def run(args) -> dict:
+def _load(args):
+    """What both kinds of run start from: (device, checkpoint, clip, family, prompter)."""
+    from .specs import resolve_transformer_impl
     from .video import load_video
 
-    if len(args.questions) > 1:
-        return run_questions(args)
-    rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
-    from .specs import resolve_transformer_impl
     args.transformer_impl = resolve_transformer_impl(args.transformer_impl, device)
     checkpoint = resolve_paths(args)
     clip = load_video(args.frames_dir or args.video, fps=_sampling_fps(args), max_frames=_max_frames(args),
                       frames_fps=args.frames_fps)
     family = model_family(args, checkpoint)
-    prompter = family.prompter(checkpoint)
+    return device, checkpoint, clip, family, family.prompter(checkpoint)
+
+
+def run(args) -> dict:
+    if len(args.questions) > 1:
+        return run_questions(args)
+    rank = dist.get_rank()
+    device, checkpoint, clip, family, prompter = _load(args)
     inputs = prompter(clip, args.question)
     config = spava_config_from_args(args)
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
@@ -353,17 +358,9 @@ def run_questions(args) -> dict:
     from dataclasses import replace
 
     from .inference.generate import split_prompt
-    from .video import load_video
 
     rank = dist.get_rank()
-    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
-    from .specs import resolve_transformer_impl
-    args.transformer_impl = resolve_transformer_impl(args.transformer_impl, device)
-    checkpoint = resolve_paths(args)
-    clip = load_video(args.frames_dir or args.video, fps=_sampling_fps(args), max_frames=_max_frames(args),
-                      frames_fps=args.frames_fps)
-    family = model_family(args, checkpoint)
-    prompter = family.prompter(checkpoint)
+    device, checkpoint, clip, family, prompter = _load(args)
     prompts = [prompter(clip, question) for question in args.questions]
     cfg = family.config(checkpoint)
     splits = [split_prompt(cfg, p.input_ids) for p in prompts]

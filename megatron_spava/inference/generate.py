@@ -79,6 +79,18 @@ def _encode_video(model, inputs, cp_group, config: SpavaConfig):
     return model.encode_video(inputs, cp_group if config.frame_parallel else None)
 
 
+def _local_input(model, inputs, ids: Tensor, idx: Tensor, cp_group, config: SpavaConfig, device,
+                 start: float) -> Tuple[Tensor, float]:
+    """This rank's decoder input [s_local, 1, hidden] for the prompt ids [1, S] at its local
+    indices idx, and the vision time since `start` (host clock, after a device sync)."""
+    embeds = _encode_video(model, inputs, cp_group, config)
+    sync(device)
+    vision_s = time.perf_counter() - start
+    ordinals = model.vision_ordinals(ids)
+    # the vision embeddings [n_vision_tokens, hidden] are not needed once the local rows are placed
+    return model.decoder_input(ids[:, idx].to(device), embeds, ordinals[:, idx].to(device)), vision_s
+
+
 @torch.no_grad()
 def generate(model, inputs, *, algo: str = "spava",
              config: Optional[SpavaConfig] = None, cp_group: Optional[dist.ProcessGroup] = None,
@@ -124,12 +136,7 @@ def generate(model, inputs, *, algo: str = "spava",
 
     sync(device)
     start = time.perf_counter()
-    embeds = _encode_video(model, inputs, cp_group, layout.config)
-    sync(device)
-    vision_s = time.perf_counter() - start
-    ordinals = model.vision_ordinals(ids)
-    x = model.decoder_input(ids[:, idx].to(device), embeds, ordinals[:, idx].to(device))
-    del embeds  # [n_vision_tokens, hidden]: not needed once the local rows are placed
+    x, vision_s = _local_input(model, inputs, ids, idx, cp_group, layout.config, device, start)
     holds_last = bool((idx == S - 1).any())
     row = int((idx == S - 1).nonzero()[0]) if holds_last else 0  # others compute a dummy row
     with cp_request(layout, cache=cache):
@@ -192,12 +199,7 @@ def answer_questions(model, inputs, queries: Sequence[Tensor], *,
 
     sync(device)
     start = time.perf_counter()
-    embeds = _encode_video(model, inputs, cp_group, layout.config)
-    sync(device)
-    vision_s = time.perf_counter() - start
-    ordinals = model.vision_ordinals(ctx)
-    x = model.decoder_input(ctx[:, idx].to(device), embeds, ordinals[:, idx].to(device))
-    del embeds
+    x, vision_s = _local_input(model, inputs, ctx, idx, cp_group, layout.config, device, start)
     with cp_request(layout, cache=cache):  # fills the cache; its one logits row is unused
         model(x, rope[0].take(idx), logits_rows=torch.tensor([0]))
     sync(device)

@@ -190,7 +190,7 @@ def run(args) -> Optional[dict]:
     flat = sorted(((t, s) for t in args.tokens for s in sets[t]),
                   key=lambda ts: (ts[1].index, args.tokens.index(ts[0]), args.tasks.index(ts[1].task)))
     wanted = [v for v in variants() if v[0] in args.algos and v[0] != "full"]
-    base = spava_config_from_args(args)  # --spava-* budgets and switches
+    spava_base = spava_config_from_args(args)  # --spava-* budgets and switches
     max_new = 1 + max(len(prompter.answer_ids(s.answer)) for _, s in flat)
 
     # One model per CP size (each built under its own parallel state; a model keeps the
@@ -238,7 +238,7 @@ def run(args) -> Optional[dict]:
                 measured = measure and changes.get("fuse_query", True)
                 if measured:
                     st["capture"].arm()
-                out = generate(st["model"], inputs, algo=algo, config=base.replace(**changes),
+                out = generate(st["model"], inputs, algo=algo, config=spava_base.replace(**changes),
                                cp_group=st["group"], max_new_tokens=max_new, device=device, group=st["group"])
                 layout = out.layout
                 if measured:
