@@ -98,7 +98,7 @@ def test_spava_at_full_budget_gives_full_attentions_answers(answers):
     "5 samples per task: full 100%, spava at default budgets 67% on retrieval/ordering/counting). The model "
     "counts and orders through its video tokens, which need context from other blocks: spava's "
     "accuracy on ordering+counting rises with the passing budget (42% -> 67% at 2x, 75% at 4x, "
-    "83% at 4x with a n/16 anchor; BENCHMARKS.md section 11). strict: if Spava ever meets the "
+    "83% at 4x with a n/16 anchor; BENCHMARKS.md section 11, tools/eval_needles.py --spava-passing-scale). strict: if Spava ever meets the "
     "target, this test fails and the mark must go"))
 def test_spava_at_default_budgets_is_within_5_points_of_full(answers):
     preds, truth = answers
