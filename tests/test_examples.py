@@ -131,9 +131,16 @@ def test_bench_prefill_runs_ablation_variants_by_name(tmp_path):
           "--repeats", "1", "--warmup", "0", "--algos", "spava", "spava-no-fuse-query",
           "spava-no-overlap-no-frame-parallel", "full", "--json", str(tmp_path / "b.json")])
     import json
-    runs = json.load(open(tmp_path / "b.json"))["runs"]["1200"]
+    result = json.load(open(tmp_path / "b.json"))
+    runs = result["runs"]["1200"]
     assert set(runs) == {"spava", "spava-no-fuse-query", "spava-no-overlap-no-frame-parallel", "full"}
     assert all(r["ttft_median_s"] > 0 and "speedup_vs_full" in r for r in runs.values())
+    # the roofline floor beside each run (its FLOPs: tests/test_roofline.py), rates from this run
+    assert result["rates"]["gemm_flops_per_s"] > 0 and result["rates"]["attention_flops_per_s"] > 0
+    floors = {a: r["roofline"] for a, r in runs.items()}
+    assert all(f["floor_s"] == pytest.approx(f["vision_s"] + f["dense_s"] + f["attention_s"]) for f in floors.values())
+    assert floors["spava-no-overlap-no-frame-parallel"]["vision_s"] == pytest.approx(floors["full"]["vision_s"])
+    assert floors["spava"]["vision_s"] < floors["full"]["vision_s"]
 
 
 def test_video_qa_internvl3_full_budget_agrees_with_full(tmp_path):

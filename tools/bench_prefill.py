@@ -30,7 +30,12 @@ Reported per (n, algo): median TTFT over --repeats after --warmup runs (the slow
 median; min / max are rank 0's runs), the
 vision / LLM split, the share of LLM time inside core attention (CUDA events around
 every core-attention call), peak GPU memory (max over ranks), and speedups against full,
-ring and apb from the same run. With --profile-comm, one extra spava run per n under
+ring and apb from the same run, and the roofline floor beside each TTFT: the FLOPs the
+busiest rank must do (vision encoder and dense layers at the measured GEMM rate,
+attention at the measured causal-attention rate; per-rank FLOPs from tools/scaling_model.py's
+per-rank ops, i.e. the algorithm's own layout), with both rates measured in the same run
+at the start (one layer's four GEMMs and one causal attention call at the LLM's shape,
+`--rate-tokens` rows; tools/bench_layers.py's kernels). With --profile-comm, one extra spava run per n under
 torch.profiler measures exposed communication: time when an NCCL kernel runs and no
 other kernel does, over the run's wall time.
 """
@@ -96,6 +101,9 @@ def parse_args(argv=None):
     p.add_argument("--shard-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="CP algorithms keep 1/W of each LLM layer's weights per GPU, gathered layer "
                         "by layer (the model's shard_weights) (default: on)")
+    p.add_argument("--rate-tokens", type=int, default=None,
+                   help="rows of the GEMM and causal-attention calls that measure the roofline's "
+                        "rates (default: the largest --tokens, at most 65536 on CUDA, 1024 on CPU)")
     p.add_argument("--profile-comm", action="store_true", help="measure exposed communication")
     p.add_argument("--profile-kernels", metavar="DIR",
                    help="one extra spava run per n under torch.profiler: print the 25 costliest "
@@ -227,6 +235,82 @@ def exposed_comm_share(prof) -> float:
     return exposed / wall
 
 
+def _tool(name: str):
+    """tools/<name>.py as a module (the tools are scripts, not a package)."""
+    import importlib.util
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                     f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def llm_shape(cfg):
+    """The LLM's shape (scaling_model.Shape) of a Qwen25VLConfig / InternVL3Config."""
+    return _tool("scaling_model").Shape(layers=cfg.num_layers, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
+                                        heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
+
+
+def vision_flops_per_group(cfg) -> float:
+    """Vision FLOPs of one frame group of synthetic_inputs: Qwen2.5-VL, 2 frames of 448x448
+    (1024 patches); InternVL3, one 448x448 tile."""
+    if _is_internvl(cfg):
+        from megatron_spava.models.internvl3.vision import vision_flops
+        return vision_flops(cfg, 1)
+    from megatron_spava.models.qwen2_5_vl.vision import vision_flops
+    return vision_flops(cfg.vision, 4 * TOKENS_PER_GROUP, 4 * TOKENS_PER_GROUP)
+
+
+def measure_rates(cfg, device: torch.device, rows: int, warmup: int = 1, repeats: int = 3) -> dict:
+    """Peak rates of this device at the LLM's shape, in FLOP/s: one layer's four GEMMs
+    (QKV, output, gate|up, down) over `rows` tokens, and one causal attention call of
+    `rows` tokens (the kernel the algorithms use). Run on every rank; the minimum is kept."""
+    bl = _tool("bench_layers")
+    shape = dict(hidden_size=cfg.hidden_size, kv_channels=cfg.head_dim, num_attention_heads=cfg.num_heads,
+                 num_query_groups=cfg.num_kv_heads, ffn_hidden_size=cfg.intermediate_size)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gemm_ms, gemm_flops = bl.gemm_floor_ms(shape, rows, dtype, device, warmup, repeats)
+    attn, attn_flops = bl.attention_floor_ms(shape, rows, dtype, device, warmup, repeats, te=False)
+    rates = torch.tensor([gemm_flops / gemm_ms * 1e3, attn_flops / min(attn.values()) * 1e3], dtype=torch.float64,
+                         device=device)
+    dist.all_reduce(rates, op=dist.ReduceOp.MIN)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dict(rows=rows, gemm_flops_per_s=float(rates[0]), attention_flops_per_s=float(rates[1]),
+                attention_kernel=next(iter(attn)))
+
+
+def roofline(cfg, n: int, variant: str, cp: int, rates: dict) -> dict:
+    """The floor of one (n, variant) run: max over CP ranks of (vision + dense FLOPs) / GEMM
+    rate + attention FLOPs / attention rate, in seconds, with the busiest rank's split and
+    FLOPs. `full` is one GPU. The LM head, norms, selection and merges are not counted
+    (a floor, not a prediction: tools/scaling_model.py predicts). A two-pass variant
+    (-no-fuse-query) is charged the one-pass FLOPs: the query's rows and keys are the same."""
+    import dataclasses
+    sm = _tool("scaling_model")
+    name, config = algo_and_config(variant)
+    config = dataclasses.replace(config, fuse_query=True)
+    groups, context, query = prompt_lengths(n, cfg)
+    per_group = vision_flops_per_group(cfg)
+    W = 1 if name == "full" else cp
+    ranks = sm.rank_flops(name, n, W, llm_shape(cfg), lengths=(groups, context, query),
+                          config=config if name in ("spava", "apb", "star") else None,
+                          frame_parallel=config.frame_parallel)
+    best = None
+    for r, f in enumerate(ranks):
+        vision = f["frame_groups"] * per_group
+        split = dict(vision_s=vision / rates["gemm_flops_per_s"], dense_s=f["dense"] / rates["gemm_flops_per_s"],
+                     attention_s=f["attention"] / rates["attention_flops_per_s"])
+        row = dict(floor_s=sum(split.values()), rank=r, **split,
+                   flops=dict(vision=vision, dense=f["dense"], attention=f["attention"]))
+        if best is None or row["floor_s"] > best["floor_s"]:
+            best = row
+    return best
+
+
 def run_algo(model, ps, inputs, algo: str, args):
     from megatron_spava import profiling
     from megatron_spava.inference.generate import generate
@@ -328,6 +412,12 @@ def main(argv=None):
                  model_config=cfg)
     results = dict(shape=args.shape, model=family_of(args.shape, args.model), world=world, tp=tp, cp=cp, device=name, transformer_impl=impl,
                    torch=torch.__version__, date=time.strftime("%Y-%m-%d"), runs={})
+    cap = 65536 if args.device == "cuda" else 1024
+    rates = results["rates"] = measure_rates(cfg, args.device_obj, args.rate_tokens or min(max(args.tokens), cap))
+    if rank == 0:
+        print(f"roofline rates at {rates['rows']} rows: GEMM {rates['gemm_flops_per_s'] / 1e12:.3g} TFLOP/s, "
+              f"causal attention ({rates['attention_kernel']}) {rates['attention_flops_per_s'] / 1e12:.3g} TFLOP/s",
+              flush=True)
     one_gpu = [a for a in args.algos if algo_and_config(a)[0] == "full"]  # no CP: one replica each
     cp_algos = [a for a in args.algos if a not in one_gpu]
     for n in args.tokens:
@@ -341,6 +431,7 @@ def main(argv=None):
             inputs = synthetic_inputs(model.cfg, n, args.seed)
             for algo in cp_algos:
                 results["runs"][str(n)][algo] = run_algo(model, ps, inputs, algo, args)
+                results["runs"][str(n)][algo]["roofline"] = roofline(cfg, n, algo, cp, rates) if tp == 1 else None
                 _report(rank, n, algo, results["runs"][str(n)][algo])
             _save(rank, args, results)
         del model
@@ -354,6 +445,7 @@ def main(argv=None):
             inputs = synthetic_inputs(model.cfg, n, args.seed)
             for algo in one_gpu:
                 results["runs"][str(n)][algo] = run_algo(model, ps, inputs, algo, args)
+                results["runs"][str(n)][algo]["roofline"] = roofline(cfg, n, algo, 1, rates) if tp == 1 else None
                 _report(rank, n, algo, results["runs"][str(n)][algo])
             _save(rank, args, results)
     _speedups(results)
@@ -365,9 +457,16 @@ def main(argv=None):
     dist.destroy_process_group()
 
 
+def _floor(r) -> str:
+    f = r.get("roofline")
+    return "" if not f else (f" floor {1e3 * f['floor_s']:8.1f} ms (x{r['ttft_median_s'] / f['floor_s']:.2f}; "
+                             f"vision {1e3 * f['vision_s']:.1f}, dense {1e3 * f['dense_s']:.1f}, "
+                             f"attention {1e3 * f['attention_s']:.1f})")
+
+
 def _report(rank, n, algo, r):
     if rank == 0:
-        print(f"n={n:>7} {algo:<24} TTFT {1e3 * r['ttft_median_s']:9.1f} ms "
+        print(f"n={n:>7} {algo:<24} TTFT {1e3 * r['ttft_median_s']:9.1f} ms{_floor(r)} "
               f"(vision {1e3 * r['vision_median_s']:8.1f}, attention {100 * r['attention_share_of_llm']:4.1f}%, "
               f"selection {100 * r['selection_share_of_llm']:4.1f}% of LLM) "
               f"peak {r['peak_memory_gib']:6.1f} GiB", flush=True)
@@ -391,11 +490,18 @@ def _table(results):
     print(f"\n{results.get('model', 'qwen2_5_vl')} {results['shape']}-shaped, {results['world']} x "
           f"{results['device']}: TTFT median (s) and speedups")
     w = max([24] + [len(a) for runs in results["runs"].values() for a in runs])
-    print(f"{'n':>8} {'algo':<{w}} {'TTFT':>8} {'vision':>8} {'vs full':>8} {'vs ring':>8} {'vs apb':>8} {'mem GiB':>8}")
+    rates = results.get("rates")
+    if rates:
+        print(f"floor: the busiest rank's FLOPs at GEMM {rates['gemm_flops_per_s'] / 1e12:.3g} and causal "
+              f"attention {rates['attention_flops_per_s'] / 1e12:.3g} TFLOP/s (measured in this run)")
+    print(f"{'n':>8} {'algo':<{w}} {'TTFT':>8} {'floor':>8} {'/floor':>7} {'vision':>8} {'vs full':>8} "
+          f"{'vs ring':>8} {'vs apb':>8} {'mem GiB':>8}")
     for n, runs in results["runs"].items():
         for algo, r in runs.items():
             fmt = lambda k: f"{r[k]:8.2f}" if k in r else f"{'-':>8}"  # noqa: E731
-            print(f"{n:>8} {algo:<{w}} {r['ttft_median_s']:8.3f} {r['vision_median_s']:8.3f} "
+            f = r.get("roofline")
+            floor = f"{f['floor_s']:8.3f} {r['ttft_median_s'] / f['floor_s']:7.2f}" if f else f"{'-':>8} {'-':>7}"
+            print(f"{n:>8} {algo:<{w}} {r['ttft_median_s']:8.3f} {floor} {r['vision_median_s']:8.3f} "
                   f"{fmt('speedup_vs_full')} {fmt('speedup_vs_ring')} {fmt('speedup_vs_apb')} "
                   f"{r['peak_memory_gib']:8.1f}")
 

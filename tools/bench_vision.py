@@ -39,25 +39,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def vision_flops(cfg, patches: int, grid_hw: int) -> float:
-    """Matrix-product + attention FLOPs of one forward over `patches` patches whose frames
-    hold `grid_hw` patches each (2 per multiply-add)."""
-    d, inter, unit = cfg.hidden_size, cfg.intermediate_size, cfg.spatial_merge_size ** 2
-    per_patch_block = 2 * (d * 3 * d + d * d + 3 * d * inter)
-    window = (cfg.window_size // cfg.patch_size) ** 2
-    full = len(cfg.fullatt_block_indexes)
-    attn = 4 * d * ((cfg.depth - full) * window + full * grid_hw)  # QK^T and PV per patch
-    merger = 2 * (d * unit) * (d * unit + cfg.out_hidden_size) / unit
-    embed = 2 * cfg.patch_dim * d
-    return patches * (cfg.depth * per_patch_block + attn + merger + embed)
-
-
 def main(argv=None):
     args = parse_args(argv)
     from megatron_spava.models.common.checkpoint_io import single_process_parallel_state
     from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig
     from megatron_spava.models.qwen2_5_vl.tiny import shaped_hf_config
-    from megatron_spava.models.qwen2_5_vl.vision import VisionEncoder
+    from megatron_spava.models.qwen2_5_vl.vision import VisionEncoder, vision_flops
     from megatron_spava.models.common.vision import vision_tp_config
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
 

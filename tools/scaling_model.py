@@ -433,11 +433,14 @@ def spava_config(algo: str, n: int, W: int) -> SpavaConfig:
 
 
 def layer_ops(algo: str, n_tokens: int, W: int, tp: int, shape: Shape, *,
-              shard_weights: bool = True) -> Tuple[Plan, List[List[Op]]]:
+              shard_weights: bool = True, lengths: Optional[Tuple[int, int, int]] = None,
+              config: Optional[SpavaConfig] = None) -> Tuple[Plan, List[List[Op]]]:
     """Per CP rank, the ops of one layer of `algo` on a bench_prefill-style prompt of about
-    n_tokens tokens over W GPUs (TP x CP). Returns (plan, ops per CP rank of CP group 0)."""
+    n_tokens tokens over W GPUs (TP x CP). lengths: (frame groups, context, query) of the
+    prompt (default: bench_prefill's Qwen2.5-VL prompt of n_tokens); config: the Spava-family
+    config (default: the variant's). Returns (plan, ops per CP rank of CP group 0)."""
     cp = W // tp
-    groups_total, context, query = _bench_prefill().prompt_lengths(n_tokens)
+    groups_total, context, query = lengths or _bench_prefill().prompt_lengths(n_tokens)
     S = context + query
     group = cp_ranks(W, tp)[0]
     weights = None
@@ -459,7 +462,7 @@ def layer_ops(algo: str, n_tokens: int, W: int, tp: int, shape: Shape, *,
                 Op(dense=(1 - dense_split(shape)) * S, gemm_rows=S)]]
         local = (S,)
     elif base in ("spava", "apb", "star"):
-        cfg = spava_config(algo, n_tokens, cp) if base == "spava" else SpavaConfig()
+        cfg = config or (spava_config(algo, n_tokens, cp) if base == "spava" else SpavaConfig())
         layout = plan_layout(base, context_len=context, query_len=query, cp_size=cp, config=cfg)
         ops = [spava_ops(layout, r, shape, tp, group, w(r)) for r in range(cp)]
         local = tuple(layout.local_len(r) for r in range(cp))
@@ -1079,6 +1082,34 @@ def rank_compute(algo: str, n_tokens: int, W: int, shape: Shape, rates: Rates, h
         if best is None or total > best["total"]:
             best = row
     return best
+
+
+def dense_flops_per_token(shape: Shape) -> float:
+    """Matrix-product FLOPs of one token through one decoder layer (2 per multiply-add: QKV,
+    output projection, SwiGLU gate|up and down); biases, norms and RoPE not counted."""
+    h, d = shape.hidden, shape.head_dim
+    return 2.0 * (h * (shape.heads + 2 * shape.kv_heads) * d + shape.heads * d * h + 3 * h * shape.ffn)
+
+
+def rank_flops(algo: str, n_tokens: int, W: int, shape: Shape, *,
+               lengths: Optional[Tuple[int, int, int]] = None,
+               config: Optional[SpavaConfig] = None, frame_parallel: bool = True) -> List[Dict[str, float]]:
+    """The LLM work each CP rank must do in one prefill forward (TP = 1, all layers), from the
+    same per-rank ops as the time model: {"dense": matrix-product FLOPs of its local tokens,
+    "attention": FLOPs of its attention calls (4 hq d per row-key pair, causal halved),
+    "tokens": its local tokens, "frame_groups": the vision groups it encodes (its slice under
+    frame-parallel vision, else all)}. algo: a name of
+    ALGOS ("megatron-allgather" for TE's all_gather) or "full"; lengths, config: as layer_ops.
+    The LM head (the last token's logits) is not counted."""
+    plan, ops = layer_ops(algo, n_tokens, W, 1, shape, shard_weights=False, lengths=lengths, config=config)
+    out = []
+    for r, rank_ops in enumerate(ops):
+        pairs = sum(c.pairs() for o in rank_ops for c in o.calls)
+        groups = plan.frame_groups[r] if frame_parallel and len(plan.frame_groups) > 1 else sum(plan.frame_groups)
+        out.append(dict(tokens=plan.local_tokens[r], frame_groups=groups,
+                        dense=shape.layers * plan.local_tokens[r] * dense_flops_per_token(shape),
+                        attention=shape.layers * pairs * shape.flop_per_pair))
+    return out
 
 
 def _tok(n: int) -> str:

@@ -158,6 +158,20 @@ class InternViT(MegatronModule):
         return x[1:].transpose(0, 1)  # [F, grid^2, D]
 
 
+def vision_flops(cfg: InternVL3Config, tiles: int) -> float:
+    """Matrix-product and attention FLOPs (2 per multiply-add) of InternViT and the projector
+    over `tiles` tiles (one per video frame): patch embedding, per layer QKV / output / MLP
+    over grid^2 + 1 tokens (CLS included) and full attention within the tile, then the
+    projector's two linears on tokens_per_tile tokens. Norms and activations not counted."""
+    v = cfg.vision
+    d, tokens = v.hidden_size, v.grid ** 2 + 1
+    layer = 2 * tokens * (4 * d * d + 2 * d * v.intermediate_size) + 4 * tokens * tokens * d
+    embed = 2 * v.grid ** 2 * v.num_channels * v.patch_size ** 2 * d
+    width = d * cfg.scale ** 2
+    projector = 2 * cfg.tokens_per_tile * (width * cfg.hidden_size + cfg.hidden_size * cfg.hidden_size)
+    return tiles * (v.depth * layer + embed + projector)
+
+
 def pixel_shuffle(features: Tensor, scale: int) -> Tensor:
     """HF InternVL's pixel shuffle with scale_factor = 1 / scale: features [F, g*g, C] (row
     major over the g x g patch grid) -> [F, (g/scale)^2, C * scale^2], each output token the

@@ -74,6 +74,21 @@ class VisionConfig:
         return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
 
 
+def vision_flops(cfg: VisionConfig, patches: int, grid_hw: int) -> float:
+    """Matrix-product and attention FLOPs (2 per multiply-add) of one forward of the encoder
+    over `patches` patches whose frames hold `grid_hw` patches each: patch embedding, per
+    block QKV / output / SwiGLU MLP and attention (windowed blocks over a window, full blocks
+    over the frame), and the patch merger. Norms, rotary and activations are not counted."""
+    d, inter, unit = cfg.hidden_size, cfg.intermediate_size, cfg.spatial_merge_size ** 2
+    per_patch_block = 2 * (d * 3 * d + d * d + 3 * d * inter)
+    window = (cfg.window_size // cfg.patch_size) ** 2
+    full = len(cfg.fullatt_block_indexes)
+    attn = 4 * d * ((cfg.depth - full) * min(window, grid_hw) + full * grid_hw)  # QK^T and PV per patch
+    merger = 2 * (d * unit) * (d * unit + cfg.out_hidden_size) / unit
+    embed = 2 * cfg.patch_dim * d
+    return patches * (cfg.depth * per_patch_block + attn + merger + embed)
+
+
 def _rotary(qk: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """HF's vision rotary (x * cos + rotate_half(x) * sin) in float32, cast back.
     qk [N, heads, 2, d] (q and k together); cos, sin [N, d/2] float32: HF's cos/sin are
