@@ -168,3 +168,30 @@ def test_bench_prefill_runs_internvl3(tmp_path):
     runs = result["runs"]["1200"]
     assert result["model"] == "internvl3" and set(runs) == {"spava", "spava-no-fuse-query", "full"}
     assert all(r["ttft_median_s"] > 0 and r["tokens"] == 1196 for r in runs.values())
+
+
+def _bench_prefill():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_prefill", os.path.join(ROOT, "tools", "bench_prefill.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_prefill_megatron_variants_need_te_and_pad_the_prompt():
+    """megatron-<comm> is accepted by name, refused in one line where TE does not import, and
+    a run with it pads every algorithm's prompt to a multiple of 2 x CP (TE's rule)."""
+    from megatron_spava.specs import te_available
+    bp = _bench_prefill()
+    cfg = bp.model_config("tiny")
+    for multiple in (1, 4, 8):
+        groups, context, query = bp.prompt_lengths(1200, cfg, multiple)
+        assert (context + query) % multiple == 0 and 24 <= query < 24 + multiple
+        assert bp.synthetic_inputs(cfg, 1200, 0, multiple).input_ids.shape[1] == context + query
+    assert bp.algo_and_config("megatron-a2a")[0] == "megatron" and bp.megatron_comm("megatron-a2a+p2p") == "a2a+p2p"
+    if te_available():
+        pytest.skip("Transformer Engine imports here: tests/test_te.py runs the megatron variants")
+    out = subprocess.run([sys.executable, "tools/bench_prefill.py", "--shape", "tiny", "--device", "cpu",
+                          "--algos", "spava", "megatron-p2p"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert out.returncode == 2 and "Transformer Engine does not import here" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -391,3 +391,24 @@ def test_ring_on_te_layers_needs_nccl(reference):
         pytest.skip("ring sends K/V point-to-point, which gloo cannot do on CUDA tensors "
                     "(host staging is not implemented); needs NCCL with 4 GPUs")
     _check(_run_tp_cp("ring", None, "bfloat16", "nccl"), reference, "bfloat16")
+
+
+def test_bench_prefill_runs_megatron_variants_on_one_gpu(tmp_path):
+    """tools/bench_prefill.py with Megatron's own CP variants beside ours, tiny shape, one GPU
+    (CP = 1: TE's attention without communication; the 4-GPU run is issue 14's): each
+    megatron-<comm> builds its own model with TE's core attention and reports a TTFT and a
+    roofline floor next to full's."""
+    import json
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "tools/bench_prefill.py", "--shape", "tiny", "--device", "cuda",
+                          "--tokens", "2048", "--repeats", "1", "--warmup", "1", "--transformer-impl",
+                          "transformer_engine", "--algos", "full", "spava", "megatron-p2p", "megatron-all_gather",
+                          "--json", str(tmp_path / "b.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = json.load(open(tmp_path / "b.json"))["runs"]["2048"]
+    assert set(runs) == {"full", "spava", "megatron-p2p", "megatron-all_gather"}
+    for r in runs.values():
+        assert r["ttft_median_s"] > 0 and r["roofline"]["floor_s"] > 0
+    # at CP = 1 Megatron's floor is full's: the same FLOPs on one GPU
+    assert runs["megatron-p2p"]["roofline"]["floor_s"] == pytest.approx(runs["full"]["roofline"]["floor_s"])

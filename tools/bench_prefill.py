@@ -20,6 +20,12 @@ switches off, `<algo>-no-<switch>[-no-<switch>...]`:
   star, apb, spava           SPAVA.md section 5
   spava-no-overlap, spava-no-shard-anchor, spava-no-fuse-query, spava-no-zigzag,
   spava-no-frame-parallel    one step of the paper's ablation chain each (the default list)
+  megatron-p2p, megatron-a2a, megatron-all_gather, megatron-a2a+p2p
+                             Megatron's own context parallelism: Transformer Engine's CP
+                             attention with that --cp-comm-type, as Megatron ships it (no
+                             weight sharding); needs TE, and in the default list when TE
+                             imports. With any of them in a run, every algorithm gets the
+                             same prompt padded to a multiple of 2 x CP tokens (TE's rule)
   --chain                    adds the chain itself, each step removing one more switch:
                              spava-no-overlap, spava-no-overlap-no-shard-anchor, ...
 spava-no-fuse-query prefills the context alone and runs the query over the KV cache (two
@@ -120,12 +126,30 @@ def parse_args(argv=None):
         family_of(args.shape, args.model)
     except ValueError as err:
         p.error(str(err))
+    wanted = [a for a in (args.algos or []) if megatron_comm(a)]
+    if wanted:
+        from megatron_spava.specs import te_available
+        if not te_available():
+            p.error(f"{', '.join(wanted)}: Megatron's own context parallelism is Transformer Engine's "
+                    f"attention, and Transformer Engine does not import here")
+        if args.device != "cuda":
+            p.error(f"{', '.join(wanted)}: Transformer Engine runs on CUDA only (--device cuda)")
     return args
 
 
 def _default_algos():
     from megatron_spava.algos import benchmark_variants
-    return benchmark_variants()
+    from megatron_spava.specs import te_available
+    return benchmark_variants() + (MEGATRON_VARIANTS[:3] if te_available() else [])
+
+
+#: Megatron's own CP, one variant per Transformer Engine --cp-comm-type
+MEGATRON_VARIANTS = ["megatron-p2p", "megatron-a2a", "megatron-all_gather", "megatron-a2a+p2p"]
+
+
+def megatron_comm(variant: str):
+    """The --cp-comm-type of a megatron-<comm> variant, else None."""
+    return variant[len("megatron-"):] if variant in MEGATRON_VARIANTS else None
 
 
 def _chain():
@@ -134,13 +158,16 @@ def _chain():
 
 
 def _variant(name: str) -> str:
-    """argparse type: a registered algorithm or one of its -no-<switch> variants."""
+    """argparse type: a registered algorithm, one of its -no-<switch> variants, or
+    megatron-<cp-comm-type>."""
     from megatron_spava.algos import get, parse_variant
+    if megatron_comm(name):
+        return name
     try:
         algo, _ = parse_variant(name)
         if get(algo).attn_func is None:
-            raise ValueError(f"{algo!r} runs in its own core-attention module; this tool builds "
-                             f"one model with SpavaCoreAttention for every algorithm")
+            raise ValueError(f"{algo!r} runs in its own core-attention module: name its communication, "
+                             f"one of {', '.join(MEGATRON_VARIANTS)}")
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err))
     return name
@@ -148,13 +175,20 @@ def _variant(name: str) -> str:
 
 def algo_and_config(variant: str):
     """(registry algorithm, SpavaConfig) of a variant name: 'spava-no-zigzag' -> spava with
-    zigzag=False."""
+    zigzag=False; 'megatron-a2a' -> megatron with the default config (its communication is
+    the model's core-attention module: `megatron_comm`)."""
     from megatron_spava.algos import variant_config
+    from megatron_spava.config import SpavaConfig
+    if megatron_comm(variant):
+        return "megatron", SpavaConfig()
     return variant_config(variant)
 
 
 def build(shape: str, cp: int, seed: int, device: torch.device, tp: int = 1, backend: str = "local",
-          model: str = "auto"):
+          model: str = "auto", cp_comm_type=None):
+    """The model at `shape` with random weights (the same on every rank), under a fresh
+    TP x CP parallel state; cp_comm_type: build it with Megatron's own CP attention
+    (Transformer Engine's, that communication) instead of SpavaCoreAttention."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
     from megatron_spava.models.families import get_family
@@ -168,9 +202,13 @@ def build(shape: str, cp: int, seed: int, device: torch.device, tp: int = 1, bac
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.manual_seed(seed)
+    extra = {}
+    if cp_comm_type is not None:
+        from megatron_spava.algos.megatron import core_attention_for
+        extra["core_attention"] = core_attention_for("megatron", cp_comm_type)
     with torch.device(device):
         built = Model(cfg, dtype=torch.bfloat16 if cuda else torch.float32, tensor_parallel=tp,
-                      context_parallel=cp, use_cpu_initialization=not cuda, backend=backend).eval()
+                      context_parallel=cp, use_cpu_initialization=not cuda, backend=backend, **extra).eval()
     return built.to(device), ps
 
 
@@ -179,25 +217,29 @@ def _is_internvl(cfg) -> bool:
     return isinstance(cfg, InternVL3Config)
 
 
-def prompt_lengths(n: int, cfg=None):
+def prompt_lengths(n: int, cfg=None, multiple: int = 1):
     """(frame groups, context tokens, query tokens) of `synthetic_inputs(cfg, n, ...)`
-    (cfg None: Qwen2.5-VL's layout)."""
+    (cfg None: Qwen2.5-VL's layout). multiple: the question is padded (24 tokens and up)
+    so that the whole prompt is a multiple of it (Megatron's CP: 2 x CP)."""
     if cfg is not None and _is_internvl(cfg):
         per_frame = cfg.tokens_per_tile + 2  # <img> <IMG_CONTEXT>*T </img>
         frames = max(1, (n - 44) // per_frame)
-        return frames, 20 + frames * per_frame, 24
-    groups = max(1, (n - 46) // TOKENS_PER_GROUP)
-    return groups, 20 + 1 + groups * TOKENS_PER_GROUP + 1, 24
+        groups, context = frames, 20 + frames * per_frame
+    else:
+        groups = max(1, (n - 46) // TOKENS_PER_GROUP)
+        context = 20 + 1 + groups * TOKENS_PER_GROUP + 1
+    return groups, context, 24 + (-(context + 24)) % multiple
 
 
-def synthetic_inputs(cfg, n: int, seed: int):
+def synthetic_inputs(cfg, n: int, seed: int, multiple: int = 1):
     """A chat prompt of about n tokens around a video: Qwen2.5-VL, a 448x448 video of n/256
-    temporal groups; InternVL3, n/(T+2) frames of one tile each (T tokens per tile)."""
+    temporal groups; InternVL3, n/(T+2) frames of one tile each (T tokens per tile).
+    multiple: the prompt length is made a multiple of it (`prompt_lengths`)."""
     from megatron_spava.video.inputs import InternVLInputs, VideoQAInputs
     gen = torch.Generator().manual_seed(seed)
     prefix = torch.randint(0, 200, (20,), generator=gen)  # ordinary tokens in every vocabulary here
-    question = torch.randint(0, 200, (24,), generator=gen)
-    groups = prompt_lengths(n, cfg)[0]
+    groups, _, query = prompt_lengths(n, cfg, multiple)
+    question = torch.randint(0, 200, (query,), generator=gen)
     if _is_internvl(cfg):  # <img>, </img>: ordinary ids here (the weights are random)
         frame = torch.tensor([201] + [cfg.image_token_id] * cfg.tokens_per_tile + [202])
         ids = torch.cat([prefix, frame.repeat(groups), question])[None]
@@ -283,7 +325,7 @@ def measure_rates(cfg, device: torch.device, rows: int, warmup: int = 1, repeats
                 attention_kernel=next(iter(attn)))
 
 
-def roofline(cfg, n: int, variant: str, cp: int, rates: dict) -> dict:
+def roofline(cfg, n: int, variant: str, cp: int, rates: dict, multiple: int = 1) -> dict:
     """The floor of one (n, variant) run: max over CP ranks of (vision + dense FLOPs) / GEMM
     rate + attention FLOPs / attention rate, in seconds, with the busiest rank's split and
     FLOPs. `full` is one GPU. The LM head, norms, selection and merges are not counted
@@ -293,9 +335,12 @@ def roofline(cfg, n: int, variant: str, cp: int, rates: dict) -> dict:
     sm = _tool("scaling_model")
     name, config = algo_and_config(variant)
     config = dataclasses.replace(config, fuse_query=True)
-    groups, context, query = prompt_lengths(n, cfg)
+    groups, context, query = prompt_lengths(n, cfg, multiple)
     per_group = vision_flops_per_group(cfg)
     W = 1 if name == "full" else cp
+    comm = megatron_comm(variant)
+    if comm is not None:  # scaling_model's names for TE's communications
+        name = {"all_gather": "megatron-allgather"}.get(comm, f"megatron-{comm}")
     ranks = sm.rank_flops(name, n, W, llm_shape(cfg), lengths=(groups, context, query),
                           config=config if name in ("spava", "apb", "star") else None,
                           frame_parallel=config.frame_parallel)
@@ -406,8 +451,9 @@ def main(argv=None):
     cp = world // tp
     variants = [algo_and_config(a) for a in args.algos]
     cfg = model_config(args.shape, args.model)
+    multiple = 2 * cp if any(megatron_comm(a) for a in args.algos) and cp > 1 else 1
     check_launch(tp=tp, cp=cp, algos=[v for v in variants if v[0] != "full"],
-                 requests=[Request(c, q, g) for g, c, q in (prompt_lengths(n, cfg) for n in args.tokens)],
+                 requests=[Request(c, q, g) for g, c, q in (prompt_lengths(n, cfg, multiple) for n in args.tokens)],
                  frame_parallel=any(c.frame_parallel for a, c in variants if a != "full"),
                  model_config=cfg)
     results = dict(shape=args.shape, model=family_of(args.shape, args.model), world=world, tp=tp, cp=cp, device=name, transformer_impl=impl,
@@ -418,36 +464,34 @@ def main(argv=None):
         print(f"roofline rates at {rates['rows']} rows: GEMM {rates['gemm_flops_per_s'] / 1e12:.3g} TFLOP/s, "
               f"causal attention ({rates['attention_kernel']}) {rates['attention_flops_per_s'] / 1e12:.3g} TFLOP/s",
               flush=True)
-    one_gpu = [a for a in args.algos if algo_and_config(a)[0] == "full"]  # no CP: one replica each
-    cp_algos = [a for a in args.algos if a not in one_gpu]
+    # One model per group of algorithms that share it: our core attention (weights sharded
+    # over CP unless --no-shard-weights), Megatron's CP attention per communication (as
+    # Megatron ships it: no sharding), and `full` on one GPU (every rank its own replica).
+    one_gpu = [a for a in args.algos if algo_and_config(a)[0] == "full"]
+    megatron = [a for a in args.algos if megatron_comm(a)]
+    ours = [a for a in args.algos if a not in one_gpu and a not in megatron]
+    groups = ([(cp, None, ours, args.shard_weights)] if ours else []) + \
+        [(cp, megatron_comm(a), [a], False) for a in megatron] + ([(1, None, one_gpu, False)] if one_gpu else [])
     for n in args.tokens:
         results["runs"][str(n)] = {}
     results["shard_weights"] = args.shard_weights
-    if cp_algos:
-        model, ps = build(args.shape, cp, args.seed, args.device_obj, tp, impl, args.model)
-        if args.shard_weights:
+    results["prompt_multiple"] = multiple
+    for size, comm, algos, shard in groups:
+        model, ps = build(args.shape, size, args.seed, args.device_obj, tp, impl, args.model, cp_comm_type=comm)
+        if shard and size > 1:
             model.shard_weights(ps.get_context_parallel_group())
         for n in args.tokens:
-            inputs = synthetic_inputs(model.cfg, n, args.seed)
-            for algo in cp_algos:
-                results["runs"][str(n)][algo] = run_algo(model, ps, inputs, algo, args)
-                results["runs"][str(n)][algo]["roofline"] = roofline(cfg, n, algo, cp, rates) if tp == 1 else None
-                _report(rank, n, algo, results["runs"][str(n)][algo])
+            if size == 1 and n > args.full_max_tokens:
+                continue
+            inputs = synthetic_inputs(model.cfg, n, args.seed, multiple)
+            for algo in algos:
+                run = results["runs"][str(n)][algo] = run_algo(model, ps, inputs, algo, args)
+                run["roofline"] = roofline(cfg, n, algo, size, rates, multiple) if tp == 1 else None
+                _report(rank, n, algo, run)
             _save(rank, args, results)
         del model
         if args.device_obj.type == "cuda":
             torch.cuda.empty_cache()
-    if one_gpu:
-        model, ps = build(args.shape, 1, args.seed, args.device_obj, tp, impl, args.model)
-        for n in args.tokens:
-            if n > args.full_max_tokens:
-                continue
-            inputs = synthetic_inputs(model.cfg, n, args.seed)
-            for algo in one_gpu:
-                results["runs"][str(n)][algo] = run_algo(model, ps, inputs, algo, args)
-                results["runs"][str(n)][algo]["roofline"] = roofline(cfg, n, algo, 1, rates) if tp == 1 else None
-                _report(rank, n, algo, results["runs"][str(n)][algo])
-            _save(rank, args, results)
     _speedups(results)
     _save(rank, args, results)
     if rank == 0:
