@@ -35,8 +35,10 @@ def _chat_template(path: str, tokenizer) -> Optional[str]:
     return tokenizer.chat_template
 
 
-class VideoPrompter:
-    """Builds VideoQAInputs for a Qwen2.5-VL checkpoint directory.
+class ChatPrompter:
+    """What every family's prompter shares: the checkpoint's tokenizer and chat template, HF's
+    processor when it loads (`backend` "hf") or the family's torch fallback ("torch"; the
+    reason in `fallback_reason`), and the chat prompt of one video and a question.
 
     use_hf_processor: "auto" (HF's processor when it loads, else the torch fallback),
     True (require it) or False (always the fallback).
@@ -49,7 +51,6 @@ class VideoPrompter:
             raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
         self.chat_template = _chat_template(checkpoint, self.tokenizer)
-        self.config = VideoPreprocessConfig.from_checkpoint(checkpoint)
         self.processor, self.fallback_reason = None, None
         if use_hf_processor:
             try:
@@ -72,6 +73,15 @@ class VideoPrompter:
                                                  {"type": "text", "text": question}]}]
         return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template,
                                                   tokenize=False, add_generation_prompt=True)
+
+
+class VideoPrompter(ChatPrompter):
+    """Builds VideoQAInputs for a Qwen2.5-VL checkpoint directory (`ChatPrompter`'s
+    use_hf_processor)."""
+
+    def __init__(self, checkpoint: str, use_hf_processor="auto"):
+        super().__init__(checkpoint, use_hf_processor)
+        self.config = VideoPreprocessConfig.from_checkpoint(checkpoint)
 
     def __call__(self, clip: VideoClip, question: str) -> VideoQAInputs:
         text = self.prompt_text(question)

@@ -24,6 +24,7 @@ import torch
 
 from ...video.inputs import InternVLInputs
 from ...video.preprocess import _resize
+from ...video.prompt import ChatPrompter
 from .tiny import IMAGE_TOKENS, IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -70,46 +71,15 @@ def preprocess_tiles(frames, cfg: TilePreprocessConfig) -> torch.Tensor:
     return (x - mean) / std
 
 
-class InternVLPrompter:
-    """Builds InternVLInputs for an InternVL checkpoint directory.
-
-    use_hf_processor: "auto" (HF's processor when it loads, else the torch fallback),
-    True (require it) or False (always the fallback).
-    """
+class InternVLPrompter(ChatPrompter):
+    """Builds InternVLInputs for an InternVL checkpoint directory (`ChatPrompter`'s
+    use_hf_processor)."""
 
     def __init__(self, checkpoint: str, use_hf_processor="auto"):
-        from transformers import AutoTokenizer
-
-        if not os.path.isdir(checkpoint):
-            raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
-        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
-        template = os.path.join(checkpoint, "chat_template.jinja")
-        self.chat_template = (open(template).read() if os.path.isfile(template)
-                              else self.tokenizer.chat_template)
+        super().__init__(checkpoint, use_hf_processor)
         self.config = TilePreprocessConfig.from_checkpoint(checkpoint)
         with open(os.path.join(checkpoint, "config.json")) as f:
             self.tokens_per_frame = json.load(f).get("image_seq_length", 256)
-        self.processor, self.fallback_reason = None, None
-        if use_hf_processor:
-            try:
-                from transformers import AutoProcessor
-                self.processor = AutoProcessor.from_pretrained(checkpoint, local_files_only=True)
-            except Exception as err:  # torchvision missing, or an incomplete processor config
-                if use_hf_processor is True:
-                    raise
-                first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-                self.fallback_reason = f"{type(err).__name__}: {first[:160]}"
-        else:
-            self.fallback_reason = "disabled"
-
-    @property
-    def backend(self) -> str:
-        return "hf" if self.processor is not None else "torch"
-
-    def prompt_text(self, question: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template,
-                                                  tokenize=False, add_generation_prompt=True)
 
     def __call__(self, frames, question: str) -> InternVLInputs:
         """frames: uint8 [T, H, W, 3] or a `megatron_spava.video.VideoClip`."""
