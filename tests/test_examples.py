@@ -195,3 +195,22 @@ def test_bench_prefill_megatron_variants_need_te_and_pad_the_prompt():
                           "--algos", "spava", "megatron-p2p"], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert out.returncode == 2 and "Transformer Engine does not import here" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_tp_cp_check_agrees_with_one_rank_and_can_fail(tmp_path):
+    """tools/tp_cp_check.py on 4 CPU ranks: spava at full budget and ring at TP=2 x CP=2 and
+    TP=1 x CP=4 give TP=1 x CP=1 full attention's first-token logits (float32) and its 16
+    tokens, from weights drawn once per grid with the same seed; an impossible tolerance
+    makes the same runs fail (exit 1)."""
+    import json
+    cmd = [sys.executable, "tools/tp_cp_check.py", "--nproc", "4", "--grids", "2x2", "1x4",
+           "--json", str(tmp_path / "t.json")]
+    _run(cmd, timeout=300)
+    result = json.load(open(tmp_path / "t.json"))
+    assert [(r["tp"], r["cp"], r["algo"]) for r in result["rows"]] == [
+        (2, 2, "spava"), (2, 2, "ring"), (1, 4, "spava"), (1, 4, "ring")]
+    assert all(r["ok"] and r["same_tokens"] and r["rel_err"] < 1e-5 for r in result["rows"]), result["rows"]
+    assert len(result["reference_tokens"]) == 16
+    out = subprocess.run(cmd[:-2] + ["--tolerance", "1e-12", "--algos", "spava"], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "FAIL" in out.stdout, out.stdout[-2000:]

@@ -185,10 +185,12 @@ def algo_and_config(variant: str):
 
 
 def build(shape: str, cp: int, seed: int, device: torch.device, tp: int = 1, backend: str = "local",
-          model: str = "auto", cp_comm_type=None):
+          model: str = "auto", cp_comm_type=None, cpu_init=None, bf16=None):
     """The model at `shape` with random weights (the same on every rank), under a fresh
     TP x CP parallel state; cp_comm_type: build it with Megatron's own CP attention
-    (Transformer Engine's, that communication) instead of SpavaCoreAttention."""
+    (Transformer Engine's, that communication) instead of SpavaCoreAttention. cpu_init:
+    megatron-core's CPU initialisation (the full weight drawn, then sliced: the same weights
+    at every TP size; default on CPU only); bf16: bfloat16 (default on CUDA only)."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
     from megatron_spava.models.families import get_family
@@ -206,9 +208,11 @@ def build(shape: str, cp: int, seed: int, device: torch.device, tp: int = 1, bac
     if cp_comm_type is not None:
         from megatron_spava.algos.megatron import core_attention_for
         extra["core_attention"] = core_attention_for("megatron", cp_comm_type)
-    with torch.device(device):
-        built = Model(cfg, dtype=torch.bfloat16 if cuda else torch.float32, tensor_parallel=tp,
-                      context_parallel=cp, use_cpu_initialization=not cuda, backend=backend, **extra).eval()
+    cpu_init = not cuda if cpu_init is None else cpu_init
+    dtype = torch.bfloat16 if (cuda if bf16 is None else bf16) else torch.float32
+    with torch.device("cpu" if cpu_init else device):
+        built = Model(cfg, dtype=dtype, tensor_parallel=tp, context_parallel=cp,
+                      use_cpu_initialization=cpu_init, backend=backend, **extra).eval()
     return built.to(device), ps
 
 
