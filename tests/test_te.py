@@ -401,7 +401,8 @@ def test_bench_prefill_runs_megatron_variants_on_one_gpu(tmp_path):
     import json
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "tools/bench_prefill.py", "--shape", "tiny", "--device", "cuda",
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                          "tools/bench_prefill.py", "--shape", "tiny", "--device", "cuda",
                           "--tokens", "2048", "--repeats", "1", "--warmup", "1", "--transformer-impl",
                           "transformer_engine", "--algos", "full", "spava", "megatron-p2p", "megatron-all_gather",
                           "--json", str(tmp_path / "b.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
