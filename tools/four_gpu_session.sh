@@ -4,10 +4,11 @@
 #
 #   correctness  the CUDA tests on 4 GPUs (tests/test_gpu.py: spava full budget and ring exact
 #                over NCCL at 2 and 4 GPUs; tests/test_te.py: TE x TP x CP incl. megatron p2p /
-#                a2a at TP=2 x CP=2), tools/tp_cp_check.py (3B shape, bf16, TE: TP=2 x CP=2,
-#                TP=1 x CP=4, TP=4 x CP=1 vs TP=1 x CP=1 for spava at full budget, ring,
-#                megatron p2p / a2a), then the Megatron-LM launch at TP=2 x CP=2 (eval loss
+#                a2a at TP=2 x CP=2), then the Megatron-LM launch at TP=2 x CP=2 (eval loss
 #                without CP vs spava at full budget vs ring) when MEGATRON_LM_PATH is set
+#   tpcp         tools/tp_cp_check.py: 3B shape, bf16, TE layers, TP=2 x CP=2, TP=1 x CP=4 and
+#                TP=4 x CP=1 against TP=1 x CP=1 for spava at full budget, ring, megatron p2p
+#                and a2a (14 model builds with CPU initialisation: its time is a guess)
 #   bench        tools/bench_prefill.py, 7B shape, TE layers, every default algorithm (full on
 #                one GPU, megatron-p2p / -a2a / -all_gather, ring, star, apb, spava and each
 #                ablation), 32K-128K, exposed communication profiled; roofline floors printed
@@ -26,7 +27,7 @@
 # it on: each command here ran before only on CPU ranks or one GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: tools/four_gpu_session.sh correctness|bench|bench256|long|internvl|needles}
+stage=${1:?usage: tools/four_gpu_session.sh correctness|tpcp|bench|bench256|long|internvl|needles}
 OUT=${OUT:-/tmp/four_gpu}
 dir="$OUT/$stage"
 mkdir -p "$dir"
@@ -46,17 +47,18 @@ case "$stage" in
     timeout 300 python3 -m pytest -q -s -m cuda -p no:cacheprovider tests/test_gpu.py tests/test_te.py \
         > "$dir/pytest.log" 2>&1 || rc=$?
     tail -25 "$dir/pytest.log"
-    # issue 14 run 1: Qwen2.5-VL-3B-shaped prefill + 16 tokens, bf16, TE layers, against TP=1 x CP=1
-    timeout 200 $RUN4 tools/tp_cp_check.py --device cuda --bf16 --shape 3b --tokens 16384 \
-        --transformer-impl transformer_engine --grids 2x2 1x4 4x1 \
-        --algos spava ring megatron-p2p megatron-a2a --json "$dir/tp_cp_check.json" \
-        > "$dir/tp_cp_check.log" 2>&1 || rc=$?
     if [ -n "${MEGATRON_LM_PATH:-}" ]; then
       timeout 120 python3 examples/megatron_lm/compare_eval_loss.py --megatron-lm "$MEGATRON_LM_PATH" \
           --tp 2 --cp 2 --timeout 110 --work /tmp/megatron_lm_work --json "$dir/megatron_lm.json" \
           > "$dir/megatron_lm.log" 2>&1 || rc=$?
       tail -12 "$dir/megatron_lm.log"
     fi ;;
+  tpcp)
+    # issue 14 run 1: Qwen2.5-VL-3B-shaped prefill + 16 tokens, bf16, TE layers, against TP=1 x CP=1
+    timeout 570 $RUN4 tools/tp_cp_check.py --device cuda --bf16 --shape 3b --tokens 16384 \
+        --transformer-impl transformer_engine --grids 2x2 1x4 4x1 \
+        --algos spava ring megatron-p2p megatron-a2a --json "$dir/tp_cp_check.json" \
+        > "$dir/tp_cp_check.log" 2>&1 || rc=$? ;;
   bench)
     timeout 570 $RUN4 $BENCH --tokens 32768 65536 131072 --profile-comm \
         --json "$dir/prefill.json" --plot "$dir/prefill.png" > "$dir/prefill.log" 2>&1 || rc=$? ;;
