@@ -8,7 +8,7 @@
 #                without CP vs spava at full budget vs ring) when MEGATRON_LM_PATH is set
 #   tpcp         tools/tp_cp_check.py: 3B shape, bf16, TE layers, TP=2 x CP=2, TP=1 x CP=4 and
 #                TP=4 x CP=1 against TP=1 x CP=1 for spava at full budget, ring, megatron p2p
-#                and a2a (14 model builds with CPU initialisation: its time is a guess)
+#                and a2a (11 model builds with CPU initialisation: its time is a guess)
 #   bench        tools/bench_prefill.py, 7B shape, TE layers, every default algorithm (full on
 #                one GPU, megatron-p2p / -a2a / -all_gather, ring, star, apb, spava and each
 #                ablation), 32K-128K, exposed communication profiled; roofline floors printed
