@@ -87,6 +87,9 @@ def parse_args(argv=None):
                    help="uniform pixel noise +-N on training frames (default: %(default)s)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA, off for CPU)")
+    p.add_argument("--text-layers", type=int, default=4,
+                   help="decoder layers of the language model (the shipped model: %(default)s); "
+                        "more layers give the question rows more steps to combine needles on their own")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"],
                    help="HF attention implementation (default: %(default)s)")
     p.add_argument("--log-every", type=int, default=25, help="steps between log lines (default: %(default)s)")
@@ -99,6 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--init-from", default=None,
                    help="start from this checkpoint's weights (a directory this script wrote)")
     args = p.parse_args(argv)
+    if args.text_layers < 1:
+        p.error("--text-layers must be >= 1")
     if args.bf16 is None:
         args.bf16 = args.device == "cuda"
     if args.reserve_minutes is None:
@@ -233,7 +238,7 @@ def main(argv=None) -> int:
 
     tokenizer = build_tokenizer()
     prompter = NeedlePrompter(tokenizer)
-    config = Qwen2_5_VLConfig(**hf_config(tokenizer))
+    config = Qwen2_5_VLConfig(**hf_config(tokenizer, text_layers=args.text_layers))
     config._attn_implementation = args.attn
     for sub in (config.text_config, config.vision_config):
         sub._attn_implementation = args.attn

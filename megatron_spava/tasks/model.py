@@ -55,8 +55,9 @@ def build_tokenizer():
     return tok
 
 
-def hf_config(tokenizer) -> dict:
-    """config.json contents of the needle model for `tokenizer`."""
+def hf_config(tokenizer, text_layers: int = TEXT["num_hidden_layers"]) -> dict:
+    """config.json contents of the needle model for `tokenizer`; text_layers: decoder layers
+    (the shipped model: 4)."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
            ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
             "<|vision_end|>")}
@@ -66,7 +67,8 @@ def hf_config(tokenizer) -> dict:
         "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
         "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
         "tie_word_embeddings": False,
-        "text_config": {**TEXT, "vocab_size": vocab, "bos_token_id": ids["<|endoftext|>"],
+        "text_config": {**TEXT, "num_hidden_layers": text_layers, "vocab_size": vocab,
+                        "bos_token_id": ids["<|endoftext|>"],
                         "eos_token_id": ids["<|im_end|>"], "tie_word_embeddings": False},
         "vision_config": dict(VISION),
     }
