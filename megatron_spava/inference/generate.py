@@ -141,9 +141,8 @@ def generate(model, inputs, *, algo: str = "spava",
     row = int((idx == S - 1).nonzero()[0]) if holds_last else 0  # others compute a dummy row
     with cp_request(layout, cache=cache):
         logits = model(x, positions.take(idx), logits_rows=torch.tensor([row]))
-    last = logits[0, 0].float() if holds_last else None
-    token = _pick_once(last, device, group)
-    first_logits = _broadcast_from_holder(last, logits.shape[-1], holds_last, device, group)
+    token, first_logits = _first_token(logits[0, 0].float() if holds_last else None, logits.shape[-1],
+                                       device, group)
     sync(device)
     ttft = time.perf_counter() - start
 
@@ -215,9 +214,8 @@ def answer_questions(model, inputs, queries: Sequence[Tensor], *,
         with cp_request(layout, cache=cache, decode=True):
             logits = model(model.decoder_input(q.to(device)), positions.take(torch.arange(n, n + lq)),
                            logits_rows=torch.tensor([lq - 1]))
-        last = logits[0, 0].float()  # every rank holds the query rows
-        token = _pick_once(last, device, group)
-        first_logits = _broadcast_from_holder(last, logits.shape[-1], True, device, group)
+        # every rank holds the query rows
+        token, first_logits = _first_token(logits[0, 0].float(), logits.shape[-1], device, group)
         sync(device)
         query_s = time.perf_counter() - start
         tokens, decode_s = _decode(model, layout, cache, token, positions, max_new_tokens, eos,
@@ -253,15 +251,17 @@ def _decode(model, layout, cache, token: int, positions, max_new_tokens: int, eo
     return tokens, time.perf_counter() - start
 
 
-def _broadcast_from_holder(row: Optional[Tensor], vocab: int, holds: bool,
-                           device: torch.device, group=None) -> Tensor:
-    """The last-token logits on every rank of `group` (default: the world), broadcast from
-    the lowest global rank holding it."""
-    if not dist.is_initialized():
-        return row.cpu()
-    me = dist.get_rank()
-    src = torch.tensor([me if holds else dist.get_world_size()], device=device)
-    dist.all_reduce(src, op=dist.ReduceOp.MIN, group=group)
-    buf = row.clone() if me == int(src) else torch.empty(vocab, device=device)
-    dist.broadcast(buf, int(src), group=group)
-    return buf.cpu()
+def _first_token(row: Optional[Tensor], vocab: int, device: torch.device, group=None) -> Tuple[int, Tensor]:
+    """(greedy first token, the prompt's last-token logits [vocab] float32 on the host), the
+    same on every rank of `group` (default: the world). row: those logits on the ranks
+    holding the prompt's last row, None elsewhere; they are broadcast from the lowest global
+    rank holding them and the token is read off the broadcast copy."""
+    if dist.is_initialized():
+        me = dist.get_rank()
+        src = torch.tensor([me if row is not None else dist.get_world_size()], device=device)
+        dist.all_reduce(src, op=dist.ReduceOp.MIN, group=group)
+        buf = row.clone() if me == int(src) else torch.empty(vocab, device=device)
+        dist.broadcast(buf, int(src), group=group)
+        row = buf
+    row = row.cpu()
+    return int(row.argmax()), row
