@@ -52,6 +52,10 @@ class CheckpointFamily:
       global tensor)], finish() raising for leftover parts;
     megatron_to_hf(name, tensor, cfg) -> [(hf_name, tensor)] (local or TE key layout);
     shard_for_tp(name, tensor, rank, size, cfg) -> this TP rank's slice.
+
+    Its methods are this module's conversions bound to the family: each family's
+    `convert` module exports them as its API (`load_hf_into_model(model, source, ...)`,
+    `hf_to_dist(hf_dir, out_dir, ...)`, `dist_to_hf(ckpt_dir, out_dir, ...)`).
     """
 
     name: str
@@ -60,6 +64,21 @@ class CheckpointFamily:
     hf_to_megatron: Callable
     megatron_to_hf: Callable
     shard_for_tp: Callable
+
+    def load_hf_into_model(self, model, source, *, tp_rank: int, tp_size: int, progress: bool = True) -> None:
+        """`load_hf_into_model` for this family."""
+        load_hf_into_model(self, model, source, tp_rank=tp_rank, tp_size=tp_size, progress=progress)
+
+    def hf_to_dist(self, hf_dir: str, out_dir: str, *, tensor_parallel: int = 1, backend: str = "local",
+                   progress: bool = True) -> str:
+        """`hf_to_dist` for this family."""
+        return hf_to_dist(self, hf_dir, out_dir, tensor_parallel=tensor_parallel, backend=backend,
+                          progress=progress)
+
+    def dist_to_hf(self, ckpt_dir: str, out_dir: str, *, max_shard_bytes: int = 5 << 30,
+                   progress: bool = True) -> str:
+        """`dist_to_hf` for this family."""
+        return dist_to_hf(self, ckpt_dir, out_dir, max_shard_bytes=max_shard_bytes, progress=progress)
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool = True):

@@ -34,27 +34,7 @@ FAMILY = checkpoint_io.CheckpointFamily(
     hf_to_megatron=HFToMegatron, megatron_to_hf=megatron_to_hf, shard_for_tp=shard_for_tp)
 
 
-def load_hf_into_model(model, source, *, tp_rank: int, tp_size: int, progress: bool = True) -> None:
-    """Stream HF weights into a (TP-sharded) InternVL3Model on either layer backend. source:
-    an HF checkpoint directory, or an iterable of (name, tensor) in either HF key layout
-    (e.g. an HF model's state_dict().items()). Checks every weight arrives once with the
-    right shape."""
-    checkpoint_io.load_hf_into_model(FAMILY, model, source, tp_rank=tp_rank, tp_size=tp_size,
-                                     progress=progress)
-
-
-def hf_to_dist(hf_dir: str, out_dir: str, *, tensor_parallel: int = 1, backend: str = "local",
-               progress: bool = True) -> str:
-    """Convert an HF InternVL directory into a megatron-core dist checkpoint in out_dir.
-    tensor_parallel: a TP size to validate head/width divisibility for (the checkpoint
-    itself loads at any valid TP). backend: the language model's layers the writer builds
-    ("local" or "te"); the checkpoint is the same either way."""
-    return checkpoint_io.hf_to_dist(FAMILY, hf_dir, out_dir, tensor_parallel=tensor_parallel,
-                                    backend=backend, progress=progress)
-
-
-def dist_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_bytes: int = 5 << 30,
-               progress: bool = True) -> str:
-    """Convert a dist checkpoint back to HF safetensors (on-disk key layout)."""
-    return checkpoint_io.dist_to_hf(FAMILY, ckpt_dir, out_dir, max_shard_bytes=max_shard_bytes,
-                                    progress=progress)
+# This family's conversions (models.common.checkpoint_io's, bound to FAMILY): see their docs there.
+load_hf_into_model = FAMILY.load_hf_into_model
+hf_to_dist = FAMILY.hf_to_dist
+dist_to_hf = FAMILY.dist_to_hf
