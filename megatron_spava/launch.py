@@ -110,6 +110,19 @@ def init_distributed(device: str) -> torch.device:
     return torch.device("cpu")
 
 
+def model_parallel_state(tp: int = 1, cp: int = 1):
+    """megatron-core's parallel state, (re)initialised for a TP x CP grid (the rest of the
+    world data-parallel) with the inference RNG tracker that model construction needs.
+    Returns megatron.core.parallel_state; a model keeps the groups it was built with."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    initialize_rng_tracker(inference_rng_tracker=True)
+    return ps
+
+
 #: Warnings megatron-core prints in every process on machines without Transformer Engine or
 #: Apex (and its deprecation notes): known, harmless for this project's local layers.
 _KNOWN_WARNING_PATTERNS = ("Transformer Engine", "Apex is not installed", "apex", "TransformerEngine",

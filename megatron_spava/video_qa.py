@@ -39,8 +39,8 @@ import torch.distributed as dist
 
 from .algos import config_for
 from .arguments import add_spava_args, spava_config_from_args
-from .launch import (RankError, init_distributed, quiet_known_warnings, relaunch, report_rank_errors,
-                     under_torchrun)
+from .launch import (RankError, init_distributed, model_parallel_state, quiet_known_warnings, relaunch,
+                     report_rank_errors, under_torchrun)
 from .models.families import FAMILIES
 from .tasks.needles import TASKS as NEEDLE_TASKS
 
@@ -219,22 +219,12 @@ def _max_frames(args):
     return None if needle_sample(args) is not None else 768
 
 
-def _setup_parallel(tp: int, cp: int):
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import initialize_rng_tracker
-
-    ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
-    initialize_rng_tracker(inference_rng_tracker=True)
-    return ps
-
-
 def _build_model(args, checkpoint: str, tp: int, cp: int, device, algo: str):
     from .algos.megatron import core_attention_for
 
     family = model_family(args, checkpoint)
     Model, convert = family.model_class(), family.convert()
-    ps = _setup_parallel(tp, cp)
+    ps = model_parallel_state(tp, cp)
     cfg = family.config(checkpoint)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     from .specs import backend_for_impl

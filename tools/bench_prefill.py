@@ -191,13 +191,10 @@ def build(shape: str, cp: int, seed: int, device: torch.device, tp: int = 1, bac
     (Transformer Engine's, that communication) instead of SpavaCoreAttention. cpu_init:
     megatron-core's CPU initialisation (the full weight drawn, then sliced: the same weights
     at every TP size; default on CPU only); bf16: bfloat16 (default on CUDA only)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+    from megatron_spava.launch import model_parallel_state
     from megatron_spava.models.families import get_family
 
-    ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
-    initialize_rng_tracker(inference_rng_tracker=True)
+    ps = model_parallel_state(tp, cp)
     torch.manual_seed(seed)
     cfg = model_config(shape, model)
     Model = get_family(family_of(shape, model)).model_class()

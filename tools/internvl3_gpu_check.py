@@ -79,12 +79,10 @@ def build(cfg, cp: int, dtype: torch.dtype, seed: int, device: torch.device):
     """The model on this rank's GPU with deterministic random weights: every parameter drawn
     from a generator seeded by its index, rounded to bf16 (so the float32 model holds the
     same values), scaled like an initialised model (norms 1, layer scales 0.1)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+    from megatron_spava.launch import model_parallel_state
     from megatron_spava.models.internvl3 import InternVL3Model
 
-    ps.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=cp)
-    initialize_rng_tracker(inference_rng_tracker=True)
+    ps = model_parallel_state(1, cp)
     with torch.device(device):
         model = InternVL3Model(cfg, context_parallel=cp, dtype=dtype, use_cpu_initialization=False,
                                perform_initialization=False).eval()

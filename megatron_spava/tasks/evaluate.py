@@ -41,6 +41,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from ..launch import model_parallel_state
 from .needles import TASKS, eval_set, needle_blocks, score
 
 def ablation_switches() -> List[str]:
@@ -116,15 +117,6 @@ def _init(args) -> torch.device:
     return torch.device("cpu")
 
 
-def _parallel_state(cp: int):
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import initialize_rng_tracker
-    ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=cp)
-    initialize_rng_tracker(inference_rng_tracker=True)
-    return ps
-
-
 def _build_model(checkpoint: str, cp: int, device, dtype):
     from ..models.qwen2_5_vl import Qwen25VLConfig, Qwen25VLModel
     from ..models.qwen2_5_vl.convert import load_hf_into_model
@@ -195,13 +187,13 @@ def run(args) -> Optional[dict]:
 
     # One model per CP size (each built under its own parallel state; a model keeps the
     # groups it was built with), and the full-attention reference.
-    ps = _parallel_state(1)
+    ps = model_parallel_state(1, 1)
     full_group = ps.get_context_parallel_group()
     full_model = _build_model(checkpoint, 1, device, dtype)
     full_capture = LayerCapture(full_model)
     setups = []
     for cp in cp_sizes:
-        ps = _parallel_state(cp)
+        ps = model_parallel_state(1, cp)
         model = _build_model(checkpoint, cp, device, dtype)
         setups.append(dict(cp=cp, model=model, capture=LayerCapture(model),
                            group=ps.get_context_parallel_group(), cp_rank=ps.get_context_parallel_rank(),
