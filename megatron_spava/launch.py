@@ -4,6 +4,7 @@ and set up the process group it then runs in."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import sys
 from typing import Optional, Sequence
@@ -97,16 +98,26 @@ def report_rank_errors(verbose: bool = False):
         os._exit(1)  # no interpreter teardown: a peer may still sit in a collective
 
 
-def init_distributed(device: str) -> torch.device:
+def init_distributed(device: str, backend: str = "nccl", timeout: Optional[datetime.timedelta] = None) -> torch.device:
     """Under torchrun: pick this rank's GPU (or the CPU compatibility patches) and start the
-    NCCL (or gloo) process group. Returns the device to run on."""
+    process group. Returns the device to run on. On CUDA, backend "nccl" (one GPU per rank),
+    "gloo" (ranks may share GPUs: all-gather, all-reduce and broadcast work on CUDA tensors
+    there; ../shared/ENVIRONMENT.md) or "auto" (gloo exactly when this node's ranks
+    outnumber its GPUs); local rank r runs on GPU r mod the GPU count. CPU: gloo."""
+    kwargs = {} if timeout is None else {"timeout": timeout}
     if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl")
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda but CUDA is not available")
+        gpus = torch.cuda.device_count()
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % gpus)
+        if backend == "auto":
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+            backend = "nccl" if gpus >= local_world else "gloo"
+        dist.init_process_group(backend, **kwargs)
         return torch.device("cuda", torch.cuda.current_device())
     from . import cpu_compat
     cpu_compat.apply()
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", **kwargs)
     return torch.device("cpu")
 
 

@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..launch import model_parallel_state
+from ..launch import init_distributed, model_parallel_state
 from .needles import TASKS, eval_set, needle_blocks, score
 
 def ablation_switches() -> List[str]:
@@ -100,23 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------- ranks
 
-def _init(args) -> torch.device:
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda but CUDA is not available")
-        n = torch.cuda.device_count()
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local % n)
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
-        backend = args.backend if args.backend != "auto" else ("nccl" if n >= local_world else "gloo")
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-        return torch.device("cuda", torch.cuda.current_device())
-    from .. import cpu_compat
-    cpu_compat.apply()
-    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
-    return torch.device("cpu")
-
-
 def _build_model(checkpoint: str, cp: int, device, dtype):
     from ..models.qwen2_5_vl import Qwen25VLConfig, Qwen25VLModel
     from ..models.qwen2_5_vl.convert import load_hf_into_model
@@ -169,7 +152,7 @@ def run(args) -> Optional[dict]:
     from .needles import render_frames
 
     t0 = time.time()
-    device = _init(args)
+    device = init_distributed(args.device, args.backend, datetime.timedelta(minutes=30))
     rank, world = dist.get_rank(), dist.get_world_size()
     cp_sizes = args.cp_sizes or [world]
     for cp in cp_sizes:
