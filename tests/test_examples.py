@@ -171,11 +171,8 @@ def test_bench_prefill_runs_internvl3(tmp_path):
 
 
 def _bench_prefill():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_prefill", os.path.join(ROOT, "tools", "bench_prefill.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    import bench_prefill  # tools/, on sys.path through conftest
+    return bench_prefill
 
 
 def test_bench_prefill_megatron_variants_need_te_and_pad_the_prompt():

@@ -152,14 +152,10 @@ def random_checkpoint(tmp_path_factory):
 
 def _write_checkpoint(path, seed=0):
     """A needle-shaped HF checkpoint with random weights, saved as the trainer saves."""
-    import importlib.util
-
+    import train_needle_model as train
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from megatron_spava.tasks.model import hf_config
-    spec = importlib.util.spec_from_file_location("train_needle_model", os.path.join(ROOT, "tools", "train_needle_model.py"))
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
     tok = _tokenizer()
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf_config(tok)))

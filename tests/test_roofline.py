@@ -6,10 +6,8 @@ for both model families and every layout family. The counter sees the matrix pro
 (aten.mm / addmm) and, through a mapping given here, the CPU attention kernel (4 b h sq sk d
 FLOPs per call, halved for a causal call: the same convention as the floor)."""
 
-import importlib.util
 import os
 import re
-import sys
 
 import pytest
 import torch
@@ -22,13 +20,8 @@ TOKENS = 1200
 
 
 def _bench_prefill():
-    if "bench_prefill" in sys.modules:
-        return sys.modules["bench_prefill"]
-    spec = importlib.util.spec_from_file_location("bench_prefill", os.path.join(ROOT, "tools", "bench_prefill.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_prefill"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    import bench_prefill  # tools/, on sys.path through conftest
+    return bench_prefill
 
 
 def _cpu_attention_flops(q, k, v, dropout=0.0, is_causal=False, *args, out_shape=None, **kwargs):
@@ -76,7 +69,7 @@ def _count(family: str, variants):
                          max_new_tokens=1, eos_token_ids=[], device=device)
             counted = _split({str(k): {str(o): c for o, c in v.items()} for k, v in fc.get_flop_counts().items()})
             rates = dict(gemm_flops_per_s=1.0, attention_flops_per_s=1.0)
-            sm = bp._tool("scaling_model")
+            import scaling_model as sm
             groups, context, query = bp.prompt_lengths(TOKENS, model.cfg)
             W = 1 if name == "full" else cp
             ranks = sm.rank_flops(name, TOKENS, W, bp.llm_shape(model.cfg), lengths=(groups, context, query),

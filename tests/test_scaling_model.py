@@ -4,10 +4,8 @@ hand counts for the algorithms not implemented here (Megatron a2a, all-gather), 
 attention work against the keys SPAVA.md's dense mask lets each row see, the overlap
 simulation on a hand case, and the fit's out-of-sample error on the 4-GPU runs."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -18,18 +16,11 @@ from megatron_spava.algos import RingLayout, ring_attn_func
 from megatron_spava.testing import run_ranks
 from megatron_spava.testing.reference import random_qkv, spava_mask
 
+import scaling_model as sm  # tools/, on the path through conftest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("scaling_model", os.path.join(ROOT, "tools", "scaling_model.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["scaling_model"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-sm = _tool()
 SHAPE = sm.Shape(layers=1, hidden=32, ffn=64, heads=4, kv_heads=2, head_dim=8, act_bytes=4)
 CFG = SpavaConfig(budget_align=1, anchor_len=16, passing_len=7, pool_kernel=1)
 N, LQ, W = 200, 5, 3

@@ -13,7 +13,6 @@ p2p and a2a (point-to-point, all-to-all) and our `ring` (point-to-point) need NC
 4 GPUs, and are skipped with that reason on fewer.
 """
 
-import importlib.util
 import os
 
 import pytest
@@ -121,10 +120,8 @@ def test_gpt_te_layers_match_local_layers(dtype):
 
 
 def _synthetic_inputs(cfg, n):
-    spec = importlib.util.spec_from_file_location("bench_prefill", os.path.join(ROOT, "tools", "bench_prefill.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.synthetic_inputs(cfg, n, 0)
+    import bench_prefill
+    return bench_prefill.synthetic_inputs(cfg, n, 0)
 
 
 def _convert_rank(tmp):

@@ -59,6 +59,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the other tools, imported by name
 
 TOKENS_PER_GROUP = 256  # 448x448 frames: 32x32 patches -> 16x16 merged tokens per 2 frames
 #: --shape -> (family, the family's shape name; None: its tiny config)
@@ -278,22 +279,10 @@ def exposed_comm_share(prof) -> float:
     return exposed / wall
 
 
-def _tool(name: str):
-    """tools/<name>.py as a module (the tools are scripts, not a package)."""
-    import importlib.util
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                                     f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def llm_shape(cfg):
     """The LLM's shape (scaling_model.Shape) of a Qwen25VLConfig / InternVL3Config."""
-    return _tool("scaling_model").Shape(layers=cfg.num_layers, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
+    import scaling_model
+    return scaling_model.Shape(layers=cfg.num_layers, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
                                         heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
 
 
@@ -311,7 +300,7 @@ def measure_rates(cfg, device: torch.device, rows: int, warmup: int = 1, repeats
     """Peak rates of this device at the LLM's shape, in FLOP/s: one layer's four GEMMs
     (QKV, output, gate|up, down) over `rows` tokens, and one causal attention call of
     `rows` tokens (the kernel the algorithms use). Run on every rank; the minimum is kept."""
-    bl = _tool("bench_layers")
+    import bench_layers as bl
     shape = dict(hidden_size=cfg.hidden_size, kv_channels=cfg.head_dim, num_attention_heads=cfg.num_heads,
                  num_query_groups=cfg.num_kv_heads, ffn_hidden_size=cfg.intermediate_size)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -333,7 +322,7 @@ def roofline(cfg, n: int, variant: str, cp: int, rates: dict, multiple: int = 1)
     (a floor, not a prediction: tools/scaling_model.py predicts). A two-pass variant
     (-no-fuse-query) is charged the one-pass FLOPs: the query's rows and keys are the same."""
     import dataclasses
-    sm = _tool("scaling_model")
+    import scaling_model as sm
     name, config = algo_and_config(variant)
     config = dataclasses.replace(config, fuse_query=True)
     groups, context, query = prompt_lengths(n, cfg, multiple)

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -59,6 +58,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))  # the other tools, imported by name
 
 from megatron_spava.algos import RingLayout, config_for, plan_layout  # noqa: E402
 from megatron_spava.config import SpavaConfig, round_up  # noqa: E402
@@ -68,13 +68,10 @@ BENCH = os.path.join(ROOT, "benchmarks")
 GIB = 2 ** 30
 
 
-@functools.lru_cache(maxsize=None)
 def _bench_prefill():
-    """tools/bench_prefill.py as a module: its prompt lengths are the measured runs' ones."""
-    spec = importlib.util.spec_from_file_location("bench_prefill", os.path.join(ROOT, "tools", "bench_prefill.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """tools/bench_prefill.py (a sibling script): its prompt lengths are the measured runs' ones."""
+    import bench_prefill
+    return bench_prefill
 
 
 # ---------------------------------------------------------------------------------------

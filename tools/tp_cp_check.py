@@ -30,18 +30,13 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the other tools, imported by name
 
 
 def _bench_prefill():
-    import importlib.util
-    if "bench_prefill" in sys.modules:
-        return sys.modules["bench_prefill"]
-    spec = importlib.util.spec_from_file_location(
-        "bench_prefill", os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_prefill.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_prefill"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """tools/bench_prefill.py: its model builder, synthetic prompts and variant names."""
+    import bench_prefill
+    return bench_prefill
 
 
 def _grid(text: str):
