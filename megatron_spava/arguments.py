@@ -39,12 +39,10 @@ def add_spava_args(parser: argparse.ArgumentParser, *, algorithm: bool = True) -
         "and ablation switches (SPAVA.md sections 5-6).")
     algo_help = (registry.help_text() + ". Unset: Megatron's own CP attention").replace("%", "%%")
     existing = parser._option_string_actions.get("--context-parallel-algo")
-    if not algorithm:
-        pass
-    elif existing is None:
+    if algorithm and existing is None:
         group.add_argument("--context-parallel-algo", choices=names(), default=None,
                            help=algo_help)
-    else:  # Megatron-LM's (patched) option: the registry decides its choices
+    elif algorithm:  # Megatron-LM's (patched) option: the registry decides its choices
         existing.choices, existing.help = names(), algo_help
     if algorithm:
         group.add_argument("--spava-query-len", type=int, default=128,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..config import ABLATIONS, SWITCHES, SpavaConfig
 from .base import Algorithm
@@ -147,9 +147,10 @@ def variant_config(variant: str, config: Optional[SpavaConfig] = None) -> Tuple[
     return algo, (config or SpavaConfig()).replace(**changes)
 
 
-def ablation_variants(algo: str = "spava") -> List[str]:
-    """One variant per ablation switch: spava-no-overlap, spava-no-shard-anchor, ..."""
-    return [f"{algo}-no-{_flag(s)}" for s in ABLATIONS]
+def ablation_variants(algo: str = "spava", switches: Sequence[str] = tuple(ABLATIONS)) -> List[str]:
+    """One variant per switch (default: the paper's ablation chain, `config.ABLATIONS`):
+    spava-no-overlap, spava-no-shard-anchor, ..."""
+    return [f"{algo}-no-{_flag(s)}" for s in switches]
 
 
 def ablation_chain(algo: str = "spava") -> List[str]:

@@ -54,12 +54,9 @@ def ablation_switches() -> List[str]:
 def variants() -> List[Tuple[str, str, dict]]:
     """(name, algorithm, SpavaConfig changes) of everything evaluated: every registered
     algorithm that runs inside SpavaCoreAttention (full first), then spava-no-<switch>."""
-    from ..algos.registry import entries, parse_variant
+    from ..algos.registry import ablation_variants, entries, parse_variant
     out = [(e.name, e.name, {}) for e in entries() if e.attn_func is not None]
-    for s in ablation_switches():
-        name = f"spava-no-{s.replace('_', '-')}"
-        out.append((name, *parse_variant(name)))
-    return out
+    return out + [(name, *parse_variant(name)) for name in ablation_variants("spava", ablation_switches())]
 
 
 def build_parser() -> argparse.ArgumentParser:
