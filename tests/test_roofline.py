@@ -69,15 +69,7 @@ def _count(family: str, variants):
                          max_new_tokens=1, eos_token_ids=[], device=device)
             counted = _split({str(k): {str(o): c for o, c in v.items()} for k, v in fc.get_flop_counts().items()})
             rates = dict(gemm_flops_per_s=1.0, attention_flops_per_s=1.0)
-            import scaling_model as sm
-            groups, context, query = bp.prompt_lengths(TOKENS, model.cfg)
-            W = 1 if name == "full" else cp
-            ranks = sm.rank_flops(name, TOKENS, W, bp.llm_shape(model.cfg), lengths=(groups, context, query),
-                                  config=config if name in ("spava", "apb", "star") else None,
-                                  frame_parallel=config.frame_parallel)
-            mine = ranks[ps.get_context_parallel_rank()]
-            floor = dict(vision=mine["frame_groups"] * bp.vision_flops_per_group(model.cfg),
-                         dense=mine["dense"], attention=mine["attention"])
+            floor = bp.rank_flops(model.cfg, TOKENS, variant, cp)[ps.get_context_parallel_rank()]
             out[variant] = dict(counted=counted, floor=floor, rank=rank,
                                 busiest=bp.roofline(model.cfg, TOKENS, variant, cp, rates)["floor_s"],
                                 total=sum(floor.values()))

@@ -315,32 +315,35 @@ def measure_rates(cfg, device: torch.device, rows: int, warmup: int = 1, repeats
                 attention_kernel=next(iter(attn)))
 
 
-def roofline(cfg, n: int, variant: str, cp: int, rates: dict, multiple: int = 1) -> dict:
-    """The floor of one (n, variant) run: max over CP ranks of (vision + dense FLOPs) / GEMM
-    rate + attention FLOPs / attention rate, in seconds, with the busiest rank's split and
-    FLOPs. `full` is one GPU. The LM head, norms, selection and merges are not counted
-    (a floor, not a prediction: tools/scaling_model.py predicts). A two-pass variant
-    (-no-fuse-query) is charged the one-pass FLOPs: the query's rows and keys are the same."""
+def rank_flops(cfg, n: int, variant: str, cp: int, multiple: int = 1) -> list:
+    """Per CP rank, the FLOPs one (n, variant) prefill must do: {"vision", "dense",
+    "attention"} (all layers; tools/scaling_model.py's per-rank ops for the LLM,
+    `vision_flops` for the rank's frame groups). `full` is one GPU. The LM head, norms,
+    selection and merges are not counted. A two-pass variant (-no-fuse-query) is charged the
+    one-pass FLOPs: the query's rows and keys are the same."""
     import dataclasses
     import scaling_model as sm
     name, config = algo_and_config(variant)
     config = dataclasses.replace(config, fuse_query=True)
-    groups, context, query = prompt_lengths(n, cfg, multiple)
-    per_group = vision_flops_per_group(cfg)
-    W = 1 if name == "full" else cp
     comm = megatron_comm(variant)
-    if comm is not None:  # scaling_model's names for TE's communications
-        name = {"all_gather": "megatron-allgather"}.get(comm, f"megatron-{comm}")
-    ranks = sm.rank_flops(name, n, W, llm_shape(cfg), lengths=(groups, context, query),
+    model_name = name if comm is None else {"all_gather": "megatron-allgather"}.get(comm, f"megatron-{comm}")
+    per_group = vision_flops_per_group(cfg)
+    ranks = sm.rank_flops(model_name, n, 1 if name == "full" else cp, llm_shape(cfg),
+                          lengths=prompt_lengths(n, cfg, multiple),
                           config=config if name in ("spava", "apb", "star") else None,
                           frame_parallel=config.frame_parallel)
+    return [dict(vision=f["frame_groups"] * per_group, dense=f["dense"], attention=f["attention"]) for f in ranks]
+
+
+def roofline(cfg, n: int, variant: str, cp: int, rates: dict, multiple: int = 1) -> dict:
+    """The floor of one (n, variant) run: max over CP ranks of (vision + dense FLOPs) / GEMM
+    rate + attention FLOPs / attention rate (`rank_flops`), in seconds, with the busiest
+    rank's split and FLOPs (a floor, not a prediction: tools/scaling_model.py predicts)."""
     best = None
-    for r, f in enumerate(ranks):
-        vision = f["frame_groups"] * per_group
-        split = dict(vision_s=vision / rates["gemm_flops_per_s"], dense_s=f["dense"] / rates["gemm_flops_per_s"],
+    for r, f in enumerate(rank_flops(cfg, n, variant, cp, multiple)):
+        split = dict(vision_s=f["vision"] / rates["gemm_flops_per_s"], dense_s=f["dense"] / rates["gemm_flops_per_s"],
                      attention_s=f["attention"] / rates["attention_flops_per_s"])
-        row = dict(floor_s=sum(split.values()), rank=r, **split,
-                   flops=dict(vision=vision, dense=f["dense"], attention=f["attention"]))
+        row = dict(floor_s=sum(split.values()), rank=r, **split, flops=f)
         if best is None or row["floor_s"] > best["floor_s"]:
             best = row
     return best
