@@ -27,8 +27,8 @@ class RankError(RuntimeError):
 
 def relaunch(module: str, nproc: int, argv: Optional[Sequence[str]] = None, *,
              verbose: bool = True) -> None:
-    """Run `python -m module argv` on `nproc` local ranks through torchrun and return when
-    they finish. NVLink multicast stays off; CPU threads are split between the ranks.
+    """Run `python -m module argv` (or the script `module`, a path ending in .py) on `nproc`
+    local ranks through torchrun and return when they finish. NVLink multicast stays off; CPU threads are split between the ranks.
 
     If a rank fails, raises RankError with the earliest error a rank reported through
     `report_rank_errors` (instead of torchrun's ChildFailedError report; with `verbose`,
@@ -56,7 +56,8 @@ def relaunch(module: str, nproc: int, argv: Optional[Sequence[str]] = None, *,
     with tempfile.TemporaryDirectory(prefix="megatron_spava_errors_") as errors:
         os.environ[ERROR_DIR_ENV] = errors
         try:
-            torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", module, *args])
+            target = [module] if module.endswith(".py") else ["-m", module]
+            torchrun(["--standalone", f"--nproc-per-node={nproc}", *target, *args])
         except ChildFailedError as err:
             reports = []
             for name in os.listdir(errors):

@@ -130,18 +130,28 @@ def _model_groups(algos):
 
 def main(argv=None):
     args = parse_args(argv)
-    from megatron_spava.launch import init_distributed, under_torchrun
+    from megatron_spava.launch import RankError, relaunch, report_rank_errors, under_torchrun
     if not under_torchrun():  # launch the ranks: torchrun on this script
-        import subprocess
-        rest = [a for a in (sys.argv[1:] if argv is None else argv)]
-        if "--nproc" in rest:
-            i = rest.index("--nproc")
-            del rest[i:i + 2]
-        nproc = args.nproc or max(tp * cp for tp, cp in args.grids)
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
-                   NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
-        return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                f"--nproc-per-node={nproc}", os.path.abspath(__file__), *rest], env=env)
+        try:
+            relaunch(os.path.abspath(__file__), args.nproc or max(tp * cp for tp, cp in args.grids), argv,
+                     verbose=False)
+        except RankError as err:  # the first rank's error, in one line
+            print(f"tp_cp_check: {err}", file=sys.stderr)
+            return 1
+        return 0
+    with report_rank_errors():
+        _check(args)
+    return 0
+
+
+class Disagreement(ValueError):
+    """Some (grid, algorithm) runs do not agree with TP=1 x CP=1 (raised on every rank)."""
+
+
+def _check(args) -> None:
+    """On every rank: run the grids, print the table (rank 0), write --json; raises
+    Disagreement when a run is off."""
+    from megatron_spava.launch import init_distributed
     from megatron_spava.specs import resolve_transformer_impl
     args.device_obj = init_distributed(args.device)
     args.impl = resolve_transformer_impl(args.transformer_impl, args.device_obj)
@@ -190,12 +200,14 @@ def main(argv=None):
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
-        fails = [r for r in rows if not r["ok"]]
-        print(f"{len(rows) - len(fails)} of {len(rows)} runs agree with TP=1 x CP=1 full attention"
-              + (f" (bf16 noise {noise:.2e})" if noise is not None else ""))
+        print(f"{sum(r['ok'] for r in rows)} of {len(rows)} runs agree with TP=1 x CP=1 full attention"
+              + (f" (bf16 noise {noise:.2e})" if noise is not None else ""), flush=True)
     dist.barrier()
     dist.destroy_process_group()
-    return 0 if all(r["ok"] for r in rows) else 1
+    fails = [f"TP={r['tp']} x CP={r['cp']} {r['algo']}" for r in rows if not r["ok"]]
+    if fails:  # every rank computed the same rows
+        raise Disagreement(f"{len(fails)} of {len(rows)} runs disagree with TP=1 x CP=1 full attention: "
+                           + ", ".join(fails))
 
 
 if __name__ == "__main__":
