@@ -248,18 +248,37 @@ def _build_model(args, checkpoint: str, tp: int, cp: int, device, algo: str):
     return model.to(device).eval(), ps
 
 
-def _run_one(args, checkpoint, inputs, algo: str, tp: int, cp: int, device, config):
-    from .inference.generate import generate
+def _run_one(args, checkpoint, inputs, algo: str, tp: int, cp: int, device, config, queries=None):
+    """Build the model for `algo` at TP x CP, warm up (kernels, allocator), answer, drop it.
+    queries None: `generate` over the whole prompt `inputs` (one GenerationOutput); else
+    `answer_questions` over the context `inputs` (one GenerationOutput per query)."""
+    from .inference.generate import answer_questions, generate
 
     model, ps = _build_model(args, checkpoint, tp, cp, device, algo)
     if args.shard_weights:
         model.shard_weights(ps.get_context_parallel_group())
     kwargs = dict(algo=algo, config=config, cp_group=ps.get_context_parallel_group(),
                   rope_convention=args.rope_convention, device=device)
-    generate(model, inputs, max_new_tokens=2, **kwargs)  # warm-up: kernels, allocator
-    out = generate(model, inputs, max_new_tokens=args.max_new_tokens, **kwargs)
-    del model
-    return out
+
+    def answer(max_new_tokens: int, qs=queries):
+        if qs is None:
+            return generate(model, inputs, max_new_tokens=max_new_tokens, **kwargs)
+        return answer_questions(model, inputs, qs, max_new_tokens=max_new_tokens, **kwargs)
+
+    answer(2, None if queries is None else queries[:1])  # warm-up
+    return answer(args.max_new_tokens)  # the model goes with this frame
+
+
+def _decode_rate(out) -> Optional[float]:
+    """Decoded tokens per second after the first, or None for one token."""
+    return (len(out.tokens) - 1) / out.decode_s if len(out.tokens) > 1 and out.decode_s > 0 else None
+
+
+def _versus(out, ref) -> dict:
+    """First-token logits of `out` against the reference run `ref`, and whether they answer alike."""
+    diff = (out.first_logits - ref.first_logits).abs()
+    return dict(max_abs_diff=float(diff.max()), rel_err=float(diff.norm() / ref.first_logits.norm()),
+                same_answer=out.tokens == ref.tokens)
 
 
 def _load(args):
@@ -306,18 +325,15 @@ def run(args) -> dict:
             tp=tp, cp=cp if name != "full" else 1, tokens=out.tokens,
             answer=prompter.tokenizer.decode(out.tokens, skip_special_tokens=True),
             ttft_s=out.ttft_s, vision_s=out.timings["vision_s"],
-            decode_tokens_per_s=(len(out.tokens) - 1) / out.decode_s if len(out.tokens) > 1 and out.decode_s > 0 else None,
-            tokens_per_rank=int(layout.local_len(0)),
+            decode_tokens_per_s=_decode_rate(out), tokens_per_rank=int(layout.local_len(0)),
             anchor_len=getattr(layout, "anchor_len", None), passing_len=getattr(layout, "passing_len", None))
         if sample is not None:
             from .tasks.needles import score
             result["runs"][name]["correct"] = score(result["runs"][name]["answer"], sample.answer)
     if "full" in runs and len(runs) > 1:
-        main = runs[args.context_parallel_algo]
-        diff = (main.first_logits - runs["full"].first_logits).abs()
-        result["first_logits_max_abs_diff"] = float(diff.max())
-        result["first_logits_rel_err"] = float(diff.norm() / runs["full"].first_logits.norm())
-        result["same_answer"] = main.tokens == runs["full"].tokens
+        vs = _versus(runs[args.context_parallel_algo], runs["full"])
+        result.update(first_logits_max_abs_diff=vs["max_abs_diff"], first_logits_rel_err=vs["rel_err"],
+                      same_answer=vs["same_answer"])
     if rank == 0 and args.save_logits:
         torch.save({name: out.first_logits for name, out in runs.items()}, args.save_logits)
     if rank == 0:
@@ -326,20 +342,6 @@ def run(args) -> dict:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)
     return result
-
-
-def _answer_questions(args, checkpoint, inputs, queries, algo: str, tp: int, cp: int, device, config):
-    from .inference.generate import answer_questions
-
-    model, ps = _build_model(args, checkpoint, tp, cp, device, algo)
-    if args.shard_weights:
-        model.shard_weights(ps.get_context_parallel_group())
-    kwargs = dict(algo=algo, config=config, cp_group=ps.get_context_parallel_group(),
-                  rope_convention=args.rope_convention, device=device)
-    answer_questions(model, inputs, queries[:1], max_new_tokens=2, **kwargs)  # warm-up
-    outs = answer_questions(model, inputs, queries, max_new_tokens=args.max_new_tokens, **kwargs)
-    del model
-    return outs
 
 
 def run_questions(args) -> dict:
@@ -360,9 +362,9 @@ def run_questions(args) -> dict:
     inputs, queries = replace(prompts[0], input_ids=context), [q for _, q in splits]
     config = spava_config_from_args(args)
     tp, cp, algo = args.tensor_model_parallel_size, args.context_parallel_size, args.context_parallel_algo
-    runs = {algo: _answer_questions(args, checkpoint, inputs, queries, algo, tp, cp, device, config)}
+    runs = {algo: _run_one(args, checkpoint, inputs, algo, tp, cp, device, config, queries)}
     if args.compare == "full" and algo != "full":
-        runs["full"] = _answer_questions(args, checkpoint, inputs, queries, "full", tp, 1, device, config)
+        runs["full"] = _run_one(args, checkpoint, inputs, "full", tp, 1, device, config, queries)
     result = dict(checkpoint=checkpoint, video=clip.source, frames=len(clip.frames),
                   context_tokens=int(context.shape[1]), questions=list(args.questions),
                   model=family.name, runs={})
@@ -370,15 +372,13 @@ def run_questions(args) -> dict:
         result["runs"][name] = [dict(
             tp=tp, cp=cp if name != "full" else 1, tokens=out.tokens, query_tokens=int(q.shape[1]),
             answer=prompter.tokenizer.decode(out.tokens, skip_special_tokens=True),
-            ttft_s=out.ttft_s, **out.timings,
-            decode_tokens_per_s=(len(out.tokens) - 1) / out.decode_s if len(out.tokens) > 1 and out.decode_s > 0 else None)
+            ttft_s=out.ttft_s, **out.timings, decode_tokens_per_s=_decode_rate(out))
             for out, q in zip(outs, queries)]
     if "full" in runs and len(runs) > 1:
         for row, out, ref in zip(result["runs"][algo], runs[algo], runs["full"]):
-            diff = (out.first_logits - ref.first_logits).abs()
-            row["first_logits_max_abs_diff_vs_full"] = float(diff.max())
-            row["first_logits_rel_err_vs_full"] = float(diff.norm() / ref.first_logits.norm())
-            row["same_answer_as_full"] = out.tokens == ref.tokens
+            vs = _versus(out, ref)
+            row.update(first_logits_max_abs_diff_vs_full=vs["max_abs_diff"],
+                       first_logits_rel_err_vs_full=vs["rel_err"], same_answer_as_full=vs["same_answer"])
     if rank == 0 and args.save_logits:
         torch.save({name: [o.first_logits for o in outs] for name, outs in runs.items()}, args.save_logits)
     if rank == 0:
