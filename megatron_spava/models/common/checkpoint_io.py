@@ -81,6 +81,18 @@ class CheckpointFamily:
         return dist_to_hf(self, ckpt_dir, out_dir, max_shard_bytes=max_shard_bytes, progress=progress)
 
 
+def read_hf_config(source) -> dict:
+    """An HF config as a dict, from a checkpoint directory, a config.json path, or the dict
+    itself (copied). FileNotFoundError, naming the source, when there is no config.json."""
+    if isinstance(source, str):
+        path = os.path.join(source, "config.json") if os.path.isdir(source) else source
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint not found: no config.json at {source}")
+        with open(path) as f:
+            return json.load(f)
+    return dict(source)
+
+
 def _progress(iterable, total: int, desc: str, enabled: bool = True):
     from tqdm.auto import tqdm
     return tqdm(iterable, total=total, desc=desc, unit="tensor", disable=not enabled)

@@ -32,6 +32,23 @@ def placeholder_ordinals(input_ids: Tensor, token_id: int) -> Tensor:
     return torch.where(mask, ordinal, torch.full_like(ordinal, -1))
 
 
+def qwen2_text_config(cfg, *, tensor_parallel: int, context_parallel: int, dtype: torch.dtype,
+                      use_cpu_initialization: bool, perform_initialization: bool, **extra):
+    """megatron-core's TransformerConfig of a family's Qwen2 language model (QKV bias, SwiGLU,
+    RMSNorm) from its config (num_layers, hidden_size, num_heads, num_kv_heads,
+    intermediate_size, head_dim, rms_norm_eps); `extra` adds family fields (mrope_section)."""
+    import torch.nn.functional as F
+
+    from ..gpt import gpt_config
+    return gpt_config(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads,
+        num_query_groups=cfg.num_kv_heads, ffn_hidden_size=cfg.intermediate_size,
+        tensor_parallel=tensor_parallel, context_parallel=context_parallel, dtype=dtype,
+        kv_channels=cfg.head_dim, layernorm_epsilon=cfg.rms_norm_eps, add_qkv_bias=True,
+        activation_func=F.silu, use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=perform_initialization, **extra)
+
+
 class TokenPositions:
     """1-D RoPE positions of a prompt of `length` tokens: prompt token i sits at i, decoded
     token k (0-based) at length + k. take/decode give host LongTensors [s]."""

@@ -6,8 +6,6 @@ shapes work at a tensor-parallel size.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Tuple, Union
 
@@ -131,13 +129,8 @@ class InternVL3Config:
     @classmethod
     def from_hf(cls, source: Union[str, dict]) -> "InternVL3Config":
         """From an HF checkpoint directory, a config.json path, or its dict."""
-        if isinstance(source, str):
-            path = os.path.join(source, "config.json") if os.path.isdir(source) else source
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"checkpoint not found: no config.json at {source}")
-            with open(path) as f:
-                source = json.load(f)
-        cfg = dict(source)
+        from ..common.checkpoint_io import read_hf_config
+        cfg = read_hf_config(source)
         if cfg.get("model_type", "internvl") != "internvl":
             raise ValueError(f"not an HF InternVL config (model_type {cfg.get('model_type')!r}); "
                              f"OpenGVLab's original internvl_chat checkpoints need the -hf conversion")

@@ -19,7 +19,6 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from megatron.core.models.gpt.gpt_model import GPTModel
@@ -28,8 +27,7 @@ from ...modules import use_spava_rope
 from ...specs import backend_for_impl, cast_parameters, get_gpt_layer_spec
 from ..common.frame_parallel import encode_frame_parallel, split_groups
 from ..common.vision import vision_tp_config
-from ..common.vlm import TokenPositions, VideoLanguageModel
-from ..gpt import gpt_config
+from ..common.vlm import TokenPositions, VideoLanguageModel, qwen2_text_config
 from .config import InternVL3Config
 from .vision import InternVLProjector, InternViT, pixel_shuffle
 
@@ -52,13 +50,9 @@ class InternVL3Model(VideoLanguageModel):
                  use_cpu_initialization: bool = True, perform_initialization: bool = True,
                  max_sequence_length: int = 1 << 20):
         cfg.validate(tensor_parallel)
-        text = gpt_config(
-            num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads,
-            num_query_groups=cfg.num_kv_heads, ffn_hidden_size=cfg.intermediate_size,
-            tensor_parallel=tensor_parallel, context_parallel=context_parallel, dtype=dtype,
-            kv_channels=cfg.head_dim, layernorm_epsilon=cfg.rms_norm_eps, add_qkv_bias=True,
-            activation_func=F.silu, use_cpu_initialization=use_cpu_initialization,
-            perform_initialization=perform_initialization)
+        text = qwen2_text_config(cfg, tensor_parallel=tensor_parallel, context_parallel=context_parallel,
+                                 dtype=dtype, use_cpu_initialization=use_cpu_initialization,
+                                 perform_initialization=perform_initialization)
         super().__init__(config=text)
         self.cfg = cfg
         self.backend = backend_for_impl(backend)

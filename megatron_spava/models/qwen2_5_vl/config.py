@@ -3,8 +3,6 @@ text_config/vision_config) into the fields the megatron-core model needs."""
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Tuple, Union
 
@@ -52,13 +50,8 @@ class Qwen25VLConfig:
     @classmethod
     def from_hf(cls, source: Union[str, dict]) -> "Qwen25VLConfig":
         """From an HF checkpoint directory, a config.json path, or its dict."""
-        if isinstance(source, str):
-            path = os.path.join(source, "config.json") if os.path.isdir(source) else source
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"checkpoint not found: no config.json at {source}")
-            with open(path) as f:
-                source = json.load(f)
-        cfg = dict(source)
+        from ..common.checkpoint_io import read_hf_config
+        cfg = read_hf_config(source)
         text = dict(cfg.get("text_config") or {})
         for key, value in cfg.items():  # flat hub layout: text fields at the top level
             if key not in ("text_config", "vision_config"):
