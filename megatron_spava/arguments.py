@@ -17,7 +17,7 @@ import argparse
 from typing import Optional
 
 from .algos import names, plan_layout, registry
-from .config import KERNELS, SWITCHES, SpavaConfig
+from .config import BEYOND, KERNELS, SWITCHES, SpavaConfig
 
 
 def _anchor(value: str):
@@ -70,7 +70,7 @@ def add_spava_args(parser: argparse.ArgumentParser, *, algorithm: bool = True) -
                             "select the passing blocks of the context pass (default: %(default)s)")
     for switch, effect in SWITCHES.items():
         group.add_argument(f"--spava-no-{switch.replace('_', '-')}", action="store_true",
-                           help=f"ablation: {effect}")
+                           help=f"{'beyond SPAVA.md' if switch in BEYOND else 'ablation'}: {effect}")
     group.add_argument("--spava-kernel", choices=KERNELS, default="auto",
                        help="attention kernel (default: %(default)s: fastest measured for the device)")
     group.add_argument("--spava-check-ranks-agree", action="store_true",

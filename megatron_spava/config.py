@@ -29,9 +29,17 @@ ABLATIONS = {
     "frame_parallel": "every rank encodes the whole video instead of its slice of the frames",
 }
 
-#: Every boolean switch with a `--spava-no-*` flag: the ablations, and `passing`.
+#: Switches whose "off" goes beyond SPAVA.md (on = the contract, the default).
+BEYOND = {
+    "mean_probe": "score each candidate key by the log-sum-exp of its scaled logits over every "
+                  "query token and every query head of its GQA group, instead of against their "
+                  "mean (SPAVA.md section 2 step 1); docs/NOTES.md says why",
+}
+
+#: Every boolean switch with a `--spava-no-*` flag: the ablations, `passing`, and `BEYOND`.
 SWITCHES = {**ABLATIONS,
-            "passing": "exchange no passing blocks (with a block-sized anchor: Star Attention)"}
+            "passing": "exchange no passing blocks (with a block-sized anchor: Star Attention)",
+            **BEYOND}
 
 
 def ceil_div(x: int, d: int) -> int:
@@ -82,7 +90,13 @@ class SpavaConfig:
         then all-gathers. Off: every rank encodes the whole video.
       passing: exchange passing blocks. Off (with the anchor the size of a block): Star
         Attention.
-      `ABLATIONS` lists the paper's chain in order; `SWITCHES` adds `passing`.
+      mean_probe: SPAVA.md's selection score, each key against the mean of the query
+        tokens' queries over the GQA group and the query tokens (no softmax, no scaling).
+        Off (beyond SPAVA.md): each key scores logsumexp_j(softmax_scale * q_j . k) over
+        every query token and query head j of its group, the log of the attention mass the
+        query would give it; a mean of RoPE-rotated queries can point away from every one
+        of them (measured: docs/NOTES.md).
+      `ABLATIONS` lists the paper's chain in order; `SWITCHES` adds `passing` and `BEYOND`.
       context_probe_len: tokens at the end of the anchor whose queries, averaged, probe the
         selection of a pass that holds no query (fuse_query=False).
 
@@ -109,6 +123,7 @@ class SpavaConfig:
     fuse_query: bool = True
     frame_parallel: bool = True
     passing: bool = True
+    mean_probe: bool = True
     kernel: str = "auto"
     check_ranks_agree: bool = False
 

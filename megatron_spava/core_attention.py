@@ -21,6 +21,8 @@ rows of B_{2W-1-r} the slice [P_{2W-2-r} .. P_W | A | P_0 .. P_{W-1}]: no concat
 A context-only pass (layout.query_len == 0, the first pass of fuse_query=False) has no
 query rows and no query to select with: the probe is then the mean query of the anchor's
 last `context_probe_len` tokens, which every rank holds (query-agnostic selection).
+With `mean_probe` off, every probe token's query of the group scores by log-sum-exp
+(`ops.selection`; beyond SPAVA.md).
 """
 
 from __future__ import annotations
@@ -69,15 +71,16 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
     works = []
     if lp:
         if q_hi > q_lo:  # query-aware: the query tokens' queries
-            probe = query_probe(q[q_lo:q_hi], hk)
+            probe = query_probe(q[q_lo:q_hi], hk, mean=cfg.mean_probe)
         else:  # context only: the anchor's last tokens (plan ensures there are some)
-            probe = query_probe(q[max(0, a_hi - cfg.context_probe_len):a_hi], hk)
+            probe = query_probe(q[max(0, a_hi - cfg.context_probe_len):a_hi], hk, mean=cfg.mean_probe)
+        score_scale = None if cfg.mean_probe else scale
         for j, (vblock, lo, hi) in enumerate(seg.blocks):
             if vblock == layout.num_blocks - 1:  # the last block's passing block is never read
                 mine = k.new_zeros(lp, b, hk, 2 * d)
             else:
                 with profiling.region("selection", k):
-                    mine = select_passing(k[lo:hi], v[lo:hi], probe, lp, cfg.pool_kernel)
+                    mine = select_passing(k[lo:hi], v[lo:hi], probe, lp, cfg.pool_kernel, score_scale)
             region = x[off_g1:off_g1 + slots] if j == 0 else x[:slots]
             works.append(all_gather(region, mine, cp_group, world, async_op=cfg.overlap))
 

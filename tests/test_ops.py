@@ -104,8 +104,8 @@ def test_probe_scores_equal_mean_of_per_token_dot_products():
     lq, b, hq, hk, d = 6, 2, 8, 2, 16
     qq, kb = torch.randn(lq, b, hq, d), torch.randn(30, b, hk, d)
     probe = query_probe(qq, hk)
-    assert probe.shape == (b, hk, d) and probe.dtype == torch.float32
-    raw = torch.matmul(kb.permute(1, 2, 0, 3).float(), probe.unsqueeze(-1)).squeeze(-1)
+    assert probe.shape == (b, hk, 1, d) and probe.dtype == torch.float32
+    raw = torch.matmul(kb.permute(1, 2, 0, 3).float(), probe[:, :, 0].unsqueeze(-1)).squeeze(-1)
     # independent: average of k_t . q_i over the query tokens and the GQA group
     group = hq // hk
     expected = torch.einsum("tbhd,ibhgd->bht", kb.double(),
@@ -121,10 +121,10 @@ def test_selection_keeps_top_scored_tokens_per_head():
     torch.manual_seed(5)
     l, b, hk, d = 40, 2, 3, 8
     k, v = torch.randn(l, b, hk, d), torch.randn(l, b, hk, d)
-    probe = torch.randn(b, hk, d)
+    probe = torch.randn(b, hk, 1, d)
     sel = select_passing(k, v, probe, budget=7, pool_kernel=1)  # kernel 1: no smoothing
     assert sel.shape == (7, b, hk, 2 * d)
-    scores = torch.einsum("tbhd,bhd->bht", k.double(), probe.double())
+    scores = torch.einsum("tbhd,bhd->bht", k.double(), probe[:, :, 0].double())
     heads_differ = False
     for bi in range(b):
         chosen_per_head = []
@@ -145,9 +145,51 @@ def test_selection_pools_within_block_only():
     """A high score just outside the block must not leak in through the max-pool."""
     d = 4
     k = torch.zeros(10, 1, 1, d)
-    probe = torch.zeros(1, 1, d)
+    probe = torch.zeros(1, 1, 1, d)
     probe[..., 0] = 1.0
     k[:, 0, 0, 0] = torch.arange(10.0)  # increasing scores, max at the last token
     pooled = selection_scores(k, probe, 5)
     # last two tokens pool only over in-block neighbours (padding is -inf, not data)
     assert pooled[0, 0].tolist() == [2, 3, 4, 5, 6, 7, 8, 9, 9, 9]
+
+
+def test_log_sum_exp_scores_equal_the_attention_mass_of_every_query_token_and_head():
+    """mean_probe off: s[t, h] = log sum_{i, g} exp(scale * q[i, g] . k[t, h]), checked in
+    float64 against an einsum over every query token and every head of the GQA group, then
+    pooled; the chunked evaluation matches too."""
+    torch.manual_seed(6)
+    lq, b, hq, hk, d, l = 5, 2, 6, 2, 8, 37
+    qq, kb = torch.randn(lq, b, hq, d), torch.randn(l, b, hk, d)
+    probe = query_probe(qq, hk, mean=False)
+    assert probe.shape == (b, hk, lq * hq // hk, d)
+    scale = 0.3
+    logits = torch.einsum("tbhd,ibhgd->bhtig", kb.double(), qq.double().reshape(lq, b, hk, hq // hk, d))
+    expected = torch.logsumexp(scale * logits.flatten(-2), dim=-1)  # [b, hk, l]
+    torch.testing.assert_close(selection_scores(kb, probe, 1, scale).double(), expected, rtol=1e-5, atol=1e-5)
+    padded = F.pad(expected, (2, 2), value=float("-inf"))
+    pooled = torch.stack([padded[..., t:t + 5].amax(-1) for t in range(l)], dim=-1)
+    torch.testing.assert_close(selection_scores(kb, probe, 5, scale).double(), pooled, rtol=1e-5, atol=1e-5)
+    import megatron_spava.ops.selection as selection
+    chunk, selection._LOGITS_PER_CHUNK = selection._LOGITS_PER_CHUNK, 50  # several key chunks
+    try:
+        torch.testing.assert_close(selection_scores(kb, probe, 5, scale).double(), pooled, rtol=1e-5, atol=1e-5)
+    finally:
+        selection._LOGITS_PER_CHUNK = chunk
+    with pytest.raises(ValueError, match="need a scale"):
+        selection_scores(kb, probe, 5)
+
+
+def test_log_sum_exp_finds_a_key_that_the_mean_probe_misses():
+    """Two query tokens that point opposite ways (as RoPE can turn the same content at two
+    positions) cancel in the mean probe; one of them attends strongly to a key that the
+    mean scores at zero, below every mildly aligned distractor. The log-sum-exp score keeps it."""
+    d, l = 4, 12
+    e = torch.eye(d)
+    qq = torch.stack([4 * e[0] + 0.5 * e[1], -4 * e[0] + 0.5 * e[1]]).reshape(2, 1, 1, d)
+    k = e[1].repeat(l, 1).reshape(l, 1, 1, d).clone()  # distractors: k . mean = 0.5
+    k[7, 0, 0] = 3 * e[0]  # the key the first query token wants (k . mean = 0)
+    v = torch.randn(l, 1, 1, d)
+    budget = 3
+    for mean, scale, hit in ((True, None, False), (False, 0.5, True)):
+        sel = select_passing(k, v, query_probe(qq, 1, mean=mean), budget, pool_kernel=1, scale=scale)
+        assert bool((sel[:, 0, 0, :d] == k[7, 0, 0]).all(-1).any()) is hit, mean

@@ -6,6 +6,8 @@ order, in float64 unless asked otherwise, with dense masks built from SPAVA.md's
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Tuple
 
 import torch
@@ -71,14 +73,26 @@ def spava_mask(layout, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     Row of block v: the anchor, its own block causally, and for every earlier block u < v
     the passing block P_u: per (batch, KV head) the min(passing, len(B_u)) tokens of B_u
     with the highest max-pooled scores k . probe, probe = the query tokens' queries
-    averaged over the GQA group and the query tokens. Query and anchor rows: causal.
+    averaged over the GQA group and the query tokens. With config.mean_probe off, the score
+    is instead log(sum over the query tokens i and the group's heads hh of
+    exp(d**-0.5 * q[i, hh] . k)). Query and anchor rows: causal.
     Only unambiguous when the top-k has no ties at its boundary (e.g. pool_kernel=1).
     """
     n, lq, cfg = layout.context_len, layout.query_len, layout.config
     total, b, hq, d = q.shape
     hk = k.shape[2]
     group = hq // hk
-    probe = q[n:n + lq].double().reshape(lq, b, hk, group, d).mean(dim=(0, 3))  # [b, hk, d]
+    queries = q[n:n + lq].double()  # [lq, b, hq, d]
+    probe = queries.reshape(lq, b, hk, group, d).mean(dim=(0, 3))  # [b, hk, d]
+
+    def score(t, bi, h):
+        key = k[t, bi, h].double()
+        if cfg.mean_probe:
+            return float(key @ probe[bi, h])
+        mass = sum(math.exp(float(queries[i, bi, hh] @ key) / math.sqrt(d))
+                   for i in range(lq) for hh in range(h * group, (h + 1) * group))
+        return math.log(mass)
+
     base = star_mask(layout)
     mask = base.expand(b, hq, total, total).clone()
     half = cfg.pool_kernel // 2
@@ -91,7 +105,7 @@ def spava_mask(layout, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         later[hi:n] = True  # rows of every later block
         for bi in range(b):
             for h in range(hk):
-                raw = [float(k[t, bi, h].double() @ probe[bi, h]) for t in range(lo, hi)]
+                raw = [score(t, bi, h) for t in range(lo, hi)]
                 pooled = [max(raw[max(0, i - half):i + half + 1]) for i in range(len(raw))]
                 top = sorted(range(len(pooled)), key=lambda i: -pooled[i])[:budget]
                 cols = torch.tensor(top) + lo
