@@ -264,7 +264,7 @@ def test_benchmark_variants_parse_into_switches():
     assert parse_variant(chain[-1])[1] == {s: False for s in (
         "overlap", "shard_anchor", "fuse_query", "zigzag", "frame_parallel")}
     assert {"full", "ring", "star", "apb", "spava", "spava-no-fuse-query",
-            "spava-no-frame-parallel"} <= set(benchmark_variants())
+            "spava-no-frame-parallel", "spava-no-mean-probe"} <= set(benchmark_variants())
     for bad, match in (("spava-no-speed", "unknown switch 'speed'"),
                        ("ulysses-no-overlap", "unknown context-parallel algorithm")):
         with pytest.raises(ValueError, match=match):

@@ -22,7 +22,7 @@ import contextlib
 import importlib
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from ..config import ABLATIONS, SWITCHES, SpavaConfig
+from ..config import ABLATIONS, BEYOND, SWITCHES, SpavaConfig
 from .base import Algorithm
 
 _ENTRIES: Dict[str, Algorithm] = {}
@@ -165,8 +165,10 @@ def ablation_chain(algo: str = "spava") -> List[str]:
 
 def benchmark_variants() -> List[str]:
     """What tools/bench_prefill.py runs by default: every algorithm that runs inside
-    SpavaCoreAttention, then each ablation of spava."""
-    return [e.name for e in entries() if e.attn_func is not None] + ablation_variants()
+    SpavaCoreAttention, then each ablation of spava, then each switch beyond SPAVA.md
+    (`config.BEYOND`: spava-no-mean-probe)."""
+    return ([e.name for e in entries() if e.attn_func is not None] + ablation_variants()
+            + ablation_variants("spava", tuple(BEYOND)))
 
 
 # ---- the registry lines ------------------------------------------------------------------
