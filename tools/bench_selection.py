@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_attention import time_ms  # noqa: E402
 
-from megatron_spava.config import round_up  # noqa: E402
+from megatron_spava.algos.spava import SpavaLayout  # noqa: E402
 from megatron_spava.ops.attention import attend  # noqa: E402
 from megatron_spava.ops.selection import query_probe, select_passing  # noqa: E402
 
@@ -53,7 +53,9 @@ def main(argv=None):
         v = torch.randn(l, 1, hk, d, device=dev, dtype=dt, generator=g)
         q = torch.randn(l, 1, hq, d, device=dev, dtype=dt, generator=g)
         qq = torch.randn(args.query_len, 1, hq, d, device=dev, dtype=dt, generator=g)
-        budget = round_up(2 * args.cp * l // 128, 128)
+        # SPAVA.md's default budget for the context whose 2 * CP blocks are this long
+        budget = SpavaLayout.plan(context_len=2 * args.cp * l, query_len=args.query_len,
+                                  cp_size=args.cp).passing_len
         times = {}
         for name, mean, scale in (("mean", True, None), ("lse", False, d ** -0.5)):
             times[name] = time_ms(lambda: select_passing(k, v, query_probe(qq, hk, mean=mean), budget, 5, scale),

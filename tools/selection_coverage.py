@@ -99,9 +99,10 @@ def run_rank(args: dict) -> dict:
         g0, g1 = layout.block_range(f["vblock"])
         inside = torch.tensor(sorted(t - g0 for t in needles if g0 <= t < g1), dtype=torch.long)
         queries, hk = q[f["q_lo"]:f["q_hi"]], k_block.shape[2]
+        mean_probe = selection.query_probe(queries, hk)
         scores = {
-            "mean": selection.selection_scores(k_block, selection.query_probe(queries, hk), pool_kernel),
-            "mean-unpooled": selection.selection_scores(k_block, selection.query_probe(queries, hk), 1),
+            "mean": selection.selection_scores(k_block, mean_probe, pool_kernel),
+            "mean-unpooled": selection.selection_scores(k_block, mean_probe, 1),
             "lse": selection.selection_scores(k_block, selection.query_probe(queries, hk, mean=False),
                                               pool_kernel, f["scale"]),
         }
@@ -114,9 +115,7 @@ def run_rank(args: dict) -> dict:
                             "coverage": {r: [float(torch.isin(inside, s.topk(budget, -1).indices[0, h]).float().mean())
                                              for h in range(hk)] for r, s in scores.items()}})
         calls[0] += 1
-        index = used.topk(budget, dim=-1, sorted=False).indices.permute(2, 0, 1).unsqueeze(-1)
-        index = index.expand(-1, -1, -1, k_block.shape[-1])
-        return torch.cat([k_block.gather(0, index), v_block.gather(0, index)], dim=-1)
+        return selection.gather_top(k_block, v_block, used, budget)
 
     core_attention.select_passing = select
     group = model_parallel_state(1, args["cp"]).get_context_parallel_group()

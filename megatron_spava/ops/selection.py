@@ -76,8 +76,15 @@ def select_passing(k_block: torch.Tensor, v_block: torch.Tensor, probe: torch.Te
     (one tensor, so one collective moves both). Token order within it is unspecified;
     passing keys are fully visible, so it does not matter.
     """
-    d = k_block.shape[-1]
-    scores = selection_scores(k_block, probe, pool_kernel, scale)
+    return gather_top(k_block, v_block, selection_scores(k_block, probe, pool_kernel, scale), budget)
+
+
+def gather_top(k_block: torch.Tensor, v_block: torch.Tensor, scores: torch.Tensor,
+               budget: int) -> torch.Tensor:
+    """Per (batch, KV head), the keys and values of the `budget` highest `scores`.
+
+    k_block, v_block: [l, b, hk, d]; scores: [b, hk, l]. Returns [budget, b, hk, 2d] (keys |
+    values), in unspecified token order."""
     index = scores.topk(budget, dim=-1, sorted=False).indices  # [b, hk, budget]
-    index = index.permute(2, 0, 1).unsqueeze(-1).expand(-1, -1, -1, d)
+    index = index.permute(2, 0, 1).unsqueeze(-1).expand(-1, -1, -1, k_block.shape[-1])
     return torch.cat([k_block.gather(0, index), v_block.gather(0, index)], dim=-1)

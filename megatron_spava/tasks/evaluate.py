@@ -12,7 +12,7 @@ on every rank), it answers the question under
   ring, star, apb, spava      at each --cp-sizes W
   spava-no-<switch>           Spava with one ablation switch of SpavaConfig off (read from
                               megatron_spava at run time: every boolean switch that is on
-                              by default, e.g. zigzag, overlap, shard_anchor, passing)
+                              by default, e.g. zigzag, overlap, shard_anchor, passing, mean_probe)
 and scores exact match. It also reports the KL divergence KL(full || algo) of the
 first-token distributions, and for the first --hidden-samples samples of each task and
 length, the relative error ||h_algo - h_full|| / ||h_full|| of every decoder layer's output
@@ -45,8 +45,9 @@ from ..launch import init_distributed, model_parallel_state
 from .needles import TASKS, eval_set, needle_blocks, score
 
 def ablation_switches() -> List[str]:
-    """The SpavaConfig switches evaluated one at a time: the paper's ablation chain
-    (`config.ABLATIONS`, in order) and `passing` (`config.SWITCHES`)."""
+    """The SpavaConfig switches evaluated one at a time (`config.SWITCHES`): the paper's
+    ablation chain (`config.ABLATIONS`, in order), `passing`, and those beyond SPAVA.md
+    (`config.BEYOND`: mean_probe)."""
     from ..config import SWITCHES
     return list(SWITCHES)
 
