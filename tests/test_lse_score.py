@@ -91,10 +91,10 @@ def strided_views(lq_lo, lq_hi, lo, hi, b=2, hk=2, group=7, d=80, seed=0, device
     return q[lq_lo:lq_hi], k[lo:hi]
 
 
-def check_batched_views(impl, device="cpu", dtype=torch.float32):
+def check_batched_views(impl, device="cpu", dtype=torch.float32, **kw):
     q, k = strided_views(200, 213, 17, 170, device=device, dtype=dtype)
     assert not q.is_contiguous() and not k.is_contiguous()
-    s = lse_scores(q, k, 0.1, impl=impl)
+    s = lse_scores(q, k, 0.1, impl=impl, **kw)
     assert s.shape == (153, 2, 2)
     for bi in range(2):
         rel, err = errors(s[:, bi], reference(q[:, bi].cpu(), k[:, bi].cpu(), 0.1))
@@ -132,10 +132,11 @@ def test_empty_and_bad_inputs():
 def test_triton_kernel_matches_float64_on_gpu(dtype):
     if not triton_available():
         pytest.skip("triton is not installed")
+    # random shapes at one fixed tile config (no autotuning: it would tune every size anew)
     for seed in range(8):
         q, k, scale, _ = random_case(2000 + seed, device="cuda", max_len=3000)
         q, k = q.to(dtype), k.to(dtype)
-        check(q, k, scale, dtype, "triton")
+        check(q, k, scale, dtype, "triton", config=(64, 32, 4, 2))
     # the 7B shape, a full block tile and odd tails, through the autotuner
     gen = torch.Generator(device="cuda").manual_seed(5)
     q = torch.randn(77, 28, 128, device="cuda", dtype=dtype, generator=gen)
@@ -147,7 +148,7 @@ def test_triton_kernel_matches_float64_on_gpu(dtype):
     assert s.is_cuda and torch.isfinite(s).all()
     rel, err = errors(s, reference(q.cpu(), k.cpu(), 128 ** -0.5))
     assert rel < REL_TOL[dtype] and err < ABS_TOL[dtype], (rel, err)
-    check_batched_views("auto", device="cuda", dtype=dtype)
+    check_batched_views("triton", device="cuda", dtype=dtype, config=(64, 32, 4, 2))
 
 
 @pytest.mark.cuda
