@@ -183,6 +183,7 @@ def interpreter_cases():
     """Run in a process with TRITON_INTERPRET=1 (see the test below); prints one line per case."""
     cases = [random_case(3000 + i, max_len=70, max_lq=12) for i in range(5)]
     cases.append((torch.randn(3, 7, 128).bfloat16(), torch.randn(33, 1, 128).bfloat16(), 0.09, torch.bfloat16))
+    cases.append((torch.randn(16, 4, 64), torch.randn(40, 4, 64), 0.2, torch.float32))  # rows fill whole tiles
     for q, k, scale, dtype in cases:
         print(tuple(q.shape), tuple(k.shape), dtype, check(q, k, scale, dtype, "triton"))
     check_batched_views("triton")

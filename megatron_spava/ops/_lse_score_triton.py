@@ -22,6 +22,39 @@ import triton.language as tl
 LOG2E = 1.0 / math.log(2.0)
 
 
+@triton.jit
+def _rows_tile(k, q_base, start, R, G, stride_qs, stride_qh, stride_qd, m_i, l_i, qk_scale,
+               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
+    """One tile of BLOCK_M probe rows from `start` against the key tile k: the updated running
+    max m_i (of the raw dots) and sum l_i (of exp2(c * (x - m_i))) per key. MASKED: the last,
+    partial tile (rows >= R are left out); the full tiles before it need no masks."""
+    r = start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    j = r // G
+    g = r - j * G
+    q_ptrs = q_base + j[:, None] * stride_qs + g[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    if MASKED:
+        mask = r[:, None] < R
+    else:
+        mask = r[:, None] >= 0
+    if D != BLOCK_D:  # the head dim is padded to a power of two
+        mask = mask & (offs_d[None, :] < D)
+    if MASKED or D != BLOCK_D:
+        q = tl.load(q_ptrs, mask=mask, other=0.0)
+    else:
+        q = tl.load(q_ptrs)
+    if UPCAST:
+        q = q.to(tl.float32)
+    x = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M] fp32
+    if MASKED:
+        x = tl.where(r[None, :] < R, x, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(x, 1))
+    p = tl.exp2(x * qk_scale - (m_new * qk_scale)[:, None])
+    l_new = l_i * tl.exp2((m_i - m_new) * qk_scale) + tl.sum(p, 1)
+    return m_new, l_new
+
+
 def _lse_kernel(Q, K, S, R, L_B, G,
                 stride_qb, stride_qs, stride_qh, stride_qd,
                 stride_kb, stride_ks, stride_kh, stride_kd,
@@ -45,23 +78,13 @@ def _lse_kernel(Q, K, S, R, L_B, G,
     m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
     q_base = Q + b * stride_qb + h * G * stride_qh
-    for start in range(0, R, BLOCK_M):
-        r = start + tl.arange(0, BLOCK_M)
-        j = r // G
-        g = r - j * G
-        q_ptrs = q_base + j[:, None] * stride_qs + g[:, None] * stride_qh + offs_d[None, :] * stride_qd
-        if D == BLOCK_D:
-            q = tl.load(q_ptrs, mask=r[:, None] < R, other=0.0)
-        else:
-            q = tl.load(q_ptrs, mask=(r[:, None] < R) & (offs_d[None, :] < D), other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-        x = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M] fp32
-        x = tl.where(r[None, :] < R, x, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(x, 1))
-        p = tl.exp2(x * qk_scale - (m_new * qk_scale)[:, None])
-        l_i = l_i * tl.exp2((m_i - m_new) * qk_scale) + tl.sum(p, 1)
-        m_i = m_new
+    r_full = (R // BLOCK_M) * BLOCK_M
+    for start in range(0, r_full, BLOCK_M):
+        m_i, l_i = _rows_tile(k, q_base, start, R, G, stride_qs, stride_qh, stride_qd, m_i, l_i, qk_scale,
+                              D, BLOCK_D, BLOCK_M, PRECISION, UPCAST, False)
+    if r_full < R:
+        m_i, l_i = _rows_tile(k, q_base, r_full, R, G, stride_qs, stride_qh, stride_qd, m_i, l_i, qk_scale,
+                              D, BLOCK_D, BLOCK_M, PRECISION, UPCAST, True)
     s = (m_i * qk_scale + tl.log2(l_i)) * 0.6931471805599453
     tl.store(S + b * stride_sb + h * stride_sh + offs_n * stride_st, s, mask=offs_n < L_B)
 
