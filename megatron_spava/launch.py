@@ -99,6 +99,54 @@ def report_rank_errors(verbose: bool = False):
         os._exit(1)  # no interpreter teardown: a peer may still sit in a collective
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (raised by `end_children_on_signals`; a BaseException, like
+    KeyboardInterrupt, so that no `except Exception` swallows it). str(): the signal's name."""
+
+    def __init__(self, signum: int):
+        import signal
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def kill_children(timeout: float = 5.0) -> None:
+    """SIGKILL every descendant of this process (helper processes: multiprocessing workers,
+    managers, resource trackers, torchrun's ranks) and wait up to `timeout` s for them."""
+    import psutil
+    procs = psutil.Process().children(recursive=True)
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(procs, timeout=timeout)
+
+
+@contextlib.contextmanager
+def end_children_on_signals():
+    """Within the block, SIGINT and SIGTERM kill this process's descendants and then raise
+    `Interrupted` in the main thread, so that `finally` blocks (e.g. removing a partial output)
+    run and the caller can print one line and exit. A forked child that inherited the handler
+    exits at once (code 128 + signal). Main thread only."""
+    import signal
+
+    main = os.getpid()
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def handler(signum, frame):
+        if os.getpid() != main:
+            os._exit(128 + signum)
+        for s in signals:
+            signal.signal(s, signal.SIG_IGN)
+        kill_children()
+        raise Interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def init_distributed(device: str, backend: str = "nccl", timeout: Optional[datetime.timedelta] = None) -> torch.device:
     """Under torchrun: pick this rank's GPU (or the CPU compatibility patches) and start the
     process group. Returns the device to run on. On CUDA, backend "nccl" (one GPU per rank),

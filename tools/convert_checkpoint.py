@@ -14,6 +14,10 @@ HF -> megatron -> HF is bit-exact. Both stream tensor by tensor; peak memory is 
 one copy of the model. Runs on CPU (the model's weights stay in CPU memory). The model
 family (--model) is read from config.json's model_type unless given: qwen2_5_vl, or
 internvl3 (HF's "internvl", the OpenGVLab/InternVL3-*-hf format).
+--out must be new or empty (--force replaces it whole) and outside the input. The output is
+written into a temporary folder beside --out, read back and compared tensor for tensor with
+the input, then renamed into place: an error, Ctrl-C or SIGTERM leaves --out as it was
+(and ends the writer's helper processes). A damaged input is one line naming the file.
 A converted checkpoint (either family) loads into either --transformer-impl (megatron-core's
 local layers or Transformer Engine's, which fuse the layer norms into linear_qkv /
 linear_fc1): both store the norms under the same keys. hf-to-megatron's --transformer-impl only picks the layers
@@ -48,13 +52,22 @@ def main(argv=None) -> int:
     b.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (default: %(default)s)")
     for p in (a, b):
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--force", action="store_true",
+                       help="replace a non-empty --out whole (default: refuse it)")
+        p.add_argument("--verbose", action="store_true", help="tracebacks and library warnings")
         p.add_argument("--model", choices=["auto", *FAMILIES], default="auto",
                        help="model family (default: from config.json's model_type)")
     args = parser.parse_args(argv)
 
     import torch
+    from megatron_spava.launch import Interrupted, end_children_on_signals, quiet_known_warnings
     from megatron_spava.specs import backend_for_impl, resolve_transformer_impl
 
+    quiet_known_warnings(args.verbose, announce=False)
+    if not args.verbose:
+        import warnings
+        warnings.filterwarnings("ignore", message=".*DTensor instead.*", category=FutureWarning)
+    inp = args.hf_path if args.direction == "hf-to-megatron" else args.megatron_path
     try:
         family = resolve_family(args.model, args.hf_path if args.direction == "hf-to-megatron"
                                 else args.megatron_path)
@@ -67,16 +80,34 @@ def main(argv=None) -> int:
                                             "cuda" if torch.cuda.is_available() else "cpu")
             # the checkpoint is the same for either backend; the writer's layers differ only
             # in where the norms live
-            out = hf_to_dist(args.hf_path, args.out, tensor_parallel=args.tensor_model_parallel_size,
-                             progress=not args.no_progress, backend=backend_for_impl(impl))
+            with end_children_on_signals():
+                out = hf_to_dist(args.hf_path, args.out, tensor_parallel=args.tensor_model_parallel_size,
+                                 progress=not args.no_progress, backend=backend_for_impl(impl),
+                                 force=args.force)
         else:
-            out = dist_to_hf(args.megatron_path, args.out, max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
-                             progress=not args.no_progress)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+            if not args.max_shard_gb > 0:
+                raise ValueError("--max-shard-gb must be > 0")
+            with end_children_on_signals():
+                out = dist_to_hf(args.megatron_path, args.out,
+                                 max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
+                                 progress=not args.no_progress, force=args.force)
+    except Interrupted as sig:
+        print(f"{parser.prog}: interrupted ({sig}); {args.out} was left as it was", file=sys.stderr,
+              flush=True)
+        sys.stdout.flush()
+        os._exit(128 + sig.signum)  # no interpreter teardown: its helper processes are gone
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as err:
+        if args.verbose:
+            import traceback
+            traceback.print_exc()
+        message = " ".join(str(err).split()) if isinstance(err, (FileNotFoundError, ValueError)) \
+            else f"{type(err).__name__}: {' '.join(str(err).split())}"
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
     print(f"wrote {out}")
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the dist checkpoint saver forks: keep the body under this guard
+    from megatron_spava.launch import quiet_known_warnings
+    quiet_known_warnings("--verbose" in sys.argv[1:], announce=False)
     sys.exit(main())

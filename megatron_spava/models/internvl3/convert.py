@@ -19,7 +19,7 @@ import torch
 
 from ..common import checkpoint_io
 from ..common.checkpoint_io import load_dist_into_model  # noqa: F401  (this family's API too)
-from .checkpoint import HFToMegatron, megatron_to_hf, shard_for_tp
+from .checkpoint import HFToMegatron, megatron_to_hf, normalize_hf_name, shard_for_tp
 from .config import InternVL3Config
 
 
@@ -31,7 +31,8 @@ def _build(cfg: InternVL3Config, dtype: torch.dtype, backend: str):
 
 FAMILY = checkpoint_io.CheckpointFamily(
     name="internvl3", config_from_hf=InternVL3Config.from_hf, build_model=_build,
-    hf_to_megatron=HFToMegatron, megatron_to_hf=megatron_to_hf, shard_for_tp=shard_for_tp)
+    hf_to_megatron=HFToMegatron, megatron_to_hf=megatron_to_hf, shard_for_tp=shard_for_tp,
+    normalize_hf_name=normalize_hf_name)
 
 
 # This family's conversions (models.common.checkpoint_io's, bound to FAMILY): see their docs there.
