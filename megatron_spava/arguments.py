@@ -17,7 +17,8 @@ import argparse
 from typing import Optional
 
 from .algos import names, plan_layout, registry
-from .config import BEYOND, KERNELS, SWITCHES, SpavaConfig
+from .config import KERNELS, SWITCHES, SpavaConfig
+from .ops.selection import DEFAULT_SELECTION, SCORERS
 
 
 def _anchor(value: str):
@@ -68,9 +69,14 @@ def add_spava_args(parser: argparse.ArgumentParser, *, algorithm: bool = True) -
     group.add_argument("--spava-context-probe-len", type=int, default=64,
                        help="with --spava-no-fuse-query: the anchor's last tokens whose queries "
                             "select the passing blocks of the context pass (default: %(default)s)")
+    group.add_argument("--spava-selection", choices=sorted(SCORERS), default=DEFAULT_SELECTION,
+                       help="the score that selects the passing blocks' keys: lse (each key's "
+                            "log-sum-exp over the query's tokens and heads), mean (the reference's "
+                            "mean-query probe), or one registered in megatron_spava.ops.selection "
+                            "(default: %(default)s)")
     for switch, effect in SWITCHES.items():
         group.add_argument(f"--spava-no-{switch.replace('_', '-')}", action="store_true",
-                           help=f"{'beyond SPAVA.md' if switch in BEYOND else 'ablation'}: {effect}")
+                           help=f"ablation: {effect}")
     group.add_argument("--spava-kernel", choices=KERNELS, default="auto",
                        help="attention kernel (default: %(default)s: fastest measured for the device)")
     group.add_argument("--spava-check-ranks-agree", action="store_true",
@@ -86,7 +92,7 @@ def spava_config_from_args(args: argparse.Namespace) -> SpavaConfig:
         anchor_divisor=args.spava_anchor_divisor, passing_divisor=args.spava_passing_divisor,
         passing_scale=args.spava_passing_scale, budget_align=args.spava_budget_align,
         pool_kernel=args.spava_pool_kernel, max_query_len=args.spava_max_query_len,
-        context_probe_len=args.spava_context_probe_len,
+        context_probe_len=args.spava_context_probe_len, selection=args.spava_selection,
         kernel=args.spava_kernel, check_ranks_agree=args.spava_check_ranks_agree,
         **{switch: not getattr(args, f"spava_no_{switch}") for switch in SWITCHES})
 

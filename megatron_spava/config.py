@@ -22,24 +22,16 @@ ABLATIONS = {
     "overlap": "wait for each passing-block exchange as soon as it is launched, computing nothing "
                "while it is in flight",
     "shard_anchor": "rank 0 attends the whole anchor for the query rows (no anchor shards)",
-    "fuse_query": "prefill the context alone first (passing blocks chosen with a query-agnostic "
-                  "probe: the anchor's last context_probe_len tokens), then the query in a second "
+    "fuse_query": "prefill the context alone first (passing blocks chosen with query-agnostic "
+                  "probes: the anchor's last context_probe_len tokens), then the query in a second "
                   "pass over the distributed KV cache",
     "zigzag": "one block per rank instead of two ZigZag virtual hosts",
     "frame_parallel": "every rank encodes the whole video instead of its slice of the frames",
 }
 
-#: Switches whose "off" goes beyond SPAVA.md (on = the contract, the default).
-BEYOND = {
-    "mean_probe": "score each candidate key by the log-sum-exp of its scaled logits over every "
-                  "query token and every query head of its GQA group, instead of against their "
-                  "mean (SPAVA.md section 2 step 1); docs/NOTES.md says why",
-}
-
-#: Every boolean switch with a `--spava-no-*` flag: the ablations, `passing`, and `BEYOND`.
+#: Every boolean switch with a `--spava-no-*` flag: the ablations and `passing`.
 SWITCHES = {**ABLATIONS,
-            "passing": "exchange no passing blocks (with a block-sized anchor: Star Attention)",
-            **BEYOND}
+            "passing": "exchange no passing blocks (with a block-sized anchor: Star Attention)"}
 
 
 def ceil_div(x: int, d: int) -> int:
@@ -90,15 +82,17 @@ class SpavaConfig:
         then all-gathers. Off: every rank encodes the whole video.
       passing: exchange passing blocks. Off (with the anchor the size of a block): Star
         Attention.
-      mean_probe: SPAVA.md's selection score, each key against the mean of the query
-        tokens' queries over the GQA group and the query tokens (no softmax, no scaling).
-        Off (beyond SPAVA.md): each key scores logsumexp_j(softmax_scale * q_j . k) over
-        every query token and query head j of its group, the log of the attention mass the
-        query would give it; a mean of RoPE-rotated queries can point away from every one
-        of them (measured: docs/NOTES.md).
-      `ABLATIONS` lists the paper's chain in order; `SWITCHES` adds `passing` and `BEYOND`.
-      context_probe_len: tokens at the end of the anchor whose queries, averaged, probe the
-        selection of a pass that holds no query (fuse_query=False).
+      `ABLATIONS` lists the paper's chain in order; `SWITCHES` adds `passing`.
+
+    Selection (SPAVA.md section 2 step 1):
+      selection: the name of the score that picks the passing blocks' keys, an entry of
+        `ops.selection.SCORERS`: "lse" (the default: each key's log-sum-exp of its scaled
+        logits over every query token and query head of its GQA group, the log of the
+        attention mass the question would give it) or "mean" (the reference's rule: each key
+        against the mean of those queries, no softmax, no scaling; docs/NOTES.md says why it
+        is not the default). `ops.selection.register_scorer` adds more.
+      context_probe_len: tokens at the end of the anchor whose queries probe the selection of
+        a pass that holds no query (fuse_query=False), scored by `selection` as the query's are.
 
     Execution:
       kernel: attention kernel, one of KERNELS; "auto" picks the fastest measured one
@@ -123,7 +117,7 @@ class SpavaConfig:
     fuse_query: bool = True
     frame_parallel: bool = True
     passing: bool = True
-    mean_probe: bool = True
+    selection: str = "lse"
     kernel: str = "auto"
     check_ranks_agree: bool = False
 
@@ -153,6 +147,10 @@ class SpavaConfig:
                     f"SpavaConfig.{name}={value} is not a multiple of budget_align="
                     f"{self.budget_align}; use {round_up(value, self.budget_align)}, "
                     f"or set budget_align=1 to allow any size")
+        from .ops.selection import SCORERS
+        if self.selection not in SCORERS:
+            raise ValueError(f"SpavaConfig.selection must be one of {sorted(SCORERS)}, "
+                             f"got {self.selection!r}")
         if self.kernel not in KERNELS:
             raise ValueError(f"SpavaConfig.kernel must be one of {KERNELS}, got {self.kernel!r}")
 

@@ -19,10 +19,10 @@ first blocks' passing blocks in rank order (P_0 .. P_{W-1}) and G2 the second bl
 rows of B_{2W-1-r} the slice [P_{2W-2-r} .. P_W | A | P_0 .. P_{W-1}]: no concatenation.
 
 A context-only pass (layout.query_len == 0, the first pass of fuse_query=False) has no
-query rows and no query to select with: the probe is then the mean query of the anchor's
+query rows and no query to select with: the probes are then the queries of the anchor's
 last `context_probe_len` tokens, which every rank holds (query-agnostic selection).
-With `mean_probe` off, every probe token's query of the group scores by log-sum-exp
-(`ops.selection`; beyond SPAVA.md).
+The score is `config.selection`, a named entry of `ops.selection.SCORERS`; the selection
+reports what it chose to `ops.selection.record_selection` subscribers, if any.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch.distributed as dist
 from . import profiling
 from .distributed import all_gather, check_inputs, gather_partials, merge_gathered
 from .ops.attention import attend, attend_many, merge_partials
-from .ops.selection import query_probe, select_passing
+from .ops import selection
 
 def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: "SpavaLayout",
                     cp_group: Optional[dist.ProcessGroup] = None,
@@ -69,18 +69,20 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
 
     # 1-4. Select each block's passing block and launch its all-gather.
     works = []
+    listening = selection.listening()
     if lp:
         if q_hi > q_lo:  # query-aware: the query tokens' queries
-            probe = query_probe(q[q_lo:q_hi], hk, mean=cfg.mean_probe)
+            probes = q[q_lo:q_hi]
         else:  # context only: the anchor's last tokens (plan ensures there are some)
-            probe = query_probe(q[max(0, a_hi - cfg.context_probe_len):a_hi], hk, mean=cfg.mean_probe)
-        score_scale = None if cfg.mean_probe else scale
+            probes = q[max(0, a_hi - cfg.context_probe_len):a_hi]
         for j, (vblock, lo, hi) in enumerate(seg.blocks):
             if vblock == layout.num_blocks - 1:  # the last block's passing block is never read
                 mine = k.new_zeros(lp, b, hk, 2 * d)
             else:
+                report = dict(block=vblock, block_range=layout.block_range(vblock), rank=rank) if listening else None
                 with profiling.region("selection", k):
-                    mine = select_passing(k[lo:hi], v[lo:hi], probe, lp, cfg.pool_kernel, score_scale)
+                    mine = selection.select_passing(k[lo:hi], v[lo:hi], probes, lp, cfg.pool_kernel, scale,
+                                                    cfg.selection, report=report)
             region = x[off_g1:off_g1 + slots] if j == 0 else x[:slots]
             works.append(all_gather(region, mine, cp_group, world, async_op=cfg.overlap))
 
@@ -117,5 +119,9 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
     if q_hi > q_lo:
         if q_work is not None:
             q_work.wait()
-        out[q_lo:q_hi] = merge_gathered(gathered, world)
+        if listening:
+            out[q_lo:q_hi], lse = merge_gathered(gathered, world, with_lse=True)
+            selection.publish(dict(kind="query", layer=selection.current_layer(), rank=rank, lse=lse, scale=scale))
+        else:
+            out[q_lo:q_hi] = merge_gathered(gathered, world)
     return out

@@ -88,9 +88,11 @@ def gather_partials(partial, group, world: int, async_op: bool):
     return gathered, all_gather(gathered, packed, group, world, async_op=async_op)
 
 
-def merge_gathered(gathered: torch.Tensor, world: int) -> torch.Tensor:
-    """Merge the partials of `gather_partials` by LSE: float32 out [s, b, h, d]."""
+def merge_gathered(gathered: torch.Tensor, world: int, with_lse: bool = False):
+    """Merge the partials of `gather_partials` by LSE: float32 out [s, b, h, d]
+    (with_lse: (out, lse [s, b, h]))."""
     from .ops.attention import merge_partials
 
     parts = gathered.view(world, -1, *gathered.shape[1:])
-    return merge_partials([(p[..., :-1], p[..., -1]) for p in parts])[0]
+    merged = merge_partials([(p[..., :-1], p[..., -1]) for p in parts])
+    return merged if with_lse else merged[0]

@@ -33,6 +33,7 @@ from . import profiling
 from .algos import FullLayout, cp_attn_func
 from .context import require_request
 from .inference.decode import decode_attn_func
+from .ops import selection
 
 
 class SpavaCoreAttention(MegatronModule):
@@ -95,8 +96,9 @@ class SpavaCoreAttention(MegatronModule):
                                        layer=self.layer_number, cp_group=group,
                                        softmax_scale=self.softmax_scale, kernel=layout.config.kernel)
             else:
-                out = cp_attn_func(query, key, value, layout=layout, cp_group=group,
-                                   softmax_scale=self.softmax_scale)
+                with selection.at_layer(self.layer_number - 1):  # tags selection reports
+                    out = cp_attn_func(query, key, value, layout=layout, cp_group=group,
+                                       softmax_scale=self.softmax_scale)
                 if request is not None and request.cache is not None:
                     request.cache.store_prefill(self.layer_number, key, value)
         return out.reshape(out.shape[0], out.shape[1], -1)

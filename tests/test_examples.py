@@ -129,12 +129,12 @@ def test_bench_prefill_runs_ablation_variants_by_name(tmp_path):
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
           "tools/bench_prefill.py", "--shape", "tiny", "--device", "cpu", "--tokens", "1200",
           "--repeats", "1", "--warmup", "0", "--algos", "spava", "spava-no-fuse-query",
-          "spava-no-overlap-no-frame-parallel", "spava-no-mean-probe", "full", "--json", str(tmp_path / "b.json")])
+          "spava-no-overlap-no-frame-parallel", "spava-selection-mean", "full", "--json", str(tmp_path / "b.json")])
     import json
     result = json.load(open(tmp_path / "b.json"))
     runs = result["runs"]["1200"]
     assert set(runs) == {"spava", "spava-no-fuse-query", "spava-no-overlap-no-frame-parallel",
-                         "spava-no-mean-probe", "full"}
+                         "spava-selection-mean", "full"}
     assert all(r["ttft_median_s"] > 0 and "speedup_vs_full" in r for r in runs.values())
     # the roofline floor beside each run (its FLOPs: tests/test_roofline.py), rates from this run
     assert result["rates"]["gemm_flops_per_s"] > 0 and result["rates"]["attention_flops_per_s"] > 0

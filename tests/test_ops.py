@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_spava.ops import attend, merge_partials, query_probe, select_passing, selection_scores
+from megatron_spava.ops import attend, merge_partials, select_passing, selection_scores
 from megatron_spava.ops.attention import attend_many, resolve_kernel
 
 CPU_KERNELS = ["cpu_flash", "math"]
@@ -99,19 +99,20 @@ def test_auto_kernel_choice():
         resolve_kernel("nope", torch.device("cpu"), torch.float32)
 
 
-def test_probe_scores_equal_mean_of_per_token_dot_products():
+def test_mean_scores_equal_mean_of_per_token_dot_products():
+    """selection "mean" (the reference's): s[t, h] = k[t, h] . (mean over the query tokens
+    and the GQA group of q), no scaling, checked in float64, then pooled."""
     torch.manual_seed(4)
     lq, b, hq, hk, d = 6, 2, 8, 2, 16
     qq, kb = torch.randn(lq, b, hq, d), torch.randn(30, b, hk, d)
-    probe = query_probe(qq, hk)
-    assert probe.shape == (b, hk, 1, d) and probe.dtype == torch.float32
-    raw = torch.matmul(kb.permute(1, 2, 0, 3).float(), probe[:, :, 0].unsqueeze(-1)).squeeze(-1)
+    raw = selection_scores(kb, qq, 1, 0.3, "mean")
+    assert raw.shape == (b, hk, 30) and raw.dtype == torch.float32
     # independent: average of k_t . q_i over the query tokens and the GQA group
     group = hq // hk
     expected = torch.einsum("tbhd,ibhgd->bht", kb.double(),
                             qq.double().reshape(lq, b, hk, group, d)) / (lq * group)
     torch.testing.assert_close(raw.double(), expected, rtol=1e-5, atol=1e-5)
-    pooled = selection_scores(kb, probe, pool_kernel=5)
+    pooled = selection_scores(kb, qq, 5, 0.3, "mean")
     padded = F.pad(expected, (2, 2), value=float("-inf"))
     expected_pool = torch.stack([padded[..., t:t + 5].amax(-1) for t in range(30)], dim=-1)
     torch.testing.assert_close(pooled.double(), expected_pool, rtol=1e-5, atol=1e-5)
@@ -121,10 +122,10 @@ def test_selection_keeps_top_scored_tokens_per_head():
     torch.manual_seed(5)
     l, b, hk, d = 40, 2, 3, 8
     k, v = torch.randn(l, b, hk, d), torch.randn(l, b, hk, d)
-    probe = torch.randn(b, hk, 1, d)
-    sel = select_passing(k, v, probe, budget=7, pool_kernel=1)  # kernel 1: no smoothing
+    probe = torch.randn(1, b, hk, d)  # one probe token, one query head per KV head
+    sel = select_passing(k, v, probe, budget=7, pool_kernel=1, scale=1.0, selection="mean")
     assert sel.shape == (7, b, hk, 2 * d)
-    scores = torch.einsum("tbhd,bhd->bht", k.double(), probe[:, :, 0].double())
+    scores = torch.einsum("tbhd,bhd->bht", k.double(), probe[0].double())
     heads_differ = False
     for bi in range(b):
         chosen_per_head = []
@@ -148,35 +149,46 @@ def test_selection_pools_within_block_only():
     probe = torch.zeros(1, 1, 1, d)
     probe[..., 0] = 1.0
     k[:, 0, 0, 0] = torch.arange(10.0)  # increasing scores, max at the last token
-    pooled = selection_scores(k, probe, 5)
+    pooled = selection_scores(k, probe, 5, 1.0, "mean")
     # last two tokens pool only over in-block neighbours (padding is -inf, not data)
     assert pooled[0, 0].tolist() == [2, 3, 4, 5, 6, 7, 8, 9, 9, 9]
 
 
 def test_log_sum_exp_scores_equal_the_attention_mass_of_every_query_token_and_head():
-    """mean_probe off: s[t, h] = log sum_{i, g} exp(scale * q[i, g] . k[t, h]), checked in
-    float64 against an einsum over every query token and every head of the GQA group, then
-    pooled; the chunked evaluation matches too."""
+    """selection "lse" (the default): s[t, h] = log sum_{i, g} exp(scale * q[i, g] . k[t, h]),
+    checked in float64 against an einsum over every query token and every head of the GQA
+    group, then pooled; the chunked evaluation matches too."""
     torch.manual_seed(6)
     lq, b, hq, hk, d, l = 5, 2, 6, 2, 8, 37
     qq, kb = torch.randn(lq, b, hq, d), torch.randn(l, b, hk, d)
-    probe = query_probe(qq, hk, mean=False)
-    assert probe.shape == (b, hk, lq * hq // hk, d)
     scale = 0.3
     logits = torch.einsum("tbhd,ibhgd->bhtig", kb.double(), qq.double().reshape(lq, b, hk, hq // hk, d))
     expected = torch.logsumexp(scale * logits.flatten(-2), dim=-1)  # [b, hk, l]
-    torch.testing.assert_close(selection_scores(kb, probe, 1, scale).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(selection_scores(kb, qq, 1, scale).double(), expected, rtol=1e-5, atol=1e-5)
     padded = F.pad(expected, (2, 2), value=float("-inf"))
     pooled = torch.stack([padded[..., t:t + 5].amax(-1) for t in range(l)], dim=-1)
-    torch.testing.assert_close(selection_scores(kb, probe, 5, scale).double(), pooled, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(selection_scores(kb, qq, 5, scale, "lse").double(), pooled, rtol=1e-5, atol=1e-5)
     import megatron_spava.ops.selection as selection
     chunk, selection._LOGITS_PER_CHUNK = selection._LOGITS_PER_CHUNK, 50  # several key chunks
     try:
-        torch.testing.assert_close(selection_scores(kb, probe, 5, scale).double(), pooled, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(selection_scores(kb, qq, 5, scale).double(), pooled, rtol=1e-5, atol=1e-5)
     finally:
         selection._LOGITS_PER_CHUNK = chunk
-    with pytest.raises(ValueError, match="need a scale"):
-        selection_scores(kb, probe, 5)
+
+
+def test_unknown_or_misshapen_scores_are_refused():
+    import megatron_spava.ops.selection as selection
+    kb, qq = torch.randn(9, 1, 2, 4), torch.randn(3, 1, 4, 4)
+    with pytest.raises(ValueError, match="unknown selection score 'nope'; choose from"):
+        selection_scores(kb, qq, 1, 1.0, "nope")
+    with selection.registered_scorer("flat", lambda k, p, s: torch.zeros(k.shape[0])):
+        with pytest.raises(ValueError, match=r"returned shape \(9,\), expected \[b, hk, l\]"):
+            selection_scores(kb, qq, 1, 1.0, "flat")
+    assert "flat" not in selection.SCORERS
+    with pytest.raises(ValueError, match="already registered"):
+        selection.register_scorer("mean", lambda k, p, s: k)
+    with pytest.raises(ValueError, match="cannot be removed"):
+        selection.unregister_scorer("lse")
 
 
 def test_log_sum_exp_finds_a_key_that_the_mean_probe_misses():
@@ -190,6 +202,6 @@ def test_log_sum_exp_finds_a_key_that_the_mean_probe_misses():
     k[7, 0, 0] = 3 * e[0]  # the key the first query token wants (k . mean = 0)
     v = torch.randn(l, 1, 1, d)
     budget = 3
-    for mean, scale, hit in ((True, None, False), (False, 0.5, True)):
-        sel = select_passing(k, v, query_probe(qq, 1, mean=mean), budget, pool_kernel=1, scale=scale)
-        assert bool((sel[:, 0, 0, :d] == k[7, 0, 0]).all(-1).any()) is hit, mean
+    for score, hit in (("mean", False), ("lse", True)):
+        sel = select_passing(k, v, qq, budget, pool_kernel=1, scale=0.5, selection=score)
+        assert bool((sel[:, 0, 0, :d] == k[7, 0, 0]).all(-1).any()) is hit, score

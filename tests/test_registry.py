@@ -264,8 +264,13 @@ def test_benchmark_variants_parse_into_switches():
     assert parse_variant(chain[-1])[1] == {s: False for s in (
         "overlap", "shard_anchor", "fuse_query", "zigzag", "frame_parallel")}
     assert {"full", "ring", "star", "apb", "spava", "spava-no-fuse-query",
-            "spava-no-frame-parallel", "spava-no-mean-probe"} <= set(benchmark_variants())
+            "spava-no-frame-parallel", "spava-selection-mean"} <= set(benchmark_variants())
+    assert "spava-selection-lse" not in benchmark_variants()  # the default is plain "spava"
+    assert parse_variant("spava-selection-mean-no-overlap") == (
+        "spava", {"selection": "mean", "overlap": False})
+    assert variant_config("apb-selection-mean")[1].selection == "mean"
     for bad, match in (("spava-no-speed", "unknown switch 'speed'"),
+                       ("spava-selection-best", "unknown selection score 'best'"),
                        ("ulysses-no-overlap", "unknown context-parallel algorithm")):
         with pytest.raises(ValueError, match=match):
             parse_variant(bad)

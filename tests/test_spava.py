@@ -65,7 +65,7 @@ def test_full_budget_equals_causal_attention_fp32(world, hq, hk, batch):
 
 @pytest.mark.parametrize("switch", [dict(overlap=False), dict(zigzag=False), dict(shard_anchor=False),
                                     dict(overlap=False, zigzag=False, shard_anchor=False),
-                                    dict(anchor_len=0), dict(pool_kernel=1), dict(mean_probe=False)])
+                                    dict(anchor_len=0), dict(pool_kernel=1), dict(selection="mean")])
 @pytest.mark.parametrize("world", [2, 3])
 def test_switches_keep_full_budget_exact(switch, world):
     cfg = {**FULL, **switch}
@@ -209,15 +209,17 @@ def test_query_aware_selection_keeps_the_keys_that_matter(world):
     assert errors["spava"] < 0.1 and errors["spava"] < 0.05 * errors["star"], errors
 
 
-@pytest.mark.parametrize("world,zigzag,mean_probe", [(2, True, True), (3, True, True), (4, True, True),
-                                                     (3, False, True), (3, True, False)])
-def test_small_budgets_match_dense_mask_oracle(world, zigzag, mean_probe):
+@pytest.mark.parametrize("world,zigzag,score", [(2, True, "mean"), (3, True, "mean"), (4, True, "mean"),
+                                               (3, False, "mean"), (3, True, "lse"), (2, True, "lse")])
+def test_small_budgets_match_dense_mask_oracle(world, zigzag, score):
     """Approximate budgets, checked exactly: a dense-mask SDPA whose mask is written from
-    SPAVA.md's rules (reference.spava_mask) must equal Spava row for row. pool_kernel=1
-    keeps the top-k free of ties, so the selected set is unambiguous."""
+    SPAVA.md's rules (reference.spava_mask, which scores with its own loops, not with
+    ops.selection) must equal Spava row for row, under the reference's `mean` score and the
+    default `lse`. pool_kernel=1 keeps the top-k free of ties, so the selected set is
+    unambiguous."""
     n, lq, hq, hk, d = 700, 6, 4, 2, 16
     cfg = dict(anchor_len=20, passing_len=24, budget_align=1, pool_kernel=1, zigzag=zigzag,
-               mean_probe=mean_probe)
+               selection=score)
     results = _run(world, n, lq, 2, hq, hk, d, seed=31, **cfg)
     layout = SpavaLayout.plan(context_len=n, query_len=lq, cp_size=world, config=SpavaConfig(**cfg))
     assert layout.passing_len < layout.block_len
@@ -225,8 +227,8 @@ def test_small_budgets_match_dense_mask_oracle(world, zigzag, mean_probe):
     mask = spava_mask(layout, q, k)
     ref = full_attention(q, k, v, mask=mask)
     exact = full_attention(q, k, v)
-    if not mean_probe:  # the two scores really choose different keys here
-        assert not torch.equal(mask, spava_mask(dataclasses.replace(layout, config=layout.config.replace(mean_probe=True)), q, k))
+    other = "lse" if score == "mean" else "mean"  # the two scores really choose different keys here
+    assert not torch.equal(mask, spava_mask(dataclasses.replace(layout, config=layout.config.replace(selection=other)), q, k))
     for idx, out in results:
         torch.testing.assert_close(out.double(), ref[idx], rtol=1e-5, atol=1e-5)
     assert relative_error(results[-1][1], exact[results[-1][0]]) > 1e-3  # really approximate

@@ -1,6 +1,6 @@
 """Time the passing-block selection of one block on one CUDA GPU: SPAVA.md's mean probe, the
-log-sum-exp score over materialised fp32 logit chunks (the torch path, SpavaConfig.mean_probe
-off) and the same score from the fused Triton kernel (`ops.lse_score.lse_scores`: one pass
+log-sum-exp score over materialised fp32 logit chunks (the torch path of selection "lse",
+`ops.selection.lse_scores_torch`) and the same score from the fused Triton kernel (`ops.lse_score.lse_scores`: one pass
 over the keys, no logits in memory), beside the block's own causal attention (the work the
 selection sits next to).
 
@@ -40,7 +40,7 @@ from bench_attention import time_ms  # noqa: E402
 from megatron_spava.algos.spava import SpavaLayout  # noqa: E402
 from megatron_spava.ops.attention import attend  # noqa: E402
 from megatron_spava.ops.lse_score import lse_scores  # noqa: E402
-from megatron_spava.ops.selection import gather_top, query_probe, select_passing, selection_scores  # noqa: E402
+from megatron_spava.ops.selection import gather_top, lse_scores_torch, select_passing  # noqa: E402
 
 
 def fused_select(q_query, k, v, budget, pool_kernel, scale):
@@ -126,7 +126,7 @@ def main(argv=None):
             # SPAVA.md's default budget for the context whose 2 * CP blocks are this long
             budget = SpavaLayout.plan(context_len=2 * args.cp * l, query_len=lq, cp_size=args.cp).passing_len
             # correctness, same inputs: the kernel against ops.selection's torch path (fp32 logits)
-            ref = selection_scores(k, query_probe(qq, hk, mean=False), 1, scale)[0]  # [hk, l], no pool
+            ref = lse_scores_torch(k, qq, scale)[0]  # [hk, l], no pool
             got = lse_scores(qq, k, scale).permute(1, 2, 0)[0]  # the first call tunes this size
             tuning = {str(c): v for c, v in (getattr(kern.kernel(False), "configs_timings", None) or {}).items()} \
                 if kern else {}
@@ -138,9 +138,10 @@ def main(argv=None):
             if not (max_diff < 2e-2 and torch.isfinite(got).all()):
                 raise AssertionError(f"l={l} lq={lq}: fused scores differ from the torch path by {max_diff:.3e}")
             t = {}
-            t["mean"] = timer(lambda: select_passing(k, v, query_probe(qq, hk, mean=True), budget, 5, None),
+            t["mean"] = timer(lambda: select_passing(k, v, qq, budget, 5, scale, "mean"),
                                 args.repeats, args.warmup)[0]
-            t["lse_torch"] = timer(lambda: select_passing(k, v, query_probe(qq, hk, mean=False), budget, 5, scale),
+            t["lse_torch"] = timer(lambda: gather_top(k, v, F.max_pool1d(lse_scores_torch(k, qq, scale), 5, stride=1,
+                                                                         padding=2), budget),
                                      args.repeats, args.warmup)[0]
             t["lse_fused"] = timer(lambda: fused_select(qq, k, v, budget, 5, scale), args.repeats, args.warmup)[0]
             t["fused_score"] = timer(lambda: lse_scores(qq, k, scale), args.repeats, args.warmup)[0]

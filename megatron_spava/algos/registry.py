@@ -12,8 +12,10 @@ is registered by `register_module(name, module)`: the module defines
 on the registry's first use, and where it does not import it is left out of the choices
 and asking for it says why.
 
-Benchmark variants are `<algo>` plus any number of `-no-<switch>` suffixes, one per
-SpavaConfig switch turned off (`spava-no-overlap-no-zigzag`); `parse_variant` reads them.
+Benchmark variants are `<algo>`, optionally `-selection-<score>` (a selection score of
+`ops.selection.SCORERS` other than the default: `spava-selection-mean`), plus any number of
+`-no-<switch>` suffixes, one per SpavaConfig switch turned off (`spava-no-overlap-no-zigzag`);
+`parse_variant` reads them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import contextlib
 import importlib
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from ..config import ABLATIONS, BEYOND, SWITCHES, SpavaConfig
+from ..config import ABLATIONS, SWITCHES, SpavaConfig
+from ..ops.selection import DEFAULT_SELECTION, SCORERS
 from .base import Algorithm
 
 _ENTRIES: Dict[str, Algorithm] = {}
@@ -126,12 +129,19 @@ def _flag(switch: str) -> str:
     return switch.replace("_", "-")
 
 
-def parse_variant(variant: str) -> Tuple[str, Dict[str, bool]]:
-    """'spava-no-overlap-no-zigzag' -> ('spava', {'overlap': False, 'zigzag': False}).
-    ValueError for an unknown algorithm or switch."""
-    algo, *offs = variant.split("-no-")
+def parse_variant(variant: str) -> Tuple[str, Dict[str, object]]:
+    """'spava-no-overlap-no-zigzag' -> ('spava', {'overlap': False, 'zigzag': False});
+    'spava-selection-mean' -> ('spava', {'selection': 'mean'}).
+    ValueError for an unknown algorithm, selection score or switch."""
+    head, *offs = variant.split("-no-")
+    algo, marked, score = head.partition("-selection-")
     get(algo)
-    changes = {}
+    changes: Dict[str, object] = {}
+    if marked:
+        if score not in SCORERS:
+            raise ValueError(f"variant {variant!r}: unknown selection score {score!r}; scores: "
+                             f"{', '.join(sorted(SCORERS))}")
+        changes["selection"] = score
     for off in offs:
         switch = off.replace("-", "_")
         if switch not in SWITCHES:
@@ -163,12 +173,17 @@ def ablation_chain(algo: str = "spava") -> List[str]:
     return chain
 
 
+def selection_variants(algo: str = "spava") -> List[str]:
+    """One variant per selection score other than the default: spava-selection-mean, ..."""
+    return [f"{algo}-selection-{name}" for name in SCORERS if name != DEFAULT_SELECTION]
+
+
 def benchmark_variants() -> List[str]:
     """What tools/bench_prefill.py runs by default: every algorithm that runs inside
-    SpavaCoreAttention, then each ablation of spava, then each switch beyond SPAVA.md
-    (`config.BEYOND`: spava-no-mean-probe)."""
+    SpavaCoreAttention, then each ablation of spava, then each non-default selection score
+    (spava-selection-mean)."""
     return ([e.name for e in entries() if e.attn_func is not None] + ablation_variants()
-            + ablation_variants("spava", tuple(BEYOND)))
+            + selection_variants())
 
 
 # ---- the registry lines ------------------------------------------------------------------

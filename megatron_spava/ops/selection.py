@@ -1,82 +1,159 @@
 """Query-aware selection of passing blocks (SPAVA.md section 2, steps 1-3).
 
-probe -> fp32 scores -> max-pool within the block -> per-head top-k -> gather.
+score (a named scorer) -> max-pool within the block -> per-head top-k -> gather.
 Pure functions of tensors; no communication.
 
-Two scores (SpavaConfig.mean_probe):
-  mean (SPAVA.md): one probe per KV head, the query tokens' queries averaged over the GQA
-    group and the query tokens; s[t, h] = k[t, h] . probe[h].
-  log-sum-exp (beyond SPAVA.md): every query token's and head's query is a probe;
-    s[t, h] = logsumexp_j(scale * q_j . k[t, h]) over the group's heads and the query
-    tokens: the log of the attention mass (before normalisation) the query puts on t.
+The selection score is a named choice (`SpavaConfig.selection`, `--spava-selection`), one
+entry of `SCORERS`. A scorer is one function
+
+    scorer(k_block [l, b, hk, d], probes [m, b, hq, d], scale) -> scores [b, hk, l] float32
+
+of the block's keys and the query-side probes (the query tokens' queries, post-RoPE, every
+head; or, in a context-only pass, the anchor's last tokens' queries), with hq % hk == 0 and
+`scale` the attention's softmax scale. It returns raw (unpooled) scores, higher = keep.
+Adding a score is one `register_scorer(name, fn)` (or one entry below); the config, the
+`--spava-selection` choices, the registry's `spava-selection-<name>` variants and the
+needle evaluation read the table.
+
+  lse (the default; beyond the reference): every probe token's query of every head of the
+    KV head's GQA group is a probe; s[t, h] = logsumexp_{j, g}(scale * q[j, g] . k[t, h]),
+    the log of the attention mass (before normalisation) the question puts on key t.
+  mean (the reference's rule): one probe per KV head, the probes averaged over the GQA
+    group and the probe tokens; s[t, h] = k[t, h] . probe[h] (no softmax, no scaling).
+
+Subscribers (`record_selection`) are told what each selection chose; with none listening
+nothing is reported and nothing is copied.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
+
+#: scorer(k_block [l, b, hk, d], probes [m, b, hq, d], scale: float) -> [b, hk, l] float32.
+Scorer = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 #: log-sum-exp scores are computed over key chunks of at most this many logits.
 _LOGITS_PER_CHUNK = 1 << 24
 
 
-def query_probe(q_query: torch.Tensor, num_kv_heads: int, mean: bool = True) -> torch.Tensor:
-    """The probe vectors of each KV head.
-
-    mean=True: one per KV head, the query tokens' queries averaged over the GQA group, then
-    over the query tokens (the mean of dot products is the dot product with the mean, so
-    scoring against it equals averaging per-token scores). mean=False: all lq * group of
-    them, unaveraged.
-
-    q_query: [lq, b, hq, d] with hq % num_kv_heads == 0. Returns [b, hk, m, d] float32 with
-    m = 1 (mean) or lq * hq // hk.
-    """
-    lq, b, hq, d = q_query.shape
-    grouped = q_query.float().reshape(lq, b, num_kv_heads, hq // num_kv_heads, d)
-    if mean:
-        return grouped.mean(dim=(0, 3)).unsqueeze(2)
+def _grouped(probes: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """probes [m, b, hq, d] -> float32 [b, hk, m * group, d], each KV head's probe vectors."""
+    m, b, hq, d = probes.shape
+    if hq % num_kv_heads:
+        raise ValueError(f"selection: {hq} query heads are not a multiple of {num_kv_heads} KV heads")
+    grouped = probes.float().reshape(m, b, num_kv_heads, hq // num_kv_heads, d)
     return grouped.permute(1, 2, 0, 3, 4).reshape(b, num_kv_heads, -1, d)
 
 
-def selection_scores(k_block: torch.Tensor, probe: torch.Tensor, pool_kernel: int,
-                     scale: Optional[float] = None) -> torch.Tensor:
-    """Scores of the block's keys in float32, smoothed by a max-pool of width `pool_kernel`
-    (stride 1, same padding) along t within this block.
-
-    probe: [b, hk, m, d] float32 from `query_probe`. scale None (the mean probe, m = 1):
-    s[t, h] = k[t, h] . probe[h, 0] (no softmax, no scaling). scale set (any m):
-    s[t, h] = logsumexp_j(scale * k[t, h] . probe[h, j]), over key chunks to bound memory.
-
-    k_block: [l, b, hk, d]. Returns [b, hk, l] float32.
-    """
+def mean_scores(k_block: torch.Tensor, probes: torch.Tensor, scale: float) -> torch.Tensor:
+    """The reference's score: s[t, h] = k[t, h] . mean over the probe tokens and the GQA
+    group of q (no softmax, no scaling; `scale` is unused). The mean of dot products is
+    the dot product with the mean. Shapes as `Scorer`."""
     keys = k_block.permute(1, 2, 0, 3).float()  # [b, hk, l, d]
-    if scale is None:
-        if probe.shape[2] != 1:
-            raise ValueError(f"selection_scores: {probe.shape[2]} probes per head need a scale "
-                             "(log-sum-exp); the mean score takes one")
-        scores = torch.matmul(keys, probe[:, :, 0].unsqueeze(-1)).squeeze(-1)
-    else:
-        step = max(1, _LOGITS_PER_CHUNK // max(1, probe.shape[0] * probe.shape[1] * probe.shape[2]))
-        probes_t = probe.transpose(-1, -2) * scale  # [b, hk, d, m]
-        scores = torch.cat([torch.logsumexp(torch.matmul(keys[:, :, t:t + step], probes_t), dim=-1)
-                            for t in range(0, keys.shape[2], step)], dim=-1)
-    return F.max_pool1d(scores, pool_kernel, stride=1, padding=pool_kernel // 2)
+    probe = _grouped(probes, k_block.shape[2]).mean(dim=2)  # [b, hk, d]
+    return torch.matmul(keys, probe.unsqueeze(-1)).squeeze(-1)
 
 
-def select_passing(k_block: torch.Tensor, v_block: torch.Tensor, probe: torch.Tensor,
-                   budget: int, pool_kernel: int, scale: Optional[float] = None) -> torch.Tensor:
+def lse_scores_torch(k_block: torch.Tensor, probes: torch.Tensor, scale: float) -> torch.Tensor:
+    """s[t, h] = logsumexp over the probe tokens j and the group's heads g of
+    (scale * q[j, g] . k[t, h]), over key chunks of materialised float32 logits (bounded
+    memory). Shapes as `Scorer`."""
+    keys = k_block.permute(1, 2, 0, 3).float()  # [b, hk, l, d]
+    grouped = _grouped(probes, k_block.shape[2])  # [b, hk, m, d]
+    b, hk, m, _ = grouped.shape
+    step = max(1, _LOGITS_PER_CHUNK // max(1, b * hk * m))
+    probes_t = grouped.transpose(-1, -2) * scale  # [b, hk, d, m]
+    return torch.cat([torch.logsumexp(torch.matmul(keys[:, :, t:t + step], probes_t), dim=-1)
+                      for t in range(0, keys.shape[2], step)], dim=-1)
+
+
+def lse_scores(k_block: torch.Tensor, probes: torch.Tensor, scale: float) -> torch.Tensor:
+    """The default score (`lse_scores_torch`'s definition). Shapes as `Scorer`."""
+    return lse_scores_torch(k_block, probes, scale)
+
+
+#: name -> scorer. "lse" is SpavaConfig's default; "mean" is the reference's rule.
+SCORERS: Dict[str, Scorer] = {"lse": lse_scores, "mean": mean_scores}
+DEFAULT_SELECTION = "lse"
+
+
+def register_scorer(name: str, fn: Scorer, *, replace: bool = False) -> Scorer:
+    """Add the score `name` (usable as SpavaConfig(selection=name), --spava-selection name
+    and the variant spava-selection-name). Re-registering a name raises unless replace."""
+    if not isinstance(name, str) or not name or "-no-" in f"-{name}-" or not callable(fn):
+        raise ValueError(f"register_scorer: needs a non-empty name without '-no-' and a callable, "
+                         f"got {name!r}, {fn!r}")
+    if name in SCORERS and not replace and SCORERS[name] is not fn:
+        raise ValueError(f"selection score {name!r} is already registered")
+    SCORERS[name] = fn
+    return fn
+
+
+def unregister_scorer(name: str) -> None:
+    """Remove `name` (no error if absent). The default cannot be removed."""
+    if name == DEFAULT_SELECTION:
+        raise ValueError(f"the default selection score {name!r} cannot be removed")
+    SCORERS.pop(name, None)
+
+
+@contextlib.contextmanager
+def registered_scorer(name: str, fn: Scorer) -> Iterator[Scorer]:
+    """Register `fn` as `name` for the duration of a `with` block (tests, experiments)."""
+    register_scorer(name, fn)
+    try:
+        yield fn
+    finally:
+        unregister_scorer(name)
+
+
+def get_scorer(name: str) -> Scorer:
+    """The scorer `name`; ValueError listing the choices."""
+    try:
+        return SCORERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown selection score {name!r}; choose from {sorted(SCORERS)}") from None
+
+
+def selection_scores(k_block: torch.Tensor, probes: torch.Tensor, pool_kernel: int, scale: float,
+                     selection: str = DEFAULT_SELECTION) -> torch.Tensor:
+    """The `selection` scores of the block's keys in float32, smoothed by a max-pool of
+    width `pool_kernel` (stride 1, same padding) along t within this block.
+
+    k_block: [l, b, hk, d]; probes: [m, b, hq, d] (the query-side queries). Returns
+    [b, hk, l] float32."""
+    scores = get_scorer(selection)(k_block, probes, scale)
+    expected = (k_block.shape[1], k_block.shape[2], k_block.shape[0])
+    if tuple(scores.shape) != expected:
+        raise ValueError(f"selection score {selection!r} returned shape {tuple(scores.shape)}, "
+                         f"expected [b, hk, l] = {list(expected)}")
+    return F.max_pool1d(scores.float(), pool_kernel, stride=1, padding=pool_kernel // 2)
+
+
+def select_passing(k_block: torch.Tensor, v_block: torch.Tensor, probes: torch.Tensor,
+                   budget: int, pool_kernel: int, scale: float, selection: str = DEFAULT_SELECTION,
+                   *, report: Optional[dict] = None) -> torch.Tensor:
     """The passing block of one virtual block: per (batch, KV head), the `budget` tokens
     with the highest smoothed scores (`selection_scores`). Different heads keep different
     tokens.
 
-    k_block, v_block: [l, b, hk, d] with l >= budget; probe: [b, hk, m, d] float32.
+    k_block, v_block: [l, b, hk, d] with l >= budget; probes: [m, b, hq, d].
     Returns [budget, b, hk, 2d]: selected keys and values packed along the last dim
     (one tensor, so one collective moves both). Token order within it is unspecified;
     passing keys are fully visible, so it does not matter.
+
+    report: fields (e.g. block, block_range) to publish to the `record_selection`
+    subscribers, with the indices and scores; ignored when nobody listens.
     """
-    return gather_top(k_block, v_block, selection_scores(k_block, probe, pool_kernel, scale), budget)
+    scores = selection_scores(k_block, probes, pool_kernel, scale, selection)
+    index = scores.topk(budget, dim=-1, sorted=False).indices  # [b, hk, budget]
+    if _SUBSCRIBERS and report is not None:
+        publish(dict(report, kind="block", selection=selection, indices=index, scores=scores,
+                     keys=k_block, probes=probes, scale=scale, layer=current_layer()))
+    return gather_index(k_block, v_block, index)
 
 
 def gather_top(k_block: torch.Tensor, v_block: torch.Tensor, scores: torch.Tensor,
@@ -85,6 +162,76 @@ def gather_top(k_block: torch.Tensor, v_block: torch.Tensor, scores: torch.Tenso
 
     k_block, v_block: [l, b, hk, d]; scores: [b, hk, l]. Returns [budget, b, hk, 2d] (keys |
     values), in unspecified token order."""
-    index = scores.topk(budget, dim=-1, sorted=False).indices  # [b, hk, budget]
+    return gather_index(k_block, v_block, scores.topk(budget, dim=-1, sorted=False).indices)
+
+
+def gather_index(k_block: torch.Tensor, v_block: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """k_block, v_block: [l, b, hk, d]; index: [b, hk, n] token positions in the block.
+    Returns [n, b, hk, 2d] (keys | values)."""
     index = index.permute(2, 0, 1).unsqueeze(-1).expand(-1, -1, -1, k_block.shape[-1])
     return torch.cat([k_block.gather(0, index), v_block.gather(0, index)], dim=-1)
+
+
+# ---- the selection hook ------------------------------------------------------------------
+
+_SUBSCRIBERS: List[Callable[[dict], None]] = []
+_LAYER: List[Optional[int]] = [None]
+
+
+def listening() -> bool:
+    """Whether anybody subscribes to selection reports (callers skip building them if not)."""
+    return bool(_SUBSCRIBERS)
+
+
+def publish(event: dict) -> None:
+    """Send `event` to every subscriber."""
+    for fn in list(_SUBSCRIBERS):
+        fn(event)
+
+
+@contextlib.contextmanager
+def subscribe(fn: Callable[[dict], None]) -> Iterator[None]:
+    """Call fn(event) for every selection event inside the `with` block."""
+    _SUBSCRIBERS.append(fn)
+    try:
+        yield
+    finally:
+        _SUBSCRIBERS.remove(fn)
+
+
+@contextlib.contextmanager
+def record_selection() -> Iterator[List[dict]]:
+    """Collect the selection events of every Spava layer run inside the `with` block:
+
+        with record_selection() as events:
+            model(...)
+
+    kind "block" (one per selected block, per rank): layer (0-based decoder layer when run
+    inside SpavaCoreAttention, else None), block (virtual block index), block_range (its
+    [lo, hi) in the original token order), selection (the score's name), indices [b, hk,
+    budget] (positions within the block of the kept keys, per KV head), scores [b, hk, l]
+    (the pooled scores), keys [l, b, hk, d] and probes [m, b, hq, d] (the inputs), scale.
+    kind "query" (one per layer, per rank, when the layer has query rows): layer, lse
+    [lq, b, hq] float32 (the query rows' exact log-sum-exp over the whole sequence), scale.
+    Tensors are the layer's own (not copies): read them, do not modify them."""
+    events: List[dict] = []
+    with subscribe(events.append):
+        yield events
+
+
+def current_layer() -> Optional[int]:
+    """The layer `at_layer` set (None outside one, or when nobody listens)."""
+    return _LAYER[0]
+
+
+@contextlib.contextmanager
+def at_layer(layer: Optional[int]) -> Iterator[None]:
+    """Tag the selection events inside the block with `layer` (SpavaCoreAttention does)."""
+    if not _SUBSCRIBERS:
+        yield
+        return
+    before, _LAYER[0] = _LAYER[0], layer
+    try:
+        yield
+    finally:
+        _LAYER[0] = before

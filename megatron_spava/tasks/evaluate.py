@@ -12,7 +12,9 @@ on every rank), it answers the question under
   ring, star, apb, spava      at each --cp-sizes W
   spava-no-<switch>           Spava with one ablation switch of SpavaConfig off (read from
                               megatron_spava at run time: every boolean switch that is on
-                              by default, e.g. zigzag, overlap, shard_anchor, passing, mean_probe)
+                              by default, e.g. zigzag, overlap, shard_anchor, passing)
+  spava-selection-<score>     Spava with a selection score other than the default (every
+                              entry of ops.selection.SCORERS, e.g. mean: the reference's)
 and scores exact match. It also reports the KL divergence KL(full || algo) of the
 first-token distributions, and for the first --hidden-samples samples of each task and
 length, the relative error ||h_algo - h_full|| / ||h_full|| of every decoder layer's output
@@ -46,18 +48,19 @@ from .needles import TASKS, eval_set, needle_blocks, score
 
 def ablation_switches() -> List[str]:
     """The SpavaConfig switches evaluated one at a time (`config.SWITCHES`): the paper's
-    ablation chain (`config.ABLATIONS`, in order), `passing`, and those beyond SPAVA.md
-    (`config.BEYOND`: mean_probe)."""
+    ablation chain (`config.ABLATIONS`, in order) and `passing`."""
     from ..config import SWITCHES
     return list(SWITCHES)
 
 
 def variants() -> List[Tuple[str, str, dict]]:
     """(name, algorithm, SpavaConfig changes) of everything evaluated: every registered
-    algorithm that runs inside SpavaCoreAttention (full first), then spava-no-<switch>."""
-    from ..algos.registry import ablation_variants, entries, parse_variant
+    algorithm that runs inside SpavaCoreAttention (full first), then spava-no-<switch>, then
+    spava-selection-<score> for every selection score but the default (read at call time)."""
+    from ..algos.registry import ablation_variants, entries, parse_variant, selection_variants
     out = [(e.name, e.name, {}) for e in entries() if e.attn_func is not None]
-    return out + [(name, *parse_variant(name)) for name in ablation_variants("spava", ablation_switches())]
+    return out + [(name, *parse_variant(name))
+                  for name in ablation_variants("spava", ablation_switches()) + selection_variants()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +153,14 @@ def run(args) -> Optional[dict]:
     from .needles import render_frames
 
     t0 = time.time()
-    device = init_distributed(args.device, args.backend, datetime.timedelta(minutes=30))
+    if dist.is_initialized():  # called inside an existing process group (tests: run_ranks)
+        if args.device != "cpu":
+            raise ValueError("evaluate.run inside an existing process group runs on the CPU only")
+        from .. import cpu_compat
+        cpu_compat.apply()
+        device = torch.device("cpu")
+    else:
+        device = init_distributed(args.device, args.backend, datetime.timedelta(minutes=30))
     rank, world = dist.get_rank(), dist.get_world_size()
     cp_sizes = args.cp_sizes or [world]
     for cp in cp_sizes:

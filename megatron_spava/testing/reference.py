@@ -73,9 +73,9 @@ def spava_mask(layout, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     Row of block v: the anchor, its own block causally, and for every earlier block u < v
     the passing block P_u: per (batch, KV head) the min(passing, len(B_u)) tokens of B_u
     with the highest max-pooled scores k . probe, probe = the query tokens' queries
-    averaged over the GQA group and the query tokens. With config.mean_probe off, the score
-    is instead log(sum over the query tokens i and the group's heads hh of
-    exp(d**-0.5 * q[i, hh] . k)). Query and anchor rows: causal.
+    averaged over the GQA group and the query tokens (config.selection "mean"), or
+    log(sum over the query tokens i and the group's heads hh of exp(d**-0.5 * q[i, hh] . k))
+    (config.selection "lse"). Query and anchor rows: causal.
     Only unambiguous when the top-k has no ties at its boundary (e.g. pool_kernel=1).
     """
     n, lq, cfg = layout.context_len, layout.query_len, layout.config
@@ -85,9 +85,12 @@ def spava_mask(layout, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     queries = q[n:n + lq].double()  # [lq, b, hq, d]
     probe = queries.reshape(lq, b, hk, group, d).mean(dim=(0, 3))  # [b, hk, d]
 
+    if cfg.selection not in ("mean", "lse"):
+        raise ValueError(f"spava_mask: no reference for selection {cfg.selection!r}")
+
     def score(t, bi, h):
         key = k[t, bi, h].double()
-        if cfg.mean_probe:
+        if cfg.selection == "mean":
             return float(key @ probe[bi, h])
         mass = sum(math.exp(float(queries[i, bi, hh] @ key) / math.sqrt(d))
                    for i in range(lq) for hh in range(h * group, (h + 1) * group))

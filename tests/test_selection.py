@@ -1,0 +1,112 @@
+"""The selection-score seam (ops.selection): a score defined and registered here only, in
+this file, runs through Spava's attention (checked against a dense-mask SDPA written from
+its rule) and through the needle evaluation; and the selection hook reports what was chosen.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_spava import SpavaConfig, SpavaLayout, spava_attn_func
+from megatron_spava.ops import selection
+from megatron_spava.testing import run_ranks
+from megatron_spava.testing.reference import full_attention, random_qkv, relative_error, star_mask
+
+CALLS = []
+
+
+def _first_tokens(k_block, probes, scale):
+    """A toy score: the earlier a key in its block, the higher (-t); ignores the probes."""
+    CALLS.append((tuple(k_block.shape), tuple(probes.shape)))
+    l, b, hk, _ = k_block.shape
+    return -torch.arange(l, dtype=torch.float32).expand(b, hk, l)
+
+
+def _first_tokens_mask(layout) -> torch.Tensor:
+    """Dense [S, S] mask of Spava with the toy score, from its rule: rows of a block see the
+    anchor, their block causally, and the first min(passing, len) tokens of every earlier
+    block (every head keeps the same tokens)."""
+    n, total = layout.context_len, layout.context_len + layout.query_len
+    mask = star_mask(layout)
+    for u in range(layout.num_blocks):
+        lo, hi = layout.block_range(u)
+        mask[hi:n, lo:lo + min(layout.passing_len, hi - lo)] = True
+    return mask & torch.ones(total, total, dtype=torch.bool).tril()
+
+
+def _toy_rank(n, lq, cfg, seed):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    q, k, v = random_qkv(n + lq, 1, 4, 2, 16, seed=seed)
+    with selection.registered_scorer("first", _first_tokens):
+        config = SpavaConfig(**cfg, selection="first")
+        layout = SpavaLayout.plan(context_len=n, query_len=lq, cp_size=world, config=config)
+        idx = layout.local_indices(rank)
+        with selection.record_selection() as events:
+            out = spava_attn_func(q[idx], k[idx], v[idx], layout=layout, cp_group=dist.group.WORLD)
+    blocks = [(e["block"], e["selection"], e["indices"].clone()) for e in events if e["kind"] == "block"]
+    return idx, out, list(CALLS), blocks, [e["lse"].shape for e in events if e["kind"] == "query"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_score_registered_in_a_test_runs_through_the_layer(world):
+    n, lq = 400, 5
+    cfg = dict(anchor_len=16, passing_len=20, budget_align=1, pool_kernel=1)
+    results = run_ranks(_toy_rank, world, n, lq, cfg, 11, timeout=60)
+    layout = SpavaLayout.plan(context_len=n, query_len=lq, cp_size=world, config=SpavaConfig(**cfg))
+    q, k, v = random_qkv(n + lq, 1, 4, 2, 16, seed=11)
+    ref = full_attention(q, k, v, mask=_first_tokens_mask(layout))
+    for rank, (idx, out, calls, blocks, query) in enumerate(results):
+        torch.testing.assert_close(out.double(), ref[idx], rtol=1e-5, atol=1e-5)
+        mine = [v for v in layout.blocks_of(rank) if v != layout.num_blocks - 1]
+        assert [c[1] for c in calls] == [(lq, 1, 4, 16)] * len(mine)  # the query tokens are the probes
+        assert [b[0] for b in blocks] == mine and all(b[1] == "first" for b in blocks)
+        for _, _, index in blocks:  # the hook reports the kept positions: the first 20
+            assert sorted(index[0, 0].tolist()) == list(range(20))
+        assert query == [(lq, 1, 4)]
+    assert relative_error(results[-1][1], full_attention(q, k, v)[results[-1][0]]) > 1e-3
+    assert "first" not in selection.SCORERS  # registered for the with block only
+
+
+def test_config_arguments_and_variants_read_the_table():
+    from megatron_spava.algos.registry import benchmark_variants, parse_variant
+    from megatron_spava.arguments import add_spava_args, spava_config_from_args
+    import argparse
+    assert SpavaConfig().selection == "lse"
+    with pytest.raises(ValueError, match="SpavaConfig.selection must be one of"):
+        SpavaConfig(selection="first")
+    with selection.registered_scorer("first", _first_tokens):
+        assert SpavaConfig(selection="first").selection == "first"
+        assert parse_variant("spava-selection-first") == ("spava", {"selection": "first"})
+        assert "spava-selection-first" in benchmark_variants()
+        args = add_spava_args(argparse.ArgumentParser(), algorithm=False).parse_args(
+            ["--spava-selection", "first"])
+        assert spava_config_from_args(args).selection == "first"
+    assert "spava-selection-first" not in benchmark_variants()
+    assert "spava-selection-mean" in benchmark_variants()
+    with pytest.raises(SystemExit):
+        add_spava_args(argparse.ArgumentParser(), algorithm=False).parse_args(["--spava-selection", "first"])
+
+
+def _evaluate_with_toy(checkpoint, out):
+    from megatron_spava.tasks import evaluate
+    with selection.registered_scorer("first", _first_tokens):
+        args = evaluate.build_parser().parse_args(
+            ["--checkpoint", checkpoint, "--tokens", "1024", "--samples", "1", "--tasks", "ordering",
+             "--algos", "spava", "spava-selection-first", "--cp-sizes", "2", "--json", out])
+        result = evaluate.run(args)
+    return result, len(CALLS)
+
+
+def test_a_score_registered_in_a_test_runs_through_the_needle_evaluation(tmp_path):
+    from test_needles import _write_checkpoint
+    ckpt = _write_checkpoint(tmp_path / "ckpt", seed=1)
+    (result, calls), (_, calls1) = run_ranks(_evaluate_with_toy, 2, ckpt, str(tmp_path / "r.json"),
+                                             timeout=300)
+    assert calls > 0 and calls1 > 0  # the toy score selected on both ranks
+    by = {r["algo"]: r for r in result["records"]}
+    assert set(by) == {"full", "spava", "spava-selection-first"}
+    assert result["meta"]["algos"] == ["full", "spava", "spava-selection-first"]
+    assert by["spava-selection-first"]["passing_len"] < by["spava-selection-first"]["block_len"]
+    assert by["spava-selection-first"]["kl"] != by["spava"]["kl"]  # a different selection
