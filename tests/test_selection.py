@@ -110,3 +110,86 @@ def test_a_score_registered_in_a_test_runs_through_the_needle_evaluation(tmp_pat
     assert result["meta"]["algos"] == ["full", "spava", "spava-selection-first"]
     assert by["spava-selection-first"]["passing_len"] < by["spava-selection-first"]["block_len"]
     assert by["spava-selection-first"]["kl"] != by["spava"]["kl"]  # a different selection
+    for algo in ("spava", "spava-selection-first"):  # the measured recall, per decoder layer
+        recall = by[algo]["recall"]
+        assert len(recall) == 4 and all(0 < r <= 1 for r in recall), recall
+    assert by["spava"]["recall"] != by["spava-selection-first"]["recall"]
+    assert "Measured recall" in evaluate_markdown(result)
+
+
+def evaluate_markdown(result):
+    from megatron_spava.tasks.evaluate import markdown
+    return markdown(result)
+
+
+def _recall_rank(n, lq, cfg, seed):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    q, k, v = random_qkv(n + lq, 1, 4, 2, 16, seed=seed)
+    q[n:] *= 3.0  # a peaked question: the scores differ from chance
+    layout = SpavaLayout.plan(context_len=n, query_len=lq, cp_size=world, config=SpavaConfig(**cfg))
+    idx = layout.local_indices(rank)
+    with selection.measure_recall() as recall, selection.record_selection() as events:
+        spava_attn_func(q[idx], k[idx], v[idx], layout=layout, cp_group=dist.group.WORLD)
+    return recall, [(e["block_range"], e["indices"].clone()) for e in events if e["kind"] == "block"]
+
+
+@pytest.mark.parametrize("score", ["lse", "mean"])
+def test_measured_recall_equals_the_exact_attention_mass_share(score):
+    """measure_recall's per-layer share of the question's attention mass on each block that
+    the kept keys carry, against float64 softmax probabilities of the query rows over the
+    whole sequence, computed here from q and k."""
+    n, lq, world = 600, 4, 2
+    cfg = dict(anchor_len=16, passing_len=32, budget_align=1, selection=score)
+    results = run_ranks(_recall_rank, world, n, lq, cfg, 5, timeout=60)
+    q, k, _ = random_qkv(n + lq, 1, 4, 2, 16, seed=5)
+    q[n:] *= 3.0
+    logits = torch.einsum("ihd,thd->hit", q[n:, 0].double(), k[:, 0].double().repeat_interleave(2, dim=1)) / 4.0
+    logits[:, :, n:] += torch.full((lq, lq), float("-inf")).triu(1)  # the query is causal within itself
+    p = logits.softmax(-1)  # [hq, lq, S]
+    shares, total, count = [], 0.0, 0
+    for recall, blocks in results:
+        (s, c), = recall.values()  # one layer
+        total, count = total + s, count + c
+        for (lo, hi), index in blocks:
+            for h in range(2):
+                kept = p[2 * h:2 * h + 2, :, lo + index[0, h]].sum()
+                shares.append(float(kept / p[2 * h:2 * h + 2, :, lo:hi].sum()))
+    assert count == len(shares) > 0
+    assert abs(total / count - sum(shares) / len(shares)) < 1e-5, (total / count, shares)
+    chance = 32 / ((n - 16) / (2 * world))
+    assert max(shares) < 1 and min(shares) > 0
+    if score == "lse":  # the log-sum-exp score keeps more of the mass than a random pick would
+        assert total / count > chance
+
+
+def test_no_subscriber_no_report(monkeypatch):
+    """With nobody listening, the selection builds and publishes nothing."""
+    def refuse(event):
+        raise AssertionError("published with no subscriber")
+    monkeypatch.setattr(selection, "publish", refuse)
+    k, v, qq = torch.randn(50, 1, 2, 8), torch.randn(50, 1, 2, 8), torch.randn(3, 1, 4, 8)
+    selection.select_passing(k, v, qq, 8, 5, 0.3, report=dict(block=0))
+    with selection.at_layer(3):
+        assert selection.current_layer() is None
+    with selection.record_selection() as events, selection.at_layer(3):
+        monkeypatch.undo()
+        selection.select_passing(k, v, qq, 8, 5, 0.3, report=dict(block=0))
+    (e,), = [events]
+    assert e["layer"] == 3 and e["block"] == 0 and e["indices"].shape == (1, 2, 8)
+    assert e["scores"].shape == (1, 2, 50) and e["selection"] == "lse"
+    assert not selection.listening()
+
+
+def test_recall_tool_on_random_inputs(tmp_path):
+    """tools/selection_recall.py (no trained model): every score of the table is measured;
+    the default keeps the planted keys and more of the question's mass than a random pick."""
+    import selection_recall
+    out = tmp_path / "recall.json"
+    assert selection_recall.main(["--tokens", "2048", "--query-len", "16", "--head-dim", "32",
+                                  "--json", str(out)]) == 0
+    rows = {r["selection"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == set(selection.SCORERS)
+    for r in rows.values():
+        assert 0 < r["chance"] < r["recall"] < 1 and r["budget"] == 128
+    assert rows["lse"]["planted_kept"] > 0.9 > rows["mean"]["planted_kept"]
+    assert rows["lse"]["recall"] > rows["mean"]["recall"]

@@ -235,3 +235,64 @@ def at_layer(layer: Optional[int]) -> Iterator[None]:
         yield
     finally:
         _LAYER[0] = before
+
+
+# ---- measured recall ---------------------------------------------------------------------
+
+def _row_lse(keys: torch.Tensor, grouped: torch.Tensor, scale: float) -> torch.Tensor:
+    """keys [b, hk, l, d] float32, grouped [b, hk, R, d] float32 -> [b, hk, R]: each probe
+    row's log-sum-exp of scale * q . k over the l keys (key chunks of bounded memory)."""
+    b, hk, r, _ = grouped.shape
+    step = max(1, _LOGITS_PER_CHUNK // max(1, b * hk * r))
+    probes_t = grouped.transpose(-1, -2) * scale  # [b, hk, d, R]
+    parts = [torch.logsumexp(torch.matmul(keys[:, :, t:t + step], probes_t), dim=2)
+             for t in range(0, keys.shape[2], step)]
+    return torch.logsumexp(torch.stack(parts), dim=0)
+
+
+def block_row_mass(event: dict):
+    """For a "block" event: (lse over the kept keys, lse over all the block's keys), each
+    [b, hk, R] float32, per probe row (R = probe tokens x GQA group, token-major) of
+    scale * q . k: the log of each row's unnormalised attention mass on those keys."""
+    keys = event["keys"].permute(1, 2, 0, 3).float()  # [b, hk, l, d]
+    grouped = _grouped(event["probes"], keys.shape[1])
+    index = event["indices"]
+    kept = keys.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))
+    return _row_lse(kept, grouped, event["scale"]), _row_lse(keys, grouped, event["scale"])
+
+
+@contextlib.contextmanager
+def measure_recall() -> Iterator[Dict[Optional[int], List[float]]]:
+    """Measured recall of the selections inside the `with` block, per layer:
+
+        with measure_recall() as recall:
+            model(...)
+        recall  # {layer: [sum over (block, batch, KV head) of the share, their count]}
+
+    For each selected block and KV head, the share of the question's exact attention mass on
+    the block's keys that the kept keys carry: sum over the query rows i and the group's
+    heads g of p[i, g](kept) / the same over the whole block, with p the exact attention
+    probabilities of the query rows over the whole sequence (their log-sum-exp comes from
+    the layer's "query" event). Mean per layer = sum / count; sums of several ranks add.
+    Only passes with query rows (fused query) are measured."""
+    sums: Dict[Optional[int], List[float]] = {}
+    pending: Dict[tuple, list] = {}
+
+    def on(event: dict) -> None:
+        key = (event["layer"], event.get("rank"))
+        if event["kind"] == "block":
+            pending.setdefault(key, []).append(block_row_mass(event))
+        elif event["kind"] == "query":
+            lse = event["lse"].float()  # [lq, b, hq]
+            for kept, whole in pending.pop(key, []):
+                hk = kept.shape[1]
+                rows = lse.reshape(lse.shape[0], lse.shape[1], hk, -1, ).permute(1, 2, 0, 3).reshape(kept.shape)
+                block = torch.exp(whole - rows).sum(-1)
+                share = torch.where(block > 0, torch.exp(kept - rows).sum(-1) / block.clamp_min(1e-38),
+                                    torch.ones_like(block))
+                acc = sums.setdefault(event["layer"], [0.0, 0])
+                acc[0] += float(share.sum())
+                acc[1] += share.numel()
+
+    with subscribe(on):
+        yield sums

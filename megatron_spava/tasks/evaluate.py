@@ -16,7 +16,9 @@ on every rank), it answers the question under
   spava-selection-<score>     Spava with a selection score other than the default (every
                               entry of ops.selection.SCORERS, e.g. mean: the reference's)
 and scores exact match. It also reports the KL divergence KL(full || algo) of the
-first-token distributions, and for the first --hidden-samples samples of each task and
+first-token distributions, the measured recall of the passing selection per decoder layer
+(`ops.selection.measure_recall`: the share of the question's exact attention mass on each
+selected block that its kept keys carry, averaged over blocks and KV heads), and for the first --hidden-samples samples of each task and
 length, the relative error ||h_algo - h_full|| / ||h_full|| of every decoder layer's output
 over all tokens and over the query tokens (each token counted once, on the rank that owns
 it). With W ranks in the world and CP size c, W / c data-parallel replicas share the
@@ -44,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from ..launch import init_distributed, model_parallel_state
+from ..ops.selection import measure_recall
 from .needles import TASKS, eval_set, needle_blocks, score
 
 def ablation_switches() -> List[str]:
@@ -221,9 +224,12 @@ def run(args) -> Optional[dict]:
                 measured = measure and changes.get("fuse_query", True)
                 if measured:
                     st["capture"].arm()
-                out = generate(st["model"], inputs, algo=algo, config=spava_base.replace(**changes),
-                               cp_group=st["group"], max_new_tokens=max_new, device=device, group=st["group"])
+                with measure_recall() as recall:
+                    out = generate(st["model"], inputs, algo=algo, config=spava_base.replace(**changes),
+                                   cp_group=st["group"], max_new_tokens=max_new, device=device,
+                                   group=st["group"])
                 layout = out.layout
+                recall = _layer_recall(recall, len(st["capture"].layers), st["group"], st["cp"], device)
                 if measured:
                     errors = _hidden_errors(full_capture.outputs, st["capture"].outputs, layout,
                                             st["cp_rank"], st["cp"], st["group"], inputs.input_ids.shape[1])
@@ -234,7 +240,7 @@ def run(args) -> Optional[dict]:
                     pred = prompter.decode(out.tokens)
                     records.append(dict(
                         algo=name, cp=st["cp"], **base, prediction=pred, correct=score(pred, s.answer),
-                        kl=_kl(full.first_logits, out.first_logits), ttft_s=out.ttft_s,
+                        kl=_kl(full.first_logits, out.first_logits), ttft_s=out.ttft_s, recall=recall,
                         where=needle_blocks(s, layout, prompter.prefix_len),
                         anchor_len=getattr(layout, "anchor_len", None),
                         block_len=getattr(layout, "block_len", None),
@@ -254,6 +260,21 @@ def run(args) -> Optional[dict]:
                 wall_s=round(time.time() - t0, 1))
     return dict(meta=meta, summary=summarise(records), hidden=summarise_hidden(hidden),
                 records=records, hidden_records=hidden)
+
+
+def _layer_recall(recall: dict, layers: int, group, cp: int, device) -> Optional[List[Optional[float]]]:
+    """Per-layer measured recall of one prefill, over every rank of the CP group (sums of
+    `measure_recall` all-reduced); None where nothing was selected (no passing blocks)."""
+    sums = torch.zeros(layers, 2, dtype=torch.float64, device=device)
+    for layer, (total, count) in recall.items():
+        if layer is not None:
+            sums[layer] += torch.tensor([total, count], dtype=torch.float64, device=device)
+    if cp > 1:
+        dist.all_reduce(sums, group=group)
+    sums = sums.cpu().tolist()
+    if not any(c for _, c in sums):
+        return None
+    return [t / c if c else None for t, c in sums]
 
 
 def _hidden_errors(full_out, algo_out, layout, cp_rank, cp, group, total) -> dict:
@@ -300,7 +321,8 @@ def _meta(args, world, cp_sizes, checkpoint, device, wanted) -> dict:
 # ----------------------------------------------------------------------------- reports
 
 def summarise(records: Sequence[dict]) -> List[dict]:
-    """Accuracy, mean KL and mean TTFT per (algo, cp, tokens, task), plus task "all"."""
+    """Accuracy, mean KL, mean TTFT and mean per-layer recall (None without passing
+    selection) per (algo, cp, tokens, task), plus task "all"."""
     groups: Dict[tuple, List[dict]] = {}
     for r in records:
         for task in (r["task"], "all"):
@@ -310,8 +332,18 @@ def summarise(records: Sequence[dict]) -> List[dict]:
         rows.append(dict(algo=algo, cp=cp, tokens=tokens, task=task, n=len(rs),
                          accuracy=sum(r["correct"] for r in rs) / len(rs),
                          kl=sum(r["kl"] for r in rs) / len(rs),
-                         ttft_s=sum(r["ttft_s"] for r in rs) / len(rs)))
+                         ttft_s=sum(r["ttft_s"] for r in rs) / len(rs),
+                         recall=_mean_recall([r.get("recall") for r in rs])))
     return rows
+
+
+def _mean_recall(per_record: Sequence[Optional[List[Optional[float]]]]) -> Optional[List[Optional[float]]]:
+    """Per-layer mean over the records that measured a recall."""
+    have = [r for r in per_record if r]
+    if not have:
+        return None
+    layers = [[r[l] for r in have if r[l] is not None] for l in range(len(have[0]))]
+    return [sum(v) / len(v) if v else None for v in layers]
 
 
 def summarise_hidden(hidden: Sequence[dict]) -> List[dict]:
@@ -377,6 +409,20 @@ def markdown(result: dict) -> str:
             cells = [f"{acc[(algo, cp, t, 'all')]['kl']:.2e}" if (algo, cp, t, "all") in acc else "-" for t in tokens]
             lines.append(f"| {algo} | {cp} | " + " | ".join(cells) + " |")
     lines.append("")
+    recall_rows = [(algo, cp) for algo in meta["algos"][1:] for cp in meta["cp_sizes"]
+                   if any((acc.get((algo, cp, t, "all")) or {}).get("recall") for t in tokens)]
+    if recall_rows:
+        lines += ["**Measured recall of the passing selection**: share of the question's exact attention "
+                  "mass on a selected block that its kept keys carry, per decoder layer (layer 0 first), "
+                  "mean over blocks, KV heads and samples", "",
+                  "| algorithm | CP | " + " | ".join(str(t) for t in tokens) + " |", "|---|---|" + "---|" * len(tokens)]
+        for algo, cp in recall_rows:
+            cells = []
+            for t in tokens:
+                rec = (acc.get((algo, cp, t, "all")) or {}).get("recall")
+                cells.append(" ".join("-" if x is None else f"{x:.2f}" for x in rec) if rec else "-")
+            lines.append(f"| {algo} | {cp} | " + " | ".join(cells) + " |")
+        lines.append("")
     if result["hidden"]:
         lines += ["**Relative error of each decoder layer's output** vs full, all tokens / query tokens "
                   "(mean over the measured samples)", "", "| algorithm | CP | tokens | per layer (all) | per layer (query) |",
