@@ -193,3 +193,18 @@ def test_recall_tool_on_random_inputs(tmp_path):
         assert 0 < r["chance"] < r["recall"] < 1 and r["budget"] == 128
     assert rows["lse"]["planted_kept"] > 0.9 > rows["mean"]["planted_kept"]
     assert rows["lse"]["recall"] > rows["mean"]["recall"]
+
+
+@pytest.mark.cuda
+def test_lse_on_cuda_is_the_fused_kernel_and_matches_the_torch_path(monkeypatch):
+    """On a CUDA device the default score runs ops.lse_score's kernel; its scores equal the
+    CPU torch path's (fp32 inputs), so the same keys are kept."""
+    from megatron_spava.ops import lse_score
+    torch.manual_seed(0)
+    k, qq = torch.randn(777, 1, 4, 64), torch.randn(19, 1, 28, 64)
+    calls = []
+    real = lse_score.lse_scores
+    monkeypatch.setattr(lse_score, "lse_scores", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got = selection.selection_scores(k.cuda(), qq.cuda(), 1, 0.125).cpu()
+    assert calls and got.shape == (1, 4, 777)
+    torch.testing.assert_close(got, selection.lse_scores_torch(k, qq, 0.125), rtol=1e-4, atol=1e-4)

@@ -72,7 +72,13 @@ def lse_scores_torch(k_block: torch.Tensor, probes: torch.Tensor, scale: float) 
 
 
 def lse_scores(k_block: torch.Tensor, probes: torch.Tensor, scale: float) -> torch.Tensor:
-    """The default score (`lse_scores_torch`'s definition). Shapes as `Scorer`."""
+    """The default score (`lse_scores_torch`'s definition). On CUDA, where triton imports,
+    the fused kernel of `ops.lse_score` (one pass over the keys, no logits in memory); on
+    the CPU the torch path. Shapes as `Scorer`."""
+    if k_block.is_cuda:
+        from . import lse_score
+        if lse_score.triton_available():
+            return lse_score.lse_scores(probes, k_block, scale).permute(1, 2, 0)  # [b, hk, l], no copy
     return lse_scores_torch(k_block, probes, scale)
 
 
