@@ -16,6 +16,8 @@ GPU).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -26,6 +28,7 @@ _LOGITS_PER_CHUNK = 1 << 24
 _IMPLS = ("auto", "triton", "torch")
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """Whether `import triton` works here (the kernel's only dependency beyond torch)."""
     try:
@@ -66,7 +69,9 @@ def lse_scores(q: torch.Tensor, k: torch.Tensor, scale: float, *, impl: str = "a
                 q4 = q4.contiguous()
             if k4.stride(-1) != 1:
                 k4 = k4.contiguous()
-            _lse_score_triton.launch(q4, k4, out, float(scale), interpret=not k.is_cuda, config=config)
+            # Triton launches on the current device: make it k's (a rank may hold another)
+            with torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext():
+                _lse_score_triton.launch(q4, k4, out, float(scale), interpret=not k.is_cuda, config=config)
         else:
             _lse_torch(q4, k4, float(scale), out)
     return out.permute(2, 0, 1) if k.dim() == 4 else out[0].t()
