@@ -1,0 +1,335 @@
+"""Qwen3-VL on megatron-core against HF transformers' own Qwen3VLForConditionalGeneration,
+on a tiny random checkpoint built offline and a real video prompt (12 frames = 6 temporal
+groups, each behind its timestamp): rope index, vision encoder with DeepStack, every
+layer's hidden states and the first-token logits at TP 1 and 2, Spava at full budget at
+CP 2 and 3, 16 decoded tokens, checkpoint conversion both ways, the prompt."""
+
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_spava import SpavaConfig
+from megatron_spava.testing import run_ranks
+
+FULL_BUDGET = dict(budget_align=1, anchor_len=8, passing_len=4096)
+MAX_NEW = 16
+QUESTION = "What is happening in this video?"
+
+
+def _relative(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _clip(frames=12, seed=0):
+    """A 'real' sampled video: frames 0, 12, 24, ... of a 24 fps source (timestamps 0.25 s,
+    1.25 s, ...), 64 x 128 pixels."""
+    from megatron_spava.video.io import VideoClip
+    gen = np.random.default_rng(seed)
+    return VideoClip(gen.integers(0, 256, (frames, 64, 128, 3), dtype=np.uint8), 2.0, "synthetic",
+                     [12 * i for i in range(frames)], 12 * frames, 24.0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from megatron_spava.models.qwen3_vl.tiny import make_tiny_checkpoint
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("qwen3vl") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def inputs(checkpoint):
+    from megatron_spava.models.qwen3_vl.prompt import Qwen3VLPrompter
+    return Qwen3VLPrompter(checkpoint)(_clip(), QUESTION)
+
+
+def _hf_model(checkpoint):
+    from transformers import Qwen3VLForConditionalGeneration
+    return Qwen3VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_reference(checkpoint, inputs):
+    """HF's vision output (merger and DeepStack), hidden states, first-token logits and its
+    own greedy decode (its own rope index and rope deltas throughout)."""
+    from megatron_spava.models.qwen3_vl.rope import token_types
+    hf = _hf_model(checkpoint)
+    cfg = hf.config
+    ids = inputs.input_ids
+    with torch.no_grad():
+        vis = hf.model.visual(inputs.pixel_values_videos, grid_thw=inputs.video_grid_thw)
+        vision = torch.cat([vis.pooler_output, *vis.deepstack_features], dim=-1)
+        out = hf(input_ids=ids, pixel_values_videos=inputs.pixel_values_videos,
+                 video_grid_thw=inputs.video_grid_thw,
+                 mm_token_type_ids=token_types(ids, cfg.image_token_id, cfg.video_token_id),
+                 output_hidden_states=True, use_cache=True)
+        first, hidden = out.logits[0, -1], [h[0] for h in out.hidden_states]
+        token, tokens, past = int(first.argmax()), [], out.past_key_values
+        while True:
+            tokens.append(token)
+            if len(tokens) == MAX_NEW:
+                break
+            out = hf(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+    assert len(set(tokens)) > 4  # the tiny model's answer varies: a real decode test
+    return dict(vision=vision, hidden=hidden, first=first, tokens=tokens)
+
+
+# ---------------------------------------------------------------- prompt and rope index
+
+def test_prompt_has_timestamped_frame_groups_inside_the_outer_pair(checkpoint, inputs):
+    """The pinned processor's text (transformers 5.23 keeps the chat template's outer
+    <|vision_start|>...<|vision_end|>): six groups, each <t seconds> + its own pair."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    text = tok.decode(inputs.input_ids[0])
+    groups = "".join(f"<{t} seconds><|vision_start|>{'<|video_pad|>' * 8}<|vision_end|>"
+                     for t in ("0.2", "1.2", "2.2", "3.2", "4.2", "5.2"))  # (0 + 0.5) / 2 = 0.25 -> "0.2"
+    assert f"<|im_start|>user\n<|vision_start|>{groups}<|vision_end|>{QUESTION}<|im_end|>\n" in text
+    assert torch.equal(inputs.video_grid_thw, torch.tensor([[6, 4, 8]]))
+    assert inputs.pixel_values_videos.shape == (6 * 4 * 8, 3 * 2 * 16 * 16)
+
+
+def test_placeholder_and_timestamps_are_hf_processors():
+    """Our frame-group text and timestamps equal HF's Qwen3VLProcessor.replace_video_token
+    (run on a stand-in processor: its video half needs torchvision)."""
+    from transformers import Qwen3VLProcessor
+    from transformers.video_utils import VideoMetadata
+    from megatron_spava.models.qwen3_vl.prompt import group_timestamps, video_placeholder
+    stub = types.SimpleNamespace(video_processor=types.SimpleNamespace(merge_size=2, temporal_patch_size=2),
+                                 video_token="<|video_pad|>", vision_start_token="<|vision_start|>",
+                                 vision_end_token="<|vision_end|>")
+    stub._calculate_timestamps = types.MethodType(Qwen3VLProcessor._calculate_timestamps, stub)
+    indices = [0, 7, 15, 22, 30]  # odd count: the last frame is repeated
+    meta = VideoMetadata(total_num_frames=31, fps=7.5, frames_indices=indices)
+    video = {"video_grid_thw": torch.tensor([[3, 4, 6]]), "video_metadata": [meta]}
+    hf = Qwen3VLProcessor.replace_video_token(stub, video, 0)
+    ours = video_placeholder(group_timestamps(indices, 7.5), 6)
+    assert ours == hf and hf.count("seconds>") == 3
+
+
+def test_rope_index_matches_transformers():
+    """Our rope index (written from the rule) equals HF's get_rope_index for the video
+    prompt, a text-only prompt and a padded batch with an image and a video."""
+    from megatron_spava.models.qwen3_vl.rope import rope_index, token_types
+    from megatron_spava.models.qwen3_vl.tiny import TINY_SPECIAL, tiny_hf_config, tiny_hf_model
+    hf = tiny_hf_model(tiny_hf_config()).model
+    IMG, VID, VS, VE = (TINY_SPECIAL[t] for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                  "<|vision_end|>"))
+    # the video prompt with the tiny config's ids: 6 runs of 8 video tokens behind timestamps
+    row = [1, 2, VS]
+    for g in range(6):
+        row += [3 + g, VS] + [VID] * 8 + [VE]
+    row += [VE, 9, 10, 11]
+    batch = torch.tensor([row + [0] * 4, [5, 6, VS] + [IMG] * 6 + [VE, 7] + [VS] + [VID] * 8 + [VE]
+                          + [8] * (len(row) + 4 - 21)])
+    mask = torch.ones_like(batch)
+    mask[0, -4:] = 0
+    cases = [(torch.tensor([row]), None, torch.tensor([[6, 4, 8]]), None),
+             (torch.arange(20)[None], None, None, None),
+             (batch, torch.tensor([[1, 4, 6]]), torch.tensor([[6, 4, 8], [1, 4, 8]]), mask)]  # padded batch
+    for ids_, image_grid, video_grid, attn in cases:
+        ref_pos, ref_delta = hf.get_rope_index(
+            ids_, token_types(ids_, IMG, VID), image_grid_thw=image_grid,
+            video_grid_thw=None if video_grid is None else video_grid.clone(), attention_mask=attn)
+        pos, delta = rope_index(ids_, image_token_id=IMG, video_token_id=VID, spatial_merge_size=2,
+                                image_grid_thw=image_grid, video_grid_thw=video_grid, attention_mask=attn)
+        assert torch.equal(pos, ref_pos) and torch.equal(delta.view(-1), ref_delta.view(-1))
+    with pytest.raises(ValueError, match="does not match its grid"):
+        rope_index(torch.tensor([row]), image_token_id=IMG, video_token_id=VID, spatial_merge_size=2,
+                   video_grid_thw=torch.tensor([[6, 4, 4]]))
+
+
+def test_interleaved_mrope_is_hfs():
+    """The rotary angles equal HF's Qwen3VLTextRotaryEmbedding (interleaved sections)."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+    from transformers import Qwen3VLTextConfig
+    from megatron_spava.models.qwen3_vl.rope import interleaved_mrope
+    hf = Qwen3VLTextRotaryEmbedding(Qwen3VLTextConfig(head_dim=128, rope_parameters={
+        "rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True, "rope_theta": 5e6}))
+    pos = torch.randint(0, 5000, (3, 2, 37))
+    cos, sin = hf(torch.zeros(1, dtype=torch.float32), pos)
+    ours = interleaved_mrope(pos, hf.inv_freq, (24, 20, 20))  # [s, b, 1, d]
+    torch.testing.assert_close(ours[:, :, 0].cos().transpose(0, 1), cos, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[:, :, 0].sin().transpose(0, 1), sin, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- model parity vs HF
+
+def _build(tp, cp, source, dist_ckpt=False):
+    from megatron_spava import cpu_compat
+    cpu_compat.apply()
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+    from megatron_spava.models.qwen3_vl import Qwen3VLConfig, Qwen3VLModel
+    from megatron_spava.models.qwen3_vl.convert import load_dist_into_model, load_hf_into_model
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    initialize_rng_tracker(inference_rng_tracker=True)
+    model = Qwen3VLModel(Qwen3VLConfig.from_hf(source), tensor_parallel=tp, context_parallel=cp,
+                         perform_initialization=False).eval()
+    if dist_ckpt:
+        load_dist_into_model(model, source)
+    else:
+        load_hf_into_model(model, source, tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp,
+                           progress=False)
+    return model
+
+
+def _run(model, inputs, algo, budget, hidden=False):
+    """Frame-parallel vision output, and generate()'s tokens and first-token logits; with
+    `hidden`, every LLM layer's prefill output before DeepStack is added (HF's hidden
+    states), the embeddings and the final norm's output."""
+    from megatron.core import parallel_state as ps
+    from megatron_spava.inference.generate import generate
+    group = ps.get_context_parallel_group()
+    with torch.no_grad():
+        vision = model.encode_video(inputs, group)
+    captured, handles = [], []
+    if hidden:
+        lm = model.language_model
+        record = lambda m, args, out: captured.append((out[0] if isinstance(out, tuple) else out)[:, 0].clone())  # noqa: E731
+        handles.append(lm.decoder.register_forward_pre_hook(  # the embeddings with vision rows placed
+            lambda m, args, kwargs: captured.append(kwargs["hidden_states"][:, 0].clone()), with_kwargs=True))
+        for layer in list(lm.decoder.layers)[:-1]:  # prepend: before the DeepStack hook
+            handles.append(layer.register_forward_hook(record, prepend=True))
+        handles.append(lm.decoder.register_forward_hook(record))
+    out = generate(model, inputs, algo=algo, config=SpavaConfig(**budget), cp_group=group,
+                   max_new_tokens=MAX_NEW, eos_token_ids=[])
+    for h in handles:
+        h.remove()
+    n = len(model.language_model.decoder.layers) + 1
+    return vision, out.tokens, out.first_logits, captured[:n]
+
+
+def _rank(tp, cp, algo, budget, checkpoint, inputs, hidden=False):
+    return _run(_build(tp, cp, checkpoint), inputs, algo, budget, hidden)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_hidden_states_and_logits_match_hf(hf_reference, checkpoint, inputs, tp):
+    """Full attention at TP 1 and 2: the vision encoder (merger and both DeepStack mergers),
+    the embeddings, every layer's hidden states, the final norm and the first-token logits
+    within 1e-5 relative of HF; 16 greedy tokens the same."""
+    ref = hf_reference
+    for vision, tokens, first, hidden in run_ranks(_rank, tp, tp, 1, "full", {}, checkpoint, inputs, True,
+                                                   timeout=240):
+        assert _relative(vision, ref["vision"]) < 1e-5
+        assert len(hidden) == len(ref["hidden"]) == 4
+        errors = [_relative(ours, theirs) for ours, theirs in zip(hidden, ref["hidden"])]
+        assert max(errors) < 1e-5, errors
+        assert _relative(first, ref["first"]) < 1e-5
+        assert tokens == ref["tokens"]
+
+
+@pytest.mark.parametrize("tp,cp,algo", [(1, 2, "spava"), (1, 3, "spava"), (2, 2, "ring")])
+def test_context_parallel_at_full_budget_matches_hf(hf_reference, checkpoint, inputs, tp, cp, algo):
+    """Spava at full budget over CP 2 and 3 (frame-parallel vision, each rank placing its
+    DeepStack rows by the layout's indices) is full attention: HF's first-token logits and
+    16 tokens; ring at TP 2 x CP 2 too. Every rank gives the same answer."""
+    ref = hf_reference
+    results = run_ranks(_rank, tp * cp, tp, cp, algo, FULL_BUDGET, checkpoint, inputs, timeout=240)
+    for vision, tokens, first, _ in results:
+        assert _relative(vision, ref["vision"]) < 1e-5
+        assert _relative(first, ref["first"]) < 1e-5
+        assert tokens == ref["tokens"]
+    assert all(torch.equal(first, results[0][2]) for _, _, first, _ in results)
+
+
+def test_small_budget_spava_is_approximate_but_close(hf_reference, checkpoint, inputs):
+    results = run_ranks(_rank, 2, 1, 2, "spava", dict(budget_align=1, anchor_len=8, passing_len=8),
+                        checkpoint, inputs, timeout=240)
+    rel = _relative(results[0][2], hf_reference["first"])
+    assert torch.isfinite(results[0][2]).all() and 1e-5 < rel < 0.5, rel
+
+
+# ---------------------------------------------------------------- conversion
+
+def _hf_tensors(path):
+    from megatron_spava.models.common.checkpoint_io import iter_hf_tensors
+    return dict(iter_hf_tensors(path))
+
+
+def _convert_rank(hf_dir, meg, back):
+    from megatron_spava.models.qwen3_vl.convert import dist_to_hf, hf_to_dist
+    hf_to_dist(hf_dir, meg, progress=False)
+    dist_to_hf(meg, back, progress=False)
+
+
+def _load_dist_rank(meg, inputs):
+    return _run(_build(dist.get_world_size(), 1, meg, dist_ckpt=True), inputs, "full", {})
+
+
+def test_hf_to_megatron_to_hf_is_bit_exact_and_loads_at_tp_1_and_2(tmp_path, checkpoint, inputs,
+                                                                     hf_reference):
+    """HF -> dist checkpoint -> HF: every tensor bit-identical, same keys and config; the
+    dist checkpoint loads at TP 1 and 2 into local layers and answers as HF does."""
+    meg, back = str(tmp_path / "meg"), str(tmp_path / "back")
+    run_ranks(_convert_rank, 1, checkpoint, meg, back, timeout=240)
+    original, again = _hf_tensors(checkpoint), _hf_tensors(back)
+    assert sorted(original) == sorted(again)
+    for name, tensor in original.items():
+        assert again[name].dtype == tensor.dtype and torch.equal(again[name], tensor), name
+    config = lambda d: json.load(open(os.path.join(d, "config.json")))  # noqa: E731
+    assert config(back) == config(checkpoint)
+    for tp in (1, 2):
+        for _, tokens, first, _ in run_ranks(_load_dist_rank, tp, meg, inputs, timeout=240):
+            assert _relative(first, hf_reference["first"]) < 1e-5 and tokens == hf_reference["tokens"]
+
+
+def test_tied_bf16_round_trip_is_bit_exact(tmp_path):
+    from megatron_spava.models.qwen3_vl.tiny import tiny_hf_config, tiny_hf_model
+    hf_dir, meg, back = (str(tmp_path / n) for n in ("hf", "meg", "back"))
+    tiny_hf_model(tiny_hf_config(tie=True), dtype=torch.bfloat16).save_pretrained(hf_dir)
+    original = _hf_tensors(hf_dir)
+    run_ranks(_convert_rank, 1, hf_dir, meg, back, timeout=240)
+    again = _hf_tensors(back)
+    assert sorted(original) == sorted(again)
+    assert all(again[k].dtype == torch.bfloat16 and torch.equal(again[k], v) for k, v in original.items())
+
+
+def _te_layout_rank(checkpoint):
+    """The weight map against a TE-layout model's names (CPU: names only; TE cannot build)."""
+    from megatron_spava import specs
+    from megatron_spava.models.common.checkpoint_io import iter_hf_tensors, to_model_layout
+    from megatron_spava.models.qwen3_vl.checkpoint import HFToMegatron, megatron_to_hf
+    model = _build(1, 1, checkpoint)
+    params = dict(model.named_parameters())
+    te_names = {specs.local_to_te_key(n) for n in params}
+    assert "language_model.decoder.layers.0.self_attention.q_layernorm.weight" in te_names
+    conv, landed = HFToMegatron(model.cfg), []
+    for name, tensor in iter_hf_tensors(checkpoint):
+        landed += [to_model_layout(m, te_names) for m, _ in conv.feed(name, tensor)]
+    conv.finish()
+    assert sorted(landed) == sorted(te_names)
+    for name, tensor in params.items():
+        ours = megatron_to_hf(to_model_layout(name, te_names), tensor, model.cfg)
+        assert [k for k, _ in ours] == [k for k, _ in megatron_to_hf(name, tensor, model.cfg)]
+    return True
+
+
+def test_weight_map_handles_the_te_key_layout(checkpoint):
+    assert run_ranks(_te_layout_rank, 1, checkpoint, timeout=120) == [True]
+
+
+# ---------------------------------------------------------------- limits and errors
+
+def test_config_errors_are_clear():
+    from megatron_spava.models.qwen3_vl import Qwen3VLConfig
+    from megatron_spava.models.qwen3_vl.tiny import tiny_hf_config
+    cfg = tiny_hf_config()
+    with pytest.raises(ValueError, match="not divisible by tensor parallel size 3"):
+        Qwen3VLConfig.from_hf(cfg).validate(3)
+    with pytest.raises(ValueError, match="MoE Qwen3-VL is not supported"):
+        Qwen3VLConfig.from_hf({**cfg, "model_type": "qwen3_vl_moe"})
+    bad = json.loads(json.dumps(cfg))
+    bad["vision_config"]["deepstack_visual_indexes"] = [0, 5]
+    with pytest.raises(ValueError, match="deepstack_visual_indexes"):
+        Qwen3VLConfig.from_hf(bad)
+    yarn = json.loads(json.dumps(cfg))
+    yarn["text_config"]["rope_parameters"]["rope_type"] = "yarn"
+    with pytest.raises(ValueError, match="rope_type 'yarn'"):
+        Qwen3VLConfig.from_hf(yarn)
