@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Video prefill time-to-first-token of Qwen2.5-VL- and InternVL3-shaped models, every
+"""Video prefill time-to-first-token of Qwen2.5-VL-, InternVL3- and Qwen3-VL-shaped models, every
 algorithm in one run.
 
     torchrun --standalone --nproc-per-node 4 tools/bench_prefill.py --shape 7b \\
         --tokens 32768 65536 131072 --json prefill.json --plot prefill.png
     torchrun --standalone --nproc-per-node 4 tools/bench_prefill.py --shape internvl3-2b ...
+    torchrun --standalone --nproc-per-node 1 tools/bench_prefill.py --shape qwen3-vl-8b ...
 
 For each LLM length n it synthesises a 448x448 video inside a chat prompt (Qwen2.5-VL:
 n/256 temporal groups of random patches; InternVL3: n/258 frames of one random 448x448
-tile, `<img><IMG_CONTEXT>*256</img>` each), i.e. the vision encoder's real input size,
+tile, `<img><IMG_CONTEXT>*256</img>` each; Qwen3-VL: n/264 timestamped groups of 512x512,
+`models.qwen3_vl.bench`), i.e. the vision encoder's real input size,
 builds the model with random bf16 weights at the released shape (real layer counts,
 widths and heads; --model picks the family for --shape tiny), and times
 `generate(max_new_tokens=1)`: frame-parallel vision + prefill until the first token
@@ -64,7 +66,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the other tool
 TOKENS_PER_GROUP = 256  # 448x448 frames: 32x32 patches -> 16x16 merged tokens per 2 frames
 #: --shape -> (family, the family's shape name; None: its tiny config)
 SHAPES = {"tiny": (None, None), "3b": ("qwen2_5_vl", "3b"), "7b": ("qwen2_5_vl", "7b"),
-          "internvl3-2b": ("internvl3", "2b")}
+          "internvl3-2b": ("internvl3", "2b"), "qwen3-vl-8b": ("qwen3_vl", "8b")}
 
 
 def family_of(shape: str, model: str = "auto") -> str:
@@ -86,9 +88,9 @@ def model_config(shape: str, model: str = "auto"):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="7b",
-                   help="model shape: 3b/7b Qwen2.5-VL's, internvl3-2b InternVL3's; tiny (either "
-                        "family, --model) is for a CPU dry run (default: %(default)s)")
-    p.add_argument("--model", choices=["auto", "qwen2_5_vl", "internvl3"], default="auto",
+                   help="model shape: 3b/7b Qwen2.5-VL's, internvl3-2b InternVL3's, qwen3-vl-8b "
+                        "Qwen3-VL's; tiny (any family, --model) is for a CPU dry run (default: %(default)s)")
+    p.add_argument("--model", choices=["auto", "qwen2_5_vl", "internvl3", "qwen3_vl"], default="auto",
                    help="model family; auto: the shape's (tiny: qwen2_5_vl) (default: %(default)s)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu: gloo ranks, for checking the tool itself (default: %(default)s)")
@@ -219,10 +221,21 @@ def _is_internvl(cfg) -> bool:
     return isinstance(cfg, InternVL3Config)
 
 
+def _family_bench(cfg):
+    """A family's own synthetic-prompt module (models.<family>.bench), or None (the two
+    families written out here)."""
+    if type(cfg).__name__ == "Qwen3VLConfig":
+        from megatron_spava.models.qwen3_vl import bench
+        return bench
+    return None
+
+
 def prompt_lengths(n: int, cfg=None, multiple: int = 1):
     """(frame groups, context tokens, query tokens) of `synthetic_inputs(cfg, n, ...)`
     (cfg None: Qwen2.5-VL's layout). multiple: the question is padded (24 tokens and up)
     so that the whole prompt is a multiple of it (Megatron's CP: 2 x CP)."""
+    if cfg is not None and _family_bench(cfg):
+        return _family_bench(cfg).prompt_lengths(n, cfg, multiple)
     if cfg is not None and _is_internvl(cfg):
         per_frame = cfg.tokens_per_tile + 2  # <img> <IMG_CONTEXT>*T </img>
         frames = max(1, (n - 44) // per_frame)
@@ -238,6 +251,8 @@ def synthetic_inputs(cfg, n: int, seed: int, multiple: int = 1):
     temporal groups; InternVL3, n/(T+2) frames of one tile each (T tokens per tile).
     multiple: the prompt length is made a multiple of it (`prompt_lengths`)."""
     from megatron_spava.video.inputs import InternVLInputs, VideoQAInputs
+    if _family_bench(cfg):
+        return _family_bench(cfg).synthetic_inputs(cfg, n, seed, multiple)
     gen = torch.Generator().manual_seed(seed)
     prefix = torch.randint(0, 200, (20,), generator=gen)  # ordinary tokens in every vocabulary here
     groups, _, query = prompt_lengths(n, cfg, multiple)
@@ -288,7 +303,9 @@ def llm_shape(cfg):
 
 def vision_flops_per_group(cfg) -> float:
     """Vision FLOPs of one frame group of synthetic_inputs: Qwen2.5-VL, 2 frames of 448x448
-    (1024 patches); InternVL3, one 448x448 tile."""
+    (1024 patches); InternVL3, one 448x448 tile; Qwen3-VL, 2 frames of 512x512."""
+    if _family_bench(cfg):
+        return _family_bench(cfg).vision_flops_per_group(cfg)
     if _is_internvl(cfg):
         from megatron_spava.models.internvl3.vision import vision_flops
         return vision_flops(cfg, 1)
@@ -561,7 +578,7 @@ def _plot(results, path):
     ax.set_xscale("log", base=2)
     ax.set_xlabel("LLM tokens")
     ax.set_ylabel("TTFT speedup vs full (1 GPU)")
-    family = {"internvl3": "InternVL3"}.get(results.get("model"), "Qwen2.5-VL")
+    family = {"internvl3": "InternVL3", "qwen3_vl": "Qwen3-VL"}.get(results.get("model"), "Qwen2.5-VL")
     ax.set_title(f"{family} {results['shape']}-shaped prefill, {results['world']} GPUs")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)

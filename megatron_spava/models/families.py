@@ -1,7 +1,7 @@
 """The model families megatron_spava runs, by the name `--model` takes, and how a checkpoint
 tells which one it is (config.json's model_type).
 
-    family = resolve_family("auto", checkpoint_dir)    # or "qwen2_5_vl" / "internvl3"
+    family = resolve_family("auto", checkpoint_dir)    # or "qwen2_5_vl" / "internvl3" / "qwen3_vl"
     cfg = family.config(checkpoint_dir)                 # Qwen25VLConfig / InternVL3Config
     model = family.model_class()(cfg, tensor_parallel=tp, context_parallel=cp, ...)
     family.convert().load_hf_into_model(model, checkpoint_dir, tp_rank=r, tp_size=tp)
@@ -71,6 +71,8 @@ FAMILIES: Dict[str, Family] = {
     "internvl3": Family("internvl3", "internvl", "internvl3", "InternVL3Config", "InternVL3Model",
                         "megatron_spava.models.internvl3.prompt:InternVLPrompter", "tiny-internvl3",
                         ("2b",)),
+    "qwen3_vl": Family("qwen3_vl", "qwen3_vl", "qwen3_vl", "Qwen3VLConfig", "Qwen3VLModel",
+                       "megatron_spava.models.qwen3_vl.prompt:Qwen3VLPrompter", "tiny-qwen3-vl", ("8b",)),
 }
 DEFAULT = "qwen2_5_vl"
 
