@@ -36,6 +36,15 @@ from .inference.decode import decode_attn_func
 from .ops import selection
 
 
+def check_normalization(config, expected: Optional[str]) -> None:
+    """The check `get_gpt_layer_spec("te", normalization=...)` defers to build time."""
+    if expected is not None and config.normalization != expected:
+        raise ValueError(
+            f"the TE layer spec was asked for normalization={expected!r}, but "
+            f"TransformerConfig.normalization is {config.normalization!r}: TE's fused norms read "
+            f"the config, so set TransformerConfig(normalization={expected!r})")
+
+
 class SpavaCoreAttention(MegatronModule):
     """Context-parallel core attention (Megatron's `core_attention` contract).
 
@@ -57,7 +66,6 @@ class SpavaCoreAttention(MegatronModule):
                  pg_collection: Optional[ProcessGroupCollection] = None,
                  expected_normalization: Optional[str] = None):
         super().__init__(config=config)
-        from .specs import check_normalization
         check_normalization(config, expected_normalization)
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ValueError(f"SpavaCoreAttention is causal self-attention; got {attn_mask_type}")

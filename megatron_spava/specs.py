@@ -112,15 +112,6 @@ def get_gpt_layer_spec(backend: str = "local", *, algo: Optional[str] = None, co
     return spec
 
 
-def check_normalization(config, expected: Optional[str]) -> None:
-    """The check `get_gpt_layer_spec("te", normalization=...)` defers to build time."""
-    if expected is not None and config.normalization != expected:
-        raise ValueError(
-            f"the TE layer spec was asked for normalization={expected!r}, but "
-            f"TransformerConfig.normalization is {config.normalization!r}: TE's fused norms read "
-            f"the config, so set TransformerConfig(normalization={expected!r})")
-
-
 # ---- the command line: --transformer-impl and --cp-comm-type -------------------------
 
 def add_transformer_impl_arg(parser: argparse.ArgumentParser, *,

@@ -13,7 +13,7 @@ import torch
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_spava import specs
+from megatron_spava import modules, specs
 
 
 @pytest.fixture
@@ -67,10 +67,10 @@ def test_te_spec_normalization_is_checked_against_the_config():
     from megatron_spava.models.gpt import gpt_config
     rms, ln = (gpt_config(num_layers=1, hidden_size=32, num_attention_heads=2, normalization=n)
                for n in ("RMSNorm", "LayerNorm"))
-    specs.check_normalization(rms, "RMSNorm")
-    specs.check_normalization(ln, None)
+    modules.check_normalization(rms, "RMSNorm")
+    modules.check_normalization(ln, None)
     with pytest.raises(ValueError, match="normalization is 'LayerNorm': TE's fused norms read"):
-        specs.check_normalization(ln, "RMSNorm")
+        modules.check_normalization(ln, "RMSNorm")
 
 
 def test_megatron_lm_hook_passes_normalization_to_the_te_spec(mocked_te):

@@ -130,7 +130,7 @@ def _core_attention_class(fixed_comm: Optional[str]):
     from .. import profiling
     from ..context import current_request
     from ..inference.decode import decode_attn_func
-    from ..specs import check_normalization
+    from ..modules import check_normalization
 
     class MegatronCoreAttention(TEDotProductAttention):
         """megatron-core's TEDotProductAttention with TE's context parallelism over
