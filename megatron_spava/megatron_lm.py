@@ -1,10 +1,17 @@
-"""Hooks the Megatron-LM patch (patches/megatron_lm_core_v0.16.1.patch) calls.
+"""Hooks the Megatron-LM patches (patches/megatron_lm_core_v0.16.1.patch and
+patches/megatron_lm_core_v0.19.0.patch) call, the same way on every supported tag.
 
-The patch keeps Megatron-LM's changes to a few lines; everything they need is here:
-  layer_spec(args, use_te)                 gpt_builders._get_transformer_layer_spec
+The patches keep Megatron-LM's changes to a few lines; everything they need is here:
+  layer_spec(args, use_te, config)         gpt_builders._get_transformer_layer_spec
   prepare_model(model, args)               gpt_builders.gpt_builder, after GPTModel(...)
   get_batch_on_this_cp_rank_from_args(b)   pretrain_gpt.get_batch, for the CP slicing
 Each is used only when `--context-parallel-algo` is set.
+
+They follow the contracts of Megatron-LM core_v0.19.0, which core_v0.16.1 also meets:
+the layer spec is built from the TransformerConfig (`config.num_moe_experts`,
+`config.normalization`, ...), as core_v0.17+'s `_get_transformer_layer_spec(use_te, config)`
+does, and the batch is a dict holding every key of pretrain_gpt's `BATCH_KEYS` (the
+packing keys `cu_seqlens`, `max_seqlen`, ... may be None), returned with the same keys.
 
 The options are validated once per run (`run_config`, cached on `args`); each batch only
 looks up the layout planned for its sequence length (planned and checked once per length).
@@ -21,7 +28,8 @@ import torch
 
 from .algos import plan_layout
 from .arguments import validate_spava_args
-from .batch import get_batch_on_this_cp_rank
+from .batch import SEQUENCE_KEYS, get_batch_on_this_cp_rank
+from .compat import legacy_grouped_gemm_kwargs
 from .config import SpavaConfig
 from .context import activate
 from .modules import use_spava_rope
@@ -40,19 +48,22 @@ def run_config(args) -> SpavaConfig:
     return config
 
 
-def layer_spec(args, use_te: bool):
-    """The GPT layer spec for Megatron-LM's arguments (`--transformer-impl local` or
-    `transformer_engine`), with the algorithm's core attention (SpavaCoreAttention, or the
-    module the registry entry names). The same keywords Megatron-LM's
-    `_get_transformer_layer_spec` gives megatron-core for either backend; TE's fused norms
-    read `--normalization` from the config, which `get_gpt_layer_spec` checks."""
+def layer_spec(args, use_te: bool, config):
+    """The GPT layer spec for Megatron-LM's `--transformer-impl local` or
+    `transformer_engine`, with the algorithm's core attention (SpavaCoreAttention, or the
+    module the registry entry names). `args` gives the algorithm and its `--spava-*`
+    options; `config` (the run's TransformerConfig) gives the keywords megatron-core's spec
+    builders take, as Megatron-LM's own `_get_transformer_layer_spec(use_te, config)`
+    reads them. TE's fused norms read `config.normalization`, which `get_gpt_layer_spec`
+    checks at build time."""
     run_config(args)
-    if getattr(args, "multi_latent_attention", False):
+    if config.multi_latent_attention:
         raise ValueError("--context-parallel-algo does not support --multi-latent-attention")
-    kwargs = dict(num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm,
-                  qk_layernorm=args.qk_layernorm, qk_l2_norm=args.qk_l2_norm,
-                  moe_use_legacy_grouped_gemm=getattr(args, "moe_use_legacy_grouped_gemm", False),
-                  normalization=args.normalization)
+    if getattr(config, "experimental_attention_variant", None) is not None:
+        raise ValueError("--context-parallel-algo does not support --experimental-attention-variant")
+    kwargs = dict(num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm,
+                  qk_layernorm=config.qk_layernorm, qk_l2_norm=config.qk_l2_norm,
+                  normalization=config.normalization, **legacy_grouped_gemm_kwargs(config))
     return get_gpt_layer_spec("te" if use_te else "local", algo=args.context_parallel_algo,
                               **kwargs)
 
@@ -79,8 +90,17 @@ def get_batch_on_this_cp_rank_from_args(batch: Dict[str, Optional[torch.Tensor]]
     """Megatron-LM's get_batch step for the selected algorithm: look up the layout for
     this batch's sequence length (the last `--spava-query-len` tokens are the query),
     shard the batch, and activate the request for the forward that follows (replacing the
-    previous batch's). Returns the batch with Megatron's keys, in Megatron's order."""
-    seq_length = next(t.shape[-1] for t in batch.values() if t is not None)
+    previous batch's). Returns the batch with Megatron's keys, in Megatron's order.
+
+    batch: pretrain_gpt's batch dict, [b, S] tensors under tokens/labels/loss_mask/
+      position_ids; keys it does not shard (the packing keys of core_v0.19's BATCH_KEYS)
+      pass through. Packed sequences (a `cu_seqlens` that is not None) raise ValueError."""
+    if batch.get("cu_seqlens") is not None:
+        raise ValueError("--context-parallel-algo does not support packed sequences (the batch "
+                         "has cu_seqlens, as with --sft or --dataloader-inter-document-masking)")
+    seq_length = next((batch[k].shape[-1] for k in SEQUENCE_KEYS if batch.get(k) is not None), None)
+    if seq_length is None:
+        raise ValueError(f"the batch has none of {SEQUENCE_KEYS}: nothing to shard")
     layout = _layout(args.context_parallel_algo, seq_length, args.spava_query_len,
                      args.context_parallel_size, run_config(args))
     local = get_batch_on_this_cp_rank(batch, layout)

@@ -1,11 +1,15 @@
-"""The Megatron-LM patch and the hooks it calls.
+"""The Megatron-LM patches and the hooks they call.
 
-The patch is applied to a real checkout when MEGATRON_LM_PATH points to Megatron-LM at
-tag core_v0.16.1 (the test is skipped otherwise; no Megatron-LM code is committed).
-The hooks themselves run here on CPU with Megatron-LM-shaped arguments.
+One patch per family of Megatron-LM tags (megatron_spava.megatron_lm_patch.PATCHES); the
+tool picks the one that fits a checkout. Each is checked and applied to a real checkout
+named by MEGATRON_LM_016_PATH (core_v0.16.1), MEGATRON_LM_017_PATH (core_v0.17.x),
+MEGATRON_LM_018_PATH (core_v0.18.x) or MEGATRON_LM_019_PATH (core_v0.19.0), skipped when
+the variable is unset (no Megatron-LM code is committed). The hooks themselves run here on
+CPU with Megatron-LM-shaped arguments and megatron-core's TransformerConfig.
 """
 
 import argparse
+import copy
 import importlib
 import os
 import py_compile
@@ -17,19 +21,31 @@ import sys
 import pytest
 import torch
 
+from megatron_spava.megatron_lm_patch import FILES, PATCHES, patch_path
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PATCH = os.path.join(ROOT, "patches", "megatron_lm_core_v0.16.1.patch")
 TOOL = os.path.join(ROOT, "tools", "megatron_lm_patch.py")
-FILES = ("megatron/training/arguments.py", "gpt_builders.py", "pretrain_gpt.py")
+#: env var naming a checkout -> the patch the tool must pick for it
+CHECKOUT_VARS = {"MEGATRON_LM_016_PATH": "megatron_lm_core_v0.16.1.patch",
+                 "MEGATRON_LM_017_PATH": "megatron_lm_core_v0.17.0.patch",
+                 "MEGATRON_LM_018_PATH": "megatron_lm_core_v0.18.0.patch",
+                 "MEGATRON_LM_019_PATH": "megatron_lm_core_v0.19.0.patch"}
 
 
-def _patch_text():
-    with open(PATCH) as f:
+def _patch_text(name):
+    with open(patch_path(name)) as f:
         return f.read()
 
 
-def test_patch_is_small_and_touches_only_the_three_files():
-    text = _patch_text()
+def test_every_patch_is_in_patches_and_tested():
+    on_disk = sorted(f for f in os.listdir(os.path.join(ROOT, "patches")) if f.endswith(".patch"))
+    assert on_disk == sorted(PATCHES) == sorted(CHECKOUT_VARS.values())
+    assert os.path.samefile(os.path.dirname(patch_path(on_disk[0])), os.path.join(ROOT, "patches"))
+
+
+@pytest.mark.parametrize("name", sorted(PATCHES))
+def test_patch_is_small_and_touches_only_the_three_files(name):
+    text = _patch_text(name)
     touched = re.findall(r"^\+\+\+ b/(\S+)", text, flags=re.M)
     assert sorted(touched) == sorted(FILES)
     added = [l for l in text.splitlines() if l.startswith("+") and not l.startswith("+++")]
@@ -38,29 +54,53 @@ def test_patch_is_small_and_touches_only_the_three_files():
     assert len(re.findall(r"^@@", text, flags=re.M)) <= 6
 
 
-def test_every_hook_the_patch_imports_exists():
-    names = re.findall(r"^\+\s*from (megatron_spava[\w.]*) import (\w+)", _patch_text(), flags=re.M)
-    assert names
-    for module, name in names:
-        assert hasattr(importlib.import_module(module), name), (module, name)
+@pytest.mark.parametrize("name", sorted(PATCHES))
+def test_every_hook_the_patch_imports_exists_and_is_called_the_same_way(name):
+    text = _patch_text(name)
+    names = re.findall(r"^\+\s*from (megatron_spava[\w.]*) import (\w+)", text, flags=re.M)
+    assert len(names) == 4
+    for module, hook in names:
+        assert hasattr(importlib.import_module(module), hook), (module, hook)
+    # one interface per hook, on every tag
+    assert re.search(r"^\+\s*return layer_spec\((get_args\(\)|args), use_te, config\)$", text, flags=re.M)
+    assert re.search(r"^\+\s*model = prepare_model\(model, args\)$", text, flags=re.M)
+    assert re.search(r"^\+\s*batch = get_batch_on_this_cp_rank_from_args\(batch, args\)$", text, flags=re.M)
 
 
-@pytest.mark.skipif(not os.environ.get("MEGATRON_LM_PATH"),
-                    reason="set MEGATRON_LM_PATH to a Megatron-LM core_v0.16.1 checkout")
-def test_patch_applies_to_a_megatron_lm_checkout(tmp_path):
-    checkout = os.environ["MEGATRON_LM_PATH"]
+def test_tool_names_the_supported_tags_when_no_patch_fits(tmp_path):
+    for rel in FILES:
+        os.makedirs(tmp_path / os.path.dirname(rel), exist_ok=True)
+        (tmp_path / rel).write_text("# not Megatron-LM\n")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    out = subprocess.run([sys.executable, TOOL, "check", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "no megatron_spava patch fits" in out.stderr
+    assert "core_v0.16.1" in out.stderr and "core_v0.19.0" in out.stderr
+    os.remove(tmp_path / "gpt_builders.py")
+    out = subprocess.run([sys.executable, TOOL, "check", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 2 and "missing gpt_builders.py" in out.stderr
+
+
+@pytest.mark.parametrize("var", sorted(CHECKOUT_VARS))
+def test_patch_applies_to_a_megatron_lm_checkout(tmp_path, var):
+    checkout = os.environ.get(var)
+    if not checkout:
+        pytest.skip(f"set {var} to a Megatron-LM checkout for {CHECKOUT_VARS[var]}")
+    expected = CHECKOUT_VARS[var]
     check = subprocess.run([sys.executable, TOOL, "check", checkout], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
+    assert expected in check.stdout, check.stdout
     # apply to a copy of the three files, never to the user's checkout
     for rel in FILES:
         os.makedirs(tmp_path / os.path.dirname(rel), exist_ok=True)
         shutil.copy(os.path.join(checkout, rel), tmp_path / rel)
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    for action, expected in (("apply", "applied"), ("status", "applied"),
-                             ("revert", "reverted"), ("status", "not applied")):
+    for action, wanted in (("apply", "applied"), ("status", "applied"),
+                           ("revert", "reverted"), ("status", "not applied")):
         out = subprocess.run([sys.executable, TOOL, action, str(tmp_path)], capture_output=True,
                              text=True)
-        assert out.returncode == 0 and expected in out.stdout, (action, out.stdout, out.stderr)
+        assert out.returncode == 0 and wanted in out.stdout and expected in out.stdout, \
+            (action, out.stdout, out.stderr)
     subprocess.run([sys.executable, TOOL, "apply", str(tmp_path)], check=True, capture_output=True)
     for rel in FILES:
         py_compile.compile(str(tmp_path / rel), doraise=True)
@@ -77,23 +117,42 @@ def _megatron_lm_args(**overrides):
     args = parser.parse_args([])
     defaults = dict(context_parallel_algo="spava", tensor_model_parallel_size=1,
                     context_parallel_size=2, num_attention_heads=4, num_query_groups=2,
-                    seq_length=None, num_experts=None, moe_grouped_gemm=False,
-                    qk_layernorm=False, qk_l2_norm=False, normalization="RMSNorm",
-                    multi_latent_attention=False, spava_query_len=8)
+                    seq_length=None, spava_query_len=8)
     for key, value in {**defaults, **overrides}.items():
         setattr(args, key, value)
     return args
 
 
+def _megatron_lm_config(**overrides):
+    """The run's TransformerConfig, as core_transformer_config_from_args builds it; fields
+    set afterwards the way a launch's flags would set them (no re-validation)."""
+    from megatron_spava.models.gpt import gpt_config
+    config = copy.copy(gpt_config(num_layers=2, hidden_size=32, num_attention_heads=4,
+                                  num_query_groups=2, ffn_hidden_size=64, normalization="RMSNorm"))
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
 def test_layer_spec_hook():
+    """The hook builds megatron-core's own local spec from the config (the keywords
+    Megatron-LM's _get_transformer_layer_spec passes) with only core_attention replaced."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron_spava import megatron_lm
     from megatron_spava.modules import SpavaCoreAttention
-    spec = megatron_lm.layer_spec(_megatron_lm_args(), use_te=False)
+    config = _megatron_lm_config()
+    spec = megatron_lm.layer_spec(_megatron_lm_args(), False, config)
     assert spec.submodules.self_attention.submodules.core_attention is SpavaCoreAttention
+    stock = get_gpt_layer_local_spec(normalization="RMSNorm")
+    for name in ("input_layernorm", "pre_mlp_layernorm"):
+        assert getattr(spec.submodules, name) is getattr(stock.submodules, name)
+    qk = megatron_lm.layer_spec(_megatron_lm_args(), False, _megatron_lm_config(qk_layernorm=True))
+    assert qk.submodules.self_attention.submodules.q_layernorm is \
+        get_gpt_layer_local_spec(qk_layernorm=True).submodules.self_attention.submodules.q_layernorm
     with pytest.raises(ValueError, match="multi-latent-attention"):
-        megatron_lm.layer_spec(_megatron_lm_args(multi_latent_attention=True), use_te=False)
+        megatron_lm.layer_spec(_megatron_lm_args(), False, _megatron_lm_config(multi_latent_attention=True))
     with pytest.raises(ValueError, match="not divisible"):
-        megatron_lm.layer_spec(_megatron_lm_args(tensor_model_parallel_size=3), use_te=False)
+        megatron_lm.layer_spec(_megatron_lm_args(tensor_model_parallel_size=3), False, config)
 
 
 @pytest.fixture
@@ -126,6 +185,38 @@ def test_get_batch_hook_shards_and_activates_the_request(no_request_after):
     assert torch.equal(owned, torch.ones(S))  # every token's loss counted exactly once
 
 
+#: pretrain_gpt.BATCH_KEYS of Megatron-LM core_v0.18-0.19 (copied: no Megatron-LM code here)
+BATCH_KEYS = ["attention_mask", "cu_seqlens", "cu_seqlens_padded", "hybrid_cp_group", "labels",
+              "local_cp_size", "loss_mask", "max_seqlen", "position_ids", "tokens"]
+
+
+def test_get_batch_hook_takes_the_batch_keys_batch_of_core_v0_19(no_request_after):
+    """core_v0.19's get_batch hands over every BATCH_KEYS key (the packing ones None) and
+    returns [batch[k] for k in BATCH_KEYS]: the hook keeps every key, shards the sequence
+    ones like the dict batch of core_v0.16, and refuses packed sequences."""
+    from unittest import mock
+    from megatron_spava import megatron_lm
+    S = 300
+    dense = {"tokens": torch.arange(S).expand(2, -1), "labels": torch.arange(1, S + 1).expand(2, -1),
+             "loss_mask": torch.ones(2, S), "attention_mask": None,
+             "position_ids": torch.arange(S).expand(2, -1)}
+    batch = {key: dense.get(key) for key in BATCH_KEYS}
+    args = _megatron_lm_args(spava_budget_align=1, spava_anchor_len=12)
+    with mock.patch("megatron.core.parallel_state.get_context_parallel_rank", return_value=1):
+        local = megatron_lm.get_batch_on_this_cp_rank_from_args(dict(batch), args)
+        reference = megatron_lm.get_batch_on_this_cp_rank_from_args(dict(dense), args)
+        returned = [local[key] for key in BATCH_KEYS]  # what the patched get_batch returns
+        assert len(returned) == len(BATCH_KEYS)
+        for key in BATCH_KEYS:
+            if dense.get(key) is None:
+                assert local[key] is None, key
+            else:
+                assert torch.equal(local[key], reference[key]) and local[key].shape[-1] < S, key
+        packed = dict(batch, cu_seqlens=torch.tensor([[0, 100, S]]), max_seqlen=torch.tensor([200]))
+        with pytest.raises(ValueError, match="packed sequences"):
+            megatron_lm.get_batch_on_this_cp_rank_from_args(packed, args)
+
+
 def test_options_validated_once_per_run_and_layout_planned_once_per_length(no_request_after):
     """Per batch the hook only looks up the cached layout: validation runs once per run,
     planning once per sequence length, however many batches."""
@@ -139,7 +230,7 @@ def test_options_validated_once_per_run_and_layout_planned_once_per_length(no_re
     with mock.patch.object(megatron_lm, "validate_spava_args", wraps=megatron_lm.validate_spava_args) as v, \
             mock.patch.object(megatron_lm, "plan_layout", wraps=megatron_lm.plan_layout) as p, \
             mock.patch("megatron.core.parallel_state.get_context_parallel_rank", return_value=1):
-        megatron_lm.layer_spec(args, use_te=False)
+        megatron_lm.layer_spec(args, False, _megatron_lm_config())
         layouts = []
         for batch in batches:
             megatron_lm.get_batch_on_this_cp_rank_from_args(batch, args)
@@ -169,7 +260,7 @@ def test_unfused_prefill_is_refused_by_the_single_pass_hook():
     from megatron_spava import megatron_lm
     args = _megatron_lm_args(spava_no_fuse_query=True, seq_length=4096)
     with pytest.raises(ValueError, match="fuse_query=False.*forward_step"):
-        megatron_lm.layer_spec(args, use_te=False)
+        megatron_lm.layer_spec(args, False, _megatron_lm_config())
 
 
 def _te_and_gpu():
@@ -179,7 +270,7 @@ def _te_and_gpu():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not os.environ.get("MEGATRON_LM_PATH"),
-                    reason="set MEGATRON_LM_PATH to a Megatron-LM core_v0.16.1 checkout")
+                    reason="set MEGATRON_LM_PATH to a Megatron-LM checkout (core_v0.16.1 or core_v0.19.0)")
 @pytest.mark.skipif(not _te_and_gpu(), reason="needs a GPU and Transformer Engine")
 def test_megatron_lm_launch_eval_loss_matches_without_cp(tmp_path):
     """Megatron-LM's pretrain_gpt.py --skip-train on mock data with TE layers: the

@@ -75,24 +75,25 @@ def test_te_spec_normalization_is_checked_against_the_config():
 
 def test_megatron_lm_hook_passes_normalization_to_the_te_spec(mocked_te):
     from megatron_spava import megatron_lm
-    from tests.test_megatron_lm import _megatron_lm_args
-    spec = megatron_lm.layer_spec(_megatron_lm_args(), use_te=True)
+    from tests.test_megatron_lm import _megatron_lm_args, _megatron_lm_config
+    spec = megatron_lm.layer_spec(_megatron_lm_args(), True, _megatron_lm_config())
     core = spec.submodules.self_attention.submodules.core_attention
     assert core.params == {"expected_normalization": "RMSNorm"}
 
 
 def _module_paths(spec, cls, prefix=""):
-    """Dotted submodule paths of a ModuleSpec tree whose module is `cls`."""
+    """Dotted submodule paths of a layer-spec tree whose module is `cls` (entries are
+    ModuleSpecs, classes or builder partials: compat.spec_module_and_submodules)."""
+    from megatron_spava.compat import spec_module_and_submodules
     found = []
-    subs = getattr(spec, "submodules", None)
+    _, subs = spec_module_and_submodules(spec)
     for name in getattr(subs, "__dataclass_fields__", {}):
         value = getattr(subs, name)
+        module, children = spec_module_and_submodules(value)
         path = prefix + name
-        if value is cls:
+        if value is cls or module is cls:  # TE's placeholders without TE are not classes
             found.append(path)
-        elif hasattr(value, "submodules"):
-            if value.module is cls:
-                found.append(path)
+        if children is not None:
             found += _module_paths(value, cls, path + ".")
     return found
 
@@ -270,8 +271,10 @@ def test_every_model_building_program_has_the_flag(program, capsys):
 
 @pytest.mark.parametrize("cp", [1, 2, 3, 4])
 def test_megatron_layout_is_megatron_cores_sharding(cp):
-    from megatron.core import utils as mcore_utils
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
     from megatron_spava.algos.megatron import MegatronLayout
+    from megatron_spava.compat import stock_get_batch_on_this_cp_rank
     from megatron_spava.batch import get_batch_on_this_cp_rank
     from megatron_spava.inference import cache_rows
     S, lq = 24 * cp, 5
@@ -279,10 +282,12 @@ def test_megatron_layout_is_megatron_cores_sharding(cp):
     tokens = torch.arange(S).expand(2, -1)
     covered = []
     for rank in range(cp):
-        with mock.patch.object(mcore_utils.parallel_state, "get_context_parallel_world_size",
-                               return_value=cp), \
-             mock.patch.object(mcore_utils.parallel_state, "get_context_parallel_rank", return_value=rank):
-            theirs = mcore_utils.get_batch_on_this_cp_rank({"tokens": tokens.clone()})["tokens"]
+        # megatron-core's own sharding, on a real (fake-backend) CP group of size cp
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=cp)
+        try:
+            theirs = stock_get_batch_on_this_cp_rank({"tokens": tokens.clone()}, dist.group.WORLD)["tokens"]
+        finally:
+            dist.destroy_process_group()
         idx = layout.local_indices(rank)
         assert torch.equal(theirs[0], idx) and layout.local_len(rank) == S // cp
         ours = get_batch_on_this_cp_rank({"tokens": tokens, "loss_mask": torch.ones(2, S)}, layout, rank)

@@ -60,8 +60,8 @@ echo
 echo "== tests/test_te.py (last lines; numbers printed by the tests) =="
 grep -E "relative error|rel\. error|first-token|passed|failed|skipped|Error" "$OUT/test_te.log" | tail -25
 if [ -f "$OUT/megatron_lm.log" ]; then
-  echo; echo "== Megatron-LM launch =="; sed -n '/^Megatron-LM core_v0.16.1/,$p' "$OUT/megatron_lm.log" | tail -12
-  grep -q "^Megatron-LM core_v0.16.1" "$OUT/megatron_lm.log" || tail -20 "$OUT/megatron_lm.log"
+  echo; echo "== Megatron-LM launch =="; sed -n '/^Megatron-LM core_v/,$p' "$OUT/megatron_lm.log" | tail -12
+  grep -q "^Megatron-LM core_v" "$OUT/megatron_lm.log" || tail -20 "$OUT/megatron_lm.log"
 fi
 echo; echo "== tools/bench_layers.py =="
 sed -n '/^1 x \|^[0-9]* x .*layer(s)/,$p' "$OUT/bench_layers.log" | tail -14

@@ -8,10 +8,12 @@ check that the evaluation losses agree within bf16 noise:
 
     python examples/megatron_lm/compare_eval_loss.py --megatron-lm /path/to/Megatron-LM --tp 1 --cp 1
 
-It copies what a launch needs from the Megatron-LM checkout (core_v0.16.1: pretrain_gpt.py,
-gpt_builders.py, model_provider.py, megatron/{training,legacy,post_training,rl}; megatron/core
-comes from the installed megatron-core 0.16.1) into --work, applies megatron_spava's patch
-there (tools/megatron_lm_patch.py), and runs examples/megatron_lm/launch.sh. The checkout
+It copies what a launch needs from the Megatron-LM checkout (any supported tag, core_v0.16.1
+to core_v0.19.0: pretrain_gpt.py, gpt_builders.py, model_provider.py, megatron/training and,
+where the tag has them, megatron/{legacy,post_training,rl,inference,elastification};
+megatron/core comes from the installed megatron-core of the same minor version) into
+--work, applies megatron_spava's patch for that tag there (tools/megatron_lm_patch.py
+detects it), and runs examples/megatron_lm/launch.sh. The checkout
 itself is never modified. Exit status 1 if a run fails or a loss differs from the
 no-CP loss by more than --tolerance (relative).
 
@@ -33,8 +35,11 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-NEEDED = ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py", "megatron/training",
-          "megatron/legacy", "megatron/post_training", "megatron/rl")
+NEEDED = ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py", "megatron/training")
+#: imported by megatron/training on some tags (core_v0.18+ has no megatron/legacy, core_v0.16
+#: no megatron/elastification): copied where the checkout has them
+OPTIONAL = ("megatron/legacy", "megatron/post_training", "megatron/rl", "megatron/inference",
+            "megatron/elastification")
 LOSS = re.compile(r"validation loss at .*? on (validation|test) set \| lm loss value: ([0-9.Ee+-]+)")
 
 
@@ -42,10 +47,10 @@ def copy_checkout(src: str, dst: str) -> None:
     """The parts of a Megatron-LM checkout a pretrain_gpt.py launch needs, into dst."""
     missing = [p for p in NEEDED if not os.path.exists(os.path.join(src, p))]
     if missing:
-        raise SystemExit(f"{src} is not a Megatron-LM core_v0.16.1 checkout: missing {missing}")
+        raise SystemExit(f"{src} is not a Megatron-LM checkout: missing {missing}")
     if os.path.exists(dst):
         shutil.rmtree(dst)
-    for rel in NEEDED:
+    for rel in NEEDED + tuple(p for p in OPTIONAL if os.path.exists(os.path.join(src, p))):
         s, d = os.path.join(src, rel), os.path.join(dst, rel)
         os.makedirs(os.path.dirname(d), exist_ok=True)
         if os.path.isdir(s):
@@ -55,12 +60,14 @@ def copy_checkout(src: str, dst: str) -> None:
     subprocess.run(["git", "init", "-q"], cwd=dst, check=True)  # git apply wants a work tree
 
 
-def apply_patch(checkout: str) -> None:
+def apply_patch(checkout: str) -> str:
+    """Apply the patch that fits `checkout`; returns the tag it is named after."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "megatron_lm_patch.py"), "apply",
                           checkout], capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"the patch does not apply:\n{out.stdout}{out.stderr}")
     print(out.stdout.strip())
+    return re.search(r"megatron_lm_(core_v[\d.]+)\.patch", out.stdout).group(1)
 
 
 def dataset_helpers_workaround(work: str) -> dict:
@@ -72,7 +79,7 @@ def dataset_helpers_workaround(work: str) -> dict:
     import shlex
     spec = importlib.util.find_spec("megatron.core.datasets")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("megatron-core is not importable: install megatron-core 0.16.1")
+        raise SystemExit("megatron-core is not importable: install megatron-core (>=0.16.1,<0.20)")
     datasets = os.path.abspath(list(spec.submodule_search_locations)[0])
     prebuilt = any(n.startswith("helpers_cpp") and n.endswith(".so") for n in os.listdir(datasets))
     if os.path.exists(os.path.join(datasets, "Makefile")) or not prebuilt:
@@ -123,7 +130,7 @@ def finish(name, proc, log, timeout):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--megatron-lm", default=os.environ.get("MEGATRON_LM_PATH"),
-                   help="Megatron-LM core_v0.16.1 checkout (default: $MEGATRON_LM_PATH)")
+                   help="Megatron-LM checkout, core_v0.16.1 to core_v0.19.0 (default: $MEGATRON_LM_PATH)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default: %(default)s)")
     p.add_argument("--cp", type=int, default=1, help="context-parallel size (default: %(default)s)")
     p.add_argument("--work", default=None, help="work directory (default: a new temporary one)")
@@ -143,7 +150,7 @@ def main(argv=None) -> int:
     os.makedirs(work, exist_ok=True)
     checkout = os.path.join(work, "Megatron-LM")
     copy_checkout(os.path.abspath(args.megatron_lm), checkout)
-    apply_patch(checkout)
+    tag = apply_patch(checkout)
     if args.prepare_only:
         print(f"prepared {checkout}")
         return 0
@@ -158,7 +165,9 @@ def main(argv=None) -> int:
     else:
         for name, spec in runs.items():
             losses[name] = finish(name, *start(name, *spec, checkout, work, env), args.timeout)
-    print(f"\nMegatron-LM core_v0.16.1 pretrain_gpt.py --skip-train, mock data, TE layers, bf16, "
+    import megatron.core
+    print(f"\nMegatron-LM {tag} (patch) pretrain_gpt.py --skip-train, megatron-core "
+          f"{getattr(megatron.core, '__version__', '?')}, mock data, TE layers, bf16, "
           f"TP={args.tp}, CP={args.cp} (none: CP=1)")
     print(f"| run | validation loss | test loss | rel. diff vs none |")
     print(f"|---|---|---|---|")
@@ -174,7 +183,8 @@ def main(argv=None) -> int:
               f"| {diff:.2e} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(tp=args.tp, cp=args.cp, tolerance=args.tolerance, losses=losses, ok=ok), f, indent=1)
+            json.dump(dict(megatron_lm=tag, tp=args.tp, cp=args.cp, tolerance=args.tolerance,
+                           losses=losses, ok=ok), f, indent=1)
     print("OK: the losses agree" if ok else f"FAIL: a run failed or differs by more than {args.tolerance}")
     return 0 if ok else 1
 

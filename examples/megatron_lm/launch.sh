@@ -11,15 +11,17 @@
 # Spava is exact: the evaluation loss then equals the run without CP.
 # Extra arguments go to pretrain_gpt.py. Model size via the environment: SEQ (4096),
 # LAYERS (4), HIDDEN (512), HEADS (8), KV_GROUPS (4; not GROUPS, which bash sets to the user's group ids), FFN (1408), VOCAB (8192), EVAL_ITERS (4).
-# The checkout must be Megatron-LM core_v0.16.1 patched with
-# `python tools/megatron_lm_patch.py apply "$MEGATRON_LM_PATH"`; megatron/core may come
-# from the megatron-core 0.16.1 wheel instead of the checkout.
+# The checkout must be Megatron-LM at a supported tag (core_v0.16.1 ... core_v0.19.0) patched
+# with `python tools/megatron_lm_patch.py apply "$MEGATRON_LM_PATH"` (it picks the patch for
+# the tag); megatron/core may come from the megatron-core wheel of the same minor version
+# (0.16.1 for core_v0.16.1, 0.19.x for core_v0.19.0) instead of the checkout. The flags
+# below are accepted by every supported tag.
 set -euo pipefail
 TP=${1:?usage: launch.sh TP CP [ALGO] [extra pretrain_gpt.py args]}
 CP=${2:?usage: launch.sh TP CP [ALGO] [extra pretrain_gpt.py args]}
 ALGO=${3:-none}
 shift $(( $# < 3 ? $# : 3 ))
-: "${MEGATRON_LM_PATH:?set MEGATRON_LM_PATH to a patched Megatron-LM core_v0.16.1 checkout}"
+: "${MEGATRON_LM_PATH:?set MEGATRON_LM_PATH to a patched Megatron-LM checkout (core_v0.16.1 ... core_v0.19.0)}"
 root=$(cd "$(dirname "$0")/../.." && pwd)
 SEQ=${SEQ:-4096}
 algo_args=()
