@@ -168,8 +168,8 @@ def fit_error(*, tp: int, cp: int, algos: Sequence[str], config=None,
             return f"the model does not fit TP={tp}: {err}"
     for req in requests:
         if frame_parallel and cp > 1 and req.frame_groups is not None and req.frame_groups < cp:
-            return (f"frame-parallel vision needs at least one frame group (Qwen2.5-VL: a temporal "
-                    f"group of 2 frames; InternVL3: a frame) per context-parallel rank: the video "
+            return (f"frame-parallel vision needs at least one frame group (Qwen2.5-VL, Qwen3-VL: a "
+                    f"temporal group of 2 frames; InternVL3: a frame) per context-parallel rank: the video "
                     f"has {req.frame_groups} groups for CP={cp}; sample more frames (--fps, "
                     f"--max-frames) or use a smaller CP")
         for entry in algos:

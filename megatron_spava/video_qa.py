@@ -1,4 +1,4 @@
-"""Video question answering with Qwen2.5-VL or InternVL3 under TP x CP and
+"""Video question answering with Qwen2.5-VL, InternVL3 or Qwen3-VL under TP x CP and
 --context-parallel-algo.
 
     megatron-spava-demo                       # shipped needle model + needle video, 2 CPU ranks
@@ -7,6 +7,7 @@
     torchrun --nproc-per-node 4 -m megatron_spava.video_qa --tensor-model-parallel-size 2 \\
         --context-parallel-size 2 --context-parallel-algo spava ...
     megatron-spava-demo --model internvl3     # a tiny random InternVL3-architecture checkpoint
+    megatron-spava-demo --model qwen3_vl      # a tiny random Qwen3-VL-architecture checkpoint
 
 Without --hf-path/--megatron-path it uses the needle model shipped with the package (a small
 Qwen2.5-VL-architecture model trained here on synthetic long-video needle tasks:
@@ -16,7 +17,7 @@ writes a needle video as an mp4 under --work-dir (--needle-task, --needle-tokens
 question, the true answer, each algorithm's answer and whether it is right, time to first
 token (vision + prefill) and decode speed and, with --compare full (the default), the same
 prompt under exact attention on one CP rank with the agreement of the first-token logits.
---random-weights (and --model internvl3 without a checkpoint) answers with random weights on
+--random-weights (and --model internvl3 or qwen3_vl without a checkpoint) answers with random weights on
 a tiny generated checkpoint instead: the answer is then noise, the pipeline is real.
 --question given several times prefills the video once and answers each question over the
 cached context.
@@ -55,13 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", choices=["auto", *FAMILIES], default="auto",
                      help="model family; auto: from the checkpoint's config.json model_type, "
                           "qwen2_5_vl without a checkpoint (default: %(default)s)")
-    src.add_argument("--hf-path", help="HF Qwen2.5-VL or InternVL3 (OpenGVLab/InternVL3-*-hf) "
+    src.add_argument("--hf-path", help="HF Qwen2.5-VL, Qwen3-VL or InternVL3 (OpenGVLab/InternVL3-*-hf) "
                      "checkpoint directory (converted on the fly)")
     src.add_argument("--megatron-path", help="a checkpoint made by tools/convert_checkpoint.py "
                      "hf-to-megatron (holds the tokenizer and processor configs too)")
-    src.add_argument("--model-shape", choices=["tiny", "3b", "7b", "2b"], default="tiny",
+    src.add_argument("--model-shape", choices=["tiny", "3b", "7b", "2b", "8b"], default="tiny",
                      help="without a checkpoint: the generated model's shape; 3b/7b are the "
-                          "released Qwen2.5-VL shapes, 2b InternVL3's, and need --random-weights "
+                          "released Qwen2.5-VL shapes, 2b InternVL3's, 8b Qwen3-VL's, and need --random-weights "
                           "(default: %(default)s)")
     src.add_argument("--random-weights", action="store_true",
                      help="random weights (seeded, the same in every run) instead of the checkpoint's; "
@@ -455,7 +456,7 @@ def main(argv=None) -> int:
         checkpoint = resolve_paths(args)
         if args.rope_convention is not None and model_family(args, checkpoint).name != "qwen2_5_vl":
             raise ValueError("--rope-convention chooses Qwen2.5-VL's M-RoPE rule; InternVL3 has "
-                             "1-D RoPE")
+                             "1-D RoPE, Qwen3-VL one rope index")
         if not under_torchrun() or os.environ.get("RANK") == "0":
             create_defaults(args, checkpoint)
             check_video(args, checkpoint)

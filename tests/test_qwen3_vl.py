@@ -423,3 +423,49 @@ def test_te_layers_load_the_checkpoint_and_agree(tmp_path, checkpoint, inputs, t
         for name, (_, tokens, first) in out.items():
             assert _relative(first, ref) < 2e-3, name
             assert tokens == out["local"][1], name
+
+
+# ---------------------------------------------------------------- everywhere the other families are
+
+def test_demo_generates_a_qwen3_vl_checkpoint_and_spava_agrees_with_full(tmp_path):
+    """megatron-spava-demo --model qwen3_vl: a tiny Qwen3-VL-architecture checkpoint and the
+    needle video are generated, the prompt goes through the processor path (timestamps),
+    Spava on 2 CPU ranks at full budget answers like exact attention on one."""
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "-m", "megatron_spava.video_qa", "--model", "qwen3_vl",
+                          "--work-dir", str(tmp_path), "--max-new-tokens", "3", "--max-frames", "16",
+                          "--spava-passing-len", "1024", "--json", str(tmp_path / "r.json")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    result = json.load(open(tmp_path / "r.json"))
+    assert result["model"] == "qwen3_vl" and set(result["runs"]) == {"spava", "full"}
+    assert result["runs"]["spava"]["cp"] == 2 and result["video_tokens"] > 0
+    assert result["first_logits_max_abs_diff"] < 1e-3 and result["same_answer"]
+
+
+def test_bench_prompts_are_the_processors_layout_and_fit_the_8b_shape():
+    """tools/bench_prefill.py's Qwen3-VL prompts (models.qwen3_vl.bench): the lengths it
+    reports, one timestamped group per temporal group (the rope index accepts them), and
+    the released 8B shape (Qwen/Qwen3-VL-8B-Instruct) fits TP 1-8 but not 3 (placement)."""
+    import bench_prefill as bp
+    from megatron_spava.models.qwen3_vl.rope import rope_index
+    from megatron_spava.placement import fit_error, request_of
+    cfg = bp.model_config("tiny", "qwen3_vl")
+    for multiple in (1, 8):
+        groups, context, query = bp.prompt_lengths(3000, cfg, multiple)
+        inputs = bp.synthetic_inputs(cfg, 3000, 0, multiple)
+        ids = inputs.input_ids
+        assert ids.shape[1] == context + query and ids.shape[1] % multiple == 0
+        assert int((ids == cfg.vision_start_token_id).sum()) == groups + 1 == inputs.frame_groups + 1
+        assert cfg.query_length(ids) == query
+        rope_index(ids, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+                   spatial_merge_size=2, video_grid_thw=inputs.video_grid_thw)
+    big = bp.model_config("qwen3-vl-8b")
+    assert (big.num_layers, big.hidden_size, big.num_heads, big.num_kv_heads, big.head_dim,
+            big.vision.depth, big.deepstack_layers) == (36, 4096, 32, 8, 128, 27, 3)
+    assert all(fit_error(tp=tp, cp=2, algos=["spava"], model_config=big) is None for tp in (1, 2, 4, 8))
+    assert "does not fit TP=3" in fit_error(tp=3, cp=2, algos=["spava"], model_config=big)
+    req = request_of(bp.synthetic_inputs(cfg, 3000, 0), cfg)
+    assert "groups for CP=16" in fit_error(tp=1, cp=16, algos=["spava"], requests=[req])
