@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Convert Qwen2.5-VL and InternVL3 checkpoints between Hugging Face and megatron-core.
+"""Convert Qwen2.5-VL, InternVL3 and Qwen3-VL checkpoints between Hugging Face and megatron-core.
 
     python tools/convert_checkpoint.py hf-to-megatron --hf-path Qwen2.5-VL-7B-Instruct --out ckpt/
     python tools/convert_checkpoint.py megatron-to-hf --megatron-path ckpt/ --out hf_again/
@@ -12,8 +12,8 @@ widths divide. The tokenizer, processor configs and chat template are copied alo
 megatron-to-hf writes safetensors with the source's key names (on-disk layout), so
 HF -> megatron -> HF is bit-exact. Both stream tensor by tensor; peak memory is about
 one copy of the model. Runs on CPU (the model's weights stay in CPU memory). The model
-family (--model) is read from config.json's model_type unless given: qwen2_5_vl, or
-internvl3 (HF's "internvl", the OpenGVLab/InternVL3-*-hf format).
+family (--model) is read from config.json's model_type unless given: qwen2_5_vl,
+internvl3 (HF's "internvl", the OpenGVLab/InternVL3-*-hf format), or qwen3_vl (dense).
 --out must be new or empty (--force replaces it whole) and outside the input. The output is
 written into a temporary folder beside --out, read back and compared tensor for tensor with
 the input, then renamed into place: an error, Ctrl-C or SIGTERM leaves --out as it was
