@@ -176,6 +176,25 @@ def test_log_sum_exp_scores_equal_the_attention_mass_of_every_query_token_and_he
         selection._LOGITS_PER_CHUNK = chunk
 
 
+def test_lse_max_is_each_heads_log_share_maximised_over_the_kv_heads():
+    """selection "lse-max": s[t] = max over KV heads h of (lse[t, h] - log sum over the
+    block's t' of exp(lse[t', h])), the same for every head, from a float64 einsum; so every
+    head keeps the same keys."""
+    torch.manual_seed(8)
+    lq, b, hq, hk, d, l = 4, 1, 6, 3, 8, 41
+    qq, kb, vb = torch.randn(lq, b, hq, d), torch.randn(l, b, hk, d), torch.randn(l, b, hk, d)
+    logits = torch.einsum("tbhd,ibhgd->bhtig", kb.double(), qq.double().reshape(lq, b, hk, hq // hk, d))
+    lse = torch.logsumexp(0.4 * logits.flatten(-2), dim=-1)  # [b, hk, l]
+    share = lse - torch.logsumexp(lse, dim=-1, keepdim=True)
+    expected = share.amax(dim=1, keepdim=True).expand(b, hk, l)
+    torch.testing.assert_close(selection_scores(kb, qq, 1, 0.4, "lse-max").double(), expected, rtol=1e-5, atol=1e-5)
+    sel = select_passing(kb, vb, qq, 9, 1, 0.4, "lse-max")
+    top = set(expected[0, 0].topk(9).indices.tolist())
+    for h in range(hk):
+        rows = {int(torch.nonzero((kb[:, 0, h] == sel[j, 0, h, :d]).all(-1))[0]) for j in range(9)}
+        assert rows == top
+
+
 def test_unknown_or_misshapen_scores_are_refused():
     import megatron_spava.ops.selection as selection
     kb, qq = torch.randn(9, 1, 2, 4), torch.randn(3, 1, 4, 4)

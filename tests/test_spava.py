@@ -210,7 +210,8 @@ def test_query_aware_selection_keeps_the_keys_that_matter(world):
 
 
 @pytest.mark.parametrize("world,zigzag,score", [(2, True, "mean"), (3, True, "mean"), (4, True, "mean"),
-                                               (3, False, "mean"), (3, True, "lse"), (2, True, "lse")])
+                                               (3, False, "mean"), (3, True, "lse"), (2, True, "lse"),
+                                               (3, True, "lse-max")])
 def test_small_budgets_match_dense_mask_oracle(world, zigzag, score):
     """Approximate budgets, checked exactly: a dense-mask SDPA whose mask is written from
     SPAVA.md's rules (reference.spava_mask, which scores with its own loops, not with
@@ -227,7 +228,7 @@ def test_small_budgets_match_dense_mask_oracle(world, zigzag, score):
     mask = spava_mask(layout, q, k)
     ref = full_attention(q, k, v, mask=mask)
     exact = full_attention(q, k, v)
-    other = "lse" if score == "mean" else "mean"  # the two scores really choose different keys here
+    other = "lse" if score != "lse" else "mean"  # the two scores really choose different keys here
     assert not torch.equal(mask, spava_mask(dataclasses.replace(layout, config=layout.config.replace(selection=other)), q, k))
     for idx, out in results:
         torch.testing.assert_close(out.double(), ref[idx], rtol=1e-5, atol=1e-5)

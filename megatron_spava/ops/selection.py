@@ -20,6 +20,9 @@ needle evaluation read the table.
     the log of the attention mass (before normalisation) the question puts on key t.
   mean (the reference's rule): one probe per KV head, the probes averaged over the GQA
     group and the probe tokens; s[t, h] = k[t, h] . probe[h] (no softmax, no scaling).
+  lse-max (beyond SPAVA.md): lse normalised per KV head over the block (the log share of
+    the head's mass each key carries) and maximised over the KV heads: every head keeps
+    the same keys, those any head wants most.
 
 Subscribers (`record_selection`) are told what each selection chose; with none listening
 nothing is reported and nothing is copied.
@@ -82,8 +85,21 @@ def lse_scores(k_block: torch.Tensor, probes: torch.Tensor, scale: float) -> tor
     return lse_scores_torch(k_block, probes, scale)
 
 
-#: name -> scorer. "lse" is SpavaConfig's default; "mean" is the reference's rule.
-SCORERS: Dict[str, Scorer] = {"lse": lse_scores, "mean": mean_scores}
+def lse_max_scores(k_block: torch.Tensor, probes: torch.Tensor, scale: float) -> torch.Tensor:
+    """`lse` shared by the KV heads: each head's log share of the question's mass on the
+    block, s[t, h] - logsumexp over the block's t' of s[t', h], maximised over the KV heads,
+    so that every head keeps the keys any head's query wants most. Measured on the needle
+    model (docs/NOTES.md): where one KV head's question does not look at the needles, the
+    other's does, and the needle tokens of later blocks need them under both heads. Shapes
+    as `Scorer`; every head's row of the result is the same."""
+    s = lse_scores(k_block, probes, scale)
+    s = (s - torch.logsumexp(s, dim=-1, keepdim=True)).amax(dim=1, keepdim=True)
+    return s.expand(-1, k_block.shape[2], -1)
+
+
+#: name -> scorer. "lse" is SpavaConfig's default; "mean" is the reference's rule; "lse-max"
+#: is `lse` shared by the KV heads.
+SCORERS: Dict[str, Scorer] = {"lse": lse_scores, "mean": mean_scores, "lse-max": lse_max_scores}
 DEFAULT_SELECTION = "lse"
 
 

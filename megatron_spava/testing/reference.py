@@ -75,7 +75,8 @@ def spava_mask(layout, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     with the highest max-pooled scores k . probe, probe = the query tokens' queries
     averaged over the GQA group and the query tokens (config.selection "mean"), or
     log(sum over the query tokens i and the group's heads hh of exp(d**-0.5 * q[i, hh] . k))
-    (config.selection "lse"). Query and anchor rows: causal.
+    (config.selection "lse"), or that minus its log-sum-exp over the block, maximised over
+    the KV heads (config.selection "lse-max"). Query and anchor rows: causal.
     Only unambiguous when the top-k has no ties at its boundary (e.g. pool_kernel=1).
     """
     n, lq, cfg = layout.context_len, layout.query_len, layout.config
@@ -85,7 +86,7 @@ def spava_mask(layout, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     queries = q[n:n + lq].double()  # [lq, b, hq, d]
     probe = queries.reshape(lq, b, hk, group, d).mean(dim=(0, 3))  # [b, hk, d]
 
-    if cfg.selection not in ("mean", "lse"):
+    if cfg.selection not in ("mean", "lse", "lse-max"):
         raise ValueError(f"spava_mask: no reference for selection {cfg.selection!r}")
 
     def score(t, bi, h):
@@ -107,8 +108,13 @@ def spava_mask(layout, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         later = torch.zeros(total, dtype=torch.bool)
         later[hi:n] = True  # rows of every later block
         for bi in range(b):
+            heads = [[score(t, bi, h) for t in range(lo, hi)] for h in range(hk)]
+            if cfg.selection == "lse-max":  # each head's log share of its mass, max over heads
+                shares = [[s - math.log(sum(math.exp(x - max(r)) for x in r)) - max(r) for s in r]
+                          for r in heads]
+                heads = [[max(col) for col in zip(*shares)]] * hk
             for h in range(hk):
-                raw = [score(t, bi, h) for t in range(lo, hi)]
+                raw = heads[h]
                 pooled = [max(raw[max(0, i - half):i + half + 1]) for i in range(len(raw))]
                 top = sorted(range(len(pooled)), key=lambda i: -pooled[i])[:budget]
                 cols = torch.tensor(top) + lo
