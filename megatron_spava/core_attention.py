@@ -3,7 +3,8 @@
 `spava_attn_func` runs one attention layer on one CP rank. Every rank of the CP group
 calls it with its local q/k/v in the layout's local order [A | blocks | Q]:
 
-  1-3  score this rank's blocks against the query probe and select passing blocks;
+  1-3  score this rank's blocks against the query probe and select passing blocks (both
+       blocks in one pass: they are contiguous in the local order);
   4    all-gather the passing blocks of the first blocks, then of the second blocks,
        asynchronously;
   8    attend the query rows to this rank's share of the keys and launch the all-gather
@@ -75,14 +76,17 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
             probes = q[q_lo:q_hi]
         else:  # context only: the anchor's last tokens (plan ensures there are some)
             probes = q[max(0, a_hi - cfg.context_probe_len):a_hi]
-        for j, (vblock, lo, hi) in enumerate(seg.blocks):
-            if vblock == layout.num_blocks - 1:  # the last block's passing block is never read
-                mine = k.new_zeros(lp, b, hk, 2 * d)
-            else:
-                report = dict(block=vblock, block_range=layout.block_range(vblock), rank=rank) if listening else None
-                with profiling.region("selection", k):
-                    mine = selection.select_passing(k[lo:hi], v[lo:hi], probes, lp, cfg.pool_kernel, scale,
-                                                    cfg.selection, report=report)
+        # the last block's passing block is never read; the others are selected together
+        # (a rank's blocks are contiguous: one score call, pool, top-k and gather)
+        chosen = [j for j, (vblock, _, _) in enumerate(seg.blocks) if vblock != layout.num_blocks - 1]
+        reports = [dict(block=seg.blocks[j][0], block_range=layout.block_range(seg.blocks[j][0]), rank=rank)
+                   if listening else None for j in chosen]
+        with profiling.region("selection", k):
+            passing = dict(zip(chosen, selection.select_passing_blocks(
+                k, v, [seg.blocks[j][1:] for j in chosen], probes, lp, cfg.pool_kernel, scale, cfg.selection,
+                reports=reports)))
+        for j in range(len(seg.blocks)):
+            mine = passing[j] if j in passing else k.new_zeros(lp, b, hk, 2 * d)
             region = x[off_g1:off_g1 + slots] if j == 0 else x[:slots]
             works.append(all_gather(region, mine, cp_group, world, async_op=cfg.overlap))
 

@@ -1,6 +1,7 @@
 """Query-aware selection of passing blocks (SPAVA.md section 2, steps 1-3).
 
-score (a named scorer) -> max-pool within the block -> per-head top-k -> gather.
+score (a named scorer) -> max-pool within the block -> per-head top-k -> gather; several
+blocks of one sequence at once with `select_passing_blocks` (same result as one by one).
 Pure functions of tensors; no communication.
 
 The selection score is a named choice (`SpavaConfig.selection`, `--spava-selection`), one
@@ -31,7 +32,7 @@ nothing is reported and nothing is copied.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +141,25 @@ def get_scorer(name: str) -> Scorer:
         raise ValueError(f"unknown selection score {name!r}; choose from {sorted(SCORERS)}") from None
 
 
+def _scores(k_run: torch.Tensor, probes: torch.Tensor, scale: float, selection: str) -> torch.Tensor:
+    """The raw `selection` scores of k_run [l, b, hk, d]: [b, hk, l] float32 (shape checked)."""
+    scores = get_scorer(selection)(k_run, probes, scale)
+    expected = (k_run.shape[1], k_run.shape[2], k_run.shape[0])
+    if tuple(scores.shape) != expected:
+        raise ValueError(f"selection score {selection!r} returned shape {tuple(scores.shape)}, "
+                         f"expected [b, hk, l] = {list(expected)}")
+    return scores.float()
+
+
+def _pool(scores: torch.Tensor, n: int, pool_kernel: int) -> torch.Tensor:
+    """scores [b, hk, n * l] of n blocks of l keys -> [b, hk, n, l]: a max-pool of width
+    pool_kernel (stride 1, same padding) along t within each block (one call for all)."""
+    b, hk, length = scores.shape
+    pooled = F.max_pool1d(scores.reshape(b, hk * n, length // n), pool_kernel, stride=1,
+                          padding=pool_kernel // 2)
+    return pooled.view(b, hk, n, length // n)
+
+
 def selection_scores(k_block: torch.Tensor, probes: torch.Tensor, pool_kernel: int, scale: float,
                      selection: str = DEFAULT_SELECTION) -> torch.Tensor:
     """The `selection` scores of the block's keys in float32, smoothed by a max-pool of
@@ -147,12 +167,7 @@ def selection_scores(k_block: torch.Tensor, probes: torch.Tensor, pool_kernel: i
 
     k_block: [l, b, hk, d]; probes: [m, b, hq, d] (the query-side queries). Returns
     [b, hk, l] float32."""
-    scores = get_scorer(selection)(k_block, probes, scale)
-    expected = (k_block.shape[1], k_block.shape[2], k_block.shape[0])
-    if tuple(scores.shape) != expected:
-        raise ValueError(f"selection score {selection!r} returned shape {tuple(scores.shape)}, "
-                         f"expected [b, hk, l] = {list(expected)}")
-    return F.max_pool1d(scores.float(), pool_kernel, stride=1, padding=pool_kernel // 2)
+    return _pool(_scores(k_block, probes, scale, selection), 1, pool_kernel)[:, :, 0]
 
 
 def select_passing(k_block: torch.Tensor, v_block: torch.Tensor, probes: torch.Tensor,
@@ -170,12 +185,63 @@ def select_passing(k_block: torch.Tensor, v_block: torch.Tensor, probes: torch.T
     report: fields (e.g. block, block_range) to publish to the `record_selection`
     subscribers, with the indices and scores; ignored when nobody listens.
     """
-    scores = selection_scores(k_block, probes, pool_kernel, scale, selection)
-    index = scores.topk(budget, dim=-1, sorted=False).indices  # [b, hk, budget]
-    if _SUBSCRIBERS and report is not None:
-        publish(dict(report, kind="block", selection=selection, indices=index, scores=scores,
-                     keys=k_block, probes=probes, scale=scale, layer=current_layer()))
-    return gather_index(k_block, v_block, index)
+    return select_passing_blocks(k_block, v_block, [(0, k_block.shape[0])], probes, budget, pool_kernel,
+                                 scale, selection, reports=[report])[0]
+
+
+def select_passing_blocks(k: torch.Tensor, v: torch.Tensor, bounds: Sequence[Tuple[int, int]],
+                          probes: torch.Tensor, budget: int, pool_kernel: int, scale: float,
+                          selection: str = DEFAULT_SELECTION, *,
+                          reports: Optional[Sequence[Optional[dict]]] = None) -> List[torch.Tensor]:
+    """The passing blocks of several blocks of one sequence: for each (lo, hi) in `bounds`,
+    exactly what `select_passing(k[lo:hi], v[lo:hi], ...)` gives.
+
+    k, v: [s, b, hk, d]; bounds: blocks as row ranges of k, each with hi - lo >= budget;
+    probes: [m, b, hq, d]. Returns one [budget, b, hk, 2d] tensor per block (contiguous).
+    reports: one `select_passing` report (or None) per block.
+
+    Where the blocks follow each other and are equally long (a rank's two blocks, in its
+    local order), the score is still one call per block (the same call, so the same scores,
+    as alone), but the max-pool, the top-k and the gather are one call each for all the
+    blocks: fewer launches and less host work. Otherwise each block is selected alone.
+    """
+    bounds = [(int(lo), int(hi)) for lo, hi in bounds]
+    reports = list(reports) if reports is not None else [None] * len(bounds)
+    if len(reports) != len(bounds):
+        raise ValueError(f"select_passing_blocks: {len(reports)} reports for {len(bounds)} blocks")
+    if not bounds:
+        return []
+    if len({hi - lo for lo, hi in bounds}) > 1 or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+        return [_select_run(k[lo:hi], v[lo:hi], 1, probes, budget, pool_kernel, scale, selection, [r])[0]
+                for (lo, hi), r in zip(bounds, reports)]
+    lo, hi = bounds[0][0], bounds[-1][1]
+    return _select_run(k[lo:hi], v[lo:hi], len(bounds), probes, budget, pool_kernel, scale, selection, reports)
+
+
+def _select_run(k_run: torch.Tensor, v_run: torch.Tensor, n: int, probes: torch.Tensor, budget: int,
+                pool_kernel: int, scale: float, selection: str, reports: Sequence[Optional[dict]]
+                ) -> List[torch.Tensor]:
+    """k_run, v_run: [n * l, b, hk, d], n blocks of l keys one after the other. One score
+    call per block; one pool, top-k and gather for all n (per-row operations: each block's
+    result is the one it gets alone). Returns n tensors [budget, b, hk, 2d]."""
+    length, b, hk, d = k_run.shape
+    l = length // n
+    if l * n != length or l < budget:
+        raise ValueError(f"selection: {length} keys are not {n} blocks of at least {budget} keys")
+    scores = [_scores(k_run[j * l:(j + 1) * l], probes, scale, selection) for j in range(n)]
+    pooled = _pool(scores[0] if n == 1 else torch.cat(scores, dim=-1), n, pool_kernel)  # [b, hk, n, l]
+    index = pooled.topk(budget, dim=-1, sorted=False).indices  # [b, hk, n, budget]
+    if _SUBSCRIBERS:
+        for j, report in enumerate(reports):
+            if report is not None:
+                publish(dict(report, kind="block", selection=selection, indices=index[:, :, j].contiguous(),
+                             scores=pooled[:, :, j].contiguous(), keys=k_run[j * l:(j + 1) * l],
+                             probes=probes, scale=scale, layer=current_layer()))
+    # one gather per tensor: the blocks as a leading dim (splitting dim 0 is always a view)
+    idx = index.permute(2, 3, 0, 1).unsqueeze(-1).expand(-1, -1, -1, -1, d)  # [n, budget, b, hk, d]
+    kv = torch.cat([k_run.view(n, l, b, hk, d).gather(1, idx), v_run.view(n, l, b, hk, d).gather(1, idx)],
+                   dim=-1)
+    return list(kv.unbind(0))
 
 
 def gather_top(k_block: torch.Tensor, v_block: torch.Tensor, scores: torch.Tensor,
