@@ -50,6 +50,8 @@ def parse_args(argv=None):
     e.add_argument("--compare-full", action="store_true",
                    help="also run the same weights with plain attention and no CP, and compare")
     e.add_argument("--seed", type=int, default=0)
+    from megatron_spava.launch import add_distributed_timeout_arg
+    add_distributed_timeout_arg(e)
     add_spava_args(p)
     add_transformer_impl_arg(p)
     args = p.parse_args(argv)
@@ -76,7 +78,8 @@ def build(args, cp: int, algo):
 
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                                 context_parallel_size=cp)
+                                 context_parallel_size=cp,
+                                 distributed_timeout_minutes=args.distributed_timeout_minutes)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     config = gpt_config(num_layers=args.num_layers, hidden_size=args.hidden_size,
                         num_attention_heads=args.num_attention_heads,
@@ -91,10 +94,14 @@ def build(args, cp: int, algo):
 
 
 def main(argv=None):
-    from megatron_spava.launch import init_distributed
+    from megatron_spava.launch import distributed_timeout, init_distributed
 
     args = parse_args(argv)
-    args.device_obj = init_distributed(args.device)
+    try:
+        timeout = distributed_timeout(args)
+    except ValueError as err:
+        raise SystemExit(f"gpt_prefill.py: error: {err}")
+    args.device_obj = init_distributed(args.device, timeout=timeout)
     args.transformer_impl = resolve_transformer_impl(args.transformer_impl, args.device_obj)
     try:
         run(args, dist.get_rank())

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from .config import SpavaConfig, round_up
 from .core_attention import spava_attn_func
-from .launch import init_distributed, relaunch, under_torchrun
+from .launch import RankError, distributed_timeout, init_distributed, relaunch, under_torchrun
 from .layout import SpavaLayout
 from .profiling import sync
 from .testing.reference import random_qkv, relative_error
@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed runs per algorithm; the median is reported (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="data seed (default: %(default)s)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    from .launch import add_distributed_timeout_arg
+    add_distributed_timeout_arg(p)
     return p
 
 
@@ -199,13 +201,20 @@ def main(argv=None) -> int:
             raise ValueError(f"--q-heads {args.q_heads} is not a multiple of --kv-heads {args.kv_heads}")
         if args.repeats < 1:
             raise ValueError("--repeats must be >= 1")
+        if args.nproc < 1:
+            raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+        distributed_timeout(args)
         SpavaLayout.plan(context_len=args.context_len, query_len=args.query_len, cp_size=world)
     except ValueError as err:
         parser.error(str(err))
     if not under_torchrun():
-        relaunch("megatron_spava.attention_demo", args.nproc, argv)
+        try:
+            relaunch("megatron_spava.attention_demo", args.nproc, argv)
+        except RankError as err:
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 1
         return 0
-    init_distributed(args.device)
+    init_distributed(args.device, timeout=distributed_timeout(args))
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
         rows = run(args)

@@ -40,8 +40,9 @@ import torch.distributed as dist
 
 from .algos import config_for
 from .arguments import add_spava_args, spava_config_from_args
-from .launch import (RankError, init_distributed, model_parallel_state, quiet_known_warnings, relaunch,
-                     report_rank_errors, under_torchrun)
+from .launch import (RankError, add_distributed_timeout_arg, distributed_timeout, init_distributed,
+                     model_parallel_state, quiet_known_warnings, relaunch, report_rank_errors, set_phase,
+                     under_torchrun)
 from .models.families import FAMILIES
 from .tasks.needles import TASKS as NEEDLE_TASKS
 
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--context-parallel-size", type=int, default=2)
     run.add_argument("--nproc", type=int, default=None,
                      help="ranks to launch when not under torchrun (default: TP x CP)")
+    add_distributed_timeout_arg(run)
     run.add_argument("--shard-weights", action="store_true",
                      help="keep 1/CP of each language-model layer's weights per rank and gather "
                           "them layer by layer (less memory, one all-gather per layer)")
@@ -255,7 +257,9 @@ def _run_one(args, checkpoint, inputs, algo: str, tp: int, cp: int, device, conf
     `answer_questions` over the context `inputs` (one GenerationOutput per query)."""
     from .inference.generate import answer_questions, generate
 
+    set_phase(f"building and loading the {algo} model (TP {tp} x CP {cp})")
     model, ps = _build_model(args, checkpoint, tp, cp, device, algo)
+    set_phase(f"running prefill and decode ({algo})")
     if args.shard_weights:
         model.shard_weights(ps.get_context_parallel_group())
     kwargs = dict(algo=algo, config=config, cp_group=ps.get_context_parallel_group(),
@@ -287,6 +291,7 @@ def _load(args):
     from .specs import resolve_transformer_impl
     from .video import load_video
 
+    set_phase("loading the video")
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     args.transformer_impl = resolve_transformer_impl(args.transformer_impl, device)
     checkpoint = resolve_paths(args)
@@ -446,6 +451,9 @@ def main(argv=None) -> int:
                              f"--context-parallel-size {cp}: they must multiply to the world size")
         if args.max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be >= 1")
+        if args.nproc is not None and args.nproc < 1:
+            raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+        distributed_timeout(args)
         if args.model_shape != "tiny" and not args.random_weights and not (args.hf_path or args.megatron_path):
             raise ValueError(f"--model-shape {args.model_shape} has no weights to load: add --random-weights")
         if args.needle_tokens < 64:
@@ -471,8 +479,9 @@ def main(argv=None) -> int:
             return 1
         return 0
     with report_rank_errors(args.verbose):
-        init_distributed(args.device)
+        init_distributed(args.device, timeout=distributed_timeout(args))
         try:
+            set_phase("waiting for the other ranks to start")
             dist.barrier()  # rank 0 has written the default checkpoint and video
             run(args)
         finally:

@@ -20,6 +20,42 @@ if torch.cuda.is_available():
 
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind():
+    """At the end of the session: no child process of the test run is still alive (a rank, a
+    checkpoint writer, a multiprocessing manager or resource tracker left behind by a test).
+    run_ranks' forkserver (and its resource tracker) is the harness's own, kept for the
+    session and left out."""
+    import time
+
+    import psutil
+    yield
+    me = psutil.Process()
+
+    def leftovers():
+        out = []
+        for child in me.children(recursive=True):
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                cmd = " ".join(child.cmdline())
+            except psutil.NoSuchProcess:
+                continue
+            if ("forkserver" in cmd and child.ppid() == me.pid) or "resource_tracker" in cmd:
+                continue
+            out.append(f"{child.pid} {cmd[:120]}")
+        return out
+
+    deadline = time.time() + 10
+    while leftovers() and time.time() < deadline:
+        time.sleep(0.5)
+    left = leftovers()
+    for child in me.children(recursive=True):  # do not leave them running either way
+        if any(line.startswith(f"{child.pid} ") for line in left):
+            child.kill()
+    assert not left, "tests left processes behind:\n" + "\n".join(left)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -122,6 +122,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--replot", nargs="+", metavar="JSON",
                    help="no run: merge these result files, print the table, write --json/--plot")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="ranks to launch when not under torchrun (default: the GPUs, or 2 on CPU)")
+    p.add_argument("--verbose", action="store_true", help="tracebacks of errors")
+    from megatron_spava.launch import add_distributed_timeout_arg
+    add_distributed_timeout_arg(p)
     from megatron_spava.specs import add_transformer_impl_arg
     add_transformer_impl_arg(p)
     args = p.parse_args(argv)
@@ -444,13 +449,45 @@ def replot(args) -> None:
 
 
 def main(argv=None):
+    """Not under torchrun: check the flags, then relaunch on --nproc ranks (an error, or a
+    rank that stalls or dies, is one line naming the rank). Under torchrun: run."""
+    from megatron_spava.launch import (RankError, distributed_timeout, relaunch, report_rank_errors,
+                                       under_torchrun)
     args = parse_args(argv)
     args.algos = list(dict.fromkeys((args.algos or _default_algos()) + (_chain() if args.chain else [])))
     if args.replot:
         return replot(args)
-    from megatron_spava.launch import init_distributed
+    prog = os.path.basename(__file__)
+    try:
+        distributed_timeout(args)
+        for flag in ("tokens", "repeats", "nproc", "tensor_model_parallel_size"):
+            values = getattr(args, flag)
+            for v in (values if isinstance(values, list) else [values]):
+                if v is not None and v < 1:
+                    raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+        if args.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    except ValueError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    if not under_torchrun():
+        nproc = args.nproc or (torch.cuda.device_count() if args.device == "cuda" else 2)
+        try:
+            relaunch(os.path.abspath(__file__), nproc, argv, verbose=args.verbose)
+        except (RankError, ValueError) as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return 1
+        return 0
+    with report_rank_errors(args.verbose):
+        bench(args)
+    return 0
+
+
+def bench(args):
+    """The benchmark, on this rank."""
+    from megatron_spava.launch import distributed_timeout, init_distributed, set_phase
     from megatron_spava.specs import resolve_transformer_impl
-    args.device_obj = init_distributed(args.device)
+    args.device_obj = init_distributed(args.device, timeout=distributed_timeout(args))
     impl = resolve_transformer_impl(args.transformer_impl, args.device_obj)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -487,6 +524,7 @@ def main(argv=None):
     results["shard_weights"] = args.shard_weights
     results["prompt_multiple"] = multiple
     for size, comm, algos, shard in groups:
+        set_phase(f"building the model for {', '.join(algos)} (CP {size})")
         model, ps = build(args.shape, size, args.seed, args.device_obj, tp, impl, args.model, cp_comm_type=comm)
         if shard and size > 1:
             model.shard_weights(ps.get_context_parallel_group())
@@ -495,6 +533,7 @@ def main(argv=None):
                 continue
             inputs = synthetic_inputs(model.cfg, n, args.seed, multiple)
             for algo in algos:
+                set_phase(f"running {algo} at n={n}")
                 run = results["runs"][str(n)][algo] = run_algo(model, ps, inputs, algo, args)
                 run["roofline"] = roofline(cfg, n, algo, size, rates, multiple) if tp == 1 else None
                 _report(rank, n, algo, run)
@@ -587,4 +626,6 @@ def _plot(results, path):
 
 
 if __name__ == "__main__":
-    main()
+    from megatron_spava.launch import quiet_known_warnings
+    quiet_known_warnings("--verbose" in sys.argv[1:], announce="RANK" not in os.environ)
+    sys.exit(main())

@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json")
+    from megatron_spava.launch import add_distributed_timeout_arg
+    add_distributed_timeout_arg(p)
     return p.parse_args(argv)
 
 
@@ -59,8 +61,8 @@ def _time(fn, warmup, repeats):
 
 def main(argv=None):
     args = parse_args(argv)
-    from megatron_spava.launch import init_distributed
-    init_distributed("cuda")
+    from megatron_spava.launch import distributed_timeout, init_distributed
+    init_distributed("cuda", timeout=distributed_timeout(args))
     rank, world = dist.get_rank(), dist.get_world_size()
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.experimental import context_parallel

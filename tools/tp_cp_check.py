@@ -72,12 +72,21 @@ def parse_args(argv=None):
                    help="ranks to launch when not under torchrun (default: the largest grid)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
+    from megatron_spava.launch import add_distributed_timeout_arg
+    add_distributed_timeout_arg(p)
     from megatron_spava.specs import add_transformer_impl_arg
     add_transformer_impl_arg(p)
     args = p.parse_args(argv)
     for a in args.algos:
         if a not in ("spava", "ring") and not bp.megatron_comm(a):
             p.error(f"--algos: {a!r} is not spava, ring or megatron-<{'|'.join(c[9:] for c in bp.MEGATRON_VARIANTS)}>")
+    from megatron_spava.launch import distributed_timeout
+    try:
+        distributed_timeout(args)
+    except ValueError as err:
+        p.error(str(err))
+    if args.nproc is not None and args.nproc < 1:
+        p.error(f"--nproc must be >= 1, got {args.nproc}")
     cfg = bp.model_config(args.shape, args.model)
     for tp, cp in args.grids:  # before any rank starts: one message, not one per rank
         try:
@@ -151,9 +160,9 @@ class Disagreement(ValueError):
 def _check(args) -> None:
     """On every rank: run the grids, print the table (rank 0), write --json; raises
     Disagreement when a run is off."""
-    from megatron_spava.launch import init_distributed
+    from megatron_spava.launch import distributed_timeout, init_distributed
     from megatron_spava.specs import resolve_transformer_impl
-    args.device_obj = init_distributed(args.device)
+    args.device_obj = init_distributed(args.device, timeout=distributed_timeout(args))
     args.impl = resolve_transformer_impl(args.transformer_impl, args.device_obj)
     world, rank = dist.get_world_size(), dist.get_rank()
     bad = [f"{tp}x{cp}" for tp, cp in args.grids if world % (tp * cp)]

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -96,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write all results (and every sample's answer) here")
     p.add_argument("--plot", help="write a PNG of accuracy vs tokens here")
     p.add_argument("--markdown", help="write the BENCHMARKS.md tables here")
-    p.add_argument("--verbose", action="store_true", help="show megatron-core's warnings")
+    p.add_argument("--verbose", action="store_true", help="show megatron-core's warnings and tracebacks")
+    from ..launch import add_distributed_timeout_arg
+    add_distributed_timeout_arg(p)
     from ..arguments import add_spava_args
     add_spava_args(p, algorithm=False)  # budgets and switches every variant starts from
     return p
@@ -163,7 +164,8 @@ def run(args) -> Optional[dict]:
         cpu_compat.apply()
         device = torch.device("cpu")
     else:
-        device = init_distributed(args.device, args.backend, datetime.timedelta(minutes=30))
+        from ..launch import distributed_timeout
+        device = init_distributed(args.device, args.backend, distributed_timeout(args))
     rank, world = dist.get_rank(), dist.get_world_size()
     cp_sizes = args.cp_sizes or [world]
     for cp in cp_sizes:
@@ -461,22 +463,53 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
+    from ..launch import ERROR_DIR_ENV, quiet_known_warnings
+    if ERROR_DIR_ENV not in os.environ:  # the launching process (the ranks: below)
+        quiet_known_warnings("--verbose" in (sys.argv[1:] if argv is None else argv), announce=False)
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..launch import quiet_known_warnings, relaunch, under_torchrun
+    from ..launch import RankError, quiet_known_warnings, relaunch, report_rank_errors, under_torchrun
     unknown = [a for a in args.algos if a not in [v[0] for v in variants()]]
     if unknown:
         parser.error(f"unknown --algos {unknown}; choose from {[v[0] for v in variants()]}")
     if not under_torchrun():
-        if not args.checkpoint:
-            from .model import shipped_checkpoint
-            try:
-                shipped_checkpoint()
-            except FileNotFoundError as err:
-                parser.error(str(err))
-        relaunch("megatron_spava.tasks.evaluate", args.nproc or max(args.cp_sizes or [2]), argv)
+        try:  # bad input: one line, before any rank starts
+            check_args(args)
+            relaunch("megatron_spava.tasks.evaluate", args.nproc or max(args.cp_sizes or [2]), argv,
+                     verbose=args.verbose)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 2
+        except RankError as err:
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 1
         return 0
     quiet_known_warnings(args.verbose, announce=os.environ.get("RANK") == "0")
+    with report_rank_errors(args.verbose):
+        _main_rank(args)
+    return 0
+
+
+def check_args(args) -> None:
+    """ValueError / FileNotFoundError for flags no rank could run with. Pure but for reading
+    the checkpoint's config.json."""
+    from ..launch import distributed_timeout
+    from ..models.common.checkpoint_io import read_hf_config
+    from .model import shipped_checkpoint
+    for flag, values in (("--tokens", args.tokens), ("--samples", [args.samples]), ("--nproc", [args.nproc]),
+                         ("--cp-sizes", args.cp_sizes or [])):
+        bad = [v for v in values if v is not None and v < 1]
+        if bad:
+            raise ValueError(f"{flag} must be >= 1, got {bad[0]}")
+    if args.hidden_samples < 0:
+        raise ValueError(f"--hidden-samples must be >= 0, got {args.hidden_samples}")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}")
+    distributed_timeout(args)
+    read_hf_config(args.checkpoint) if args.checkpoint else shipped_checkpoint()
+
+
+def _main_rank(args) -> None:
     try:
         result = run(args)
         if result is not None:
@@ -492,7 +525,6 @@ def main(argv=None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,201 @@
+"""Fault injection (issue 21): a rank that stalls (SIGSTOP) or is killed ends the whole job
+within --distributed-timeout-minutes, with one line naming the rank and what it was doing,
+on the main job and on the prefill benchmark; every program that starts ranks has the flag;
+through the API, a rank with bad input cannot leave its peers waiting forever."""
+
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_spava import SpavaConfig, SpavaLayout, spava_attn_func
+from megatron_spava.launch import (DEFAULT_TIMEOUT_MINUTES, FAULT_ENV, explain_failure,
+                                   is_collective_failure)
+from megatron_spava.testing import run_ranks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+TIMEOUT_MIN = 0.25  # 15 s: the collective timeout the fault tests run under (rank start-up
+# skew on a loaded 2-core machine reaches several seconds, and the rendezvous shares it)
+
+
+def _error_lines(stderr):
+    return [ln for ln in stderr.splitlines() if "error" in ln]
+
+
+# ---- explain_failure: which rank the one line names -------------------------------------
+
+def test_explain_failure_names_the_cause_not_the_waiters():
+    timeout = {"phase": "running prefill", "timeout_s": 3.0}
+    waiting = {"message": "[gloo] Timed out waiting 3000ms for recv operation to complete", "time": 2.0,
+               "phase": "running prefill"}
+    # a stalled rank: the waiter's timeout is not the cause
+    line = explain_failure(2, {0: waiting}, {0: 1, 1: -9}, {0: timeout, 1: timeout}, {1: "stopped"})
+    assert line.startswith("rank 1 stopped responding while running prefill (process stopped)")
+    assert "rank 0 waited for it 0.05 min (--distributed-timeout-minutes)" in line
+    # a killed rank: named with its signal, even though torchrun then SIGTERMs the others
+    lost = dict(waiting, message="Connection closed by peer [127.0.0.1]:1234")
+    line = explain_failure(3, {0: lost}, {0: 1, 1: -15, 2: -9}, {r: timeout for r in range(3)}, {})
+    assert line == "rank 2 was killed (SIGKILL) while running prefill"
+    # a rank's own error wins over its peers' timeouts, whatever came first
+    own = {"message": "anchor_len=9 is longer than the context", "time": 5.0, "phase": "planning"}
+    assert explain_failure(2, {0: waiting, 1: own}, {0: 1, 1: 1}, {}, {}) == \
+        "anchor_len=9 is longer than the context (rank 1, while planning)"
+    assert explain_failure(1, {0: own}, {0: 1}, {}, {}) == "anchor_len=9 is longer than the context"
+    assert explain_failure(2, {}, {1: 3}, {1: timeout}, {}) == "rank 1 exited with code 3 while running prefill"
+    assert is_collective_failure(waiting["message"]) and not is_collective_failure(own["message"])
+
+
+# ---- every program that starts ranks has Megatron-LM's flag -----------------------------
+
+def _load(path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _parsers():
+    from megatron_spava.attention_demo import build_parser as demo_parser
+    from megatron_spava.tasks.evaluate import build_parser as eval_parser
+    from megatron_spava.video_qa import build_parser as qa_parser
+    return {"video_qa": lambda a: qa_parser().parse_args(a),
+            "attention_demo": lambda a: demo_parser().parse_args(a),
+            "eval_needles": lambda a: eval_parser().parse_args(a),
+            "bench_prefill": lambda a: _load("tools/bench_prefill.py").parse_args(a),
+            "tp_cp_check": lambda a: _load("tools/tp_cp_check.py").parse_args(a),
+            "bench_ring": lambda a: _load("tools/bench_ring.py").parse_args(a),
+            "gpt_prefill": lambda a: _load("examples/gpt_prefill.py").parse_args(
+                a + ["--context-parallel-algo", "full"])}
+
+
+@pytest.mark.parametrize("program", sorted(_parsers()))
+def test_every_program_that_starts_ranks_has_the_timeout_flag(program):
+    parse = _parsers()[program]
+    assert parse([]).distributed_timeout_minutes == DEFAULT_TIMEOUT_MINUTES == 10
+    assert parse(["--distributed-timeout-minutes", "0.5"]).distributed_timeout_minutes == 0.5
+
+
+@pytest.mark.parametrize("cmd", [
+    [sys.executable, "-m", "megatron_spava.video_qa", "--random-weights"],
+    [sys.executable, "tools/bench_prefill.py", "--shape", "tiny", "--device", "cpu"],
+    [sys.executable, "tools/eval_needles.py"],
+    [sys.executable, "-m", "megatron_spava.attention_demo"],
+], ids=["video_qa", "bench_prefill", "eval_needles", "attention_demo"])
+@pytest.mark.parametrize("bad", [["--distributed-timeout-minutes", "0"], ["--distributed-timeout-minutes", "-1"],
+                                 ["--nproc", "0"]], ids=["timeout0", "timeout-1", "nproc0"])
+def test_bad_timeout_and_nproc_are_refused_before_any_rank(tmp_path, cmd, bad):
+    out = subprocess.run(cmd + ["--work-dir", str(tmp_path)] * ("megatron_spava.video_qa" in cmd) + bad,
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = _error_lines(out.stderr)
+    assert len(errors) == 1 and bad[0] in errors[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+# ---- a stalled or killed rank ends the job ------------------------------------------------
+
+MAIN_JOB = [sys.executable, "-m", "megatron_spava.video_qa", "--random-weights", "--needle-tokens", "1024",
+            "--max-new-tokens", "2", "--compare", "none"]
+BENCH = [sys.executable, "tools/bench_prefill.py", "--nproc", "2", "--shape", "tiny", "--device", "cpu",
+         "--tokens", "1200", "--repeats", "1", "--warmup", "0", "--algos", "spava"]
+
+
+def _run_with_fault(cmd, fault, tmp_path):
+    """Run `cmd` with rank fault `fault` (launch.FAULT_ENV) under a 3 s collective timeout;
+    return (exit code, stderr, seconds); no process of the run may outlive it."""
+    extra = ["--work-dir", str(tmp_path)] if "megatron_spava.video_qa" in cmd else []
+    start = time.time()
+    p = subprocess.Popen(cmd + extra + ["--distributed-timeout-minutes", str(TIMEOUT_MIN)], cwd=ROOT,
+                         env={**ENV, FAULT_ENV: fault}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = set()
+    try:
+        while p.poll() is None and time.time() - start < 240:
+            try:
+                seen.update(psutil.Process(p.pid).children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+            time.sleep(0.2)
+        out, err = p.communicate(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    elapsed = time.time() - start
+    time.sleep(0.5)
+    alive = [c for c in seen if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    for c in alive:
+        c.kill()
+    assert not alive, f"processes outlived the job: {alive}"
+    assert seen, "no rank started"
+    return p.returncode, err, elapsed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("program", ["video_qa", "bench_prefill"])
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_a_stalled_or_killed_rank_ends_the_job_naming_it(tmp_path, program, how):
+    cmd, phase = (MAIN_JOB, "prefill") if program == "video_qa" else (BENCH, "running spava")
+    code, err, elapsed = _run_with_fault(cmd, f"1:{phase}:{how}", tmp_path)
+    errors = _error_lines(err)
+    assert code == 1 and len(errors) == 1, err[-3000:]
+    assert "Traceback" not in err
+    if how == "stop":
+        assert "rank 1 stopped responding while running" in errors[0] and "(process stopped)" in errors[0]
+        assert "rank 0 waited for it 0.25 min (--distributed-timeout-minutes)" in errors[0], errors[0]
+    else:
+        assert "rank 1 was killed (SIGKILL) while running" in errors[0], errors[0]
+    assert phase in errors[0]
+    assert elapsed < 120, elapsed
+
+
+# ---- the API: one rank's bad input ----------------------------------------------------------
+
+FREE = dict(budget_align=1, anchor_len=4)
+
+
+def _one_rank_catches_its_error(check):
+    """Rank 1's input is bad; it catches its ValueError and moves on to a barrier, while
+    rank 0 goes into the attention's collectives. Returns what each rank saw."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    layout = SpavaLayout.plan(context_len=100, query_len=3, cp_size=world,
+                              config=SpavaConfig(check_ranks_agree=check, **FREE))
+    s = layout.local_len(rank)
+    q, k, v = torch.randn(s, 1, 4, 8), torch.randn(s, 1, 2, 8), torch.randn(s, 1, 2, 8)
+    if rank == 1:
+        q = q[:, :, :3]  # bad on rank 1 only
+    start, seen = time.time(), []
+    try:
+        try:
+            spava_attn_func(q, k, v, layout=layout, cp_group=dist.group.WORLD)
+            seen.append("ok")
+        except ValueError as err:
+            seen.append(f"ValueError: {err}")
+            dist.barrier()  # the caller moves on to its next collective
+            seen.append("barrier passed")
+    except RuntimeError as err:  # the process group's timeout, or its peer gone after it
+        seen.append(f"RuntimeError: {' '.join(str(err).split())}")
+    return seen, time.time() - start
+
+
+def test_one_ranks_bad_input_through_the_api():
+    """What README's "One rank's bad input" says: with check_ranks_agree=True every rank
+    raises the same ValueError (so a caller that catches it stays in step); without it, a
+    rank that catches its own error leaves its peer in a collective until the process
+    group's timeout, which then raises there instead of hanging."""
+    agreed = run_ranks(_one_rank_catches_its_error, 2, True, timeout=30)
+    assert all(len(m) == 2 and m[0].startswith("ValueError: spava_attn_func: (rank 1)") and
+               m[1] == "barrier passed" for m, _ in agreed), agreed
+    assert agreed[0][0] == agreed[1][0]
+    alone = run_ranks(_one_rank_catches_its_error, 2, False, timeout=3, grace=10)
+    (seen0, t0), (seen1, t1) = alone
+    assert seen1[0].startswith("ValueError: spava_attn_func: query heads (3)"), alone
+    assert "barrier passed" not in seen1 and seen0 != ["ok"], alone
+    failures = [seen0[-1], seen1[-1]]
+    assert all(f.startswith("RuntimeError") and is_collective_failure(f) for f in failures), alone
+    assert any("Timed out" in f for f in failures) and 2.5 < max(t0, t1) < 30, alone
