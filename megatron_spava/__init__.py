@@ -6,8 +6,7 @@ Public API::
 """
 
 from .config import SpavaConfig
-from .core_attention import spava_attn_func
-from .layout import SpavaLayout
+from .algos.spava import SpavaLayout, spava_attn_func
 
 __all__ = ["SpavaConfig", "SpavaLayout", "spava_attn_func"]
 __version__ = "0.1.0"

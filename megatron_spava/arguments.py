@@ -18,7 +18,7 @@ from typing import Optional
 
 from .algos import names, plan_layout, registry
 from .config import KERNELS, SWITCHES, SpavaConfig
-from .ops.selection import DEFAULT_SELECTION, SCORERS
+from .algos.spava.selection import DEFAULT_SELECTION, SCORERS
 
 
 def _anchor(value: str):
@@ -72,7 +72,7 @@ def add_spava_args(parser: argparse.ArgumentParser, *, algorithm: bool = True) -
     group.add_argument("--spava-selection", choices=sorted(SCORERS), default=DEFAULT_SELECTION,
                        help="the score that selects the passing blocks' keys: lse (each key's "
                             "log-sum-exp over the query's tokens and heads), mean (the reference's "
-                            "mean-query probe), or one registered in megatron_spava.ops.selection "
+                            "mean-query probe), or one registered in megatron_spava.algos.spava.selection "
                             "(default: %(default)s)")
     for switch, effect in SWITCHES.items():
         group.add_argument(f"--spava-no-{switch.replace('_', '-')}", action="store_true",

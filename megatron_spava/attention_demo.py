@@ -25,9 +25,8 @@ import torch
 import torch.distributed as dist
 
 from .config import SpavaConfig, round_up
-from .core_attention import spava_attn_func
+from .algos.spava import SpavaLayout, spava_attn_func
 from .launch import RankError, distributed_timeout, init_distributed, relaunch, under_torchrun
-from .layout import SpavaLayout
 from .profiling import sync
 from .testing.reference import random_qkv, relative_error
 

@@ -147,7 +147,7 @@ class SpavaConfig:
                     f"SpavaConfig.{name}={value} is not a multiple of budget_align="
                     f"{self.budget_align}; use {round_up(value, self.budget_align)}, "
                     f"or set budget_align=1 to allow any size")
-        from .ops.selection import SCORERS
+        from .algos.spava.selection import SCORERS
         if self.selection not in SCORERS:
             raise ValueError(f"SpavaConfig.selection must be one of {sorted(SCORERS)}, "
                              f"got {self.selection!r}")

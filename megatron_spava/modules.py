@@ -33,7 +33,7 @@ from . import profiling
 from .algos import FullLayout, cp_attn_func
 from .context import require_request
 from .inference.decode import decode_attn_func
-from .ops import selection
+from .algos.spava import selection
 
 
 def check_normalization(config, expected: Optional[str]) -> None:

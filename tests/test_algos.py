@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from megatron_spava import SpavaConfig
 from megatron_spava.algos import ALGOS, FullLayout, RingLayout, config_for, cp_attn_func, plan_layout
-from megatron_spava.layout import SpavaLayout
+from megatron_spava.algos.spava import SpavaLayout
 from megatron_spava.testing import run_ranks
 from megatron_spava.testing.reference import (full_attention, random_qkv, relative_error, spava_mask,
                                               star_mask)

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_spava.ops import attend, merge_partials, select_passing, selection_scores
+from megatron_spava.algos.spava.selection import select_passing, selection_scores
+from megatron_spava.ops import attend, merge_partials
 from megatron_spava.ops.attention import attend_many, resolve_kernel
 
 CPU_KERNELS = ["cpu_flash", "math"]
@@ -168,7 +169,7 @@ def test_log_sum_exp_scores_equal_the_attention_mass_of_every_query_token_and_he
     padded = F.pad(expected, (2, 2), value=float("-inf"))
     pooled = torch.stack([padded[..., t:t + 5].amax(-1) for t in range(l)], dim=-1)
     torch.testing.assert_close(selection_scores(kb, qq, 5, scale, "lse").double(), pooled, rtol=1e-5, atol=1e-5)
-    import megatron_spava.ops.selection as selection
+    import megatron_spava.algos.spava.selection as selection
     chunk, selection._LOGITS_PER_CHUNK = selection._LOGITS_PER_CHUNK, 50  # several key chunks
     try:
         torch.testing.assert_close(selection_scores(kb, qq, 5, scale).double(), pooled, rtol=1e-5, atol=1e-5)
@@ -196,7 +197,7 @@ def test_lse_max_is_each_heads_log_share_maximised_over_the_kv_heads():
 
 
 def test_unknown_or_misshapen_scores_are_refused():
-    import megatron_spava.ops.selection as selection
+    import megatron_spava.algos.spava.selection as selection
     kb, qq = torch.randn(9, 1, 2, 4), torch.randn(3, 1, 4, 4)
     with pytest.raises(ValueError, match="unknown selection score 'nope'; choose from"):
         selection_scores(kb, qq, 1, 1.0, "nope")

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_spava import SpavaConfig, SpavaLayout, spava_attn_func
-from megatron_spava.ops import selection
+from megatron_spava.algos.spava import selection
 from megatron_spava.testing import run_ranks
 from megatron_spava.testing.reference import full_attention, random_qkv, relative_error, star_mask
 

@@ -58,8 +58,8 @@ from bench_attention import time_ms  # noqa: E402
 from megatron_spava.algos.spava import SpavaLayout  # noqa: E402
 from megatron_spava.ops.attention import attend  # noqa: E402
 from megatron_spava.ops.lse_score import lse_scores  # noqa: E402
-from megatron_spava.ops.selection import (gather_top, lse_scores_torch, select_passing,  # noqa: E402
-                                          select_passing_blocks)
+from megatron_spava.algos.spava.selection import (gather_top, lse_scores_torch, select_passing,  # noqa: E402
+                                                   select_passing_blocks)
 
 
 def one_call_select(q_query, k, v, n, budget, pool_kernel, scale):

@@ -62,7 +62,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))  # the other tools, imported by 
 
 from megatron_spava.algos import RingLayout, config_for, plan_layout  # noqa: E402
 from megatron_spava.config import SpavaConfig, round_up  # noqa: E402
-from megatron_spava.layout import SpavaLayout  # noqa: E402
+from megatron_spava.algos.spava import SpavaLayout  # noqa: E402
 
 BENCH = os.path.join(ROOT, "benchmarks")
 GIB = 2 ** 30

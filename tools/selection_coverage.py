@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 def rules() -> tuple:
     """The scores whose coverage is measured: every entry of the table (but this tool's oracle)."""
-    from megatron_spava.ops.selection import SCORERS
+    from megatron_spava.algos.spava.selection import SCORERS
     return tuple(name for name in SCORERS if name != "oracle")
 
 
@@ -69,7 +69,7 @@ def coverage(records: list) -> dict:
 def _block_record(event: dict, needles: dict, config) -> dict:
     """Coverage of the needle tokens inside the event's block, or None if there are none.
     needles: token position -> needle number (order in the video)."""
-    from megatron_spava.ops import selection
+    from megatron_spava.algos.spava import selection
     g0, g1 = event["block_range"]
     inside = sorted(t for t in needles if g0 <= t < g1)
     if not inside:
@@ -100,7 +100,7 @@ def run_rank(args: dict) -> dict:
     from megatron_spava.arguments import spava_config_from_args
     from megatron_spava.inference.generate import generate
     from megatron_spava.launch import model_parallel_state
-    from megatron_spava.ops import selection
+    from megatron_spava.algos.spava import selection
     from megatron_spava.tasks import eval_set, render_frames
     from megatron_spava.tasks.evaluate import _build_model
     from megatron_spava.tasks.model import ASSET_DIR, NeedlePrompter

@@ -70,7 +70,7 @@ def run_rank(args: dict, score: str) -> dict:
 
     from megatron_spava import SpavaLayout, spava_attn_func
     from megatron_spava.arguments import spava_config_from_args
-    from megatron_spava.ops import selection
+    from megatron_spava.algos.spava import selection
     rank, world = dist.get_rank(), dist.get_world_size()
     config = spava_config_from_args(argparse.Namespace(**args)).replace(selection=score)
     layout = SpavaLayout.plan(context_len=args["tokens"], query_len=args["query_len"], cp_size=world,
@@ -97,7 +97,7 @@ def run_rank(args: dict, score: str) -> dict:
 
 def measure(args: dict) -> list:
     """One row per selection score: recall, chance, planted keys kept."""
-    from megatron_spava.ops.selection import SCORERS
+    from megatron_spava.algos.spava.selection import SCORERS
     from megatron_spava.testing import run_ranks
     import selection_recall
     rows = []

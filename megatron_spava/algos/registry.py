@@ -13,7 +13,7 @@ on the registry's first use, and where it does not import it is left out of the 
 and asking for it says why.
 
 Benchmark variants are `<algo>`, optionally `-selection-<score>` (a selection score of
-`ops.selection.SCORERS` other than the default: `spava-selection-mean`), plus any number of
+`algos.spava.selection.SCORERS` other than the default: `spava-selection-mean`), plus any number of
 `-no-<switch>` suffixes, one per SpavaConfig switch turned off (`spava-no-overlap-no-zigzag`);
 `parse_variant` reads them.
 """
@@ -25,7 +25,7 @@ import importlib
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..config import ABLATIONS, SWITCHES, SpavaConfig
-from ..ops.selection import DEFAULT_SELECTION, SCORERS
+from .spava.selection import DEFAULT_SELECTION, SCORERS
 from .base import Algorithm
 
 _ENTRIES: Dict[str, Algorithm] = {}
@@ -190,8 +190,7 @@ def benchmark_variants() -> List[str]:
 
 from .full import FullLayout, full_attn_func  # noqa: E402
 from .ring import RingLayout, ring_attn_func  # noqa: E402
-from .spava import SpavaLayout, apb_preset, star_preset  # noqa: E402
-from ..core_attention import spava_attn_func  # noqa: E402
+from .spava import SpavaLayout, apb_preset, spava_attn_func, star_preset  # noqa: E402
 
 register(Algorithm("full", "exact causal attention on one rank, no context parallelism (the "
                    "paper's FlashAttn)", FullLayout, attn_func=full_attn_func, exact=True))

@@ -1,7 +1,7 @@
-"""Tensor operations Spava is built from: the attention primitive and passing-block selection."""
+"""Generic tensor operations the CP algorithms are built from: the attention primitive and
+its LSE merge (kernel choice included), and fused kernels (`lse_score`). An algorithm's
+own logic (Spava's passing-block selection) lives with the algorithm in `algos/`."""
 
 from .attention import attend, merge_partials
-from .selection import SCORERS, record_selection, register_scorer, select_passing, selection_scores
 
-__all__ = ["attend", "merge_partials", "SCORERS", "record_selection", "register_scorer",
-           "select_passing", "selection_scores"]
+__all__ = ["attend", "merge_partials"]

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from ..launch import init_distributed, model_parallel_state
-from ..ops.selection import measure_recall
+from ..algos.spava.selection import measure_recall
 from .needles import TASKS, eval_set, needle_blocks, score
 
 def ablation_switches() -> List[str]:

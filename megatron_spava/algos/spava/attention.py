@@ -22,8 +22,8 @@ rows of B_{2W-1-r} the slice [P_{2W-2-r} .. P_W | A | P_0 .. P_{W-1}]: no concat
 A context-only pass (layout.query_len == 0, the first pass of fuse_query=False) has no
 query rows and no query to select with: the probes are then the queries of the anchor's
 last `context_probe_len` tokens, which every rank holds (query-agnostic selection).
-The score is `config.selection`, a named entry of `ops.selection.SCORERS`; the selection
-reports what it chose to `ops.selection.record_selection` subscribers, if any.
+The score is `config.selection`, a named entry of `selection.SCORERS`; the selection
+reports what it chose to `selection.record_selection` subscribers, if any.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import profiling
-from .distributed import all_gather, check_inputs, gather_partials, merge_gathered
-from .ops.attention import attend, attend_many, merge_partials
-from .ops import selection
+from ... import profiling
+from ...distributed import all_gather, check_inputs, gather_partials, merge_gathered
+from ...ops.attention import attend, attend_many, merge_partials
+from . import selection
 
 def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: "SpavaLayout",
                     cp_group: Optional[dist.ProcessGroup] = None,

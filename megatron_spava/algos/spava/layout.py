@@ -1,7 +1,7 @@
 """`spava` (SPAVA.md sections 1-3) and its presets `star` and `apb` (section 5).
 
 The layout (which tokens live on which rank) is here; the attention of one layer is
-`megatron_spava.core_attention.spava_attn_func`. `SpavaLayout.plan` is pure: the same
+`megatron_spava.algos.spava.attention.spava_attn_func`. `SpavaLayout.plan` is pure: the same
 (n, l_q, W, config) gives the same layout on every rank, with no torch.distributed call.
 
 Rank r holds, in this local order::
@@ -30,8 +30,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..config import SpavaConfig, ceil_div, round_up
-from .base import Layout, check_lengths, split_len, zigzag_pair
+from ...config import SpavaConfig, ceil_div, round_up
+from ..base import Layout, check_lengths, split_len, zigzag_pair
 
 Range = Tuple[int, int]
 

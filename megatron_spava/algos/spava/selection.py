@@ -80,7 +80,7 @@ def lse_scores(k_block: torch.Tensor, probes: torch.Tensor, scale: float) -> tor
     the fused kernel of `ops.lse_score` (one pass over the keys, no logits in memory); on
     the CPU the torch path. Shapes as `Scorer`."""
     if k_block.is_cuda:
-        from . import lse_score
+        from ...ops import lse_score
         if lse_score.triton_available():
             return lse_score.lse_scores(probes, k_block, scale).permute(1, 2, 0)  # [b, hk, l], no copy
     return lse_scores_torch(k_block, probes, scale)
