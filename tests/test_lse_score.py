@@ -208,7 +208,7 @@ def test_triton_kernel_in_interpreter():
 
 def test_bench_selection_runs_on_cpu(tmp_path):
     """tools/bench_selection.py's smoke mode: every column, and its check of the fused path
-    against ops.selection's torch path, at toy sizes (times on the CPU mean nothing)."""
+    against algos.spava.selection's torch path, at toy sizes (times on the CPU mean nothing)."""
     import json
 
     import bench_selection

@@ -1,4 +1,4 @@
-"""`ops.selection.select_passing_blocks` (a rank's blocks selected in one pass) keeps, for
+"""`algos.spava.selection.select_passing_blocks` (a rank's blocks selected in one pass) keeps, for
 every block, exactly what the one-block-at-a-time path keeps. The reference here is that path
 written out from the seam's public pieces (the scorer of SCORERS, max-pool, top-k, gather),
 as `select_passing` was before the blocks were batched."""
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_spava.ops import selection
+from megatron_spava.algos.spava import selection
 
 
 def _one_block(k_block, v_block, probes, budget, pool, scale, score):

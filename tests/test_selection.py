@@ -1,4 +1,4 @@
-"""The selection-score seam (ops.selection): a score defined and registered here only, in
+"""The selection-score seam (algos.spava.selection): a score defined and registered here only, in
 this file, runs through Spava's attention (checked against a dense-mask SDPA written from
 its rule) and through the needle evaluation; and the selection hook reports what was chosen.
 """

@@ -215,7 +215,7 @@ def test_query_aware_selection_keeps_the_keys_that_matter(world):
 def test_small_budgets_match_dense_mask_oracle(world, zigzag, score):
     """Approximate budgets, checked exactly: a dense-mask SDPA whose mask is written from
     SPAVA.md's rules (reference.spava_mask, which scores with its own loops, not with
-    ops.selection) must equal Spava row for row, under the reference's `mean` score and the
+    algos.spava.selection) must equal Spava row for row, under the reference's `mean` score and the
     default `lse`. pool_kernel=1 keeps the top-k free of ties, so the selected set is
     unambiguous."""
     n, lq, hq, hk, d = 700, 6, 4, 2, 16

@@ -1,6 +1,6 @@
 """Time the passing-block selection on one CUDA GPU: SPAVA.md's mean probe, the log-sum-exp
 score over materialised fp32 logit chunks (the torch path of selection "lse",
-`ops.selection.lse_scores_torch`) and the same score from the fused Triton kernel (selection
+`algos.spava.selection.lse_scores_torch`) and the same score from the fused Triton kernel (selection
 "lse" on CUDA, `ops.lse_score.lse_scores`: one pass over the keys, no logits in memory),
 beside the block's own causal attention (the work the selection sits next to).
 
@@ -9,7 +9,7 @@ beside the block's own causal attention (the work the selection sits next to).
 Shapes default to Qwen2.5-VL-7B's language model (28 query heads, 4 KV heads, head_dim 128,
 bf16); the budget is SPAVA.md's default for a context of 2 * CP * block tokens at CP = 4.
 Medians of --repeats runs. Each selection column is the whole selection (score, max-pool,
-top-k, gather) through `ops.selection`, the code the attention runs; "fused score" is the
+top-k, gather) through `algos.spava.selection`, the code the attention runs; "fused score" is the
 kernel's call alone.
 
 Two clocks:
@@ -26,7 +26,7 @@ block, one max-pool, top-k and gather for both), as the attention does; "per blo
 "one call" is not the library's path: the score in one lse call over both blocks, then the
 same pool / top-k / gather (what scoring the union would save).
 
-Before timing, each size checks the kernel against the torch path of ops.selection on the same
+Before timing, each size checks the kernel against the torch path of algos.spava.selection on the same
 inputs (max |score difference| and the share of the top-k selection both keep) and that the
 two-block call keeps, bit for bit, what the per-block calls keep. Beside the kernel: its
 floor, the largest of FLOPs (2 l_q Hq l_b d) over the measured bf16 matmul rate, bytes (k
@@ -199,7 +199,7 @@ def main(argv=None):
             qq = torch.randn(lq, 1, hq, d, device=dev, dtype=dt, generator=g)
             # SPAVA.md's default budget for the context whose 2 * CP blocks are this long
             budget = SpavaLayout.plan(context_len=2 * args.cp * l, query_len=lq, cp_size=args.cp).passing_len
-            # correctness, same inputs: the kernel against ops.selection's torch path (fp32 logits)
+            # correctness, same inputs: the kernel against algos.spava.selection's torch path (fp32 logits)
             ref = lse_scores_torch(k, qq, scale)[0]  # [hk, l], no pool
             got = lse_scores(qq, k, scale).permute(1, 2, 0)[0]  # the first call tunes this size
             tuning = {str(c): v for c, v in (getattr(kern.kernel(False), "configs_timings", None) or {}).items()} \

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Which needle tokens Spava's passing selection keeps, per decoder layer, block and KV head,
 the measured recall, and the accuracy, under any selection score of the table
-(megatron_spava.ops.selection.SCORERS) or an oracle that puts every needle token into its
+(megatron_spava.algos.spava.selection.SCORERS) or an oracle that puts every needle token into its
 block's passing block first.
 
     python tools/selection_coverage.py                                   # shipped model, lse, 4K, CP 2
@@ -10,12 +10,12 @@ block's passing block first.
 
 For every sample (the needle eval sets of megatron_spava/tasks, seed --seed) it runs Spava
 (the --spava-* options, default budgets) on --cp CPU ranks (gloo) and subscribes to the
-selection hook (`ops.selection.record_selection`): at every layer and every selected block
+selection hook (`algos.spava.selection.record_selection`): at every layer and every selected block
 that holds needle tokens, it records the fraction of those tokens that each score of the
 table would have kept (`coverage`, per KV head, with the run's pool width and budget), the
 fraction the run kept (`kept`), and which needles they belong to (`needles`: per needle,
 its fraction kept, mean over KV heads). It also reports the measured recall per layer
-(`ops.selection.measure_recall`). A block of l tokens keeping p of them keeps p / l of any
+(`algos.spava.selection.measure_recall`). A block of l tokens keeping p of them keeps p / l of any
 tokens at random (printed beside it).
 """
 

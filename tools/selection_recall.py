@@ -7,8 +7,8 @@
 Draws q, k, v (Gaussian, seeded), plants --planted keys per block that one query token of
 one head wants (k[t, h] += --strength * that query / |query|: a needle only a few query rows
 attend to), runs Spava's attention on --cp CPU ranks (gloo) once per selection score of the
-table (megatron_spava.ops.selection.SCORERS), and reports the measured recall
-(`ops.selection.measure_recall`): per selected block and KV head, the share of the
+table (megatron_spava.algos.spava.selection.SCORERS), and reports the measured recall
+(`algos.spava.selection.measure_recall`): per selected block and KV head, the share of the
 question's exact attention mass on the block that the kept keys carry, averaged. Beside it,
 a random pick's expected share (budget / block length) and the fraction of planted keys kept.
 """

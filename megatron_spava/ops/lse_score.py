@@ -4,7 +4,7 @@ pass over the keys.
     s[t, h] = logsumexp over (j, g) of scale * q[j, g] . k[t, h]
 
 over the l_q query tokens j and the heads g of KV head h's GQA group (query heads
-h * G ... h * G + G - 1, G = Hq // Hk, as in `ops.selection`).
+h * G ... h * G + G - 1, G = Hq // Hk, as in `algos.spava.selection`).
 
 On a CUDA device with triton installed this is one Triton kernel: each program holds a tile of
 keys of one KV head and walks the l_q * G probe rows in tiles, with an online max / sum in

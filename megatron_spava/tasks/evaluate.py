@@ -14,10 +14,10 @@ on every rank), it answers the question under
                               megatron_spava at run time: every boolean switch that is on
                               by default, e.g. zigzag, overlap, shard_anchor, passing)
   spava-selection-<score>     Spava with a selection score other than the default (every
-                              entry of ops.selection.SCORERS, e.g. mean: the reference's)
+                              entry of algos.spava.selection.SCORERS, e.g. mean: the reference's)
 and scores exact match. It also reports the KL divergence KL(full || algo) of the
 first-token distributions, the measured recall of the passing selection per decoder layer
-(`ops.selection.measure_recall`: the share of the question's exact attention mass on each
+(`algos.spava.selection.measure_recall`: the share of the question's exact attention mass on each
 selected block that its kept keys carry, averaged over blocks and KV heads), and for the first --hidden-samples samples of each task and
 length, the relative error ||h_algo - h_full|| / ||h_full|| of every decoder layer's output
 over all tokens and over the query tokens (each token counted once, on the rank that owns
