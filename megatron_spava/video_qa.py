@@ -185,8 +185,9 @@ def create_defaults(args, checkpoint: str) -> None:
         if not args.verbose:
             from transformers.utils import logging as hf_logging
             hf_logging.disable_progress_bar()
-        family.tiny().make_tiny_checkpoint(
-            checkpoint, shape=None if args.model_shape == "tiny" else args.model_shape)
+        from .cache import cached_dir  # a folder cut short by a kill, or damaged, is rebuilt
+        shape = None if args.model_shape == "tiny" else args.model_shape
+        cached_dir(checkpoint, lambda tmp: family.tiny().make_tiny_checkpoint(tmp, shape=shape))
     else:
         from .tasks.model import shipped_checkpoint
         shipped_checkpoint()  # FileNotFoundError saying how to get one

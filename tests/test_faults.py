@@ -199,3 +199,82 @@ def test_one_ranks_bad_input_through_the_api():
     failures = [seen0[-1], seen1[-1]]
     assert all(f.startswith("RuntimeError") and is_collective_failure(f) for f in failures), alone
     assert any("Timed out" in f for f in failures) and 2.5 < max(t0, t1) < 30, alone
+
+
+# ---- atomic caches: an interrupted or damaged entry is rebuilt ------------------------------
+
+def test_cached_dir_and_file_rebuild_what_is_incomplete_or_damaged(tmp_path):
+    from megatron_spava.cache import MANIFEST, cached_dir, cached_file
+
+    calls = []
+
+    def build(d):
+        calls.append(d)
+        for name, text in (("model.safetensors", "weights"), ("tokenizer.json", "tok")):
+            with open(os.path.join(d, name), "w") as f:
+                f.write(text)
+
+    def broken(d):  # killed half-way: the weights written, the tokenizer not
+        with open(os.path.join(d, "model.safetensors"), "w") as f:
+            f.write("weights")
+        raise KeyboardInterrupt
+
+    ckpt = str(tmp_path / "ckpt")
+    with pytest.raises(KeyboardInterrupt):
+        cached_dir(ckpt, broken)
+    assert os.listdir(tmp_path) == []  # nothing at the path, no partial folder left
+    os.makedirs(ckpt)  # what the old code left: weights and no tokenizer
+    open(os.path.join(ckpt, "model.safetensors"), "w").write("weights")
+    assert cached_dir(ckpt, build) == ckpt and len(calls) == 1
+    assert sorted(os.listdir(ckpt)) == sorted([MANIFEST, "model.safetensors", "tokenizer.json"])
+    cached_dir(ckpt, build)
+    assert len(calls) == 1  # complete: reused
+    open(os.path.join(ckpt, "tokenizer.json"), "w").write("damaged")
+    cached_dir(ckpt, build)
+    assert len(calls) == 2 and open(os.path.join(ckpt, "tokenizer.json")).read() == "tok"
+    os.remove(os.path.join(ckpt, "tokenizer.json"))
+    cached_dir(ckpt, build)
+    assert len(calls) == 3 and sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+    video = str(tmp_path / "v.mp4")
+    writes = []
+
+    def write(p):
+        assert p.endswith(".mp4")  # the writer sees the extension
+        writes.append(p)
+        open(p, "wb").write(b"video bytes")
+
+    cached_file(video, write)
+    cached_file(video, write)
+    assert len(writes) == 1
+    open(video, "wb").write(b"video")  # cut short
+    cached_file(video, write)
+    assert len(writes) == 2 and open(video, "rb").read() == b"video bytes"
+    os.remove(video + ".sha256")  # killed between the rename and the digest
+    cached_file(video, write)
+    assert len(writes) == 3
+
+
+def test_main_job_rebuilds_a_half_written_checkpoint_and_a_damaged_video(tmp_path):
+    """The demo's own set-up (create_defaults, run before any rank starts): a --random-weights
+    checkpoint folder holding only model.safetensors (a kill mid-write, before this fix) and a
+    truncated needle video are both rebuilt; the rebuilt video equals the first one."""
+    from megatron_spava.video import count_sampled_frames
+    from megatron_spava.video_qa import build_parser, create_defaults, resolve_paths
+
+    args = build_parser().parse_args(["--work-dir", str(tmp_path), "--random-weights", "--needle-tokens", "256"])
+    checkpoint = resolve_paths(args)
+    os.makedirs(checkpoint)
+    open(os.path.join(checkpoint, "model.safetensors"), "wb").write(b"half")
+    create_defaults(args, checkpoint)
+    from megatron_spava.models.families import FAMILIES
+    FAMILIES["qwen2_5_vl"].prompter(checkpoint)  # the tokenizer and chat template load
+    from megatron_spava.models.common.checkpoint_io import iter_hf_tensors
+    assert len(dict(iter_hf_tensors(checkpoint))) > 10
+    first = open(args.video, "rb").read()
+    frames = count_sampled_frames(args.video, fps=None, max_frames=None, frames_fps=2.0)
+    with open(args.video, "r+b") as f:
+        f.truncate(len(first) // 3)
+    create_defaults(args, checkpoint)
+    assert open(args.video, "rb").read() == first
+    assert count_sampled_frames(args.video, fps=None, max_frames=None, frames_fps=2.0) == frames

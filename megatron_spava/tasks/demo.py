@@ -16,11 +16,8 @@ def needle_video_path(work_dir: str, sample: NeedleSample) -> str:
 
 def write_needle_video(path: str, sample: NeedleSample) -> str:
     """Write (once) the mp4 of `sample` at FPS frames per second: every frame is kept when it
-    is read back at that rate, so each needle stays one whole temporal group."""
-    if not os.path.isfile(path):
-        from ..video import write_video
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = path + ".tmp.mp4"
-        write_video(tmp, render_frames(sample), fps=FPS)
-        os.replace(tmp, path)
-    return path
+    is read back at that rate, so each needle stays one whole temporal group. A video cut
+    short or damaged since is written again (`cache.cached_file`: its SHA-256 beside it)."""
+    from ..cache import cached_file
+    from ..video import write_video
+    return cached_file(path, lambda tmp: write_video(tmp, render_frames(sample), fps=FPS))
