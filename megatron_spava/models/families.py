@@ -73,6 +73,8 @@ FAMILIES: Dict[str, Family] = {
                         ("2b",)),
     "qwen3_vl": Family("qwen3_vl", "qwen3_vl", "qwen3_vl", "Qwen3VLConfig", "Qwen3VLModel",
                        "megatron_spava.models.qwen3_vl.prompt:Qwen3VLPrompter", "tiny-qwen3-vl", ("8b",)),
+    "qwen3_vl_moe": Family("qwen3_vl_moe", "qwen3_vl_moe", "qwen3_vl.moe", "Qwen3VLConfig", "Qwen3VLModel",
+                           "megatron_spava.models.qwen3_vl.prompt:Qwen3VLPrompter", "tiny-qwen3-vl-moe", ()),
 }
 DEFAULT = "qwen2_5_vl"
 

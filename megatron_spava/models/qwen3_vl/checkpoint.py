@@ -6,6 +6,10 @@ Pure reshuffles, no arithmetic, so a round trip is bit-exact:
   self_attn.q_norm / k_norm -> self_attention.q_layernorm / k_layernorm (QK-norm)
   vision attn.qkv [all q | all k | all v] -> per head [q_h | k_h | v_h]
   everything else of the vision encoder keeps HF's name (model.visual.X <-> visual.X)
+  MoE: mlp.gate -> mlp.router; mlp.experts.gate_up_proj [E, 2F, D] (transformers 5.x) ->
+  mlp.experts.local_experts.e.linear_fc1 = its [gate; up] rows; mlp.experts.down_proj
+  [E, D, F] -> local_experts.e.linear_fc2 (megatron -> HF stacks the E experts back: the
+  converter keeps the experts of a tensor until all have come)
 HF names are accepted in the layout transformers 5.x saves (model.visual.*,
 model.language_model.*, lm_head.weight) and in the older one (visual.*, model.*), and are
 written in the 5.x layout (the released Qwen/Qwen3-VL-* checkpoints use it too).
@@ -16,8 +20,9 @@ renames them for a Transformer Engine model. `megatron_to_hf` accepts either lay
 from __future__ import annotations
 
 import re
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
+import torch
 from torch import Tensor
 
 from ..common import hf_lm
@@ -29,6 +34,8 @@ _LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.(.+)$")
 _MLAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.(.+)$")
 _QK_NORM = {"self_attn.q_norm.weight": "self_attention.q_layernorm.weight",
             "self_attn.k_norm.weight": "self_attention.k_layernorm.weight"}
+_MOE = {"mlp.experts.gate_up_proj": "linear_fc1.weight", "mlp.experts.down_proj": "linear_fc2.weight"}
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12]\.weight)$")
 _SIMPLE_TOP = {
     "model.language_model.embed_tokens.weight": LM + "embedding.word_embeddings.weight",
     "model.language_model.norm.weight": LM + "decoder.final_layernorm.weight",
@@ -74,14 +81,26 @@ class HFToMegatron(StreamingConverter):
         prefix = f"{LM}decoder.layers.{layer}."
         if suffix in _QK_NORM:
             return [(prefix + _QK_NORM[suffix], tensor)]
+        if suffix == "mlp.gate.weight":
+            return [(prefix + "mlp.router.weight", tensor)]
+        if suffix in _MOE:
+            if tensor.shape[0] != cfg.num_experts:
+                raise ValueError(f"{name}: {tensor.shape[0]} experts, the config says {cfg.num_experts}")
+            return [(prefix + f"mlp.experts.local_experts.{e}.{_MOE[suffix]}", tensor[e].clone())
+                    for e in range(cfg.num_experts)]
         out = self.layer_from_hf(layer, suffix, tensor, prefix)
         if out is None:
             raise KeyError(f"unexpected tensor in a Qwen3-VL checkpoint: {name}")
         return out
 
 
+_PENDING_EXPERTS: Dict[str, Dict[int, Tensor]] = {}
+
+
 def megatron_to_hf(name: str, tensor: Tensor, cfg: Qwen3VLConfig) -> List[Tuple[str, Tensor]]:
-    """One global megatron tensor (local or TE key layout) -> its HF tensors (5.x names)."""
+    """One global megatron tensor (local or TE key layout) -> its HF tensors (5.x names).
+    An MoE expert's weight returns [] until the layer's last expert of that kind has come,
+    then the stacked HF tensor [E, ...]."""
     from ...specs import te_to_local_key
     name = te_to_local_key(name)
     if name.startswith("visual."):
@@ -102,6 +121,17 @@ def megatron_to_hf(name: str, tensor: Tensor, cfg: Qwen3VLConfig) -> List[Tuple[
     for hf, meg in _QK_NORM.items():
         if suffix == meg:
             return [(prefix + hf, tensor)]
+    if suffix == "mlp.router.weight":
+        return [(prefix + "mlp.gate.weight", tensor)]
+    expert = _EXPERT.match(suffix)
+    if expert:
+        hf = {v: k for k, v in _MOE.items()}[expert.group(2)]
+        parts = _PENDING_EXPERTS.setdefault(prefix + hf, {})
+        parts[int(expert.group(1))] = tensor
+        if len(parts) < cfg.num_experts:
+            return []
+        del _PENDING_EXPERTS[prefix + hf]
+        return [(prefix + hf, torch.stack([parts[e] for e in range(cfg.num_experts)]))]
     out = layer_to_hf(suffix, tensor, cfg, prefix)
     if out is None:
         raise KeyError(f"unexpected megatron tensor: {name}")

@@ -1,7 +1,7 @@
 """Qwen3-VL configuration: an HF config.json (nested text_config / vision_config, the
 layout of Qwen/Qwen3-VL-*-Instruct) read into the fields the megatron-core model needs.
-Dense models only: a MoE config (Qwen3-VL-30B-A3B / 235B-A22B, model_type qwen3_vl_moe)
-is refused with a clear error (docs/NOTES.md says what MoE would need)."""
+Dense models (model_type qwen3_vl) and MoE ones (qwen3_vl_moe: Qwen3-VL-30B-A3B /
+235B-A22B, every LLM layer a mixture of experts; megatron-core's MoE layers)."""
 
 from __future__ import annotations
 
@@ -77,6 +77,13 @@ class Qwen3VLConfig:
     vision_end_token_id: int = 151653
     eos_token_ids: Tuple[int, ...] = (151645,)
     vision: Qwen3VLVisionConfig = field(default_factory=Qwen3VLVisionConfig)
+    num_experts: int = 0            # MoE: experts per layer (0: dense)
+    experts_per_token: int = 0      # MoE: top-k
+    moe_intermediate_size: int = 0  # MoE: each expert's FFN width
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def vision_token_id(self) -> int:
@@ -102,9 +109,8 @@ class Qwen3VLConfig:
         from ..common.checkpoint_io import read_hf_config
         cfg = read_hf_config(source)
         model_type = cfg.get("model_type", "qwen3_vl")
-        if model_type != "qwen3_vl":
-            raise ValueError(f"Qwen3-VL config: model_type {model_type!r} is not 'qwen3_vl'"
-                             + (" (MoE Qwen3-VL is not supported: docs/NOTES.md)" if "moe" in model_type else ""))
+        if model_type not in ("qwen3_vl", "qwen3_vl_moe"):
+            raise ValueError(f"Qwen3-VL config: model_type {model_type!r} is not 'qwen3_vl' or 'qwen3_vl_moe'")
         text = dict(cfg.get("text_config") or {})
         for key, value in cfg.items():  # a flat layout: text fields at the top level
             if key not in ("text_config", "vision_config"):
@@ -119,6 +125,15 @@ class Qwen3VLConfig:
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
         tie = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
         heads = text["num_attention_heads"]
+        moe = {}
+        if model_type == "qwen3_vl_moe":
+            step, dense = text.get("decoder_sparse_step", 1), list(text.get("mlp_only_layers") or [])
+            if step != 1 or dense:
+                raise ValueError(f"Qwen3-VL MoE config: decoder_sparse_step {step}, mlp_only_layers "
+                                 f"{dense}: only models whose every layer is MoE are supported")
+            moe = dict(num_experts=text.get("num_experts") or text["num_local_experts"],
+                       experts_per_token=text["num_experts_per_tok"],
+                       moe_intermediate_size=text["moe_intermediate_size"])
         out = cls(
             vocab_size=text["vocab_size"], hidden_size=text["hidden_size"],
             intermediate_size=text["intermediate_size"], num_layers=text["num_hidden_layers"],
@@ -131,7 +146,7 @@ class Qwen3VLConfig:
             video_token_id=cfg.get("video_token_id", 151656),
             vision_start_token_id=cfg.get("vision_start_token_id", 151652),
             vision_end_token_id=cfg.get("vision_end_token_id", 151653),
-            eos_token_ids=eos, vision=Qwen3VLVisionConfig.from_hf(cfg.get("vision_config") or {}))
+            eos_token_ids=eos, vision=Qwen3VLVisionConfig.from_hf(cfg.get("vision_config") or {}), **moe)
         out.validate()
         return out
 
@@ -155,7 +170,12 @@ class Qwen3VLConfig:
                             f"the {v.depth} vision blocks")
         if self.deepstack_layers > self.num_layers:
             problems.append(f"{self.deepstack_layers} DeepStack taps for {self.num_layers} LLM layers")
+        if self.is_moe and not 0 < self.experts_per_token <= self.num_experts:
+            problems.append(f"num_experts_per_tok {self.experts_per_token} for {self.num_experts} experts")
         tp = tensor_parallel
+        if self.is_moe and self.moe_intermediate_size % tp:
+            problems.append(f"moe_intermediate_size {self.moe_intermediate_size} is not divisible by "
+                            f"tensor parallel size {tp}")
         if self.num_kv_heads % tp and tp % self.num_kv_heads:
             problems.append(f"num_key_value_heads {self.num_kv_heads} and tensor parallel size {tp}: "
                             f"one must divide the other")

@@ -39,17 +39,35 @@ from .vision import Qwen3VLVisionEncoder
 def qwen3_text_config(cfg: Qwen3VLConfig, *, tensor_parallel: int, context_parallel: int,
                       dtype: torch.dtype, use_cpu_initialization: bool, perform_initialization: bool):
     """megatron-core's TransformerConfig of the Qwen3 language model: no QKV bias, QK-norm
-    (RMSNorm over head_dim, megatron-core's qk_layernorm), explicit head_dim."""
+    (RMSNorm over head_dim, megatron-core's qk_layernorm), explicit head_dim; for MoE,
+    megatron-core's MoE layer with Qwen's router (top-k of the logits, softmax over those k =
+    HF's softmax, top-k, re-normalise), no load balancing (inference), experts one after
+    another (SequentialMLP) behind the all-gather dispatcher, expert TP = TP."""
     import torch.nn.functional as F
 
     from ..gpt import gpt_config
+    moe = {}
+    if cfg.is_moe:
+        moe = dict(num_moe_experts=cfg.num_experts, moe_router_topk=cfg.experts_per_token,
+                   moe_ffn_hidden_size=cfg.moe_intermediate_size, moe_router_pre_softmax=False,
+                   moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+                   moe_token_dispatcher_type="allgather", moe_grouped_gemm=False)
     return gpt_config(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads,
         num_query_groups=cfg.num_kv_heads, ffn_hidden_size=cfg.intermediate_size,
         tensor_parallel=tensor_parallel, context_parallel=context_parallel, dtype=dtype,
         kv_channels=cfg.head_dim, layernorm_epsilon=cfg.rms_norm_eps, add_qkv_bias=False,
         qk_layernorm=True, activation_func=F.silu, use_cpu_initialization=use_cpu_initialization,
-        perform_initialization=perform_initialization)
+        perform_initialization=perform_initialization, **moe)
+
+
+def _moe_router_without_te() -> None:
+    """megatron-core 0.16.1's router GEMM reads `te_general_gemm`, a name its moe_utils only
+    defines when Transformer Engine imports (NameError otherwise, CPU included). Define it
+    as None there, so the router takes its torch path; nothing changes where TE imports."""
+    from megatron.core.transformer.moe import moe_utils
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 class Qwen3VLModel(VideoLanguageModel):
@@ -76,12 +94,14 @@ class Qwen3VLModel(VideoLanguageModel):
         super().__init__(config=text)
         self.cfg = cfg
         self.backend = backend_for_impl(backend)
+        if cfg.is_moe:
+            _moe_router_without_te()
         self.visual = Qwen3VLVisionEncoder(cfg.vision, vision_tp_config(
             cfg.vision, tensor_parallel, dtype, use_cpu_initialization, perform_initialization))
         self.language_model = GPTModel(
             config=text, transformer_layer_spec=get_gpt_layer_spec(
                 self.backend, core_attention=core_attention, normalization=text.normalization,
-                qk_layernorm=True),
+                qk_layernorm=True, num_experts=cfg.num_experts or None),
             vocab_size=cfg.vocab_size, max_sequence_length=max_sequence_length,
             position_embedding_type="none",  # the interleaved M-RoPE is computed in forward
             share_embeddings_and_output_weights=cfg.tie_word_embeddings, parallel_output=False)

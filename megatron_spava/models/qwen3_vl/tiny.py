@@ -45,9 +45,10 @@ _CORPUS = [
 
 
 def tiny_hf_config(*, text_layers: int = 3, vision_depth: int = 3, tie: bool = False,
-                   kv_heads: int = 2, deepstack=(0, 1)) -> dict:
-    """config.json contents of the tiny model (nested layout, transformers 5.x)."""
-    return {
+                   kv_heads: int = 2, deepstack=(0, 1), moe: bool = False) -> dict:
+    """config.json contents of the tiny model (nested layout, transformers 5.x). moe: the
+    Qwen3-VL-30B-A3B architecture in small (8 experts of width 48, top 2, every layer)."""
+    config = {
         "architectures": ["Qwen3VLForConditionalGeneration"],
         "model_type": "qwen3_vl",
         "image_token_id": TINY_SPECIAL["<|image_pad|>"],
@@ -71,23 +72,31 @@ def tiny_hf_config(*, text_layers: int = 3, vision_depth: int = 3, tie: bool = F
             "hidden_act": "gelu_pytorch_tanh",
         },
     }
+    if moe:
+        config.update(model_type="qwen3_vl_moe", architectures=["Qwen3VLMoeForConditionalGeneration"])
+        config["text_config"].update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                                     decoder_sparse_step=1, mlp_only_layers=[])
+    return config
 
 
 def tiny_hf_model(config: Optional[dict] = None, *, seed: int = 0, dtype=torch.float32):
-    """HF Qwen3VLForConditionalGeneration with random weights: norms 1 + N(0, 0.1), norm
-    biases N(0, 0.1), embeddings and lm_head N(0, 1), everything else N(0, 0.1), so the
-    greedy answer varies from token to token."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    """HF Qwen3VL(Moe)ForConditionalGeneration with random weights: norms 1 + N(0, 0.1),
+    norm biases N(0, 0.1), embeddings, lm_head and MoE routers N(0, 1), everything else
+    N(0, 0.1), so the greedy answer varies from token to token."""
+    import transformers
 
-    cfg = Qwen3VLConfig(**(config or tiny_hf_config()))
+    config = config or tiny_hf_config()
+    kind = "Qwen3VLMoe" if config.get("model_type") == "qwen3_vl_moe" else "Qwen3VL"
+    cfg = getattr(transformers, f"{kind}Config")(**config)
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(cfg).to(dtype).eval()
+    model = getattr(transformers, f"{kind}ForConditionalGeneration")(cfg).to(dtype).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            elif "embed_tokens" in name or "lm_head" in name or "pos_embed" in name:
+            elif ("embed_tokens" in name or "lm_head" in name or "pos_embed" in name
+                  or name.endswith("mlp.gate.weight")):  # MoE router: clear top-k choices
                 p.copy_(torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
@@ -126,7 +135,7 @@ def tiny_tokenizer():
 
 
 def make_tiny_checkpoint(out_dir: str, *, seed: int = 0, text_layers: int = 3, vision_depth: int = 3,
-                         dtype=torch.float32, shape: Optional[str] = None) -> str:
+                         dtype=torch.float32, shape: Optional[str] = None, moe: bool = False) -> str:
     """Write a complete Qwen3-VL checkpoint directory: config.json, tokenizer with chat
     template, processor configs, and (for the tiny shape) random safetensors weights.
     shape: None for the tiny model; "8b" for the released shape without weight files (build
@@ -137,7 +146,7 @@ def make_tiny_checkpoint(out_dir: str, *, seed: int = 0, text_layers: int = 3, v
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = tiny_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_CONTROL_TOKENS}
-    config = (tiny_hf_config(text_layers=text_layers, vision_depth=vision_depth) if shape is None
+    config = (tiny_hf_config(text_layers=text_layers, vision_depth=vision_depth, moe=moe) if shape is None
               else shaped_hf_config(shape))
     if shape is None:
         config["text_config"]["vocab_size"] = round_up(len(tokenizer), 64)
