@@ -1,10 +1,11 @@
-"""Qwen3-VL (dense) on megatron-core with context-parallel (Spava) attention. What is
-Qwen3-VL's: the vision encoder (no windows, learned position embeddings interpolated per
-frame size, patch 16, DeepStack taps through their own mergers), the interleaved M-RoPE
-whose rope index puts a text timestamp between frame groups, QK-norm in the LLM, DeepStack
-features added to the first LLM layers at the visual positions, the weight map and the
-prompt, and MoE (`moe/`: megatron-core's MoE layers). The generation loop is `megatron_spava.inference.generate`; shared pieces are
-`models.common` (and Qwen2.5-VL's frame-group encoder loop and M-RoPE decode positions).
+"""Qwen3-VL (dense, and MoE through megatron-core's MoE layers: `moe/`) on megatron-core
+with context-parallel (Spava) attention. What is Qwen3-VL's: the vision encoder (no
+windows, learned position embeddings interpolated per frame size, patch 16, DeepStack taps
+through their own mergers), the interleaved M-RoPE whose rope index puts a text timestamp
+between frame groups, QK-norm in the LLM, DeepStack features added to the first LLM layers
+at the visual positions, the weight map and the prompt. The generation loop is
+`megatron_spava.inference.generate`; shared pieces are `models.common` (and Qwen2.5-VL's
+frame-group encoder loop and M-RoPE decode positions).
 
 The names below load lazily, so the megatron-free submodules (`config`, `rope`, `tiny`,
 `prompt`) import without megatron-core."""
