@@ -116,6 +116,18 @@ def test_placeholder_and_timestamps_are_hf_processors():
     assert ours == hf and hf.count("seconds>") == 3
 
 
+def test_fallback_matches_the_hf_processor_where_torchvision_loads(checkpoint):
+    """Where torchvision imports (not on the CPU test machine), the torch fallback gives the
+    pinned processor's token ids and, to resampling noise, its pixels."""
+    pytest.importorskip("torchvision")
+    from megatron_spava.models.qwen3_vl.prompt import Qwen3VLPrompter
+    ours = Qwen3VLPrompter(checkpoint, use_hf_processor=False)(_clip(), QUESTION)
+    hf = Qwen3VLPrompter(checkpoint, use_hf_processor=True)(_clip(), QUESTION)
+    assert torch.equal(ours.input_ids, hf.input_ids)
+    assert torch.equal(ours.video_grid_thw, hf.video_grid_thw)
+    torch.testing.assert_close(ours.pixel_values_videos, hf.pixel_values_videos.float(), rtol=0, atol=2e-2)
+
+
 def test_rope_index_matches_transformers():
     """Our rope index (written from the rule) equals HF's get_rope_index for the video
     prompt, a text-only prompt and a padded batch with an image and a video."""

@@ -2,7 +2,7 @@
 encoder, dense layers, attention; tools/scaling_model.py's per-rank ops and the model
 packages' `vision_flops`) against the FLOPs the real prefill executes, counted by PyTorch's
 own `torch.utils.flop_counter.FlopCounterMode` inside `generate` on gloo ranks, per rank,
-for both model families and every layout family. The counter sees the matrix products
+for the three model families and every layout family. The counter sees the matrix products
 (aten.mm / addmm) and, through a mapping given here, the CPU attention kernel (4 b h sq sk d
 FLOPs per call, halved for a causal call: the same convention as the floor)."""
 
@@ -79,7 +79,7 @@ def _count(family: str, variants):
 VARIANTS = ["full", "ring", "spava", "apb", "star", "spava-no-zigzag", "spava-no-frame-parallel"]
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl3"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl3", "qwen3_vl"])
 def test_floor_flops_are_the_flops_the_prefill_executes(family):
     per_rank = run_ranks(_count, 2, family, VARIANTS, timeout=300)
     for variant in VARIANTS:
