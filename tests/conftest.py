@@ -1,12 +1,5 @@
-import os
-import sys
-
 import pytest
 import torch
-
-# The tools (tools/*.py, scripts rather than a package) import each other by name; tests
-# import them the same way.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
 if torch.cuda.is_available():
     # Where Transformer Engine is installed, megatron.core imports it, and TE loads its cuDNN

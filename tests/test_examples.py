@@ -181,7 +181,7 @@ def test_bench_prefill_runs_internvl3(tmp_path):
 
 
 def _bench_prefill():
-    import bench_prefill  # tools/, on sys.path through conftest
+    from megatron_spava.perf import bench_prefill
     return bench_prefill
 
 
@@ -189,12 +189,13 @@ def test_bench_prefill_megatron_variants_need_te_and_pad_the_prompt():
     """megatron-<comm> is accepted by name, refused in one line where TE does not import, and
     a run with it pads every algorithm's prompt to a multiple of 2 x CP (TE's rule)."""
     from megatron_spava.specs import te_available
+    from megatron_spava.perf.inputs import prompt_lengths, synthetic_inputs
     bp = _bench_prefill()
     cfg = bp.model_config("tiny")
     for multiple in (1, 4, 8):
-        groups, context, query = bp.prompt_lengths(1200, cfg, multiple)
+        groups, context, query = prompt_lengths(1200, cfg, multiple)
         assert (context + query) % multiple == 0 and 24 <= query < 24 + multiple
-        assert bp.synthetic_inputs(cfg, 1200, 0, multiple).input_ids.shape[1] == context + query
+        assert synthetic_inputs(cfg, 1200, 0, multiple).input_ids.shape[1] == context + query
     assert bp.algo_and_config("megatron-a2a")[0] == "megatron" and bp.megatron_comm("megatron-a2a+p2p") == "a2a+p2p"
     if te_available():
         pytest.skip("Transformer Engine imports here: tests/test_te.py runs the megatron variants")

@@ -152,10 +152,9 @@ def random_checkpoint(tmp_path_factory):
 
 def _write_checkpoint(path, seed=0):
     """A needle-shaped HF checkpoint with random weights, saved as the trainer saves."""
-    import train_needle_model as train
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from megatron_spava.tasks.model import hf_config
+    from megatron_spava.tasks.model import hf_config, save_checkpoint
     tok = _tokenizer()
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf_config(tok)))
@@ -163,7 +162,7 @@ def _write_checkpoint(path, seed=0):
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.08)
-    train.save_checkpoint(model, str(path), tok, {"seed": seed})
+    save_checkpoint(model, str(path), tok, {"seed": seed})
     return str(path)
 
 

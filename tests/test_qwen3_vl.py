@@ -513,16 +513,17 @@ def test_demo_generates_a_qwen3_vl_checkpoint_and_spava_agrees_with_full(tmp_pat
 
 
 def test_bench_prompts_are_the_processors_layout_and_fit_the_8b_shape():
-    """tools/bench_prefill.py's Qwen3-VL prompts (models.qwen3_vl.bench): the lengths it
+    """The prefill benchmark's Qwen3-VL prompts (perf.inputs, (models.qwen3_vl.bench): the lengths it
     reports, one timestamped group per temporal group (the rope index accepts them), and
     the released 8B shape (Qwen/Qwen3-VL-8B-Instruct) fits TP 1-8 but not 3 (placement)."""
-    import bench_prefill as bp
+    from megatron_spava.perf import bench_prefill as bp
+    from megatron_spava.perf.inputs import prompt_lengths, synthetic_inputs
     from megatron_spava.models.qwen3_vl.rope import rope_index
     from megatron_spava.placement import fit_error, request_of
     cfg = bp.model_config("tiny", "qwen3_vl")
     for multiple in (1, 8):
-        groups, context, query = bp.prompt_lengths(3000, cfg, multiple)
-        inputs = bp.synthetic_inputs(cfg, 3000, 0, multiple)
+        groups, context, query = prompt_lengths(3000, cfg, multiple)
+        inputs = synthetic_inputs(cfg, 3000, 0, multiple)
         ids = inputs.input_ids
         assert ids.shape[1] == context + query and ids.shape[1] % multiple == 0
         assert int((ids == cfg.vision_start_token_id).sum()) == groups + 1 == inputs.frame_groups + 1
@@ -534,5 +535,5 @@ def test_bench_prompts_are_the_processors_layout_and_fit_the_8b_shape():
             big.vision.depth, big.deepstack_layers) == (36, 4096, 32, 8, 128, 27, 3)
     assert all(fit_error(tp=tp, cp=2, algos=["spava"], model_config=big) is None for tp in (1, 2, 4, 8))
     assert "does not fit TP=3" in fit_error(tp=3, cp=2, algos=["spava"], model_config=big)
-    req = request_of(bp.synthetic_inputs(cfg, 3000, 0), cfg)
+    req = request_of(synthetic_inputs(cfg, 3000, 0), cfg)
     assert "groups for CP=16" in fit_error(tp=1, cp=16, algos=["spava"], requests=[req])

@@ -1,5 +1,5 @@
-"""The roofline floor of tools/bench_prefill.py: the FLOPs it charges each rank (vision
-encoder, dense layers, attention; tools/scaling_model.py's per-rank ops and the model
+"""The roofline floor of the prefill benchmark (megatron_spava.perf.bench_prefill): the FLOPs it charges each rank (vision
+encoder, dense layers, attention; perf.scaling_model's per-rank ops and the model
 packages' `vision_flops`) against the FLOPs the real prefill executes, counted by PyTorch's
 own `torch.utils.flop_counter.FlopCounterMode` inside `generate` on gloo ranks, per rank,
 for the three model families and every layout family. The counter sees the matrix products
@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megatron_spava.perf import inputs as prompts
 from megatron_spava.testing import run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +21,7 @@ TOKENS = 1200
 
 
 def _bench_prefill():
-    import bench_prefill  # tools/, on sys.path through conftest
+    from megatron_spava.perf import bench_prefill
     return bench_prefill
 
 
@@ -59,7 +60,7 @@ def _count(family: str, variants):
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
     for cp in sorted({1 if v == "full" else world for v in variants}):
         model, ps = bp.build("tiny", cp, 0, device, model=family)
-        inputs = bp.synthetic_inputs(model.cfg, TOKENS, 0)
+        inputs = prompts.synthetic_inputs(model.cfg, TOKENS, 0)
         for variant in variants:
             if (variant == "full") != (cp == 1):
                 continue
@@ -101,7 +102,7 @@ def test_floor_of_the_7b_shape_on_h200_rates():
     bp = _bench_prefill()
     cfg = bp.model_config("7b")
     rates = dict(gemm_flops_per_s=692e12, attention_flops_per_s=602e12)
-    _, context, query = bp.prompt_lengths(131072, cfg)
+    _, context, query = prompts.prompt_lengths(131072, cfg)
     S = context + query
     full = bp.roofline(cfg, 131072, "full", 4, rates)
     assert full["attention_s"] == pytest.approx(28 * 4 * 28 * 128 * S * S / 2 / 602e12, rel=1e-3)

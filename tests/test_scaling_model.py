@@ -1,4 +1,4 @@
-"""tools/scaling_model.py: its byte counts against the tensors the algorithms actually
+"""The scaling model (megatron_spava.perf.scaling_model): its byte counts against the tensors the algorithms actually
 exchange (counted inside real gloo runs of spava_attn_func and ring_attn_func), against
 hand counts for the algorithms not implemented here (Megatron a2a, all-gather), its
 attention work against the keys SPAVA.md's dense mask lets each row see, the overlap
@@ -16,7 +16,8 @@ from megatron_spava.algos import RingLayout, ring_attn_func
 from megatron_spava.testing import run_ranks
 from megatron_spava.testing.reference import random_qkv, spava_mask
 
-import scaling_model as sm  # tools/, on the path through conftest
+from megatron_spava.perf import scaling_model as sm
+from megatron_spava.perf.inputs import prompt_lengths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -168,7 +169,7 @@ def test_simulation_exposes_only_what_compute_does_not_cover():
 
 def test_local_tokens_are_the_layouts():
     plan, _ = sm.layer_ops("spava", 131072, 8, 1, sm.Shape())
-    _, context, query = sm._bench_prefill().prompt_lengths(131072)
+    _, context, query = prompt_lengths(131072)
     layout = SpavaLayout.plan(context_len=context, query_len=query, cp_size=8)
     assert plan.local_tokens == tuple(layout.local_len(r) for r in range(8))
     tp_plan, _ = sm.layer_ops("spava", 131072, 16, 2, sm.Shape())

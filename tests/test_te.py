@@ -120,8 +120,8 @@ def test_gpt_te_layers_match_local_layers(dtype):
 
 
 def _synthetic_inputs(cfg, n):
-    import bench_prefill
-    return bench_prefill.synthetic_inputs(cfg, n, 0)
+    from megatron_spava.perf.inputs import synthetic_inputs
+    return synthetic_inputs(cfg, n, 0)
 
 
 def _convert_rank(tmp):

@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from megatron_spava.perf.kernels import _median_ms, attention_floor_ms, gemm_floor_ms  # noqa: E402
 from megatron_spava.provenance import git_commit  # noqa: E402
 
 
@@ -71,65 +71,6 @@ def parse_args(argv=None):
     if needs_te and args.device != "cuda":
         p.error("Transformer Engine runs on CUDA only: pass --impls local --algos full with --device cpu")
     return args
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_ms(fn, device, warmup, repeats):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times), times
-
-
-def gemm_floor_ms(shape, S, dtype, device, warmup, repeats):
-    """Time of one layer's four GEMMs alone, at the layer's shapes."""
-    h, d = shape["hidden_size"], shape["kv_channels"]
-    hq, hk, f = shape["num_attention_heads"], shape["num_query_groups"], shape["ffn_hidden_size"]
-    x = torch.randn(S, h, device=device, dtype=dtype)
-    a = torch.randn(S, hq * d, device=device, dtype=dtype)
-    m = torch.randn(S, f, device=device, dtype=dtype)
-    weights = [torch.randn(n, k, device=device, dtype=dtype) * 0.01
-               for n, k in (((hq + 2 * hk) * d, h), (h, hq * d), (2 * f, h), (h, f))]
-    inputs = [x, a, x, m]
-    flops = sum(2 * S * w.shape[0] * w.shape[1] for w in weights)
-
-    def run():
-        for i, w in zip(inputs, weights):
-            torch.nn.functional.linear(i, w)
-
-    ms, _ = _median_ms(run, device, warmup, repeats)
-    return ms, flops
-
-
-def attention_floor_ms(shape, S, dtype, device, warmup, repeats, te: bool):
-    """Causal attention alone at length S: {kernel: ms} for our cuDNN (or CPU) kernel and,
-    with TE, TE's DotProductAttention."""
-    from megatron_spava.ops.attention import attend
-    hq, hk, d = shape["num_attention_heads"], shape["num_query_groups"], shape["kv_channels"]
-    gen = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(S, 1, hq, d, device=device, dtype=dtype, generator=gen)
-    k = torch.randn(S, 1, hk, d, device=device, dtype=dtype, generator=gen)
-    v = torch.randn(S, 1, hk, d, device=device, dtype=dtype, generator=gen)
-    kernel = "cudnn" if device.type == "cuda" else "auto"
-    out = {f"sdpa_{kernel}": _median_ms(lambda: attend(q, k, v, causal=True, kernel=kernel),
-                                        device, warmup, repeats)[0]}
-    if te:
-        import transformer_engine.pytorch as te_pt
-        dpa = te_pt.DotProductAttention(hq, d, num_gqa_groups=hk, attn_mask_type="causal",
-                                        qkv_format="sbhd", attention_dropout=0.0)
-        out["te_dot_product_attention"] = _median_ms(lambda: dpa(q, k, v), device, warmup, repeats)[0]
-    flops = 2 * S * S * hq * d  # QK^T and PV, causal half: 4 S^2 h d / 2
-    return out, flops
 
 
 def build(impl, algo, shape, layers, S, dtype, device):

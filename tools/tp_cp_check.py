@@ -30,12 +30,11 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the other tools, imported by name
 
 
 def _bench_prefill():
-    """tools/bench_prefill.py: its model builder, synthetic prompts and variant names."""
-    import bench_prefill
+    """The prefill benchmark (megatron_spava.perf.bench_prefill): its model builder and variant names."""
+    from megatron_spava.perf import bench_prefill
     return bench_prefill
 
 
@@ -168,10 +167,11 @@ def _check(args) -> None:
     bad = [f"{tp}x{cp}" for tp, cp in args.grids if world % (tp * cp)]
     if bad:
         raise ValueError(f"grids {', '.join(bad)} do not divide the {world} ranks")
+    from megatron_spava.perf.inputs import synthetic_inputs
     bp = _bench_prefill()
     cp_max = max(cp for _, cp in args.grids)
     multiple = 2 * cp_max if any(bp.megatron_comm(a) for a in args.algos) else 1
-    inputs_for = lambda cfg: bp.synthetic_inputs(cfg, args.tokens, args.seed, multiple)  # noqa: E731
+    inputs_for = lambda cfg: synthetic_inputs(cfg, args.tokens, args.seed, multiple)  # noqa: E731
     t0 = time.time()
     ref_tokens, ref = _runs(args, 1, 1, ["full"], args.bf16, inputs_for)["full"]
     noise = None

@@ -170,3 +170,41 @@ def write_checkpoint_files(out_dir: str, tokenizer) -> None:
     with open(os.path.join(out_dir, "video_preprocessor_config.json"), "w") as f:
         json.dump({**shared, "video_processor_type": "Qwen2VLVideoProcessor", "size": pixels,
                    "do_sample_frames": False}, f, indent=1)
+def save_checkpoint(model, out_dir: str, tokenizer, info: dict, archive: str = None) -> None:
+    """fp16 safetensors + config + tokenizer files + train_info.json (weights to a temporary
+    name first), and with `archive`, a tar of the directory (its top folder named like
+    out_dir's last component)."""
+    import json
+
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
+    tmp = os.path.join(out_dir, "model.safetensors.tmp")
+    save_file(state, tmp, metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
+    model.config.save_pretrained(out_dir)
+    write_checkpoint_files(out_dir, tokenizer)
+    with open(os.path.join(out_dir, "train_info.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    if archive:
+        write_archive(out_dir, archive)
+
+
+def write_archive(out_dir: str, archive: str) -> None:
+    import tarfile
+    os.makedirs(os.path.dirname(os.path.abspath(archive)), exist_ok=True)
+    tmp = archive + ".tmp"
+    with tarfile.open(tmp, "w") as tar:
+        tar.add(out_dir, arcname=os.path.basename(os.path.normpath(out_dir)))
+    os.replace(tmp, archive)
+
+
+def load_fp16_weights(model, out_dir: str) -> None:
+    from safetensors.torch import load_file
+    state = load_file(os.path.join(out_dir, "model.safetensors"))
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    if unexpected or [m for m in missing if "lm_head" not in m or not model.config.tie_word_embeddings]:
+        raise RuntimeError(f"checkpoint mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+

@@ -1,0 +1,576 @@
+#!/usr/bin/env python3
+"""Video prefill time-to-first-token of Qwen2.5-VL-, InternVL3- and Qwen3-VL-shaped models, every
+algorithm in one run.
+
+    torchrun --standalone --nproc-per-node 4 tools/bench_prefill.py --shape 7b \\
+        --tokens 32768 65536 131072 --json prefill.json --plot prefill.png
+    torchrun --standalone --nproc-per-node 4 tools/bench_prefill.py --shape internvl3-2b ...
+    torchrun --standalone --nproc-per-node 1 tools/bench_prefill.py --shape qwen3-vl-8b ...
+
+For each LLM length n it synthesises a 448x448 video inside a chat prompt (Qwen2.5-VL:
+n/256 temporal groups of random patches; InternVL3: n/258 frames of one random 448x448
+tile, `<img><IMG_CONTEXT>*256</img>` each; Qwen3-VL: n/264 timestamped groups of 512x512,
+`models.qwen3_vl.bench`), i.e. the vision encoder's real input size,
+builds the model with random bf16 weights at the released shape (real layer counts,
+widths and heads; --model picks the family for --shape tiny), and times
+`generate(max_new_tokens=1)`: frame-parallel vision + prefill until the first token
+is known on every rank. Algorithms (--algos) are the registry's
+(megatron_spava.algos: full, ring, star, apb, spava, ...) and variants that turn SpavaConfig
+switches off, `<algo>-no-<switch>[-no-<switch>...]`:
+  full                       one GPU, exact (every rank runs its own replica)
+  ring                       exact ZigZag ring attention over W GPUs
+  star, apb, spava           SPAVA.md section 5
+  spava-no-overlap, spava-no-shard-anchor, spava-no-fuse-query, spava-no-zigzag,
+  spava-no-frame-parallel    one step of the paper's ablation chain each (the default list)
+  megatron-p2p, megatron-a2a, megatron-all_gather, megatron-a2a+p2p
+                             Megatron's own context parallelism: Transformer Engine's CP
+                             attention with that --cp-comm-type, as Megatron ships it (no
+                             weight sharding); needs TE, and in the default list when TE
+                             imports. With any of them in a run, every algorithm gets the
+                             same prompt padded to a multiple of 2 x CP tokens (TE's rule)
+  --chain                    adds the chain itself, each step removing one more switch:
+                             spava-no-overlap, spava-no-overlap-no-shard-anchor, ...
+spava-no-fuse-query prefills the context alone and runs the query over the KV cache (two
+passes); spava-no-frame-parallel has every rank encode the whole video.
+The CP algorithms run with the LLM layers' weights sharded over the W GPUs (--shard-weights,
+default; `full` runs on one GPU with every weight).
+Reported per (n, algo): median TTFT over --repeats after --warmup runs (the slowest rank's
+median; min / max are rank 0's runs), the
+vision / LLM split, the share of LLM time inside core attention (CUDA events around
+every core-attention call), peak GPU memory (max over ranks), and speedups against full,
+ring and apb from the same run, and the roofline floor beside each TTFT: the FLOPs the
+busiest rank must do (vision encoder and dense layers at the measured GEMM rate,
+attention at the measured causal-attention rate; per-rank FLOPs from tools/scaling_model.py's
+per-rank ops, i.e. the algorithm's own layout), with both rates measured in the same run
+at the start (one layer's four GEMMs and one causal attention call at the LLM's shape,
+`--rate-tokens` rows; tools/bench_layers.py's kernels). With --profile-comm, one extra spava run per n under
+torch.profiler measures exposed communication: time when an NCCL kernel runs and no
+other kernel does, over the run's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from . import kernels, scaling_model
+from .inputs import TOKENS_PER_GROUP, _family_bench, _is_internvl, prompt_lengths, synthetic_inputs
+
+#: --shape -> (family, the family's shape name; None: its tiny config)
+SHAPES = {"tiny": (None, None), "3b": ("qwen2_5_vl", "3b"), "7b": ("qwen2_5_vl", "7b"),
+          "internvl3-2b": ("internvl3", "2b"), "qwen3-vl-8b": ("qwen3_vl", "8b")}
+
+
+def family_of(shape: str, model: str = "auto") -> str:
+    """The model family of a --shape / --model pair; ValueError when they disagree."""
+    family, _ = SHAPES[shape]
+    if model != "auto" and family is not None and model != family:
+        raise ValueError(f"--shape {shape} is a {family} shape, not {model}")
+    return model if model != "auto" else (family or "qwen2_5_vl")
+
+
+def model_config(shape: str, model: str = "auto"):
+    """The family's config (Qwen25VLConfig / InternVL3Config) at `shape`."""
+    from megatron_spava.models.families import get_family
+    family = get_family(family_of(shape, model))
+    tiny, name = family.tiny(), SHAPES[shape][1]
+    return family.config(tiny.tiny_hf_config() if name is None else tiny.shaped_hf_config(name))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="7b",
+                   help="model shape: 3b/7b Qwen2.5-VL's, internvl3-2b InternVL3's, qwen3-vl-8b "
+                        "Qwen3-VL's; tiny (any family, --model) is for a CPU dry run (default: %(default)s)")
+    p.add_argument("--model", choices=["auto", "qwen2_5_vl", "internvl3", "qwen3_vl"], default="auto",
+                   help="model family; auto: the shape's (tiny: qwen2_5_vl) (default: %(default)s)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: gloo ranks, for checking the tool itself (default: %(default)s)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[32768, 65536, 131072],
+                   help="LLM prompt lengths n (default: %(default)s)")
+    p.add_argument("--algos", nargs="+", type=_variant, default=None, metavar="ALGO",
+                   help="algorithms and variants (default: %s)" % " ".join(_default_algos()))
+    p.add_argument("--chain", action="store_true",
+                   help="also run the paper's ablation chain (%s)" % ", ".join(_chain()))
+    p.add_argument("--repeats", type=int, default=3, help="timed runs (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: %(default)s)")
+    p.add_argument("--full-max-tokens", type=int, default=1 << 30,
+                   help="skip 'full' above this n (one GPU's memory/time) (default: no limit)")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="TP size; CP = world / TP (multi-node: TP inside a node, see "
+                        "examples/cluster/) (default: %(default)s)")
+    p.add_argument("--shard-weights", action=argparse.BooleanOptionalAction, default=True,
+                   help="CP algorithms keep 1/W of each LLM layer's weights per GPU, gathered layer "
+                        "by layer (the model's shard_weights) (default: on)")
+    p.add_argument("--rate-tokens", type=int, default=None,
+                   help="rows of the GEMM and causal-attention calls that measure the roofline's "
+                        "rates (default: the largest --tokens, at most 65536 on CUDA, 1024 on CPU)")
+    p.add_argument("--profile-comm", action="store_true", help="measure exposed communication")
+    p.add_argument("--profile-kernels", metavar="DIR",
+                   help="one extra spava run per n under torch.profiler: print the 25 costliest "
+                        "kernels and write a Chrome trace per rank into DIR")
+    p.add_argument("--json", help="write results here (rewritten after every n)")
+    p.add_argument("--plot", help="write a PNG of speedup vs tokens here (needs matplotlib)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replot", nargs="+", metavar="JSON",
+                   help="no run: merge these result files, print the table, write --json/--plot")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="ranks to launch when not under torchrun (default: the GPUs, or 2 on CPU)")
+    p.add_argument("--verbose", action="store_true", help="tracebacks of errors")
+    from megatron_spava.launch import add_distributed_timeout_arg
+    add_distributed_timeout_arg(p)
+    from megatron_spava.specs import add_transformer_impl_arg
+    add_transformer_impl_arg(p)
+    args = p.parse_args(argv)
+    try:
+        family_of(args.shape, args.model)
+    except ValueError as err:
+        p.error(str(err))
+    wanted = [a for a in (args.algos or []) if megatron_comm(a)]
+    if wanted:
+        from megatron_spava.specs import te_available
+        if not te_available():
+            p.error(f"{', '.join(wanted)}: Megatron's own context parallelism is Transformer Engine's "
+                    f"attention, and Transformer Engine does not import here")
+        if args.device != "cuda":
+            p.error(f"{', '.join(wanted)}: Transformer Engine runs on CUDA only (--device cuda)")
+    return args
+
+
+def _default_algos():
+    from megatron_spava.algos import benchmark_variants
+    from megatron_spava.specs import te_available
+    return benchmark_variants() + (MEGATRON_VARIANTS[:3] if te_available() else [])
+
+
+#: Megatron's own CP, one variant per Transformer Engine --cp-comm-type
+MEGATRON_VARIANTS = ["megatron-p2p", "megatron-a2a", "megatron-all_gather", "megatron-a2a+p2p"]
+
+
+def megatron_comm(variant: str):
+    """The --cp-comm-type of a megatron-<comm> variant, else None."""
+    return variant[len("megatron-"):] if variant in MEGATRON_VARIANTS else None
+
+
+def _chain():
+    from megatron_spava.algos import ablation_chain
+    return ablation_chain()
+
+
+def _variant(name: str) -> str:
+    """argparse type: a registered algorithm, one of its -no-<switch> variants, or
+    megatron-<cp-comm-type>."""
+    from megatron_spava.algos import get, parse_variant
+    if megatron_comm(name):
+        return name
+    try:
+        algo, _ = parse_variant(name)
+        if get(algo).attn_func is None:
+            raise ValueError(f"{algo!r} runs in its own core-attention module: name its communication, "
+                             f"one of {', '.join(MEGATRON_VARIANTS)}")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err))
+    return name
+
+
+def algo_and_config(variant: str):
+    """(registry algorithm, SpavaConfig) of a variant name: 'spava-no-zigzag' -> spava with
+    zigzag=False; 'megatron-a2a' -> megatron with the default config (its communication is
+    the model's core-attention module: `megatron_comm`)."""
+    from megatron_spava.algos import variant_config
+    from megatron_spava.config import SpavaConfig
+    if megatron_comm(variant):
+        return "megatron", SpavaConfig()
+    return variant_config(variant)
+
+
+def build(shape: str, cp: int, seed: int, device: torch.device, tp: int = 1, backend: str = "local",
+          model: str = "auto", cp_comm_type=None, cpu_init=None, bf16=None):
+    """The model at `shape` with random weights (the same on every rank), under a fresh
+    TP x CP parallel state; cp_comm_type: build it with Megatron's own CP attention
+    (Transformer Engine's, that communication) instead of SpavaCoreAttention. cpu_init:
+    megatron-core's CPU initialisation (the full weight drawn, then sliced: the same weights
+    at every TP size; default on CPU only); bf16: bfloat16 (default on CUDA only)."""
+    from megatron_spava.launch import model_parallel_state
+    from megatron_spava.models.families import get_family
+
+    ps = model_parallel_state(tp, cp)
+    torch.manual_seed(seed)
+    cfg = model_config(shape, model)
+    Model = get_family(family_of(shape, model)).model_class()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.manual_seed(seed)
+    extra = {}
+    if cp_comm_type is not None:
+        from megatron_spava.algos.megatron import core_attention_for
+        extra["core_attention"] = core_attention_for("megatron", cp_comm_type)
+    cpu_init = not cuda if cpu_init is None else cpu_init
+    dtype = torch.bfloat16 if (cuda if bf16 is None else bf16) else torch.float32
+    with torch.device("cpu" if cpu_init else device):
+        built = Model(cfg, dtype=dtype, tensor_parallel=tp, context_parallel=cp,
+                      use_cpu_initialization=cpu_init, backend=backend, **extra).eval()
+    return built.to(device), ps
+
+
+def exposed_comm_share(prof) -> float:
+    """Fraction of the run's GPU wall time where an NCCL kernel runs and nothing else does."""
+    kernels = [(e.time_range.start, e.time_range.end, "nccl" in e.name.lower())
+               for e in prof.events() if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start]
+    if not kernels:
+        return float("nan")
+    def union(intervals):
+        out = []
+        for s, e in sorted(intervals):
+            if out and s <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], e)
+            else:
+                out.append([s, e])
+        return out
+    comm, compute = union([(s, e) for s, e, c in kernels if c]), union([(s, e) for s, e, c in kernels if not c])
+    exposed = 0.0
+    for s, e in comm:  # comm time minus its overlap with compute
+        covered = 0.0
+        for cs, ce in compute:
+            covered += max(0.0, min(e, ce) - max(s, cs))
+        exposed += (e - s) - covered
+    wall = max(e for _, e, _ in kernels) - min(s for s, _, _ in kernels)
+    return exposed / wall
+
+
+def llm_shape(cfg):
+    """The LLM's shape (scaling_model.Shape) of a Qwen25VLConfig / InternVL3Config."""
+    return scaling_model.Shape(layers=cfg.num_layers, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
+                                        heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
+
+
+def vision_flops_per_group(cfg) -> float:
+    """Vision FLOPs of one frame group of synthetic_inputs: Qwen2.5-VL, 2 frames of 448x448
+    (1024 patches); InternVL3, one 448x448 tile; Qwen3-VL, 2 frames of 512x512."""
+    if _family_bench(cfg):
+        return _family_bench(cfg).vision_flops_per_group(cfg)
+    if _is_internvl(cfg):
+        from megatron_spava.models.internvl3.vision import vision_flops
+        return vision_flops(cfg, 1)
+    from megatron_spava.models.qwen2_5_vl.vision import vision_flops
+    return vision_flops(cfg.vision, 4 * TOKENS_PER_GROUP, 4 * TOKENS_PER_GROUP)
+
+
+def measure_rates(cfg, device: torch.device, rows: int, warmup: int = 1, repeats: int = 3) -> dict:
+    """Peak rates of this device at the LLM's shape, in FLOP/s: one layer's four GEMMs
+    (QKV, output, gate|up, down) over `rows` tokens, and one causal attention call of
+    `rows` tokens (the kernel the algorithms use). Run on every rank; the minimum is kept."""
+    bl = kernels
+    shape = dict(hidden_size=cfg.hidden_size, kv_channels=cfg.head_dim, num_attention_heads=cfg.num_heads,
+                 num_query_groups=cfg.num_kv_heads, ffn_hidden_size=cfg.intermediate_size)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gemm_ms, gemm_flops = bl.gemm_floor_ms(shape, rows, dtype, device, warmup, repeats)
+    attn, attn_flops = bl.attention_floor_ms(shape, rows, dtype, device, warmup, repeats, te=False)
+    rates = torch.tensor([gemm_flops / gemm_ms * 1e3, attn_flops / min(attn.values()) * 1e3], dtype=torch.float64,
+                         device=device)
+    dist.all_reduce(rates, op=dist.ReduceOp.MIN)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dict(rows=rows, gemm_flops_per_s=float(rates[0]), attention_flops_per_s=float(rates[1]),
+                attention_kernel=next(iter(attn)))
+
+
+def rank_flops(cfg, n: int, variant: str, cp: int, multiple: int = 1) -> list:
+    """Per CP rank, the FLOPs one (n, variant) prefill must do: {"vision", "dense",
+    "attention"} (all layers; tools/scaling_model.py's per-rank ops for the LLM,
+    `vision_flops` for the rank's frame groups). `full` is one GPU. The LM head, norms,
+    selection and merges are not counted. A two-pass variant (-no-fuse-query) is charged the
+    one-pass FLOPs: the query's rows and keys are the same."""
+    import dataclasses
+    sm = scaling_model
+    name, config = algo_and_config(variant)
+    config = dataclasses.replace(config, fuse_query=True)
+    comm = megatron_comm(variant)
+    model_name = name if comm is None else {"all_gather": "megatron-allgather"}.get(comm, f"megatron-{comm}")
+    per_group = vision_flops_per_group(cfg)
+    ranks = sm.rank_flops(model_name, n, 1 if name == "full" else cp, llm_shape(cfg),
+                          lengths=prompt_lengths(n, cfg, multiple),
+                          config=config if name in ("spava", "apb", "star") else None,
+                          frame_parallel=config.frame_parallel)
+    return [dict(vision=f["frame_groups"] * per_group, dense=f["dense"], attention=f["attention"]) for f in ranks]
+
+
+def roofline(cfg, n: int, variant: str, cp: int, rates: dict, multiple: int = 1) -> dict:
+    """The floor of one (n, variant) run: max over CP ranks of (vision + dense FLOPs) / GEMM
+    rate + attention FLOPs / attention rate (`rank_flops`), in seconds, with the busiest
+    rank's split and FLOPs (a floor, not a prediction: tools/scaling_model.py predicts)."""
+    best = None
+    for r, f in enumerate(rank_flops(cfg, n, variant, cp, multiple)):
+        split = dict(vision_s=f["vision"] / rates["gemm_flops_per_s"], dense_s=f["dense"] / rates["gemm_flops_per_s"],
+                     attention_s=f["attention"] / rates["attention_flops_per_s"])
+        row = dict(floor_s=sum(split.values()), rank=r, **split, flops=f)
+        if best is None or row["floor_s"] > best["floor_s"]:
+            best = row
+    return best
+
+
+def run_algo(model, ps, inputs, algo: str, args):
+    from megatron_spava import profiling
+    from megatron_spava.inference.generate import generate
+    group = ps.get_context_parallel_group()
+    name, config = algo_and_config(algo)
+    kwargs = dict(algo=name, config=config, cp_group=group, max_new_tokens=1, eos_token_ids=[],
+                  device=args.device_obj)
+    cuda = args.device_obj.type == "cuda"
+    for _ in range(args.warmup):
+        generate(model, inputs, **kwargs)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    ttft, vision, attention, selection = [], [], [], []
+    for _ in range(args.repeats):
+        profiling.start()
+        out = generate(model, inputs, **kwargs)
+        regions = profiling.stop()
+        if cuda:
+            attention.append(regions.get("attention", 0.0))
+            selection.append(regions.get("selection", 0.0))
+        ttft.append(out.ttft_s)
+        vision.append(out.timings["vision_s"])
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0],
+                        device=args.device_obj)
+    times = torch.tensor([statistics.median(ttft), statistics.median(vision)], device=args.device_obj)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    result = dict(ttft_median_s=float(times[0]), ttft_min_s=min(ttft), ttft_max_s=max(ttft),
+                  ttft_all_s=ttft, vision_median_s=float(times[1]),
+                  llm_median_s=float(times[0] - times[1]),
+                  attention_share_of_llm=(statistics.median(attention) / max(1e-9, float(times[0] - times[1]))
+                                          if attention else float("nan")),
+                  selection_share_of_llm=(statistics.median(selection) / max(1e-9, float(times[0] - times[1]))
+                                          if selection else float("nan")),
+                  peak_memory_gib=float(peak), tokens=int(inputs.input_ids.shape[1]),
+                  local_tokens=int(out.layout.local_len(ps.get_context_parallel_rank())))
+    if args.profile_kernels and algo == "spava":
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            generate(model, inputs, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+        os.makedirs(args.profile_kernels, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(
+            args.profile_kernels, f"spava_n{inputs.input_ids.shape[1]}_rank{dist.get_rank()}.json"))
+        if dist.get_rank() == 0:
+            sort = "cuda_time_total" if cuda else "cpu_time_total"
+            print(prof.key_averages().table(sort_by=sort, row_limit=25), flush=True)
+    if args.profile_comm and algo == "spava" and cuda:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            generate(model, inputs, **kwargs)
+            torch.cuda.synchronize()
+        result["exposed_comm_share"] = exposed_comm_share(prof)
+    return result
+
+
+def replot(args) -> None:
+    """Merge result files (later ones add runs), recompute speedups, print and plot."""
+    merged = None
+    for path in args.replot:
+        with open(path) as f:
+            data = json.load(f)
+        if merged is None:
+            merged = data
+            continue
+        for n, runs in data["runs"].items():
+            merged["runs"].setdefault(n, {}).update(runs)
+    _speedups(merged)
+    _table(merged)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(merged, f, indent=1)
+    if args.plot:
+        _plot(merged, args.plot)
+
+
+def main(argv=None):
+    """Not under torchrun: check the flags, then relaunch on --nproc ranks (an error, or a
+    rank that stalls or dies, is one line naming the rank). Under torchrun: run."""
+    from megatron_spava.launch import (RankError, distributed_timeout, relaunch, report_rank_errors,
+                                       under_torchrun)
+    args = parse_args(argv)
+    args.algos = list(dict.fromkeys((args.algos or _default_algos()) + (_chain() if args.chain else [])))
+    if args.replot:
+        return replot(args)
+    prog = os.path.basename(__file__)
+    try:
+        distributed_timeout(args)
+        for flag in ("tokens", "repeats", "nproc", "tensor_model_parallel_size"):
+            values = getattr(args, flag)
+            for v in (values if isinstance(values, list) else [values]):
+                if v is not None and v < 1:
+                    raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+        if args.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    except ValueError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    if not under_torchrun():
+        nproc = args.nproc or (torch.cuda.device_count() if args.device == "cuda" else 2)
+        try:
+            relaunch("megatron_spava.perf.bench_prefill", nproc, argv, verbose=args.verbose)
+        except (RankError, ValueError) as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return 1
+        return 0
+    with report_rank_errors(args.verbose):
+        bench(args)
+    return 0
+
+
+def bench(args):
+    """The benchmark, on this rank."""
+    from megatron_spava.launch import distributed_timeout, init_distributed, set_phase
+    from megatron_spava.specs import resolve_transformer_impl
+    args.device_obj = init_distributed(args.device, timeout=distributed_timeout(args))
+    impl = resolve_transformer_impl(args.transformer_impl, args.device_obj)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    world, rank = dist.get_world_size(), dist.get_rank()
+    from megatron_spava.placement import Request, check_launch  # fit and placement, before the build
+    tp = args.tensor_model_parallel_size
+    if tp < 1 or world % tp:
+        raise ValueError(f"--tensor-model-parallel-size {tp} must divide the {world} ranks")
+    cp = world // tp
+    variants = [algo_and_config(a) for a in args.algos]
+    cfg = model_config(args.shape, args.model)
+    multiple = 2 * cp if any(megatron_comm(a) for a in args.algos) and cp > 1 else 1
+    check_launch(tp=tp, cp=cp, algos=[v for v in variants if v[0] != "full"],
+                 requests=[Request(c, q, g) for g, c, q in (prompt_lengths(n, cfg, multiple) for n in args.tokens)],
+                 frame_parallel=any(c.frame_parallel for a, c in variants if a != "full"),
+                 model_config=cfg)
+    results = dict(shape=args.shape, model=family_of(args.shape, args.model), world=world, tp=tp, cp=cp, device=name, transformer_impl=impl,
+                   torch=torch.__version__, date=time.strftime("%Y-%m-%d"), runs={})
+    cap = 65536 if args.device == "cuda" else 1024
+    rates = results["rates"] = measure_rates(cfg, args.device_obj, args.rate_tokens or min(max(args.tokens), cap))
+    if rank == 0:
+        print(f"roofline rates at {rates['rows']} rows: GEMM {rates['gemm_flops_per_s'] / 1e12:.3g} TFLOP/s, "
+              f"causal attention ({rates['attention_kernel']}) {rates['attention_flops_per_s'] / 1e12:.3g} TFLOP/s",
+              flush=True)
+    # One model per group of algorithms that share it: our core attention (weights sharded
+    # over CP unless --no-shard-weights), Megatron's CP attention per communication (as
+    # Megatron ships it: no sharding), and `full` on one GPU (every rank its own replica).
+    one_gpu = [a for a in args.algos if algo_and_config(a)[0] == "full"]
+    megatron = [a for a in args.algos if megatron_comm(a)]
+    ours = [a for a in args.algos if a not in one_gpu and a not in megatron]
+    groups = ([(cp, None, ours, args.shard_weights)] if ours else []) + \
+        [(cp, megatron_comm(a), [a], False) for a in megatron] + ([(1, None, one_gpu, False)] if one_gpu else [])
+    for n in args.tokens:
+        results["runs"][str(n)] = {}
+    results["shard_weights"] = args.shard_weights
+    results["prompt_multiple"] = multiple
+    for size, comm, algos, shard in groups:
+        set_phase(f"building the model for {', '.join(algos)} (CP {size})")
+        model, ps = build(args.shape, size, args.seed, args.device_obj, tp, impl, args.model, cp_comm_type=comm)
+        if shard and size > 1:
+            model.shard_weights(ps.get_context_parallel_group())
+        for n in args.tokens:
+            if size == 1 and n > args.full_max_tokens:
+                continue
+            inputs = synthetic_inputs(model.cfg, n, args.seed, multiple)
+            for algo in algos:
+                set_phase(f"running {algo} at n={n}")
+                run = results["runs"][str(n)][algo] = run_algo(model, ps, inputs, algo, args)
+                run["roofline"] = roofline(cfg, n, algo, size, rates, multiple) if tp == 1 else None
+                _report(rank, n, algo, run)
+            _save(rank, args, results)
+        del model
+        if args.device_obj.type == "cuda":
+            torch.cuda.empty_cache()
+    _speedups(results)
+    _save(rank, args, results)
+    if rank == 0:
+        _table(results)
+        if args.plot:
+            _plot(results, args.plot)
+    dist.destroy_process_group()
+
+
+def _floor(r) -> str:
+    f = r.get("roofline")
+    return "" if not f else (f" floor {1e3 * f['floor_s']:8.1f} ms (x{r['ttft_median_s'] / f['floor_s']:.2f}; "
+                             f"vision {1e3 * f['vision_s']:.1f}, dense {1e3 * f['dense_s']:.1f}, "
+                             f"attention {1e3 * f['attention_s']:.1f})")
+
+
+def _report(rank, n, algo, r):
+    if rank == 0:
+        print(f"n={n:>7} {algo:<24} TTFT {1e3 * r['ttft_median_s']:9.1f} ms{_floor(r)} "
+              f"(vision {1e3 * r['vision_median_s']:8.1f}, attention {100 * r['attention_share_of_llm']:4.1f}%, "
+              f"selection {100 * r['selection_share_of_llm']:4.1f}% of LLM) "
+              f"peak {r['peak_memory_gib']:6.1f} GiB", flush=True)
+
+
+def _speedups(results):
+    for runs in results["runs"].values():
+        for base in ("full", "ring", "apb"):
+            if base in runs:
+                for r in runs.values():
+                    r[f"speedup_vs_{base}"] = runs[base]["ttft_median_s"] / r["ttft_median_s"]
+
+
+def _save(rank, args, results):
+    if rank == 0 and args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def _table(results):
+    print(f"\n{results.get('model', 'qwen2_5_vl')} {results['shape']}-shaped, {results['world']} x "
+          f"{results['device']}: TTFT median (s) and speedups")
+    w = max([24] + [len(a) for runs in results["runs"].values() for a in runs])
+    rates = results.get("rates")
+    if rates:
+        print(f"floor: the busiest rank's FLOPs at GEMM {rates['gemm_flops_per_s'] / 1e12:.3g} and causal "
+              f"attention {rates['attention_flops_per_s'] / 1e12:.3g} TFLOP/s (measured in this run)")
+    print(f"{'n':>8} {'algo':<{w}} {'TTFT':>8} {'floor':>8} {'/floor':>7} {'vision':>8} {'vs full':>8} "
+          f"{'vs ring':>8} {'vs apb':>8} {'mem GiB':>8}")
+    for n, runs in results["runs"].items():
+        for algo, r in runs.items():
+            fmt = lambda k: f"{r[k]:8.2f}" if k in r else f"{'-':>8}"  # noqa: E731
+            f = r.get("roofline")
+            floor = f"{f['floor_s']:8.3f} {r['ttft_median_s'] / f['floor_s']:7.2f}" if f else f"{'-':>8} {'-':>7}"
+            print(f"{n:>8} {algo:<{w}} {r['ttft_median_s']:8.3f} {floor} {r['vision_median_s']:8.3f} "
+                  f"{fmt('speedup_vs_full')} {fmt('speedup_vs_ring')} {fmt('speedup_vs_apb')} "
+                  f"{r['peak_memory_gib']:8.1f}")
+
+
+def _plot(results, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    algos = sorted({a for runs in results["runs"].values() for a in runs})
+    for algo in algos:
+        pts = [(int(n), r[algo]["speedup_vs_full"]) for n, r in results["runs"].items()
+               if algo in r and "speedup_vs_full" in r[algo]]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=algo)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("LLM tokens")
+    ax.set_ylabel("TTFT speedup vs full (1 GPU)")
+    family = {"internvl3": "InternVL3", "qwen3_vl": "Qwen3-VL"}.get(results.get("model"), "Qwen2.5-VL")
+    ax.set_title(f"{family} {results['shape']}-shaped prefill, {results['world']} GPUs")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    from megatron_spava.launch import quiet_known_warnings
+    quiet_known_warnings("--verbose" in sys.argv[1:], announce="RANK" not in os.environ)
+    sys.exit(main())
