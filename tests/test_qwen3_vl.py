@@ -222,8 +222,15 @@ def _run(model, inputs, algo, budget, hidden=False):
     return vision, out.tokens, out.first_logits, captured[:n]
 
 
-def _rank(tp, cp, algo, budget, checkpoint, inputs, hidden=False):
-    return _run(_build(tp, cp, checkpoint), inputs, algo, budget, hidden)
+def _rank(tp, cp, algo, budget, checkpoint, inputs, hidden=False, shard=False):
+    """The model at TP x CP (shard: its LLM layers' weights sharded over the CP group,
+    gathered layer by layer) and `_run`'s results."""
+    from megatron.core import parallel_state as ps
+    model = _build(tp, cp, checkpoint)
+    if shard:
+        model.shard_weights(ps.get_context_parallel_group())
+        assert all(p.numel() == 0 for p in model.language_model.decoder.layers[0].parameters())
+    return _run(model, inputs, algo, budget, hidden)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -247,10 +254,12 @@ def test_hidden_states_and_logits_match_hf(hf_reference, checkpoint, inputs, tp)
 @pytest.mark.parametrize("tp,cp,algo", [(1, 2, "spava"), (1, 3, "spava"), (2, 2, "ring")])
 def test_context_parallel_at_full_budget_matches_hf(hf_reference, checkpoint, inputs, tp, cp, algo):
     """Spava at full budget over CP 2 and 3 (frame-parallel vision, each rank placing its
-    DeepStack rows by the layout's indices) is full attention: HF's first-token logits and
-    16 tokens; ring at TP 2 x CP 2 too. Every rank gives the same answer."""
+    DeepStack rows by the layout's indices; at CP 3 with the LLM weights sharded over the
+    ranks, as the benchmark runs) is full attention: HF's first-token logits and 16 tokens;
+    ring at TP 2 x CP 2 too. Every rank gives the same answer."""
     ref = hf_reference
-    results = run_ranks(_rank, tp * cp, tp, cp, algo, FULL_BUDGET, checkpoint, inputs, timeout=240)
+    results = run_ranks(_rank, tp * cp, tp, cp, algo, FULL_BUDGET, checkpoint, inputs, False, cp == 3,
+                        timeout=240)
     for vision, tokens, first, _ in results:
         assert _relative(vision, ref["vision"]) < 1e-5
         assert _relative(first, ref["first"]) < 1e-5
