@@ -86,7 +86,16 @@ def add_spava_args(parser: argparse.ArgumentParser, *, algorithm: bool = True) -
 
 
 def spava_config_from_args(args: argparse.Namespace) -> SpavaConfig:
-    """The SpavaConfig the `--spava-*` options describe (ValueError if invalid)."""
+    """The SpavaConfig the `--spava-*` options describe (ValueError if invalid, or if an
+    option is set that an ablation switch makes meaningless)."""
+    if getattr(args, "spava_no_passing", False):
+        moot = [flag for flag, value, default in (
+            ("--spava-passing-len", args.spava_passing_len, None),
+            ("--spava-passing-divisor", args.spava_passing_divisor, 128),
+            ("--spava-passing-scale", args.spava_passing_scale, 1)) if value != default]
+        if moot:
+            raise ValueError(f"{', '.join(moot)} sets the passing budget, which --spava-no-passing "
+                             f"turns off: give one or the other")
     return SpavaConfig(
         anchor_len=args.spava_anchor_len, passing_len=args.spava_passing_len,
         anchor_divisor=args.spava_anchor_divisor, passing_divisor=args.spava_passing_divisor,

@@ -122,6 +122,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_flags(args) -> None:
+    """ValueError for sizes no run can have and for flags that exclude each other. Pure."""
+    import math
+    for flag, value in (("--tensor-model-parallel-size", args.tensor_model_parallel_size),
+                        ("--context-parallel-size", args.context_parallel_size),
+                        ("--max-frames", args.max_frames)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    for flag, value in (("--fps", args.fps), ("--frames-fps", args.frames_fps)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} must be a positive number, got {value}")
+    for a, b in (("video", "frames_dir"), ("hf_path", "megatron_path")):
+        if getattr(args, a) and getattr(args, b):
+            raise ValueError(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} exclude each other: "
+                             f"give one")
+
+
+def _weight_bytes(checkpoint: str) -> int:
+    """Bytes of the checkpoint's weight files (safetensors or dist checkpoint), 0 if none."""
+    if not os.path.isdir(checkpoint):
+        return 0
+    return sum(os.path.getsize(os.path.join(checkpoint, n)) for n in os.listdir(checkpoint)
+               if n.endswith((".safetensors", ".distcp")))
+
+
+def check_memory(args, checkpoint: str, ranks: int) -> None:
+    """Before anything is rendered or a rank starts: the needle video's host memory (and,
+    on CUDA, one GPU's) against what the machine has (`memory`); ValueError naming the
+    estimate and the flag to change. A user's --video is checked by its frame count only
+    (check_video)."""
+    from . import memory
+    sample = needle_sample(args)
+    if sample is None:
+        return
+    from .tasks.needles import FRAME_SIZE
+    tokens = sample.groups * (FRAME_SIZE // 28) ** 2
+    weights = _weight_bytes(checkpoint)
+    memory.check_host_memory(tokens, ranks, weights, args.tensor_model_parallel_size)
+    if args.device == "cuda" and torch.cuda.is_available():
+        cfg = model_family(args, checkpoint).config(checkpoint)
+        memory.check_gpu_memory(cfg, tokens, args.tensor_model_parallel_size, args.context_parallel_size,
+                                2 if args.bf16 else 4, weights, args.shard_weights,
+                                torch.cuda.get_device_properties(0).total_memory)
+
+
 def model_family(args, checkpoint: Optional[str] = None):
     """The model family (`models.families.Family`): --model, else the checkpoint's
     config.json model_type, else Qwen2.5-VL (the generated checkpoint's default)."""
@@ -272,7 +317,15 @@ def _run_one(args, checkpoint, inputs, algo: str, tp: int, cp: int, device, conf
         return answer_questions(model, inputs, qs, max_new_tokens=max_new_tokens, **kwargs)
 
     answer(2, None if queries is None else queries[:1])  # warm-up
-    return answer(args.max_new_tokens)  # the model goes with this frame
+    result = answer(args.max_new_tokens)  # the model goes with this frame
+    for out in (result if isinstance(result, (list, tuple)) else [result]):
+        logits = out.first_logits
+        bad = int((~torch.isfinite(logits)).sum())
+        if bad:  # the same logits on every rank: every rank raises
+            raise ValueError(f"the {algo} run's first-token logits are not finite ({bad} of {logits.numel()} "
+                             f"NaN or inf): the checkpoint's weights or the activations overflow "
+                             f"(check the checkpoint; without --bf16 the activations are float32)")
+    return result
 
 
 def _decode_rate(out) -> Optional[float]:
@@ -445,8 +498,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
-    world = int(os.environ.get("WORLD_SIZE", args.nproc or tp * cp))
+    world = int(os.environ.get("WORLD_SIZE", args.nproc or max(tp, 1) * max(cp, 1)))
     try:
+        check_flags(args)
         if world != tp * cp:
             raise ValueError(f"{world} ranks for --tensor-model-parallel-size {tp} x "
                              f"--context-parallel-size {cp}: they must multiply to the world size")
@@ -463,6 +517,7 @@ def main(argv=None) -> int:
         from .specs import resolve_transformer_impl
         resolve_transformer_impl(args.transformer_impl, args.device, verbose=False)
         checkpoint = resolve_paths(args)
+        check_memory(args, checkpoint, world)
         if args.rope_convention is not None and model_family(args, checkpoint).name != "qwen2_5_vl":
             raise ValueError("--rope-convention chooses Qwen2.5-VL's M-RoPE rule; InternVL3 has "
                              "1-D RoPE, Qwen3-VL one rope index")

@@ -278,3 +278,104 @@ def test_main_job_rebuilds_a_half_written_checkpoint_and_a_damaged_video(tmp_pat
     create_defaults(args, checkpoint)
     assert open(args.video, "rb").read() == first
     assert count_sampled_frames(args.video, fps=None, max_frames=None, frames_fps=2.0) == frames
+
+
+# ---- bounded, validated inputs of the main job --------------------------------------------
+
+BAD_FLAGS = {
+    ("--max-frames", "0"): "--max-frames must be >= 1, got 0",
+    ("--max-frames", "-5"): "--max-frames must be >= 1, got -5",
+    ("--fps", "-1"): "--fps must be a positive number, got -1.0",
+    ("--fps", "nan"): "--fps must be a positive number",
+    ("--frames-fps", "0"): "--frames-fps must be a positive number",
+    ("--context-parallel-size", "0"): "--context-parallel-size must be >= 1, got 0",
+    ("--context-parallel-size", "-1"): "--context-parallel-size must be >= 1, got -1",
+    ("--tensor-model-parallel-size", "0"): "--tensor-model-parallel-size must be >= 1, got 0",
+    ("--video", "a.mp4", "--frames-dir", "frames"): "--video and --frames-dir exclude each other",
+    ("--hf-path", "a", "--megatron-path", "b"): "--hf-path and --megatron-path exclude each other",
+    ("--spava-no-passing", "--spava-passing-len", "512"): "--spava-passing-len sets the passing budget, "
+                                                           "which --spava-no-passing turns off",
+    ("--spava-no-passing", "--spava-passing-scale", "2"): "--spava-passing-scale sets the passing budget",
+}
+
+
+@pytest.mark.parametrize("flags", sorted(BAD_FLAGS), ids=" ".join)
+def test_main_job_refuses_bad_sizes_and_flags_that_exclude_each_other(flags):
+    from megatron_spava.arguments import spava_config_from_args
+    from megatron_spava.video_qa import build_parser, check_flags
+    args = build_parser().parse_args(list(flags))
+    with pytest.raises(ValueError) as err:
+        check_flags(args)
+        spava_config_from_args(args)
+    assert BAD_FLAGS[flags] in str(err.value)
+
+
+@pytest.mark.parametrize("flags", [("--max-frames", "-5"), ("--video", "a.mp4", "--frames-dir", "frames"),
+                                   ("--spava-no-passing", "--spava-passing-len", "512"),
+                                   ("--context-parallel-size", "0")], ids=" ".join)
+def test_main_job_bad_flags_are_one_line_before_any_rank(tmp_path, flags):
+    out = subprocess.run([sys.executable, "-m", "megatron_spava.video_qa", "--work-dir", str(tmp_path),
+                          "--random-weights", *flags], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=120)
+    errors = _error_lines(out.stderr)
+    assert out.returncode == 2 and len(errors) == 1 and BAD_FLAGS[flags] in errors[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_run_beyond_the_machines_memory_is_refused_before_rendering(tmp_path):
+    from megatron_spava import memory
+    start = time.time()
+    out = subprocess.run([sys.executable, "-m", "megatron_spava.video_qa", "--work-dir", str(tmp_path),
+                          "--random-weights", "--needle-tokens", "100000000"], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    errors = _error_lines(out.stderr)
+    assert out.returncode == 2 and len(errors) == 1, out.stderr
+    assert "GiB of host memory" in errors[0] and "lower --needle-tokens" in errors[0], errors
+    assert time.time() - start < 60 and not [n for n in os.listdir(tmp_path) if n.endswith(".mp4")]
+    # 256K tokens on 2 ranks asks for more than a 24 GiB machine has; 4096 fits in 8 GiB
+    with pytest.raises(ValueError, match="lower --needle-tokens"):
+        memory.check_host_memory(262144, 2, available=24 << 30)
+    memory.check_host_memory(4096, 2, available=8 << 30)
+    with pytest.raises(ValueError, match="per GPU at TP 1 x CP 2"):
+        from megatron_spava.models.qwen2_5_vl.tiny import shaped_hf_config
+        from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig
+        cfg = Qwen25VLConfig.from_hf(shaped_hf_config("7b"))
+        memory.check_gpu_memory(cfg, 4 << 20, 1, 2, 2, 15 << 30, False, total=80 << 30)
+
+
+@pytest.mark.slow
+def test_host_memory_estimate_covers_a_measured_run(tmp_path):
+    """The estimate is at least the measured peak (whole process tree) of a real run."""
+    from megatron_spava.memory import estimate_host_bytes
+    p = subprocess.Popen([*MAIN_JOB, "--work-dir", str(tmp_path)], cwd=ROOT, env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while p.poll() is None:
+        try:
+            procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+            peak = max(peak, sum(q.memory_info().rss for q in procs))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    assert p.returncode == 0, p.stderr.read()[-2000:]
+    assert 0.5 * estimate_host_bytes(1024, 2) < peak <= estimate_host_bytes(1024, 2), peak
+
+
+@pytest.mark.slow
+def test_non_finite_logits_are_an_error(tmp_path):
+    """A checkpoint with a NaN weight: one line saying the logits are not finite, exit 1
+    (it used to print an answer and "same answer: True")."""
+    from safetensors.torch import load_file, save_file
+    from megatron_spava.models.qwen2_5_vl.tiny import make_tiny_checkpoint
+    ckpt = make_tiny_checkpoint(str(tmp_path / "ckpt"))
+    path = os.path.join(ckpt, "model.safetensors")
+    weights = load_file(path)
+    name = next(k for k in weights if k.endswith("norm.weight") and "visual" not in k)
+    weights[name][0] = float("nan")
+    save_file(weights, path, metadata={"format": "pt"})
+    out = subprocess.run([sys.executable, "-m", "megatron_spava.video_qa", "--work-dir", str(tmp_path),
+                          "--hf-path", ckpt, "--needle-tokens", "1024", "--max-new-tokens", "2"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    errors = _error_lines(out.stderr)
+    assert out.returncode == 1 and len(errors) == 1, out.stderr[-3000:]
+    assert "first-token logits are not finite" in errors[0] and "same answer" not in out.stdout
