@@ -5,6 +5,7 @@ attention work against the keys SPAVA.md's dense mask lets each row see, the ove
 simulation on a hand case, and the fit's out-of-sample error on the 4-GPU runs."""
 
 import json
+from dataclasses import replace
 import os
 
 import pytest
@@ -13,16 +14,20 @@ import torch.distributed as dist
 
 from megatron_spava import SpavaConfig, SpavaLayout, spava_attn_func
 from megatron_spava.algos import RingLayout, ring_attn_func
+from megatron_spava.algos.megatron import a2a_feasible, a2a_ops, allgather_ops
+from megatron_spava.algos.ring import ring_ops
+from megatron_spava.algos.spava.cost import spava_ops
 from megatron_spava.testing import run_ranks
 from megatron_spava.testing.reference import random_qkv, spava_mask
 
 from megatron_spava.perf import scaling_model as sm
 from megatron_spava.perf.inputs import prompt_lengths
+from megatron_spava.perf.work import Call, Comm, Hardware, Op, Shape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-SHAPE = sm.Shape(layers=1, hidden=32, ffn=64, heads=4, kv_heads=2, head_dim=8, act_bytes=4)
+SHAPE = Shape(layers=1, hidden=32, ffn=64, heads=4, kv_heads=2, head_dim=8, act_bytes=4)
 CFG = SpavaConfig(budget_align=1, anchor_len=16, passing_len=7, pool_kernel=1)
 N, LQ, W = 200, 5, 3
 
@@ -68,10 +73,10 @@ def test_bytes_equal_the_tensors_actually_exchanged(algo):
     for r in range(W):
         if algo == "spava":
             layout = SpavaLayout.plan(context_len=N, query_len=LQ, cp_size=W, config=CFG)
-            ops = sm.spava_ops(layout, r, SHAPE, 1, group, None)
+            ops = spava_ops(layout, r, SHAPE, 1, group, None)
         else:
             layout = RingLayout.plan(context_len=N, query_len=LQ, cp_size=W)
-            ops = sm.ring_ops(layout, r, SHAPE, 1, group, None)
+            ops = ring_ops(layout, r, SHAPE, 1, group, None)
         comms = [o.comm for o in ops if o.comm is not None]
         model = [(c.kind, c.payload) for c in comms]
         real = [(kind, sent) for kind, sent, *_ in counted[r]]
@@ -88,31 +93,31 @@ def test_bytes_equal_the_tensors_actually_exchanged(algo):
 
 
 def test_bytes_by_link_by_hand():
-    ag = sm.Comm("all_gather", list(range(16)), 1000, me=3)
+    ag = Comm("all_gather", list(range(16)), 1000, me=3)
     assert ag.bytes_by_link(8) == dict(nvlink_send=7000, nvlink_recv=7000, net_send=8000, net_recv=8000)
-    p2p = sm.Comm("p2p", list(range(16)), 500, me=7, peer=(8, 6))  # the ring's node boundary
+    p2p = Comm("p2p", list(range(16)), 500, me=7, peer=(8, 6))  # the ring's node boundary
     assert p2p.bytes_by_link(8) == dict(nvlink_send=0, nvlink_recv=500, net_send=500, net_recv=0)
-    a2a = sm.Comm("all_to_all", [0, 4, 8, 12], 10, me=4)
+    a2a = Comm("all_to_all", [0, 4, 8, 12], 10, me=4)
     assert a2a.bytes_by_link(8) == dict(nvlink_send=10, nvlink_recv=10, net_send=20, net_recv=20)
-    ar = sm.Comm("all_reduce", [0, 1], 800, me=0)  # ring all-reduce over 2: half each way, twice
+    ar = Comm("all_reduce", [0, 1], 800, me=0)  # ring all-reduce over 2: half each way, twice
     assert ar.bytes_by_link(8) == dict(nvlink_send=800, nvlink_recv=800, net_send=0, net_recv=0)
 
 
 def test_megatron_a2a_and_allgather_bytes_by_hand():
-    shape = sm.Shape(layers=1, hidden=32, ffn=64, heads=8, kv_heads=4, head_dim=16, act_bytes=2)
+    shape = Shape(layers=1, hidden=32, ffn=64, heads=8, kv_heads=4, head_dim=16, act_bytes=2)
     S, world = 64, 4
-    ops = sm.a2a_ops(S, world, 1, shape, 1, list(range(world)), None)
+    ops = a2a_ops(S, world, 1, shape, 1, list(range(world)), None)
     comms = [o.comm for o in ops if o.comm is not None]
     # 16 local tokens; each peer gets its quarter of the heads for them: 2 q + 1 k + 1 v heads
     # of 16 values, 2 bytes; afterwards 2 q heads of output go back.
     assert [c.payload for c in comms] == [16 * (2 + 1 + 1) * 16 * 2, 16 * 2 * 16 * 2]
     assert comms[0].bytes_by_link(8)["nvlink_send"] == 3 * 16 * 4 * 16 * 2
     layout = RingLayout.plan(context_len=60, query_len=4, cp_size=world)  # 8 chunks of 8 tokens
-    ops = sm.allgather_ops(layout, 0, shape, 1, list(range(world)), None)
+    ops = allgather_ops(layout, 0, shape, 1, list(range(world)), None)
     (ag,) = [o.comm for o in ops if o.comm is not None]
     assert ag.payload == 16 * 4 * 32 * 2  # two chunks' K|V, 4 KV heads, 2 x 16 values
     assert ag.bytes_by_link(8)["nvlink_recv"] == 3 * ag.payload
-    assert not sm.a2a_feasible(sm.Shape(), 8) and sm.a2a_feasible(sm.Shape(), 4)  # 7B: 28 / 4 heads
+    assert not a2a_feasible(Shape(), 8) and a2a_feasible(Shape(), 4)  # 7B: 28 / 4 heads
 
 
 def test_attention_work_equals_the_contract_mask():
@@ -124,7 +129,7 @@ def test_attention_work_equals_the_contract_mask():
     mask = spava_mask(layout, q, k)[0, 0]  # one head: pairs per head
     query_model = 0.0
     for r in range(W):
-        ops = sm.spava_ops(layout, r, SHAPE, 1, list(range(W)), None)
+        ops = spava_ops(layout, r, SHAPE, 1, list(range(W)), None)
         calls = [c for o in ops for c in o.calls]
         seg = layout.segments(r)
         for v, lo, hi in seg.blocks:
@@ -146,33 +151,33 @@ def test_attention_work_equals_the_contract_mask():
 def test_ring_work_sums_to_causal_attention():
     layout = RingLayout.plan(context_len=N, query_len=LQ, cp_size=W)
     total = sum(c.pairs() for r in range(W)
-                for o in sm.ring_ops(layout, r, SHAPE, 1, list(range(W)), None) for c in o.calls)
+                for o in ring_ops(layout, r, SHAPE, 1, list(range(W)), None) for c in o.calls)
     S = N + LQ
     assert abs(total - S * (S + 1) / 2) <= S / 2 * 1 + 2 * W * layout.chunk_len / 2
 
 
 def test_simulation_exposes_only_what_compute_does_not_cover():
-    hw = sm.Hardware(nvlink_alpha_step=0.0, nvlink_busbw=1e9, call_overhead=0.0)
+    hw = Hardware(nvlink_alpha_step=0.0, nvlink_busbw=1e9, call_overhead=0.0)
     rates = sm.Rates(dense_per_token=1e-3, dense_const=0.0)
-    shape = sm.Shape(layers=1)
+    shape = Shape(layers=1)
     for work, comm in ((5.0, 2.0), (1.0, 3.0)):
-        c = sm.Comm("all_gather", [0, 1], int(comm * 1e9), 0)  # comm seconds on 2 ranks
-        ops = [[sm.Op(comm=sm.replace(c, me=r)), sm.Op(dense=work * 1e3), sm.Op(wait=0)] for r in range(2)]
+        c = Comm("all_gather", [0, 1], int(comm * 1e9), 0)  # comm seconds on 2 ranks
+        ops = [[Op(comm=replace(c, me=r)), Op(dense=work * 1e3), Op(wait=0)] for r in range(2)]
         end, *_ = sm.simulate_layer(ops, shape, rates, hw, [0.0, 0.0], 0.0)
         assert end == pytest.approx([max(work, comm)] * 2)
     # A collective starts when the last rank launches it.
-    c = sm.Comm("all_gather", [0, 1], int(1e9), 0)
-    ops = [[sm.Op(dense=r * 2e3), sm.Op(comm=sm.replace(c, me=r)), sm.Op(wait=0)] for r in range(2)]
+    c = Comm("all_gather", [0, 1], int(1e9), 0)
+    ops = [[Op(dense=r * 2e3), Op(comm=replace(c, me=r)), Op(wait=0)] for r in range(2)]
     end, *_ = sm.simulate_layer(ops, shape, rates, hw, [0.0, 0.0], 0.0)
     assert end == pytest.approx([3.0, 3.0])
 
 
 def test_local_tokens_are_the_layouts():
-    plan, _ = sm.layer_ops("spava", 131072, 8, 1, sm.Shape())
+    plan, _ = sm.layer_ops("spava", 131072, 8, 1, Shape())
     _, context, query = prompt_lengths(131072)
     layout = SpavaLayout.plan(context_len=context, query_len=query, cp_size=8)
     assert plan.local_tokens == tuple(layout.local_len(r) for r in range(8))
-    tp_plan, _ = sm.layer_ops("spava", 131072, 16, 2, sm.Shape())
+    tp_plan, _ = sm.layer_ops("spava", 131072, 16, 2, Shape())
     assert tp_plan.cp == 8 and tp_plan.local_tokens == plan.local_tokens
 
 
@@ -180,7 +185,7 @@ def test_fit_on_two_gpus_predicts_four_gpu_ttft():
     """Out of sample: fitted on 1- and 2-GPU runs only (the kernel curves are single-kernel
     measurements, not fitted), every measured 4-GPU TTFT, 32K to 1M and every variant, is
     within 10%."""
-    shape, hw = sm.Shape.of("7b"), sm.Hardware()
+    shape, hw = Shape.of("7b"), Hardware()
     meas = sm.load_measurements()
     rates, report = sm.fit(meas, shape, hw, max_gpus=2)
     assert report["fitted_on"] == ["benchmarks/2026-11-21-h200x2/demo_128k.json",
@@ -205,8 +210,8 @@ def test_kernel_curves_pass_through_the_measured_kernel_times():
     """Each measured single-kernel time (read here from the benchmark JSON, FLOPs counted
     here), as a Call through call_seconds at factor 1, comes back as measured; the GEMM
     curve's slowdown is the measured rate ratio."""
-    shape = sm.Shape.of("7b")
-    rates, hw = sm.Rates(attention=1.0, model_attn=1.0), sm.Hardware()
+    shape = Shape.of("7b")
+    rates, hw = sm.Rates(attention=1.0, model_attn=1.0), Hardware()
     checked = 0
     for path in ["2026-12-01-h200/bench_attention_%d.json" % s for s in (2048, 4096, 8192, 16384)] + [
             "2026-11-21-h200x2/bench_attention.json"]:
@@ -214,12 +219,12 @@ def test_kernel_curves_pass_through_the_measured_kernel_times():
         for r in d["results"]:
             if r["kernel"] != "cudnn":
                 continue
-            call = sm.Call(r["sq"], r["sk"], r["causal"])
+            call = Call(r["sq"], r["sk"], r["causal"])
             assert sm.call_seconds(call, shape, rates, hw) == pytest.approx(r["median_ms"] / 1e3, rel=1e-9), (path, r)
             checked += 1
     layers = _bench("2026-12-01-h200/bench_layers.json")["floor"]
     for S, f in layers.items():
-        call = sm.Call(int(S), int(S), True)
+        call = Call(int(S), int(S), True)
         assert sm.call_seconds(call, shape, rates, hw) == pytest.approx(f["attention_ms"]["sdpa_cudnn"] / 1e3, rel=1e-9)
         checked += 1
     assert checked == 12
@@ -227,7 +232,7 @@ def test_kernel_curves_pass_through_the_measured_kernel_times():
     assert gemm.slowdown(131072) == pytest.approx(layers["32768"]["gemm_tflops"] / layers["131072"]["gemm_tflops"])
     assert gemm.slowdown(8192) == 1.0 and gemm.slowdown(10 ** 7) == gemm.slowdown(131072)  # held outside
     # A measured causal 4096 call is 1.62x slower per FLOP than a 16384 one, as measured.
-    small, big = sm.Call(4096, 4096, True), sm.Call(16384, 16384, True)
+    small, big = Call(4096, 4096, True), Call(16384, 16384, True)
     per_pair = [sm.call_seconds(c, shape, rates, hw) / c.pairs() for c in (small, big)]
     ratio = per_pair[0] / per_pair[1]
     assert ratio == pytest.approx(652.33 / 464.65, rel=1e-3)
@@ -271,7 +276,7 @@ def test_two_gpu_prefill_runs_refine_each_algorithm(tmp_path):
     """The 2-GPU prefill runs the fit lacks today: a bench_prefill JSON of world 2 whose spava
     attention is 1.2x the model's gives spava a 1.2 attention factor, and only spava."""
     import json
-    shape, hw = sm.Shape.of("7b"), sm.Hardware()
+    shape, hw = Shape.of("7b"), Hardware()
     base, _ = sm.fit(sm.load_measurements(), shape, hw)
     p = sm.predict("spava", 131072, 2, shape=shape, rates=base, hw=hw)
     llm = p["llm"] + 0.2 * p["attention"]

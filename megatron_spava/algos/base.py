@@ -183,6 +183,9 @@ class Algorithm:
     preset: SpavaConfig -> SpavaConfig, the switches the algorithm implies. It must never
       override what a user set: combine with it or raise ValueError naming the conflict.
     exact: the algorithm computes exact causal attention at any budget.
+    cost: `perf.work.LayerRequest -> perf.work.LayerWork`, what one layer costs each rank
+      (attention calls, dense work, collectives), read by the roofline and the scaling
+      model; None: the algorithm cannot be charged (they refuse it by name).
     """
 
     name: str
@@ -192,6 +195,7 @@ class Algorithm:
     core_attention: Optional[type] = None
     preset: Optional[Callable[[SpavaConfig], SpavaConfig]] = None
     exact: bool = False
+    cost: Optional[Callable] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):

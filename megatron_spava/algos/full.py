@@ -12,6 +12,7 @@ import torch.distributed as dist
 from ..config import SpavaConfig
 from ..distributed import check_inputs
 from ..ops.attention import attend
+from ..perf.work import Call, LayerRequest, LayerWork, Op, dense_split
 from .base import Layout, check_lengths
 
 
@@ -49,3 +50,13 @@ def full_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout:
     [s, b, hk, d] -> [s, b, hq, d]."""
     check_inputs(q, k, v, layout, cp_group, caller="full_attn_func", collective=False)
     return attend(q, k, v, causal=True, scale=softmax_scale, kernel=layout.config.kernel)[0]
+
+
+def full_cost(req: LayerRequest) -> LayerWork:
+    """`Algorithm.cost` of full: one rank, the whole prompt, one causal call (no weight
+    sharding: req.weights is ignored). Exact CP algorithms charge this at CP size 1."""
+    S, shape, tp = req.tokens, req.shape, req.tp
+    layout = FullLayout.plan(context_len=req.context, query_len=req.query, cp_size=1)
+    ops = [[Op(dense=dense_split(shape) * S, gemm_rows=S), Op(calls=[Call(S, S, True, 1.0 / tp)]),
+            Op(dense=(1 - dense_split(shape)) * S, gemm_rows=S)]]
+    return LayerWork(layout, (S,), ops)

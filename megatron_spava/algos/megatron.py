@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import List, Optional, Tuple
 
 import torch
 
 from ..config import SpavaConfig
+from ..perf.work import Call, Comm, LayerRequest, LayerWork, Op, Shape, dense_split
 from .base import Algorithm, Layout, check_lengths, zigzag_pair
 
 NAME = "megatron"
@@ -233,13 +234,129 @@ def _core_attention_class(fixed_comm: Optional[str]):
     return MegatronCoreAttention
 
 
+# ---- cost (the roofline's and the scaling model's; needs no Transformer Engine) -----------
+
+def a2a_ops(S: int, W: int, r: int, shape: Shape, tp: int, group: List[int],
+            weights: Optional[Comm]) -> List[Op]:
+    """Ulysses all-to-all (Transformer Engine's cp_comm_type "a2a"): Q, K, V all-to-all'd from
+    sequence shards to head shards, full causal attention over S on H/W heads, the output
+    all-to-all'd back. Local tokens S/W (zigzag chunks; the count is what matters)."""
+    me, d = group[r], shape.head_dim
+    local = -(-S // W)
+    pre = dense_split(shape)
+    per_peer_qkv = int(local / W * (shape.heads + 2 * shape.kv_heads) / tp * d * shape.act_bytes)
+    per_peer_o = int(local / W * shape.heads / tp * d * shape.act_bytes)
+    ops = [Op(comm=weights)] if weights is not None else []
+    n = 1 if weights is not None else 0
+    ops += [Op(dense=pre * local, gemm_rows=local),
+            Op(comm=Comm("all_to_all", group, per_peer_qkv, me, name="a2a_qkv")),
+            Op(wait=n), Op(calls=[Call(S, S, True, 1.0 / (W * tp))]),
+            Op(comm=Comm("all_to_all", group, per_peer_o, me, name="a2a_out")), Op(wait=n + 1),
+            Op(dense=(1 - pre) * local, gemm_rows=local)]
+    return ops
+
+
+def allgather_ops(layout: RingLayout, r: int, shape: Shape, tp: int, group: List[int],
+                  weights: Optional[Comm]) -> List[Op]:
+    """Transformer Engine's cp_comm_type "all_gather": every rank's K/V all-gathered (one
+    collective, waited before attention), then each local chunk attends to the keys before it."""
+    W = layout.cp_size
+    me, d, hf = group[r], shape.head_dim, 1.0 / tp
+    hk = shape.kv_heads / tp
+    local = layout.local_len(r)
+    pre = dense_split(shape)
+    ops = [Op(comm=weights)] if weights is not None else []
+    n = 1 if weights is not None else 0
+    ops.append(Op(dense=pre * local, gemm_rows=local))
+    ops.append(Op(comm=Comm("all_gather", group, int(2 * layout.chunk_len * hk * 2 * d * shape.act_bytes), me,
+                            name="kv_all_gather")))
+    ops.append(Op(wait=n))
+    calls = []
+    for c in layout.chunks_of(r):
+        lo, hi = layout.chunk_range(c)
+        calls += [Call(hi - lo, lo, False, hf), Call(hi - lo, hi - lo, True, hf)]
+    ops.append(Op(calls=[c for c in calls if c.keys], merged=local * shape.heads * hf * d * 2))
+    ops.append(Op(dense=(1 - pre) * local, gemm_rows=local))
+    return ops
+
+
+def a2a_feasible(shape: Shape, size: int) -> bool:
+    """Ulysses splits heads over the group: query heads divisible, KV heads divisible (or
+    replicated: size a multiple of them)."""
+    return shape.heads % size == 0 and (shape.kv_heads % size == 0 or size % shape.kv_heads == 0)
+
+
+def megatron_cost(req: LayerRequest) -> LayerWork:
+    """`Algorithm.cost` of megatron, per `--cp-comm-type` (req.option): p2p, TE's ring (the
+    ring's chunks and bytes, its output corrections taken as free: TE fuses them); a2a,
+    Ulysses; a2a+p2p, all-to-all inside groups of up to 8 ranks, ring across them;
+    all_gather (or allgather), K/V all-gathered. Exact: at CP size 1, full attention."""
+    from .full import full_cost
+    from .ring import RingLayout, ring_ops
+    comm = {"allgather": "all_gather", None: "p2p"}.get(req.option, req.option)
+    if comm not in CP_COMM_TYPES:
+        raise ValueError(f"megatron: unknown --cp-comm-type {req.option!r}; choose from {CP_COMM_TYPES}")
+    if req.cp == 1:
+        return full_cost(req)
+    cp, tp, shape, S = req.cp, req.tp, req.shape, req.tokens
+    group, w, weights = list(req.group), req.weights_of, req.weights
+    context, query = req.context, req.query
+    layout = None
+    if comm in ("p2p", "all_gather"):
+        layout = RingLayout.plan(context_len=context, query_len=query, cp_size=cp)
+        local = tuple(layout.local_len(r) for r in range(cp))
+        if comm == "p2p":
+            ops = [[replace(o, merged=0.0) for o in ring_ops(layout, r, shape, tp, group, w(r))] for r in range(cp)]
+        else:
+            ops = [allgather_ops(layout, r, shape, tp, group, w(r)) for r in range(cp)]
+        return LayerWork(layout, local, ops)
+    if comm == "a2a":
+        if not a2a_feasible(shape, cp):
+            raise ValueError(f"megatron-a2a needs {shape.heads} query and {shape.kv_heads} KV heads "
+                             f"split over CP={cp}")
+        ops = [a2a_ops(S, cp, r, shape, tp, group, w(r)) for r in range(cp)]
+        return LayerWork(None, tuple(-(-S // cp) for _ in range(cp)), ops)
+    ops = []
+    a = max(s for s in range(1, min(cp, 8) + 1) if cp % s == 0 and a2a_feasible(shape, s))
+    inner = cp // a  # a2a inside groups of `a` consecutive CP ranks, ring over `inner` groups
+    layout = RingLayout.plan(context_len=context, query_len=query, cp_size=inner) if inner > 1 else None
+    local = tuple(-(-S // cp) for _ in range(cp))
+    for r in range(cp):
+        sub, pos = r // a, r % a
+        a2a_group = group[sub * a:(sub + 1) * a]
+        ring_group = [group[g * a + pos] for g in range(inner)]
+        me = group[r]
+        per_peer_qkv = int(local[r] / a * (shape.heads + 2 * shape.kv_heads) / tp * shape.head_dim * shape.act_bytes)
+        per_peer_o = int(local[r] / a * shape.heads / tp * shape.head_dim * shape.act_bytes)
+        head = [Op(comm=w(r))] if weights is not None else []
+        n0 = len(head)
+        body = [Op(dense=dense_split(shape) * local[r], gemm_rows=local[r]),
+                Op(comm=Comm("all_to_all", a2a_group, per_peer_qkv, me, name="a2a_qkv")), Op(wait=n0)]
+        if layout is not None:
+            inner_ops = ring_ops(layout, sub, shape, tp, ring_group, None, heads_frac=1.0 / a, name="kv")
+            for o in inner_ops[1:-1]:  # drop the ring's own dense ops; renumber its comms
+                if o.wait is not None:
+                    o = replace(o, wait=o.wait + n0 + 1)
+                body.append(o)
+        else:
+            body.append(Op(calls=[Call(S, S, True, 1.0 / (a * tp))]))
+        n_comm = sum(1 for o in head + body if o.comm is not None)
+        body += [Op(comm=Comm("all_to_all", a2a_group, per_peer_o, me, name="a2a_out")),
+                 Op(wait=n_comm), Op(dense=(1 - dense_split(shape)) * local[r], gemm_rows=local[r])]
+        ops.append(head + body)
+    return LayerWork(layout, local, ops)
+
+
+COST = megatron_cost  # the registry reads it even where ALGORITHM cannot be built (no TE)
+
+
 @functools.lru_cache(maxsize=1)
 def _algorithm() -> Algorithm:
     _require_te()
     return Algorithm(
         NAME, "Megatron's own context parallelism: Transformer Engine's CP attention "
         "(TEDotProductAttention, --cp-comm-type p2p|a2a|all_gather|a2a+p2p), exact; needs TE",
-        MegatronLayout, core_attention=_core_attention_class(None), exact=True)
+        MegatronLayout, core_attention=_core_attention_class(None), exact=True, cost=megatron_cost)
 
 
 def __getattr__(name: str):
@@ -250,5 +367,5 @@ def __getattr__(name: str):
         return _algorithm()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["ALGORITHM", "CP_COMM_TYPES", "MegatronLayout", "NAME", "core_attention_for",
+__all__ = ["ALGORITHM", "COST", "CP_COMM_TYPES", "MegatronLayout", "NAME", "core_attention_for",
            "megatron_core_attention", "plan"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..config import ABLATIONS, SWITCHES, SpavaConfig
 from .spava.selection import DEFAULT_SELECTION, SCORERS
@@ -31,6 +31,7 @@ from .base import Algorithm
 _ENTRIES: Dict[str, Algorithm] = {}
 _UNAVAILABLE: Dict[str, str] = {}  # name -> why it cannot run here
 _PENDING: Dict[str, str] = {}  # name -> module, imported on first use (register_module)
+_COSTS: Dict[str, Callable] = {}  # name -> the COST of a module entry that cannot run here
 
 
 def register(entry: Algorithm, *, replace: bool = False) -> Algorithm:
@@ -49,6 +50,7 @@ def unregister(name: str) -> None:
     _ENTRIES.pop(name, None)
     _UNAVAILABLE.pop(name, None)
     _PENDING.pop(name, None)
+    _COSTS.pop(name, None)
 
 
 @contextlib.contextmanager
@@ -73,13 +75,17 @@ def _load_pending() -> None:
     while _PENDING:
         name = next(iter(_PENDING))
         module = _PENDING.pop(name)
+        loaded = None
         try:
-            entry = importlib.import_module(module).ALGORITHM
+            loaded = importlib.import_module(module)
+            entry = loaded.ALGORITHM
         except (ImportError, OSError) as err:  # a missing package or a broken native extension
             missing = getattr(err, "name", None) or ""
             if missing.startswith("megatron_spava") and missing != module:
                 raise  # our own code is broken: not a missing dependency
             _UNAVAILABLE[name] = f"{module} does not import here ({type(err).__name__}: {err})"
+            if getattr(loaded, "COST", None) is not None:  # a cost model needs no GPU library
+                _COSTS[name] = loaded.COST
             continue
         if entry.name != name:
             raise ValueError(f"{module}.ALGORITHM is named {entry.name!r}, registered as {name!r}")
@@ -96,6 +102,25 @@ def get(name: str) -> Algorithm:
         raise ValueError(f"context-parallel algorithm {name!r} is not available here: "
                          f"{_UNAVAILABLE[name]}")
     raise ValueError(f"unknown context-parallel algorithm {name!r}; choose from {names()}")
+
+
+def cost_of(name: str) -> Callable:
+    """The cost model of `name` (`Algorithm.cost`, through the entry's preset): a function
+    `perf.work.LayerRequest -> perf.work.LayerWork`. Also for an algorithm registered by
+    `register_module` that cannot run here, when its module defines `COST` (charging an
+    algorithm needs no GPU library). ValueError for an unknown name or one without a cost."""
+    from dataclasses import replace
+    _load_pending()
+    entry = _ENTRIES.get(name)
+    cost = entry.cost if entry is not None else _COSTS.get(name)
+    if cost is None:
+        if entry is None:
+            get(name)  # raises: unknown, or not available here
+        raise ValueError(f"context-parallel algorithm {name!r} has no cost model (Algorithm.cost): "
+                         f"the roofline and the scaling model cannot charge it")
+    if entry is None:
+        return cost
+    return lambda req: cost(replace(req, config=entry.config(req.config)))
 
 
 def names() -> Tuple[str, ...]:
@@ -188,18 +213,19 @@ def benchmark_variants() -> List[str]:
 
 # ---- the registry lines ------------------------------------------------------------------
 
-from .full import FullLayout, full_attn_func  # noqa: E402
-from .ring import RingLayout, ring_attn_func  # noqa: E402
+from .full import FullLayout, full_attn_func, full_cost  # noqa: E402
+from .ring import RingLayout, ring_attn_func, ring_cost  # noqa: E402
 from .spava import SpavaLayout, apb_preset, spava_attn_func, star_preset  # noqa: E402
+from .spava.cost import spava_cost  # noqa: E402
 
 register(Algorithm("full", "exact causal attention on one rank, no context parallelism (the "
-                   "paper's FlashAttn)", FullLayout, attn_func=full_attn_func, exact=True))
+                   "paper's FlashAttn)", FullLayout, attn_func=full_attn_func, exact=True, cost=full_cost))
 register(Algorithm("ring", "exact ZigZag ring attention over the CP group", RingLayout,
-                   attn_func=ring_attn_func, exact=True))
+                   attn_func=ring_attn_func, exact=True, cost=ring_cost))
 register(Algorithm("star", "Star Attention: a block-sized anchor, no passing blocks, exact "
-                   "query", SpavaLayout, attn_func=spava_attn_func, preset=star_preset))
+                   "query", SpavaLayout, attn_func=spava_attn_func, preset=star_preset, cost=spava_cost))
 register(Algorithm("apb", "APB: one block per rank, no overlap, the passing budget doubled",
-                   SpavaLayout, attn_func=spava_attn_func, preset=apb_preset))
+                   SpavaLayout, attn_func=spava_attn_func, preset=apb_preset, cost=spava_cost))
 register(Algorithm("spava", "Spava (SPAVA.md): ZigZag blocks, query-aware passing blocks, "
-                   "exact query", SpavaLayout, attn_func=spava_attn_func))
+                   "exact query", SpavaLayout, attn_func=spava_attn_func, cost=spava_cost))
 register_module("megatron", "megatron_spava.algos.megatron")  # TE's own CP; needs TE

@@ -10,7 +10,7 @@ fully when j < i, causally when j == i, not at all when j > i; partials merge by
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -18,6 +18,7 @@ import torch.distributed as dist
 from ..config import SpavaConfig
 from ..distributed import check_inputs
 from ..ops.attention import attend, merge_partials
+from ..perf.work import Call, Comm, LayerRequest, LayerWork, Op, Shape, dense_split
 from .base import Layout, check_lengths, split_len, zigzag_pair
 
 
@@ -116,3 +117,55 @@ def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout:
     out[:lens[0]] = acc[0][0]
     out[lens[0]:] = acc[1][0]
     return out
+
+
+def ring_ops(layout: RingLayout, r: int, shape: Shape, tp: int, group: List[int],
+             weights: Optional[Comm], heads_frac: float = 1.0, name: str = "kv") -> List[Op]:
+    """The ops `ring_attn_func` runs on CP rank r: W steps, each attending its two chunks to
+    the two chunks it holds, the next step's K|V (2 chunk slots) in flight meanwhile."""
+    W = layout.cp_size
+    hf = heads_frac / tp
+    hk, d, hq = shape.kv_heads * heads_frac / tp, shape.head_dim, shape.heads * hf
+    me = group[r]
+    local = layout.local_len(r)
+    pre = dense_split(shape)
+    ops = [Op(comm=weights)] if weights is not None else []
+    ops.append(Op(dense=pre * local, gemm_rows=local))
+    mine = layout.chunks_of(r)
+    lens = [hi - lo for lo, hi in map(layout.chunk_range, mine)]
+    slot = int(2 * layout.chunk_len * hk * 2 * d * shape.act_bytes)
+    started = [False, False]
+    send_to, recv_from = group[(r + 1) % W], group[(r - 1) % W]
+    n_comm = 1 if weights is not None else 0
+    for step in range(W):
+        pending = None
+        if step < W - 1:
+            ops.append(Op(comm=Comm("p2p", group, slot, me, (send_to, recv_from), name=f"{name}{step}")))
+            pending = n_comm
+            n_comm += 1
+        src = layout.chunks_of((r - step) % W)
+        src_lens = [hi - lo for lo, hi in map(layout.chunk_range, src)]
+        calls, merged = [], 0.0
+        for qc, i in enumerate(mine):
+            for j, length in zip(src, src_lens):
+                if j > i:
+                    continue
+                calls.append(Call(lens[qc], length, j == i, hf))
+                if started[qc]:
+                    merged += lens[qc] * hq * d * 2
+                started[qc] = True
+        ops.append(Op(calls=calls, merged=merged))
+        if pending is not None:
+            ops.append(Op(wait=pending))
+    ops.append(Op(dense=(1 - pre) * local, gemm_rows=local))
+    return ops
+
+
+def ring_cost(req: LayerRequest) -> LayerWork:
+    """`Algorithm.cost` of ring (exact: at CP size 1 it is full attention)."""
+    if req.cp == 1:
+        from .full import full_cost
+        return full_cost(req)
+    layout = RingLayout.plan(context_len=req.context, query_len=req.query, cp_size=req.cp)
+    ops = [ring_ops(layout, r, req.shape, req.tp, list(req.group), req.weights_of(r)) for r in range(req.cp)]
+    return LayerWork(layout, tuple(layout.local_len(r) for r in range(req.cp)), ops)

@@ -293,11 +293,9 @@ def rank_flops(cfg, n: int, variant: str, cp: int, multiple: int = 1) -> list:
     name, config = algo_and_config(variant)
     config = dataclasses.replace(config, fuse_query=True)
     comm = megatron_comm(variant)
-    model_name = name if comm is None else {"all_gather": "megatron-allgather"}.get(comm, f"megatron-{comm}")
     per_group = vision_flops_per_group(cfg)
-    ranks = sm.rank_flops(model_name, n, 1 if name == "full" else cp, llm_shape(cfg),
-                          lengths=prompt_lengths(n, cfg, multiple),
-                          config=config if name in ("spava", "apb", "star") else None,
+    ranks = sm.rank_flops(name if comm is None else f"{name}-{comm}", n, cp, llm_shape(cfg),
+                          lengths=prompt_lengths(n, cfg, multiple), config=config,
                           frame_parallel=config.frame_parallel)
     return [dict(vision=f["frame_groups"] * per_group, dense=f["dense"], attention=f["attention"]) for f in ranks]
 

@@ -56,206 +56,16 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..algos import RingLayout, config_for, plan_layout
+from ..algos.ring import RingLayout, ring_ops
 from ..algos.spava import SpavaLayout
+from ..algos.spava.cost import spava_ops
 from ..config import SpavaConfig, round_up
 from . import inputs
+from .work import Call, Comm, Hardware, LayerRequest, Op, Plan, Shape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 BENCH = os.path.join(ROOT, "benchmarks")
 GIB = 2 ** 30
-
-
-# ---------------------------------------------------------------------------------------
-# Shapes and hardware
-# ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Shape:
-    """What the traffic and FLOP counts need of a model. heads/kv_heads/head_dim: the LLM's
-    attention; hidden, ffn, layers: its dense part; act_bytes: activation element size
-    (bf16: 2); weight_bytes likewise; tokens_per_group: LLM tokens per frame group."""
-
-    layers: int = 28
-    hidden: int = 3584
-    ffn: int = 18944
-    heads: int = 28
-    kv_heads: int = 4
-    head_dim: int = 128
-    act_bytes: int = 2
-    weight_bytes: int = 2
-    tokens_per_group: int = 256
-
-    @classmethod
-    def of(cls, name: str) -> "Shape":
-        """The released Qwen2.5-VL shape `name` ("3b", "7b"), read from the project's config."""
-        from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig
-        from megatron_spava.models.qwen2_5_vl.tiny import shaped_hf_config
-        c = Qwen25VLConfig.from_hf(shaped_hf_config(name))
-        return cls(layers=c.num_layers, hidden=c.hidden_size, ffn=c.intermediate_size,
-                   heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=c.head_dim)
-
-    @property
-    def layer_params(self) -> int:
-        """Parameters of one decoder layer (QKV with bias, output projection, SwiGLU MLP, norms)."""
-        h, d = self.hidden, self.head_dim
-        qkv = h * (self.heads + 2 * self.kv_heads) * d + (self.heads + 2 * self.kv_heads) * d
-        return qkv + self.heads * d * h + 3 * h * self.ffn + 2 * h
-
-    @property
-    def flop_per_pair(self) -> int:
-        """Attention FLOPs per (query row, key) over all query heads: 4 * hq * d."""
-        return 4 * self.heads * self.head_dim
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """Link and chip constants; `source` says which are measured and which assumed."""
-
-    gpus_per_node: int = 8
-    nvlink_alpha_step: float = 12.0e-6   # s per ring step (fitted through the 2 measured points)
-    nvlink_busbw: float = 331e9          # B/s (fitted through the 2 measured points)
-    net_bw: float = 400e9 / 8 * 0.9      # B/s per GPU: 400 Gb/s at 90% (assumed)
-    net_alpha_step: float = 10e-6        # s per ring step that crosses nodes (assumed)
-    call_overhead: float = 5e-6          # s per LSE merge kernel call (assumed)
-    source: Dict[str, str] = field(default_factory=lambda: {
-        "nvlink": "measured 2026-11-21, 4x H200 NV18: NCCL all-gather bus bandwidth 265 GB/s at "
-                  "16 MB per rank, 326 GB/s at 256 MB (../shared/ENVIRONMENT.md); t = (W-1) * "
-                  "(alpha + m / B) through both points gives alpha 12 us per step, B 331 GB/s",
-        "network": "assumed: 400 Gb/s per GPU (the issue's cluster) at 90% efficiency = 45 GB/s, "
-                   "10 us per step crossing nodes (findings repeat the stall analysis at 5 and 20 us); "
-                   "never measured here (no multi-node machine)",
-        "p2p": "assumed: P2P over NVLink at the all-gather bus bandwidth",
-        "collectives_across_nodes": "assumed: NCCL rings use one NIC per GPU (rail-aligned), so a "
-                                    "ring collective over k ranks per node moves min(NVLink, k x NIC)",
-    })
-
-
-def nvlink_fit(points=((16 * 2 ** 20, 265e9), (256 * 2 ** 20, 326e9)), world: int = 4):
-    """(alpha per step, bus bandwidth) through measured all-gather (bytes per rank, busbw)
-    points, under t = (W-1) * alpha + (W-1) * m / B (busbw = (W-1) m / t)."""
-    (m1, b1), (m2, b2) = points
-    t1, t2 = (world - 1) * m1 / b1, (world - 1) * m2 / b2
-    bw = (world - 1) * (m2 - m1) / (t2 - t1)
-    alpha = (t1 - (world - 1) * m1 / bw) / (world - 1)
-    return alpha, bw
-
-
-# ---------------------------------------------------------------------------------------
-# Per-rank work and traffic of one layer, from the layouts
-# ---------------------------------------------------------------------------------------
-@dataclass
-class Call:
-    """One attention kernel call: rows x keys over `heads` query heads (causal: square, halved)."""
-
-    rows: int
-    keys: int
-    causal: bool = False
-    heads_frac: float = 1.0  # share of the query heads (TP, all-to-all)
-    role: str = ""  # Spava's calls: "query", "anchor" (both replicated on every rank), "block", "passing"
-
-    def pairs(self) -> float:
-        return self.rows * self.keys / (2 if self.causal else 1) * self.heads_frac
-
-
-@dataclass
-class Comm:
-    """One collective of one layer as one rank sees it. kind: all_gather | p2p | all_to_all |
-    all_reduce. ranks: the group's global ranks; payload: bytes this rank contributes per
-    peer (all_gather: its whole share, delivered to every peer; p2p: the buffer; all_to_all:
-    what it sends each peer; all_reduce: the tensor). peer: for p2p, (send_to, recv_from)."""
-
-    kind: str
-    ranks: List[int]
-    payload: int
-    me: int
-    peer: Tuple[int, int] = (0, 0)
-    name: str = ""
-
-    def bytes_by_link(self, gpus_per_node: int) -> Dict[str, int]:
-        """Payload this rank sends and receives, by where the peer is (logical volume:
-        what must leave and arrive, whatever route NCCL takes)."""
-        node = lambda r: r // gpus_per_node  # noqa: E731
-        out = {"nvlink_send": 0, "nvlink_recv": 0, "net_send": 0, "net_recv": 0}
-        if self.kind == "p2p":
-            to, frm = self.peer
-            out["nvlink_send" if node(to) == node(self.me) else "net_send"] += self.payload
-            out["nvlink_recv" if node(frm) == node(self.me) else "net_recv"] += self.payload
-            return out
-        if self.kind == "all_reduce":  # ring all-reduce: 2 (k-1)/k of the tensor each way
-            k = len(self.ranks)
-            vol = 2 * (k - 1) * self.payload // k if k > 1 else 0
-            link = "nvlink" if len({node(r) for r in self.ranks}) == 1 else "net"
-            out[f"{link}_send"] += vol
-            out[f"{link}_recv"] += vol
-            return out
-        for r in self.ranks:  # all_gather, all_to_all: one payload to and from every peer
-            if r == self.me:
-                continue
-            link = "nvlink" if node(r) == node(self.me) else "net"
-            out[f"{link}_send"] += self.payload
-            out[f"{link}_recv"] += self.payload
-        return out
-
-    def seconds(self, hw: Hardware) -> float:
-        """Time of the collective on the links (the NCCL algorithm each uses)."""
-        k = len(self.ranks)
-        if k <= 1 or self.payload == 0:
-            return 0.0
-        per_node: Dict[int, int] = {}
-        for r in self.ranks:
-            per_node[r // hw.gpus_per_node] = per_node.get(r // hw.gpus_per_node, 0) + 1
-        cross = len(per_node) > 1
-        if self.kind == "p2p":
-            to, frm = self.peer
-            crosses = to // hw.gpus_per_node != self.me // hw.gpus_per_node or \
-                frm // hw.gpus_per_node != self.me // hw.gpus_per_node
-            if crosses or cross:  # a ring step waits for its slowest hop: the one between nodes
-                return hw.net_alpha_step + self.payload / hw.net_bw
-            return hw.nvlink_alpha_step + self.payload / hw.nvlink_busbw
-        if self.kind == "all_to_all":  # direct sends: remote bytes through this GPU's NIC
-            b = self.bytes_by_link(hw.gpus_per_node)
-            alpha = (k - 1) * (hw.net_alpha_step if cross else hw.nvlink_alpha_step) / 4
-            return alpha + max(b["net_send"] / hw.net_bw, b["nvlink_send"] / hw.nvlink_busbw)
-        steps = (k - 1) if self.kind == "all_gather" else 2 * (k - 1)
-        vol = steps * self.payload / (1 if self.kind == "all_gather" else k)
-        if cross:
-            bw = min(hw.nvlink_busbw, min(per_node.values()) * hw.net_bw)
-            return steps * hw.net_alpha_step + vol / bw
-        return steps * hw.nvlink_alpha_step + vol / hw.nvlink_busbw
-
-
-@dataclass
-class Op:
-    """A step of one layer on one rank: compute (`calls`, merged elements, dense tokens) or
-    a collective launch (`comm`), or a wait for collective number `wait`."""
-
-    calls: List[Call] = field(default_factory=list)
-    merged: float = 0.0  # float32 elements read in LSE merges (rows x heads x d x parts)
-    dense: float = 0.0   # share of the layer's dense work, in tokens
-    gemm_rows: float = 0.0  # rows M of that work's GEMMs (the rank's local tokens): sets their rate
-    comm: Optional[Comm] = None
-    wait: Optional[int] = None
-
-
-@dataclass(frozen=True)
-class Plan:
-    """One request under one algorithm: everything a rank does, per layer."""
-
-    algo: str
-    world: int           # GPUs (TP x CP)
-    tp: int
-    cp: int
-    tokens: int          # prompt tokens S
-    local_tokens: Tuple[int, ...]  # per CP rank, dense work
-    frame_groups: Tuple[int, ...]  # per CP rank, vision work
-    layout: object = None
-
-
-def dense_split(shape: Shape) -> float:
-    """Share of a layer's dense FLOPs before attention (QKV projection)."""
-    h, d = shape.hidden, shape.head_dim
-    qkv = h * (shape.heads + 2 * shape.kv_heads) * d
-    return qkv / (qkv + shape.heads * d * h + 3 * h * shape.ffn)
 
 
 def cp_ranks(world: int, tp: int) -> List[List[int]]:
@@ -264,151 +74,10 @@ def cp_ranks(world: int, tp: int) -> List[List[int]]:
     return megatron_groups(world, tp, world // tp, "cp")
 
 
-def spava_ops(layout: SpavaLayout, r: int, shape: Shape, tp: int, group: List[int],
-              weights: Optional[Comm]) -> List[Op]:
-    """The ops `spava_attn_func` runs on CP rank r (its order, its calls), plus the dense
-    work around it and the next layer's weight gather."""
-    W, cfg = layout.cp_size, layout.config
-    seg = layout.segments(r)
-    la, lq, lp = layout.anchor_len, layout.query_len, layout.passing_len
-    hk, d, hf = shape.kv_heads / tp, shape.head_dim, 1.0 / tp
-    hq = shape.heads / tp
-    me = group[r]
-    local = layout.local_len(r)
-    pre = dense_split(shape)
-    ops = [Op(comm=weights)] if weights is not None else []
-    ops.append(Op(dense=pre * local, gemm_rows=local))
-    gathers = []
-    if lp:
-        for j, _ in enumerate(seg.blocks):
-            c = Comm("all_gather", group, int(lp * hk * 2 * d * shape.act_bytes), me, name=f"passing{j + 1}")
-            ops.append(Op(comm=c))
-            gathers.append(len([o for o in ops if o.comm is not None]) - 1)
-            if not cfg.overlap:
-                ops.append(Op(wait=gathers[-1]))
-    s_lo, s_hi = seg.anchor_shard
-    blocks_len = seg.blocks[-1][2] - seg.blocks[0][1]
-    qcalls = [Call(lq, s_hi - s_lo, False, hf, "query"), Call(lq, blocks_len, False, hf, "query")]
-    if r == 0:
-        qcalls.append(Call(lq, lq, True, hf, "query"))
-    ops.append(Op(calls=[c for c in qcalls if c.keys], merged=lq * hq * d * len(qcalls)))
-    ops.append(Op(comm=Comm("all_gather", group, int(lq * hq * (d + 1) * 4), me, name="query")))
-    qwork = len([o for o in ops if o.comm is not None]) - 1
-    if not cfg.overlap:
-        ops.append(Op(wait=qwork))
-    if la:
-        ops.append(Op(calls=[Call(la, la, True, hf, "anchor")]))
-    ops.append(Op(calls=[Call(hi - lo, hi - lo, True, hf, "block") for _, lo, hi in seg.blocks]))
-    nblk = len(seg.blocks)
-    for j, (v, lo, hi) in enumerate(seg.blocks):
-        if j < len(gathers) and cfg.overlap:
-            ops.append(Op(wait=gathers[j]))
-        keys = la + (r if j == 0 else (2 * W - 1 - r if nblk == 2 else r)) * lp
-        if keys:
-            ops.append(Op(calls=[Call(hi - lo, keys, False, hf, "passing")], merged=(hi - lo) * hq * d * 2))
-    if cfg.overlap:
-        ops.append(Op(wait=qwork))
-    ops.append(Op(merged=lq * hq * d * W))
-    ops.append(Op(dense=(1 - pre) * local, gemm_rows=local))
-    return ops
-
-
-def ring_ops(layout: RingLayout, r: int, shape: Shape, tp: int, group: List[int],
-             weights: Optional[Comm], heads_frac: float = 1.0, name: str = "kv") -> List[Op]:
-    """The ops `ring_attn_func` runs on CP rank r: W steps, each attending its two chunks to
-    the two chunks it holds, the next step's K|V (2 chunk slots) in flight meanwhile."""
-    W = layout.cp_size
-    hf = heads_frac / tp
-    hk, d, hq = shape.kv_heads * heads_frac / tp, shape.head_dim, shape.heads * hf
-    me = group[r]
-    local = layout.local_len(r)
-    pre = dense_split(shape)
-    ops = [Op(comm=weights)] if weights is not None else []
-    ops.append(Op(dense=pre * local, gemm_rows=local))
-    mine = layout.chunks_of(r)
-    lens = [hi - lo for lo, hi in map(layout.chunk_range, mine)]
-    slot = int(2 * layout.chunk_len * hk * 2 * d * shape.act_bytes)
-    started = [False, False]
-    send_to, recv_from = group[(r + 1) % W], group[(r - 1) % W]
-    n_comm = 1 if weights is not None else 0
-    for step in range(W):
-        pending = None
-        if step < W - 1:
-            ops.append(Op(comm=Comm("p2p", group, slot, me, (send_to, recv_from), name=f"{name}{step}")))
-            pending = n_comm
-            n_comm += 1
-        src = layout.chunks_of((r - step) % W)
-        src_lens = [hi - lo for lo, hi in map(layout.chunk_range, src)]
-        calls, merged = [], 0.0
-        for qc, i in enumerate(mine):
-            for j, length in zip(src, src_lens):
-                if j > i:
-                    continue
-                calls.append(Call(lens[qc], length, j == i, hf))
-                if started[qc]:
-                    merged += lens[qc] * hq * d * 2
-                started[qc] = True
-        ops.append(Op(calls=calls, merged=merged))
-        if pending is not None:
-            ops.append(Op(wait=pending))
-    ops.append(Op(dense=(1 - pre) * local, gemm_rows=local))
-    return ops
-
-
-def a2a_ops(S: int, W: int, r: int, shape: Shape, tp: int, group: List[int],
-            weights: Optional[Comm]) -> List[Op]:
-    """Ulysses all-to-all (Transformer Engine's cp_comm_type "a2a"): Q, K, V all-to-all'd from
-    sequence shards to head shards, full causal attention over S on H/W heads, the output
-    all-to-all'd back. Local tokens S/W (zigzag chunks; the count is what matters)."""
-    me, d = group[r], shape.head_dim
-    local = -(-S // W)
-    pre = dense_split(shape)
-    per_peer_qkv = int(local / W * (shape.heads + 2 * shape.kv_heads) / tp * d * shape.act_bytes)
-    per_peer_o = int(local / W * shape.heads / tp * d * shape.act_bytes)
-    ops = [Op(comm=weights)] if weights is not None else []
-    n = 1 if weights is not None else 0
-    ops += [Op(dense=pre * local, gemm_rows=local),
-            Op(comm=Comm("all_to_all", group, per_peer_qkv, me, name="a2a_qkv")),
-            Op(wait=n), Op(calls=[Call(S, S, True, 1.0 / (W * tp))]),
-            Op(comm=Comm("all_to_all", group, per_peer_o, me, name="a2a_out")), Op(wait=n + 1),
-            Op(dense=(1 - pre) * local, gemm_rows=local)]
-    return ops
-
-
-def allgather_ops(layout: RingLayout, r: int, shape: Shape, tp: int, group: List[int],
-                  weights: Optional[Comm]) -> List[Op]:
-    """Transformer Engine's cp_comm_type "all_gather": every rank's K/V all-gathered (one
-    collective, waited before attention), then each local chunk attends to the keys before it."""
-    W = layout.cp_size
-    me, d, hf = group[r], shape.head_dim, 1.0 / tp
-    hk = shape.kv_heads / tp
-    local = layout.local_len(r)
-    pre = dense_split(shape)
-    ops = [Op(comm=weights)] if weights is not None else []
-    n = 1 if weights is not None else 0
-    ops.append(Op(dense=pre * local, gemm_rows=local))
-    ops.append(Op(comm=Comm("all_gather", group, int(2 * layout.chunk_len * hk * 2 * d * shape.act_bytes), me,
-                            name="kv_all_gather")))
-    ops.append(Op(wait=n))
-    calls = []
-    for c in layout.chunks_of(r):
-        lo, hi = layout.chunk_range(c)
-        calls += [Call(hi - lo, lo, False, hf), Call(hi - lo, hi - lo, True, hf)]
-    ops.append(Op(calls=[c for c in calls if c.keys], merged=local * shape.heads * hf * d * 2))
-    ops.append(Op(dense=(1 - pre) * local, gemm_rows=local))
-    return ops
-
-
 ALGOS = ["spava", "apb", "star", "ring", "megatron-p2p", "megatron-a2a", "megatron-a2a+p2p",
          "megatron-allgather", "spava-scaled-passing"]
 MEASURED_VARIANTS = {"spava-no-overlap": dict(overlap=False), "spava-no-zigzag": dict(zigzag=False),
                      "spava-no-shard-anchor": dict(shard_anchor=False)}
-
-
-def a2a_feasible(shape: Shape, size: int) -> bool:
-    """Ulysses splits heads over the group: query heads divisible, KV heads divisible (or
-    replicated: size a multiple of them)."""
-    return shape.heads % size == 0 and (shape.kv_heads % size == 0 or size % shape.kv_heads == 0)
 
 
 def spava_config(algo: str, n: int, W: int) -> SpavaConfig:
@@ -421,88 +90,41 @@ def spava_config(algo: str, n: int, W: int) -> SpavaConfig:
     return SpavaConfig()
 
 
+def _algorithm_of(algo: str) -> Tuple[str, Optional[str]]:
+    """A scaling-model name -> (registry name, option): 'megatron-a2a' -> ('megatron', 'a2a');
+    the Spava config variants (MEASURED_VARIANTS, spava-scaled-passing) -> ('spava', None)."""
+    if algo in MEASURED_VARIANTS or algo == "spava-scaled-passing":
+        return "spava", None
+    name, _, option = algo.partition("-")
+    return name, option or None
+
+
 def layer_ops(algo: str, n_tokens: int, W: int, tp: int, shape: Shape, *,
               shard_weights: bool = True, lengths: Optional[Tuple[int, int, int]] = None,
               config: Optional[SpavaConfig] = None) -> Tuple[Plan, List[List[Op]]]:
     """Per CP rank, the ops of one layer of `algo` on a bench_prefill-style prompt of about
-    n_tokens tokens over W GPUs (TP x CP). lengths: (frame groups, context, query) of the
-    prompt (default: bench_prefill's Qwen2.5-VL prompt of n_tokens); config: the Spava-family
-    config (default: the variant's). Returns (plan, ops per CP rank of CP group 0)."""
+    n_tokens tokens over W GPUs (TP x CP). algo: a registry name, optionally with an option
+    (megatron-a2a), or a config variant of spava (ALGOS, MEASURED_VARIANTS); its ops come
+    from the registry entry's cost model (`algos.registry.cost_of`). lengths: (frame groups,
+    context, query) of the prompt (default: bench_prefill's Qwen2.5-VL prompt of n_tokens);
+    config: the config (default: the variant's). Returns (plan, ops per CP rank of CP group 0)."""
+    from ..algos.registry import cost_of
     cp = W // tp
     groups_total, context, query = lengths or inputs.prompt_lengths(n_tokens)
     S = context + query
     group = cp_ranks(W, tp)[0]
     weights = None
-    if shard_weights and cp > 1 and algo != "full":
+    if shard_weights and cp > 1:
         weights = Comm("all_gather", group, int(shape.layer_params / tp / cp * shape.weight_bytes), 0,
                        name="weights")
     split = [round(i * groups_total / cp) for i in range(cp + 1)]
     fgroups = tuple(split[i + 1] - split[i] for i in range(cp))
-    base = "spava" if algo.startswith("spava") else algo
-    ops, layout = [], None
-
-    def w(r):
-        return None if weights is None else replace(weights, me=group[r])
-
-    if algo == "full" or cp == 1 and algo in ("ring", "megatron-p2p", "megatron-allgather", "megatron-a2a",
-                                              "megatron-a2a+p2p"):
-        layout = plan_layout("full", context_len=context, query_len=query, cp_size=1)
-        ops = [[Op(dense=dense_split(shape) * S, gemm_rows=S), Op(calls=[Call(S, S, True, 1.0 / tp)]),
-                Op(dense=(1 - dense_split(shape)) * S, gemm_rows=S)]]
-        local = (S,)
-    elif base in ("spava", "apb", "star"):
-        cfg = config or (spava_config(algo, n_tokens, cp) if base == "spava" else SpavaConfig())
-        layout = plan_layout(base, context_len=context, query_len=query, cp_size=cp, config=cfg)
-        ops = [spava_ops(layout, r, shape, tp, group, w(r)) for r in range(cp)]
-        local = tuple(layout.local_len(r) for r in range(cp))
-    elif algo in ("ring", "megatron-p2p"):
-        layout = RingLayout.plan(context_len=context, query_len=query, cp_size=cp)
-        ops = [ring_ops(layout, r, shape, tp, group, w(r)) for r in range(cp)]
-        if algo == "megatron-p2p":  # TE corrects outputs inside fused kernels: merges taken as free
-            ops = [[replace(o, merged=0.0) for o in rank_ops] for rank_ops in ops]
-        local = tuple(layout.local_len(r) for r in range(cp))
-    elif algo == "megatron-allgather":
-        layout = RingLayout.plan(context_len=context, query_len=query, cp_size=cp)
-        ops = [allgather_ops(layout, r, shape, tp, group, w(r)) for r in range(cp)]
-        local = tuple(layout.local_len(r) for r in range(cp))
-    elif algo == "megatron-a2a":
-        if not a2a_feasible(shape, cp):
-            raise ValueError(f"megatron-a2a needs {shape.heads} query and {shape.kv_heads} KV heads "
-                             f"split over CP={cp}")
-        ops = [a2a_ops(S, cp, r, shape, tp, group, w(r)) for r in range(cp)]
-        local = tuple(-(-S // cp) for _ in range(cp))
-    elif algo == "megatron-a2a+p2p":
-        a = max(s for s in range(1, min(cp, 8) + 1) if cp % s == 0 and a2a_feasible(shape, s))
-        inner = cp // a  # a2a inside groups of `a` consecutive CP ranks, ring over `inner` groups
-        layout = RingLayout.plan(context_len=context, query_len=query, cp_size=inner) if inner > 1 else None
-        local = tuple(-(-S // cp) for _ in range(cp))
-        for r in range(cp):
-            sub, pos = r // a, r % a
-            a2a_group = group[sub * a:(sub + 1) * a]
-            ring_group = [group[g * a + pos] for g in range(inner)]
-            me = group[r]
-            per_peer_qkv = int(local[r] / a * (shape.heads + 2 * shape.kv_heads) / tp * shape.head_dim * shape.act_bytes)
-            per_peer_o = int(local[r] / a * shape.heads / tp * shape.head_dim * shape.act_bytes)
-            head = [Op(comm=w(r))] if weights is not None else []
-            n0 = len(head)
-            body = [Op(dense=dense_split(shape) * local[r], gemm_rows=local[r]),
-                    Op(comm=Comm("all_to_all", a2a_group, per_peer_qkv, me, name="a2a_qkv")), Op(wait=n0)]
-            if layout is not None:
-                inner_ops = ring_ops(layout, sub, shape, tp, ring_group, None, heads_frac=1.0 / a, name="kv")
-                for o in inner_ops[1:-1]:  # drop the ring's own dense ops; renumber its comms
-                    if o.wait is not None:
-                        o = replace(o, wait=o.wait + n0 + 1)
-                    body.append(o)
-            else:
-                body.append(Op(calls=[Call(S, S, True, 1.0 / (a * tp))]))
-            n_comm = sum(1 for o in head + body if o.comm is not None)
-            body += [Op(comm=Comm("all_to_all", a2a_group, per_peer_o, me, name="a2a_out")),
-                     Op(wait=n_comm), Op(dense=(1 - dense_split(shape)) * local[r], gemm_rows=local[r])]
-            ops.append(head + body)
-    else:
-        raise ValueError(f"unknown algorithm {algo!r}; choose from {ALGOS + list(MEASURED_VARIANTS)}")
-    plan = Plan(algo, W, tp, cp, S, local, fgroups if algo != "full" else (groups_total,), layout)
-    return plan, ops
+    name, option = _algorithm_of(algo)
+    work = cost_of(name)(LayerRequest(name, context, query, cp, tp, shape, tuple(group), weights,
+                                      config or spava_config(algo, n_tokens, cp), option))
+    one_rank = len(work.ops) == 1 and cp > 1  # an algorithm without CP: every frame group on it
+    plan = Plan(algo, W, tp, cp, S, work.local_tokens, (groups_total,) if one_rank else fgroups, work.layout)
+    return plan, work.ops
 
 
 def tp_comms(plan: Plan, r: int, shape: Shape, W: int) -> List[Comm]:
