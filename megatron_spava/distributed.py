@@ -59,23 +59,63 @@ def input_error(q, k, v, layout, rank: int, world: int) -> Optional[str]:
 
 def check_inputs(q, k, v, layout, group, *, collective: bool, caller: str) -> Tuple[int, int]:
     """Validate before any collective; raise ValueError naming `caller`. With
-    `collective`, every rank learns the first rank's error. Returns (rank, world)."""
+    `collective` (SpavaConfig.check_ranks_agree), every rank learns the first rank's error,
+    and the ranks also compare a hash of their layouts' plans and of their inputs' shapes
+    (`plan_summary`): a rank that planned another layout, or passes inputs of another batch,
+    head count or dtype, raises on every rank, named. Returns (rank, world)."""
     rank, world = group_rank_world(group)
     error = input_error(q, k, v, layout, rank, world)
     if collective:
-        error = _agree_on_error(error, group, world)
+        error = _agree_on_error(error, None if error else plan_summary(layout, q, k, v), group, world)
     if error:
         raise ValueError(f"{caller}: {error}")
     return rank, world
 
 
-def _agree_on_error(error: Optional[str], group, world: int) -> Optional[str]:
-    """The first rank's error, seen by every rank (one all_gather_object)."""
+def plan_summary(layout, q, k, v) -> dict:
+    """What every rank of a CP group must agree on, as strings: the layout's plan (its class
+    and every field: sizes, budgets, the SpavaConfig) and the inputs' shapes but for their
+    local sequence length, and their dtype. Pure."""
+    import dataclasses
+    out = {"layout": type(layout).__name__}
+    if dataclasses.is_dataclass(layout):
+        out.update({f.name: repr(getattr(layout, f.name)) for f in dataclasses.fields(layout)})
+    else:
+        out["plan"] = repr(layout)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        out[f"{name} shape [b, heads, head_dim]"] = repr(tuple(t.shape[1:]))
+    out["dtype"] = str(q.dtype)
+    return out
+
+
+def plan_hash(summary: dict) -> str:
+    """A short hash of a `plan_summary`."""
+    import hashlib
+    import json
+    return hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _agree_on_error(error: Optional[str], summary: Optional[dict], group, world: int) -> Optional[str]:
+    """The first rank's error, seen by every rank; else, if the ranks' plan summaries differ,
+    an error naming the first rank whose plan differs from rank 0's and how (one
+    all_gather_object of the error and the summary with its hash)."""
     if world == 1:
         return error
-    errors: List[Optional[str]] = [None] * world
-    dist.all_gather_object(errors, error, group=group)
-    return next((f"(rank {r}) {e}" for r, e in enumerate(errors) if e), None)
+    gathered: List = [None] * world
+    mine = (error, summary, plan_hash(summary) if summary is not None else None)
+    dist.all_gather_object(gathered, mine, group=group)
+    first = next(((r, e) for r, (e, _, _) in enumerate(gathered) if e), None)
+    if first:
+        return f"(rank {first[0]}) {first[1]}"
+    base_summary, base_hash = gathered[0][1], gathered[0][2]
+    for r, (_, other, other_hash) in enumerate(gathered):
+        if other_hash != base_hash:
+            diffs = [f"{key} {other.get(key)} vs {base_summary.get(key)}"
+                     for key in sorted(set(other) | set(base_summary)) if other.get(key) != base_summary.get(key)]
+            return (f"(rank {r}) its layout or inputs differ from rank 0's (plan hash {other_hash} vs "
+                    f"{base_hash}): {'; '.join(diffs[:3])}; every rank of the CP group must plan the same "
+                    f"layout and pass inputs of the same shapes and dtype")
+    return None
 
 
 def gather_partials(partial, group, world: int, async_op: bool):

@@ -379,3 +379,36 @@ def test_non_finite_logits_are_an_error(tmp_path):
     errors = _error_lines(out.stderr)
     assert out.returncode == 1 and len(errors) == 1, out.stderr[-3000:]
     assert "first-token logits are not finite" in errors[0] and "same answer" not in out.stdout
+
+
+# ---- check_ranks_agree compares the plans, not only the errors ------------------------------
+
+def _ranks_plan_differently(case):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n = 120 if (case == "context_len" and rank == 1) else 100
+    cfg = SpavaConfig(check_ranks_agree=True, **FREE)
+    layout = SpavaLayout.plan(context_len=n, query_len=3, cp_size=world, config=cfg)
+    s = layout.local_len(rank)
+    batch = 2 if (case == "batch" and rank == 1) else 1
+    dtype = torch.float64 if (case == "dtype" and rank == 1) else torch.float32
+    q, k, v = (torch.randn(s, batch, h, 8, dtype=dtype) for h in (4, 2, 2))
+    try:
+        spava_attn_func(q, k, v, layout=layout, cp_group=dist.group.WORLD)
+        return None
+    except ValueError as err:
+        dist.barrier()
+        return str(err)
+
+
+@pytest.mark.parametrize("case,detail", [("context_len", "context_len 120 vs 100"),
+                                         ("batch", "q shape [b, heads, head_dim] (2, 4, 8) vs (1, 4, 8)"),
+                                         ("dtype", "dtype torch.float64 vs torch.float32"),
+                                         ("same", None)])
+def test_check_ranks_agree_compares_layouts_and_shapes(case, detail):
+    messages = run_ranks(_ranks_plan_differently, 2, case, timeout=30)
+    if detail is None:
+        assert messages == [None, None]
+        return
+    assert messages[0] == messages[1], messages  # the same error on every rank
+    assert messages[0].startswith("spava_attn_func: (rank 1) its layout or inputs differ from rank 0's (plan hash")
+    assert detail in messages[0], messages[0]
