@@ -1,6 +1,7 @@
 """The algorithm registry and the layout interface: a toy algorithm registered from this
-file alone runs through the attention dispatch, the batch sharding and megatron-core's
-GPTModel; presets never override explicit settings; CLI and benchmark read the registry."""
+file alone runs through the attention dispatch, the batch sharding, megatron-core's
+GPTModel, the distributed KV cache, the roofline and the scaling model; presets never
+override explicit settings; CLI and benchmark read the registry."""
 
 import argparse
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ from megatron_spava.testing.reference import full_attention, random_qkv
 
 
 # ---- a toy algorithm: exact attention over an all-gathered sequence ------------------------
-# This is all a new algorithm needs: a layout, an attention function, one registry entry.
+# This is all a new algorithm needs: a layout, an attention function, its cost (what the
+# roofline and the scaling model charge), one registry entry.
 
 @dataclass(frozen=True)
 class GatheredLayout(Layout):
@@ -56,8 +58,30 @@ def gathered_attn_func(q, k, v, *, layout, cp_group=None, softmax_scale=None):
     return merge_partials(parts)[0].to(q.dtype)
 
 
+def gathered_cost(req):
+    """What one layer of the toy costs each rank (the roofline and the scaling model read it
+    through the registry): its K|V chunk all-gathered, then a causal call over its own chunk
+    and a full one to every earlier chunk; the dense work of its local tokens."""
+    from megatron_spava.perf.work import Call, Comm, LayerWork, Op, dense_split
+    layout = GatheredLayout.plan(context_len=req.context, query_len=req.query, cp_size=req.cp)
+    shape, hf, pre = req.shape, 1.0 / req.tp, dense_split(req.shape)
+    slot = int(layout.chunk_len * shape.kv_heads / req.tp * 2 * shape.head_dim * shape.act_bytes)
+    ops, local = [], []
+    for r in range(req.cp):
+        lo = r * layout.chunk_len
+        rows = min(lo + layout.chunk_len, layout.total_len) - lo
+        head = [Op(comm=req.weights_of(r))] if req.weights is not None else []
+        calls = [Call(rows, rows, True, hf)] + ([Call(rows, lo, False, hf)] if lo else [])
+        ops.append(head + [Op(dense=pre * rows, gemm_rows=rows),
+                           Op(comm=Comm("all_gather", list(req.group), slot, req.group[r], name="kv")),
+                           Op(wait=len(head)), Op(calls=calls),
+                           Op(dense=(1 - pre) * rows, gemm_rows=rows)])
+        local.append(rows)
+    return LayerWork(layout, tuple(local), ops)
+
+
 TOY = Algorithm("gathered", "toy: exact attention over an all-gathered sequence",
-                GatheredLayout, attn_func=gathered_attn_func, exact=True)
+                GatheredLayout, attn_func=gathered_attn_func, exact=True, cost=gathered_cost)
 
 
 def _toy_attention_rank(n, lq):
@@ -113,6 +137,87 @@ def test_toy_algorithm_runs_through_gpt_model_and_batch_sharding():
         torch.testing.assert_close(logits, ref[:, idx], rtol=1e-5, atol=1e-5)
         counted.index_add_(0, idx, loss_mask[0])
     assert torch.equal(counted, torch.ones(203))  # every token's loss counted once
+
+
+
+def _toy_two_pass_rank(n, lq):
+    """The toy's prefill of the context alone into the distributed KV cache, then the query
+    (replicated) over the cache (`inference.decode_attn_func`), on a 2-layer GPTModel."""
+    from megatron_spava import cpu_compat
+    cpu_compat.apply()
+    from megatron.core import parallel_state as ps
+    from megatron_spava.algos import register
+    from megatron_spava.batch import get_batch_on_this_cp_rank
+    from megatron_spava.context import cp_request
+    from megatron_spava.inference import DistributedKVCache
+    from megatron_spava.models.gpt import build_gpt_model, gpt_config
+
+    register(TOY)  # this process only
+    cp = dist.get_world_size()
+    ps.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=cp)
+    config = gpt_config(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                        ffn_hidden_size=128, context_parallel=cp)
+    model = build_gpt_model(config, vocab_size=128, max_sequence_length=1024, algo="gathered")
+    tokens = torch.randint(0, 128, (2, n + lq), generator=torch.Generator().manual_seed(0))
+    rank = ps.get_context_parallel_rank()
+    layout = plan_layout("gathered", context_len=n, query_len=0, cp_size=cp)
+    cache = DistributedKVCache(layout, rank, cp, max_new_tokens=lq)
+    positions = torch.arange(n + lq).expand_as(tokens)
+    local = get_batch_on_this_cp_rank({"tokens": tokens[:, :n], "position_ids": positions[:, :n]},
+                                      layout, rank)
+    with torch.no_grad():
+        with cp_request(layout, positions=local["rope_positions"], cache=cache):
+            context = model(local["tokens"], local["position_ids"], None)
+        cache.begin_tokens(lq)
+        with cp_request(layout, positions=torch.arange(n, n + lq), cache=cache, decode=True):
+            query = model(tokens[:, n:], positions[:, n:], None)
+    return layout.local_indices(rank), context, query
+
+
+def test_toy_algorithm_fills_the_kv_cache_and_the_query_reads_it():
+    """Context through the toy into the distributed KV cache on 3 ranks, then the query over
+    the cache: every row's logits equal megatron-core's stock model (causal mask, 1 rank)."""
+    (_, ref, _), = run_ranks(_toy_gpt_rank, 1, None, 1, timeout=120)  # 195 + 8 tokens
+    results = run_ranks(_toy_two_pass_rank, 3, 195, 8, timeout=180)
+    assert torch.equal(torch.cat([idx for idx, _, _ in results]), torch.arange(195))
+    for idx, context, query in results:
+        torch.testing.assert_close(context, ref[:, idx], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(query, ref[:, 195:], rtol=1e-5, atol=1e-5)
+
+
+def _toy_flops_rank():
+    """The roofline test's count (tests/test_roofline.py: FLOPs counted by PyTorch inside
+    `generate` against the floor's) for the toy, registered in this process only."""
+    from megatron_spava.algos import register
+    from test_roofline import _count
+    register(TOY)
+    return _count("qwen2_5_vl", ["gathered"])
+
+
+@pytest.mark.slow
+def test_toy_algorithm_roofline_is_the_flops_its_prefill_executes():
+    """The toy's cost (its registry entry, nothing else) is what the roofline charges; the
+    FLOPs a real 2-rank prefill of a tiny Qwen2.5-VL executes under it equal it per rank and
+    part, and the scaling model simulates it; without a cost, both refuse it by name."""
+    from megatron_spava.perf import scaling_model as sm
+    from megatron_spava.perf.work import Shape
+    per_rank = run_ranks(_toy_flops_rank, 2, timeout=300)
+    for r in per_rank:
+        got, want = r["gathered"]["counted"], r["gathered"]["floor"]
+        for part in ("vision", "dense", "attention"):
+            assert want[part] > 0 and got[part] == pytest.approx(want[part], rel=1e-9), (r["rank"], part, got, want)
+    assert per_rank[0]["gathered"]["busiest"] == pytest.approx(max(r["gathered"]["total"] for r in per_rank))
+    with registered(TOY):
+        plan, ops = sm.layer_ops("gathered", 65536, 4, 1, Shape())
+        assert sum(plan.local_tokens) == plan.tokens and len(ops) == 4
+        predicted = sm.predict("gathered", 65536, 4, shape=Shape())
+        assert predicted["local_tokens"] == max(plan.local_tokens) and predicted["ttft"] > predicted["vision"] > 0
+    from dataclasses import replace
+    with registered(replace(TOY, name="costless", cost=None)):
+        with pytest.raises(ValueError, match="'costless' has no cost model"):
+            sm.layer_ops("costless", 65536, 4, 1, Shape())
+    with pytest.raises(ValueError, match="unknown context-parallel algorithm 'gathered'"):
+        sm.layer_ops("gathered", 65536, 4, 1, Shape())
 
 
 def test_layout_defaults_follow_local_indices():
