@@ -17,6 +17,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # multi-node launches, end to end
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "examples", "cluster", "launch_node.sh")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHON": sys.executable,

@@ -55,6 +55,7 @@ def _tp2_reload_and_resave(src, dst, hf_dir):
     return logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie", [False, True])
 def test_hf_to_megatron_tp2_to_hf_is_bit_exact(tmp_path, tie):
     hf_dir, meg, meg2, back = (str(tmp_path / n) for n in ("hf", "meg", "meg_tp2", "back"))
@@ -78,6 +79,7 @@ def test_hf_to_megatron_tp2_to_hf_is_bit_exact(tmp_path, tie):
     assert json.load(open(os.path.join(back, "config.json"))) == json.load(open(os.path.join(hf_dir, "config.json")))
 
 
+@pytest.mark.slow
 def test_bf16_round_trip_and_sharded_output(tmp_path):
     hf_dir, meg, back = (str(tmp_path / n) for n in ("hf", "meg", "back"))
     tiny_hf_model(tiny_hf_config(), dtype=torch.bfloat16).save_pretrained(hf_dir)

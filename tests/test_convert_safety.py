@@ -52,6 +52,7 @@ def shipped_mg(tmp_path_factory):
     return mg
 
 
+@pytest.mark.slow
 def test_shipped_model_round_trips_bit_exactly_through_the_cli(shipped_mg, tmp_path):
     back = str(tmp_path / "hf")
     out = _tool("megatron-to-hf", "--megatron-path", shipped_mg, "--out", back)
@@ -204,6 +205,7 @@ def _gone(procs, timeout=10.0):
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill"])
 def test_interrupted_conversion_leaves_no_output_and_no_process(tmp_path, how):
     out_dir = str(tmp_path / "mg")

@@ -17,6 +17,7 @@ def _run(cmd, timeout=300):
     return out.stdout
 
 
+@pytest.mark.slow
 def test_demo_prints_the_comparison_table():
     out = _run([sys.executable, "-m", "megatron_spava.attention_demo", "--context-len", "2048",
                 "--query-len", "16", "--repeats", "1"])
@@ -35,6 +36,7 @@ def test_demo_rejects_bad_sizes_before_launching():
     assert out.returncode == 2 and "context too short" in out.stderr
 
 
+@pytest.mark.slow
 def test_gpt_prefill_example_tp2_cp2_full_budget_is_exact():
     out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
                 "examples/gpt_prefill.py", "--tensor-model-parallel-size", "2",
@@ -50,6 +52,7 @@ def test_gpt_prefill_example_tp2_cp2_full_budget_is_exact():
 SHIPPED = os.path.isfile(os.path.join(ROOT, "megatron_spava", "assets", "needle_qwen", "model.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHIPPED, reason="the trained needle model is not shipped yet")
 def test_video_qa_main_job(tmp_path):
     """README's first command, on a fresh work dir: the needle video is written as an mp4,
@@ -67,6 +70,7 @@ def test_video_qa_main_job(tmp_path):
     assert f"true answer: {result['true_answer']!r}" in out and "question:" in out and "WRONG" not in out
 
 
+@pytest.mark.slow
 def test_video_qa_random_weights_full_budget_agrees_with_full(tmp_path):
     out = _run([sys.executable, "-m", "megatron_spava.video_qa", "--work-dir", str(tmp_path),
                 "--random-weights", "--needle-tokens", "1024", "--max-new-tokens", "4",
@@ -109,12 +113,14 @@ def test_video_qa_reports_bad_input_before_launching(tmp_path):
     assert code == 2 and len(lines) == 1 and "temporal groups" in lines[0] and "needs at least 4" in lines[0]
 
 
+@pytest.mark.slow
 def test_video_qa_reports_a_rank_error_once(tmp_path):
     code, lines = _bad(tmp_path, "--needle-tokens", "1024", "--spava-anchor-len", "99968", "--compare", "none")
     errors = [line for line in lines if "error" in line]
     assert code == 1 and len(errors) == 1 and "anchor_len=99968 is longer than the context" in errors[0], lines
 
 
+@pytest.mark.slow
 def test_video_qa_several_questions_over_one_cached_context(tmp_path):
     """--question twice: one video prefill, both questions answered over the cached context,
     a row per question (the second pays only its query pass), compared with exact attention."""
@@ -132,6 +138,7 @@ def test_video_qa_several_questions_over_one_cached_context(tmp_path):
     assert "question 2: 'What colour is it?'" in out, out
 
 
+@pytest.mark.slow
 def test_bench_prefill_runs_ablation_variants_by_name(tmp_path):
     """tools/bench_prefill.py on 2 CPU ranks, tiny shape: variants named by the registry
     (two-pass prefill, vision without frame parallelism) run and are reported."""
@@ -153,6 +160,7 @@ def test_bench_prefill_runs_ablation_variants_by_name(tmp_path):
     assert floors["spava"]["vision_s"] < floors["full"]["vision_s"]
 
 
+@pytest.mark.slow
 def test_video_qa_internvl3_full_budget_agrees_with_full(tmp_path):
     """--model internvl3: a tiny InternVL3-architecture checkpoint is generated, Spava on 2 CPU
     ranks at full budget answers like exact attention on one."""
@@ -166,6 +174,7 @@ def test_video_qa_internvl3_full_budget_agrees_with_full(tmp_path):
     assert result["first_logits_max_abs_diff"] < 1e-3 and result["same_answer"]
 
 
+@pytest.mark.slow
 def test_bench_prefill_runs_internvl3(tmp_path):
     """tools/bench_prefill.py --model internvl3 --shape tiny on 2 CPU ranks (the tool's dry
     run of --shape internvl3-2b): the one-pass and two-pass prefills run and are reported."""
@@ -205,6 +214,7 @@ def test_bench_prefill_megatron_variants_need_te_and_pad_the_prompt():
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_tp_cp_check_agrees_with_one_rank_and_can_fail(tmp_path):
     """tools/tp_cp_check.py on 4 CPU ranks: spava at full budget and ring at TP=2 x CP=2 and
     TP=1 x CP=4 give TP=1 x CP=1 full attention's first-token logits (float32) and its 16

@@ -101,6 +101,7 @@ def _rank(tp, cp, algo, budget, ids, pixels, state):
 
 # TP {1, 2, 4} x CP {1, 2, 4}: a subset that keeps the file fast but has TP = 2 with CP = 4.
 # The tiny vocabulary (443) is padded on the megatron side at every TP size.
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,cp,algo", [(1, 1, "full"), (4, 1, "full"), (1, 2, "spava"),
                                         (1, 4, "spava"), (2, 4, "spava"), (1, 2, "ring")])
 def test_vision_prefill_and_greedy_decode_match_hf(hf_reference, tp, cp, algo):
@@ -113,6 +114,7 @@ def test_vision_prefill_and_greedy_decode_match_hf(hf_reference, tp, cp, algo):
     assert all(torch.equal(first, results[0][2]) for _, _, first in results)  # one answer everywhere
 
 
+@pytest.mark.slow
 def test_ablation_switches_at_full_budget_match_hf(hf_reference):
     """Through the shared generate: without fuse_query (context prefilled alone, the query
     over the KV cache) and without frame-parallel vision (every rank encodes every frame),
@@ -160,6 +162,7 @@ def _questions_rank(context, pixels, queries, state, budget, new_tokens):
     return [(o.tokens, o.first_logits) for o in cached], [(o.tokens, o.first_logits) for o in fresh]
 
 
+@pytest.mark.slow
 def test_several_questions_over_one_cached_context_match_hf(hf_reference):
     """InternVL3 through the shared answer_questions: the video context is prefilled once
     (CP = 2, Spava at full budget) and three queries of different lengths are answered
@@ -220,6 +223,7 @@ def _te_layout_rank():
     return all(torch.equal(a, params[n]) for n, a in fresh.named_parameters())
 
 
+@pytest.mark.slow
 def test_weight_map_handles_the_te_key_layout():
     """With --transformer-impl transformer_engine the LLM's norms live in linear_qkv /
     linear_fc1 (megatron-core's own local->TE key map): HF -> megatron names land on them,
@@ -228,6 +232,7 @@ def test_weight_map_handles_the_te_key_layout():
     assert run_ranks(_te_layout_rank, 1, timeout=120) == [True]
 
 
+@pytest.mark.slow
 def test_default_budgets_stay_close_to_hf(hf_reference):
     """Spava at small budgets is approximate: first-token logits differ from HF's, but stay
     finite, close, and identical on every rank."""
@@ -344,6 +349,7 @@ def _hf_tensors(path):
     return dict(iter_hf_tensors(path))
 
 
+@pytest.mark.slow
 def test_hf_to_megatron_tp2_to_hf_is_bit_exact_and_matches_hf(tmp_path, hf_reference):
     """HF (on disk) -> dist checkpoint -> loaded at TP=2: HF's vision features, logits and
     tokens -> saved again -> HF: every tensor bit-identical, same keys."""
@@ -372,6 +378,7 @@ def _convert_in_process(hf_dir, meg, back):
     dist_to_hf(meg, back, max_shard_bytes=1 << 16, progress=False)
 
 
+@pytest.mark.slow
 def test_tied_bf16_round_trip_is_bit_exact(tmp_path):
     hf_dir, meg, back = (str(tmp_path / n) for n in ("hf", "meg", "back"))
     hf = tiny_hf_model(tiny_hf_config(tie=True), dtype=torch.bfloat16)

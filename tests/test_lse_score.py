@@ -206,6 +206,7 @@ def test_triton_kernel_in_interpreter():
     assert r.returncode == 0 and "interpreter ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_bench_selection_runs_on_cpu(tmp_path):
     """tools/bench_selection.py's smoke mode: every column, and its check of the fused path
     against algos.spava.selection's torch path, at toy sizes (times on the CPU mean nothing)."""

@@ -94,6 +94,7 @@ def test_spava_full_budget_matches_stock_megatron(reference, tp, cp):
         torch.testing.assert_close(logits, reference[:, idx], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,cp,switches", [(1, 2, ("overlap", "shard_anchor")), (1, 2, ("zigzag",)),
                                              (1, 3, ("fuse_query",)), (2, 2, ("fuse_query",))])
 def test_ablation_switches_at_full_budget_match_stock_megatron(reference, tp, cp, switches):
@@ -108,6 +109,7 @@ def test_ablation_switches_at_full_budget_match_stock_megatron(reference, tp, cp
     assert set(torch.cat(covered).tolist()) == set(range(N + LQ))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,cp", [(1, 2), (1, 3), (1, 4), (2, 2)])
 def test_ring_matches_stock_megatron(reference, tp, cp):
     covered = []
@@ -147,6 +149,7 @@ def _first_exact_end(algo, rank):
     return layout.block_range(0)[1] if rank == 0 else layout.anchor_len
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["star", "apb", "spava"])
 def test_default_budgets_two_layers_anchor_exact_query_replicated(algo):
     """Two layers: the anchor rows stay exact (A is the true prefix at every layer); the

@@ -20,8 +20,9 @@ TOKENS = int(os.environ.get("MEGATRON_SPAVA_NEEDLE_TOKENS", 4096))
 PER_TASK = 4  # 16 samples: 95% allows no wrong answer
 VNBENCH_TASKS = ("retrieval", "ordering", "counting")
 
-pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(CKPT, "model.safetensors")),
-                                reason=f"no trained needle model at {CKPT} (tools/train_needle_model.py)")
+pytestmark = [pytest.mark.slow,  # evaluates the trained model on 2 ranks, end to end
+              pytest.mark.skipif(not os.path.isfile(os.path.join(CKPT, "model.safetensors")),
+                                 reason=f"no trained needle model at {CKPT} (tools/train_needle_model.py)")]
 
 
 def _answer_all(ckpt, tokens, per_task):

@@ -267,6 +267,7 @@ def _megatron_vs_hf(ckpt, task):
     return ours, ref, dist.get_rank()
 
 
+@pytest.mark.slow
 def test_needle_checkpoint_runs_the_same_under_megatron_and_hf(random_checkpoint):
     from megatron_spava.testing import run_ranks
     ckpt = random_checkpoint
@@ -275,6 +276,7 @@ def test_needle_checkpoint_runs_the_same_under_megatron_and_hf(random_checkpoint
     assert torch.allclose(ours, ref, atol=2e-4, rtol=1e-4), (ours - ref).abs().max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_eval_tool_exact_algorithms_are_exact(tmp_path, random_checkpoint, device):
     """tools/eval_needles.py on 2 ranks (CPU, or sharing one GPU over gloo, where ring stages

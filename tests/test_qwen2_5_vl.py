@@ -177,12 +177,14 @@ def hf_reference():
     return vision, tokens, first
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,cp", [(1, 1), (2, 1), (1, 2), (2, 2), (1, 4), (2, 4)])
 def test_vision_encoder_frame_parallel_matches_hf(hf_reference, tp, cp):
     for out in run_ranks(_megatron_rank, tp * cp, tp, cp, "full", {}, "vision", timeout=180):
         torch.testing.assert_close(out, hf_reference[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,cp,algo", [(1, 1, "full"), (2, 1, "full"), (1, 2, "spava"),
                                         (2, 2, "spava"), (1, 4, "spava"), (2, 4, "spava"),
                                         (2, 2, "ring"), (1, 2, "apb")])
@@ -195,6 +197,7 @@ def test_prefill_logits_and_greedy_decode_match_hf(hf_reference, tp, cp, algo):
     assert all(torch.equal(first, results[0][1]) for _, first in results)  # one answer everywhere
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,cp,algo", [(1, 2, "spava"), (2, 2, "ring")])
 def test_weights_sharded_over_cp_still_match_hf(hf_reference, tp, cp, algo):
     """Language-model weights sharded over the CP group and gathered layer by layer
@@ -206,6 +209,7 @@ def test_weights_sharded_over_cp_still_match_hf(hf_reference, tp, cp, algo):
         torch.testing.assert_close(first, ref_first, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo,switch", [("spava", "fuse_query"), ("ring", "fuse_query"),
                                          ("spava", "frame_parallel")])
 def test_ablation_switches_at_full_budget_match_hf(hf_reference, algo, switch):
@@ -245,6 +249,7 @@ def _questions(model, prompt, algo, config, group):
     return {k: [(o.tokens, o.first_logits) for o in v] for k, v in runs.items()}
 
 
+@pytest.mark.slow
 def test_several_questions_over_one_cached_context(hf_reference):
     """answer_questions prefills the video context once and answers each query over the
     cache, rolled back between queries. Each answer equals a fresh two-pass prefill of its
@@ -269,6 +274,7 @@ def test_several_questions_over_one_cached_context(hf_reference):
     assert all(0 < r < 0.5 for r in rel) and all(0 < r < 0.5 for r in to_exact.values()), (rel, to_exact)
 
 
+@pytest.mark.slow
 def test_star_generates_with_exact_query_rows_given_inputs(hf_reference):
     """Star Attention (no passing blocks) runs the same pipeline: it answers, every rank
     agrees, and its first-token logits stay finite and near HF's."""
@@ -280,6 +286,7 @@ def test_star_generates_with_exact_query_rows_given_inputs(hf_reference):
     assert float((first - ref_first).norm() / ref_first.norm()) < 1.0
 
 
+@pytest.mark.slow
 def test_default_budgets_stay_close_to_hf(hf_reference):
     """Spava at default-like small budgets: approximate, but the first-token logits stay
     close and finite (the query rows are exact given their inputs)."""

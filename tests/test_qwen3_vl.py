@@ -233,6 +233,7 @@ def _rank(tp, cp, algo, budget, checkpoint, inputs, hidden=False, shard=False):
     return _run(model, inputs, algo, budget, hidden)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [1, 2])
 def test_hidden_states_and_logits_match_hf(hf_reference, checkpoint, inputs, tp):
     """Full attention at TP 1 and 2: the vision encoder (merger and both DeepStack mergers),
@@ -251,6 +252,7 @@ def test_hidden_states_and_logits_match_hf(hf_reference, checkpoint, inputs, tp)
         assert tokens == ref["tokens"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,cp,algo", [(1, 2, "spava"), (1, 3, "spava"), (2, 2, "ring")])
 def test_context_parallel_at_full_budget_matches_hf(hf_reference, checkpoint, inputs, tp, cp, algo):
     """Spava at full budget over CP 2 and 3 (frame-parallel vision, each rank placing its
@@ -282,6 +284,7 @@ def _registry_rank(checkpoint, inputs):
     return out
 
 
+@pytest.mark.slow
 def test_every_registry_algorithm_runs_qwen3_vl(hf_reference, checkpoint, inputs):
     """At CP 2, every algorithm of the registry that SpavaCoreAttention runs (Megatron's own
     CP, `megatron`, needs Transformer Engine: tests/test_te.py): exact ones (ring) and
@@ -318,6 +321,7 @@ def _load_dist_rank(meg, inputs):
     return _run(_build(dist.get_world_size(), 1, meg, dist_ckpt=True), inputs, "full", {})
 
 
+@pytest.mark.slow
 def test_hf_to_megatron_to_hf_is_bit_exact_and_loads_at_tp_1_and_2(tmp_path, checkpoint, inputs,
                                                                      hf_reference):
     """HF -> dist checkpoint -> HF: every tensor bit-identical, same keys and config; the
@@ -335,6 +339,7 @@ def test_hf_to_megatron_to_hf_is_bit_exact_and_loads_at_tp_1_and_2(tmp_path, che
             assert _relative(first, hf_reference["first"]) < 1e-5 and tokens == hf_reference["tokens"]
 
 
+@pytest.mark.slow
 def test_tied_bf16_round_trip_is_bit_exact(tmp_path):
     from megatron_spava.models.qwen3_vl.tiny import tiny_hf_config, tiny_hf_model
     hf_dir, meg, back = (str(tmp_path / n) for n in ("hf", "meg", "back"))
@@ -366,6 +371,7 @@ def _te_layout_rank(checkpoint):
     return True
 
 
+@pytest.mark.slow
 def test_weight_map_handles_the_te_key_layout(checkpoint):
     assert run_ranks(_te_layout_rank, 1, checkpoint, timeout=120) == [True]
 
@@ -382,6 +388,7 @@ def moe(tmp_path_factory):
     return ckpt, inputs, _hf_reference(ckpt, inputs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,cp,algo", [(2, 1, "full"), (1, 2, "spava")])
 def test_moe_matches_hf(moe, tp, cp, algo):
     """megatron-core's MoE layers (router, SequentialMLP experts, all-gather dispatcher) with
@@ -402,6 +409,7 @@ def test_moe_matches_hf(moe, tp, cp, algo):
         assert tokens == ref["tokens"]
 
 
+@pytest.mark.slow
 def test_moe_round_trip_is_bit_exact(tmp_path, moe):
     """HF (stacked experts) -> dist checkpoint (one megatron tensor per expert) -> HF:
     bit-identical, same keys."""
@@ -503,6 +511,7 @@ def test_te_layers_load_the_checkpoint_and_agree(tmp_path, checkpoint, inputs, t
 
 # ---------------------------------------------------------------- everywhere the other families are
 
+@pytest.mark.slow
 def test_demo_generates_a_qwen3_vl_checkpoint_and_spava_agrees_with_full(tmp_path):
     """megatron-spava-demo --model qwen3_vl: a tiny Qwen3-VL-architecture checkpoint and the
     needle video are generated, the prompt goes through the processor path (timestamps),

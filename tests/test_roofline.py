@@ -80,6 +80,7 @@ def _count(family: str, variants):
 VARIANTS = ["full", "ring", "spava", "apb", "star", "spava-no-zigzag", "spava-no-frame-parallel"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl3", "qwen3_vl"])
 def test_floor_flops_are_the_flops_the_prefill_executes(family):
     per_rank = run_ranks(_count, 2, family, VARIANTS, timeout=300)

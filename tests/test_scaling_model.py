@@ -272,6 +272,7 @@ def test_rate_curve_interpolates_monotonically():
         sm.RateCurve("bad", ((1.0, 0.0),))
 
 
+@pytest.mark.slow
 def test_two_gpu_prefill_runs_refine_each_algorithm(tmp_path):
     """The 2-GPU prefill runs the fit lacks today: a bench_prefill JSON of world 2 whose spava
     attention is 1.2x the model's gives spava a 1.2 attention factor, and only spava."""

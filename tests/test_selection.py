@@ -99,6 +99,7 @@ def _evaluate_with_toy(checkpoint, out):
     return result, len(CALLS)
 
 
+@pytest.mark.slow
 def test_a_score_registered_in_a_test_runs_through_the_needle_evaluation(tmp_path):
     from test_needles import _write_checkpoint
     ckpt = _write_checkpoint(tmp_path / "ckpt", seed=1)
