@@ -39,6 +39,9 @@ setup(
             "megatron-spava-demo=megatron_spava.video_qa:main",
             "megatron-spava-attention-demo=megatron_spava.attention_demo:main",
             "megatron-spava-patch-megatron-lm=megatron_spava.megatron_lm_patch:main",
+            "megatron-spava-convert=megatron_spava.convert:main",
+            "megatron-spava-eval-needles=megatron_spava.tasks.evaluate:main",
+            "megatron-spava-bench-prefill=megatron_spava.perf.bench_prefill:main",
         ],
     },
 )
