@@ -63,12 +63,13 @@ def _load(path):
 
 def _parsers():
     from megatron_spava.attention_demo import build_parser as demo_parser
+    from megatron_spava.perf.bench_prefill import parse_args as bench_parser
     from megatron_spava.tasks.evaluate import build_parser as eval_parser
     from megatron_spava.video_qa import build_parser as qa_parser
     return {"video_qa": lambda a: qa_parser().parse_args(a),
             "attention_demo": lambda a: demo_parser().parse_args(a),
             "eval_needles": lambda a: eval_parser().parse_args(a),
-            "bench_prefill": lambda a: _load("tools/bench_prefill.py").parse_args(a),
+            "bench_prefill": lambda a: bench_parser(a),
             "tp_cp_check": lambda a: _load("tools/tp_cp_check.py").parse_args(a),
             "bench_ring": lambda a: _load("tools/bench_ring.py").parse_args(a),
             "gpt_prefill": lambda a: _load("examples/gpt_prefill.py").parse_args(

@@ -135,3 +135,37 @@ def test_the_checker_finds_a_cycle_and_a_tools_import(tmp_path):
     assert cycles(graph) == [["toy.a", "toy.sub.b"]]
     assert graph["toy.c"] == {}  # TYPE_CHECKING imports are not edges
     assert tool_imports == [("toy.sub.b", 3, "bench_prefill")]
+
+
+def _tool_imports(path):
+    """(line, tool module) for every import of a tools/ module by name in one file."""
+    tree = ast.parse(open(path).read(), path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] in TOOLS or name.split(".")[0] == "tools":
+                yield node.lineno, name
+
+
+def test_tools_are_commands_nothing_imports():
+    """tools/*.py edit no sys.path and import no other tool (a tool may import itself, by
+    name, so that run_ranks' ranks find its functions); no test imports a tool by name."""
+    problems = []
+    for f in sorted(os.listdir(os.path.join(ROOT, "tools"))):
+        if not f.endswith(".py"):
+            continue
+        path = os.path.join(ROOT, "tools", f)
+        if "sys.path" in ast.unparse(ast.parse(open(path).read())):
+            problems.append(f"tools/{f} edits sys.path")
+        problems += [f"tools/{f}:{line} imports {name}" for line, name in _tool_imports(path)
+                     if name != f[:-3]]
+    for f in sorted(os.listdir(os.path.join(ROOT, "tests"))):
+        if f.endswith(".py") and f != os.path.basename(__file__):
+            problems += [f"tests/{f}:{line} imports {name}"
+                         for line, name in _tool_imports(os.path.join(ROOT, "tests", f))]
+    assert not problems, "\n".join(problems)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from megatron_spava.ops.lse_score import lse_scores, triton_available
+from megatron_spava.testing.tools import run_tool
 
 # (head-dim tolerance per dtype) METHOD.md: fp32 arithmetic far under 1e-3, tf32-class dots near
 # 3e-4, bf16 operands 1e-3 to 1e-2. Here the reference sees the same (rounded) operands, so
@@ -212,11 +213,10 @@ def test_bench_selection_runs_on_cpu(tmp_path):
     against algos.spava.selection's torch path, at toy sizes (times on the CPU mean nothing)."""
     import json
 
-    import bench_selection
     out = tmp_path / "sel.json"
-    bench_selection.main(["--device", "cpu", "--block-len", "301", "--query-len", "3", "17", "--q-heads", "14",
+    assert run_tool("tools/bench_selection.py", ["--device", "cpu", "--block-len", "301", "--query-len", "3", "17", "--q-heads", "14",
                           "--kv-heads", "2", "--head-dim", "64", "--repeats", "1", "--warmup", "0",
-                          "--json", str(out)])
+                          "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["block_len"], r["query_len"]) for r in rows] == [(301, 3), (301, 17)]
     for r in rows:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from megatron_spava.tasks.model import ASSET_DIR
+from megatron_spava.testing.tools import run_tool
 
 CKPT = os.environ.get("MEGATRON_SPAVA_NEEDLE_CHECKPOINT") or ASSET_DIR
 TOKENS = int(os.environ.get("MEGATRON_SPAVA_NEEDLE_TOKENS", 4096))
@@ -128,11 +129,10 @@ def test_selection_coverage_tool_measures_every_score(tmp_path):
     KV head, each a fraction; the oracle keeps every needle token; the recall is a share."""
     import json
 
-    import selection_coverage
     out = tmp_path / "coverage.json"
     argv = ["--checkpoint", CKPT, "--tokens", "1024", "--samples", "1", "--tasks", "ordering", "counting",
             "--oracle", "--json", str(out)]
-    assert selection_coverage.main(argv) == 0
+    assert run_tool("tools/selection_coverage.py", argv) == 0
     data = json.loads(out.read_text())
     samples = [s for rank in data["ranks"] for s in rank["samples"]]
     records = [r for s in samples for r in s["records"]]

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from megatron_spava import SpavaConfig, SpavaLayout, spava_attn_func
 from megatron_spava.algos.spava import selection
 from megatron_spava.testing import run_ranks
+from megatron_spava.testing.tools import run_tool
 from megatron_spava.testing.reference import full_attention, random_qkv, relative_error, star_mask
 
 CALLS = []
@@ -184,9 +185,8 @@ def test_no_subscriber_no_report(monkeypatch):
 def test_recall_tool_on_random_inputs(tmp_path):
     """tools/selection_recall.py (no trained model): every score of the table is measured;
     the default keeps the planted keys and more of the question's mass than a random pick."""
-    import selection_recall
     out = tmp_path / "recall.json"
-    assert selection_recall.main(["--tokens", "2048", "--query-len", "16", "--head-dim", "32",
+    assert run_tool("tools/selection_recall.py", ["--tokens", "2048", "--query-len", "16", "--head-dim", "32",
                                   "--json", str(out)]) == 0
     rows = {r["selection"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == set(selection.SCORERS)

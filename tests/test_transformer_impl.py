@@ -251,14 +251,17 @@ def _load(path):
     return module
 
 
-@pytest.mark.parametrize("program", ["video_qa", "examples/gpt_prefill.py", "tools/bench_prefill.py",
-                                     "tools/convert_checkpoint.py"])
+@pytest.mark.parametrize("program", ["video_qa", "examples/gpt_prefill.py", "bench_prefill", "convert"])
 def test_every_model_building_program_has_the_flag(program, capsys):
     if program == "video_qa":
         from megatron_spava.video_qa import build_parser
         run = lambda: build_parser().parse_args(["--help"])  # noqa: E731
-    elif program.endswith("convert_checkpoint.py"):
-        run = lambda: _load(program).main(["hf-to-megatron", "--help"])  # noqa: E731
+    elif program == "convert":
+        from megatron_spava.convert import main
+        run = lambda: main(["hf-to-megatron", "--help"])  # noqa: E731
+    elif program == "bench_prefill":
+        from megatron_spava.perf.bench_prefill import parse_args
+        run = lambda: parse_args(["--help"])  # noqa: E731
     else:
         run = lambda: _load(program).parse_args(["--help"])  # noqa: E731
     with pytest.raises(SystemExit) as exit_:

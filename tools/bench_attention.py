@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from megatron_spava.ops.attention import GQA_NATIVE, _KERNELS, attend  # noqa: E402
-from megatron_spava.testing.reference import relative_error  # noqa: E402
+from megatron_spava.perf.kernels import time_ms
+from megatron_spava.ops.attention import GQA_NATIVE, _KERNELS, attend
+from megatron_spava.testing.reference import relative_error
 
 KERNELS = ["cudnn", "flash", "flex", "efficient"]
 
@@ -44,20 +42,6 @@ def parse_args(argv=None):
     p.add_argument("--kernels", nargs="+", default=KERNELS, help="kernels to measure")
     p.add_argument("--json", help="write results as JSON here")
     return p.parse_args(argv)
-
-
-def time_ms(fn, repeats, warmup):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), min(times), max(times)
 
 
 def rand(shape, seed):

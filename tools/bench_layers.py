@@ -25,15 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from megatron_spava.perf.kernels import _median_ms, attention_floor_ms, gemm_floor_ms  # noqa: E402
-from megatron_spava.provenance import git_commit  # noqa: E402
+from megatron_spava.perf.kernels import _median_ms, attention_floor_ms, gemm_floor_ms
+from megatron_spava.provenance import git_commit
 
 
 SHAPES = {  # Qwen2.5-VL-7B's language model; tiny for CPU dry runs

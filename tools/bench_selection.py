@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -51,14 +50,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import time_ms  # noqa: E402
+from megatron_spava.perf.kernels import time_ms
 
-from megatron_spava.algos.spava import SpavaLayout  # noqa: E402
-from megatron_spava.ops.attention import attend  # noqa: E402
-from megatron_spava.ops.lse_score import lse_scores  # noqa: E402
-from megatron_spava.algos.spava.selection import (gather_top, lse_scores_torch, select_passing,  # noqa: E402
+from megatron_spava.algos.spava import SpavaLayout
+from megatron_spava.ops.attention import attend
+from megatron_spava.ops.lse_score import lse_scores
+from megatron_spava.algos.spava.selection import (gather_top, lse_scores_torch, select_passing,
                                                    select_passing_blocks)
 
 

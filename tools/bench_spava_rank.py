@@ -33,18 +33,15 @@ import argparse
 import contextlib
 import importlib
 import json
-import os
 import statistics
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import time_ms  # noqa: E402
+from megatron_spava.perf.kernels import time_ms
 
-from megatron_spava import SpavaConfig, SpavaLayout, profiling, spava_attn_func  # noqa: E402
-from megatron_spava.distributed import input_error  # noqa: E402
+from megatron_spava import SpavaConfig, SpavaLayout, profiling, spava_attn_func
+from megatron_spava.distributed import input_error
 
 
 @contextlib.contextmanager

@@ -40,12 +40,11 @@ import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from megatron_spava.provenance import git_commit  # noqa: E402
-from megatron_spava.tasks.model import load_fp16_weights, save_checkpoint, write_archive  # noqa: E402
+from megatron_spava.provenance import git_commit
+from megatron_spava.tasks.model import load_fp16_weights, save_checkpoint, write_archive
 
 
-import torch  # noqa: E402
+import torch
 
 DEFAULT_OUT = os.path.join(ROOT, "megatron_spava", "assets", "needle_qwen")
 DEFAULT_CURRICULUM = ("128:0.1,256:0.14,512:0.16,1024:0.14,2048:0.1,4096:0.1,8192:0.08,16384:0.07,"

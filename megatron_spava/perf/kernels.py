@@ -68,3 +68,18 @@ def attention_floor_ms(shape, S, dtype, device, warmup, repeats, te: bool):
         out["te_dot_product_attention"] = _median_ms(lambda: dpa(q, k, v), device, warmup, repeats)[0]
     flops = 2 * S * S * hq * d  # QK^T and PV, causal half: 4 S^2 h d / 2
     return out, flops
+
+
+def time_ms(fn, repeats, warmup):
+    """(median, min, max) milliseconds of `fn` on the GPU, between CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), min(times), max(times)
