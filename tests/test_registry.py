@@ -199,7 +199,8 @@ def test_toy_algorithm_roofline_is_the_flops_its_prefill_executes():
     """The toy's cost (its registry entry, nothing else) is what the roofline charges; the
     FLOPs a real 2-rank prefill of a tiny Qwen2.5-VL executes under it equal it per rank and
     part, and the scaling model simulates it; without a cost, both refuse it by name."""
-    from megatron_spava.perf import scaling_model as sm
+    from megatron_spava.perf.layer import layer_ops
+    from megatron_spava.perf.simulate import predict
     from megatron_spava.perf.work import Shape
     per_rank = run_ranks(_toy_flops_rank, 2, timeout=300)
     for r in per_rank:
@@ -208,16 +209,16 @@ def test_toy_algorithm_roofline_is_the_flops_its_prefill_executes():
             assert want[part] > 0 and got[part] == pytest.approx(want[part], rel=1e-9), (r["rank"], part, got, want)
     assert per_rank[0]["gathered"]["busiest"] == pytest.approx(max(r["gathered"]["total"] for r in per_rank))
     with registered(TOY):
-        plan, ops = sm.layer_ops("gathered", 65536, 4, 1, Shape())
+        plan, ops = layer_ops("gathered", 65536, 4, 1, Shape())
         assert sum(plan.local_tokens) == plan.tokens and len(ops) == 4
-        predicted = sm.predict("gathered", 65536, 4, shape=Shape())
+        predicted = predict("gathered", 65536, 4, shape=Shape())
         assert predicted["local_tokens"] == max(plan.local_tokens) and predicted["ttft"] > predicted["vision"] > 0
     from dataclasses import replace
     with registered(replace(TOY, name="costless", cost=None)):
         with pytest.raises(ValueError, match="'costless' has no cost model"):
-            sm.layer_ops("costless", 65536, 4, 1, Shape())
+            layer_ops("costless", 65536, 4, 1, Shape())
     with pytest.raises(ValueError, match="unknown context-parallel algorithm 'gathered'"):
-        sm.layer_ops("gathered", 65536, 4, 1, Shape())
+        layer_ops("gathered", 65536, 4, 1, Shape())
 
 
 def test_layout_defaults_follow_local_indices():

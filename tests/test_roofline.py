@@ -1,5 +1,5 @@
 """The roofline floor of the prefill benchmark (megatron_spava.perf.bench_prefill): the FLOPs it charges each rank (vision
-encoder, dense layers, attention; perf.scaling_model's per-rank ops and the model
+encoder, dense layers, attention; perf.layer's per-rank ops (the registry entries' costs) and the model
 packages' `vision_flops`) against the FLOPs the real prefill executes, counted by PyTorch's
 own `torch.utils.flop_counter.FlopCounterMode` inside `generate` on gloo ranks, per rank,
 for the three model families and every layout family. The counter sees the matrix products

@@ -1,4 +1,4 @@
-"""The scaling model (megatron_spava.perf.scaling_model): its byte counts against the tensors the algorithms actually
+"""The scaling model (megatron_spava.perf: layer, rates, simulate, fit): its byte counts against the tensors the algorithms actually
 exchange (counted inside real gloo runs of spava_attn_func and ring_attn_func), against
 hand counts for the algorithms not implemented here (Megatron a2a, all-gather), its
 attention work against the keys SPAVA.md's dense mask lets each row see, the overlap
@@ -20,7 +20,10 @@ from megatron_spava.algos.spava.cost import spava_ops
 from megatron_spava.testing import run_ranks
 from megatron_spava.testing.reference import random_qkv, spava_mask
 
-from megatron_spava.perf import scaling_model as sm
+from megatron_spava.perf.fit import fit, load_measurements
+from megatron_spava.perf.layer import layer_ops
+from megatron_spava.perf.rates import RateCurve, Rates, call_seconds, measured_curves
+from megatron_spava.perf.simulate import predict, simulate_layer
 from megatron_spava.perf.inputs import prompt_lengths
 from megatron_spava.perf.work import Call, Comm, Hardware, Op, Shape
 
@@ -158,26 +161,26 @@ def test_ring_work_sums_to_causal_attention():
 
 def test_simulation_exposes_only_what_compute_does_not_cover():
     hw = Hardware(nvlink_alpha_step=0.0, nvlink_busbw=1e9, call_overhead=0.0)
-    rates = sm.Rates(dense_per_token=1e-3, dense_const=0.0)
+    rates = Rates(dense_per_token=1e-3, dense_const=0.0)
     shape = Shape(layers=1)
     for work, comm in ((5.0, 2.0), (1.0, 3.0)):
         c = Comm("all_gather", [0, 1], int(comm * 1e9), 0)  # comm seconds on 2 ranks
         ops = [[Op(comm=replace(c, me=r)), Op(dense=work * 1e3), Op(wait=0)] for r in range(2)]
-        end, *_ = sm.simulate_layer(ops, shape, rates, hw, [0.0, 0.0], 0.0)
+        end, *_ = simulate_layer(ops, shape, rates, hw, [0.0, 0.0], 0.0)
         assert end == pytest.approx([max(work, comm)] * 2)
     # A collective starts when the last rank launches it.
     c = Comm("all_gather", [0, 1], int(1e9), 0)
     ops = [[Op(dense=r * 2e3), Op(comm=replace(c, me=r)), Op(wait=0)] for r in range(2)]
-    end, *_ = sm.simulate_layer(ops, shape, rates, hw, [0.0, 0.0], 0.0)
+    end, *_ = simulate_layer(ops, shape, rates, hw, [0.0, 0.0], 0.0)
     assert end == pytest.approx([3.0, 3.0])
 
 
 def test_local_tokens_are_the_layouts():
-    plan, _ = sm.layer_ops("spava", 131072, 8, 1, Shape())
+    plan, _ = layer_ops("spava", 131072, 8, 1, Shape())
     _, context, query = prompt_lengths(131072)
     layout = SpavaLayout.plan(context_len=context, query_len=query, cp_size=8)
     assert plan.local_tokens == tuple(layout.local_len(r) for r in range(8))
-    tp_plan, _ = sm.layer_ops("spava", 131072, 16, 2, Shape())
+    tp_plan, _ = layer_ops("spava", 131072, 16, 2, Shape())
     assert tp_plan.cp == 8 and tp_plan.local_tokens == plan.local_tokens
 
 
@@ -186,8 +189,8 @@ def test_fit_on_two_gpus_predicts_four_gpu_ttft():
     measurements, not fitted), every measured 4-GPU TTFT, 32K to 1M and every variant, is
     within 10%."""
     shape, hw = Shape.of("7b"), Hardware()
-    meas = sm.load_measurements()
-    rates, report = sm.fit(meas, shape, hw, max_gpus=2)
+    meas = load_measurements()
+    rates, report = fit(meas, shape, hw, max_gpus=2)
     assert report["fitted_on"] == ["benchmarks/2026-11-21-h200x2/demo_128k.json",
                                    "benchmarks/2026-11-21-h200x4-v2/prefill_7b_4gpu_merged.json (full, 1 GPU)"]
     sources = {src for c in (rates.curves.causal, rates.curves.full, rates.curves.gemm) for src in c.sources}
@@ -197,7 +200,7 @@ def test_fit_on_two_gpus_predicts_four_gpu_ttft():
     for m in rows:
         fp = m["algo"] != "spava-no-frame-parallel"
         algo = "spava" if not fp else m["algo"]
-        p = sm.predict(algo, m["n"], 4, shape=shape, rates=rates, hw=hw, frame_parallel=fp)
+        p = predict(algo, m["n"], 4, shape=shape, rates=rates, hw=hw, frame_parallel=fp)
         assert abs(p["ttft"] / m["ttft"] - 1) < 0.10, (m["n"], m["algo"], m["ttft"], p["ttft"])
 
 
@@ -211,7 +214,7 @@ def test_kernel_curves_pass_through_the_measured_kernel_times():
     here), as a Call through call_seconds at factor 1, comes back as measured; the GEMM
     curve's slowdown is the measured rate ratio."""
     shape = Shape.of("7b")
-    rates, hw = sm.Rates(attention=1.0, model_attn=1.0), Hardware()
+    rates, hw = Rates(attention=1.0, model_attn=1.0), Hardware()
     checked = 0
     for path in ["2026-12-01-h200/bench_attention_%d.json" % s for s in (2048, 4096, 8192, 16384)] + [
             "2026-11-21-h200x2/bench_attention.json"]:
@@ -220,12 +223,12 @@ def test_kernel_curves_pass_through_the_measured_kernel_times():
             if r["kernel"] != "cudnn":
                 continue
             call = Call(r["sq"], r["sk"], r["causal"])
-            assert sm.call_seconds(call, shape, rates, hw) == pytest.approx(r["median_ms"] / 1e3, rel=1e-9), (path, r)
+            assert call_seconds(call, shape, rates, hw) == pytest.approx(r["median_ms"] / 1e3, rel=1e-9), (path, r)
             checked += 1
     layers = _bench("2026-12-01-h200/bench_layers.json")["floor"]
     for S, f in layers.items():
         call = Call(int(S), int(S), True)
-        assert sm.call_seconds(call, shape, rates, hw) == pytest.approx(f["attention_ms"]["sdpa_cudnn"] / 1e3, rel=1e-9)
+        assert call_seconds(call, shape, rates, hw) == pytest.approx(f["attention_ms"]["sdpa_cudnn"] / 1e3, rel=1e-9)
         checked += 1
     assert checked == 12
     gemm = rates.curves.gemm
@@ -233,7 +236,7 @@ def test_kernel_curves_pass_through_the_measured_kernel_times():
     assert gemm.slowdown(8192) == 1.0 and gemm.slowdown(10 ** 7) == gemm.slowdown(131072)  # held outside
     # A measured causal 4096 call is 1.62x slower per FLOP than a 16384 one, as measured.
     small, big = Call(4096, 4096, True), Call(16384, 16384, True)
-    per_pair = [sm.call_seconds(c, shape, rates, hw) / c.pairs() for c in (small, big)]
+    per_pair = [call_seconds(c, shape, rates, hw) / c.pairs() for c in (small, big)]
     ratio = per_pair[0] / per_pair[1]
     assert ratio == pytest.approx(652.33 / 464.65, rel=1e-3)
 
@@ -243,13 +246,13 @@ def test_rate_curve_interpolates_monotonically():
     and moves the way the data does (rising to the 16K peak, falling after), never
     overshooting; a call's time never falls as its work grows; the ends are held (the
     smallest call's time below, the last rate above). Bad points are refused."""
-    c = sm.RateCurve("hand", ((1.0, 100.0), (4.0, 300.0), (16.0, 200.0)))
+    c = RateCurve("hand", ((1.0, 100.0), (4.0, 300.0), (16.0, 200.0)))
     assert c.rate(2.0) == pytest.approx(100.0 * 3 ** 0.5)  # geometric midpoint of 100 and 300
     assert c.rate(8.0) == pytest.approx(300.0 * (2 / 3) ** 0.5)
     assert c.rate(0.5) == 100.0 and c.rate(64.0) == 200.0
     assert c.seconds(0.25) == c.seconds(1.0) == pytest.approx(0.01)  # floor: the smallest call's time
-    assert sm.RateCurve("r", c.points, floor=False).seconds(0.25) == pytest.approx(0.0025)
-    curves = sm.measured_curves()
+    assert RateCurve("r", c.points, floor=False).seconds(0.25) == pytest.approx(0.0025)
+    curves = measured_curves()
     for curve in (curves.causal, curves.full, curves.gemm):
         pts = curve.points
         assert len(pts) >= 2
@@ -267,9 +270,9 @@ def test_rate_curve_interpolates_monotonically():
     peak = max(causal, key=causal.get)
     assert peak == 4 * 28 * 16384 ** 2 * 128 / 2  # the data rise to 16K tokens and fall after
     with pytest.raises(ValueError, match="increasing size"):
-        sm.RateCurve("bad", ((2.0, 1.0), (1.0, 2.0)))
+        RateCurve("bad", ((2.0, 1.0), (1.0, 2.0)))
     with pytest.raises(ValueError, match="positive rate"):
-        sm.RateCurve("bad", ((1.0, 0.0),))
+        RateCurve("bad", ((1.0, 0.0),))
 
 
 @pytest.mark.slow
@@ -278,21 +281,21 @@ def test_two_gpu_prefill_runs_refine_each_algorithm(tmp_path):
     attention is 1.2x the model's gives spava a 1.2 attention factor, and only spava."""
     import json
     shape, hw = Shape.of("7b"), Hardware()
-    base, _ = sm.fit(sm.load_measurements(), shape, hw)
-    p = sm.predict("spava", 131072, 2, shape=shape, rates=base, hw=hw)
+    base, _ = fit(load_measurements(), shape, hw)
+    p = predict("spava", 131072, 2, shape=shape, rates=base, hw=hw)
     llm = p["llm"] + 0.2 * p["attention"]
     run = dict(ttft_median_s=p["vision"] + llm, vision_median_s=p["vision"], llm_median_s=llm,
                attention_share_of_llm=1.2 * p["attention"] / llm, tokens=p["tokens"],
                local_tokens=p["local_tokens"])
     path = tmp_path / "prefill_7b_2gpu.json"
     path.write_text(json.dumps(dict(shape="7b", world=2, runs={"131072": {"spava": run}})))
-    meas = sm.load_measurements([str(path)])
+    meas = load_measurements([str(path)])
     assert len(meas["two_gpu_prefill"]) == 1
-    rates, report = sm.fit(meas, shape, hw, max_gpus=2)
+    rates, report = fit(meas, shape, hw, max_gpus=2)
     assert rates.algo_attn == {"spava": pytest.approx(1.2, rel=1e-6)}
     assert str(path) + " (2 GPUs)" in report["fitted_on"]
-    four = sm.predict("spava", 262144, 4, shape=shape, rates=rates, hw=hw)["attention"]
-    assert four == pytest.approx(1.2 * sm.predict("spava", 262144, 4, shape=shape, rates=base, hw=hw)["attention"],
+    four = predict("spava", 262144, 4, shape=shape, rates=rates, hw=hw)["attention"]
+    assert four == pytest.approx(1.2 * predict("spava", 262144, 4, shape=shape, rates=base, hw=hw)["attention"],
                                  rel=1e-3)
-    assert sm.predict("ring", 131072, 4, shape=shape, rates=rates, hw=hw) == \
-        sm.predict("ring", 131072, 4, shape=shape, rates=base, hw=hw)
+    assert predict("ring", 131072, 4, shape=shape, rates=rates, hw=hw) == \
+        predict("ring", 131072, 4, shape=shape, rates=base, hw=hw)

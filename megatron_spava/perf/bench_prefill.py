@@ -40,7 +40,7 @@ vision / LLM split, the share of LLM time inside core attention (CUDA events aro
 every core-attention call), peak GPU memory (max over ranks), and speedups against full,
 ring and apb from the same run, and the roofline floor beside each TTFT: the FLOPs the
 busiest rank must do (vision encoder and dense layers at the measured GEMM rate,
-attention at the measured causal-attention rate; per-rank FLOPs from tools/scaling_model.py's
+attention at the measured causal-attention rate; per-rank FLOPs from each algorithm's cost (perf/layer.py's
 per-rank ops, i.e. the algorithm's own layout), with both rates measured in the same run
 at the start (one layer's four GEMMs and one causal attention call at the LLM's shape,
 `--rate-tokens` rows; tools/bench_layers.py's kernels). With --profile-comm, one extra spava run per n under
@@ -60,7 +60,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import kernels, scaling_model
+from . import kernels, layer
+from .work import Shape
 from .inputs import TOKENS_PER_GROUP, _family_bench, _is_internvl, prompt_lengths, synthetic_inputs
 
 #: --shape -> (family, the family's shape name; None: its tiny config)
@@ -246,8 +247,8 @@ def exposed_comm_share(prof) -> float:
 
 
 def llm_shape(cfg):
-    """The LLM's shape (scaling_model.Shape) of a Qwen25VLConfig / InternVL3Config."""
-    return scaling_model.Shape(layers=cfg.num_layers, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
+    """The LLM's shape (perf.work.Shape) of a Qwen25VLConfig / InternVL3Config."""
+    return Shape(layers=cfg.num_layers, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
                                         heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
 
 
@@ -284,17 +285,16 @@ def measure_rates(cfg, device: torch.device, rows: int, warmup: int = 1, repeats
 
 def rank_flops(cfg, n: int, variant: str, cp: int, multiple: int = 1) -> list:
     """Per CP rank, the FLOPs one (n, variant) prefill must do: {"vision", "dense",
-    "attention"} (all layers; tools/scaling_model.py's per-rank ops for the LLM,
+    "attention"} (all layers; the registry entry's per-rank ops for the LLM (perf.layer),
     `vision_flops` for the rank's frame groups). `full` is one GPU. The LM head, norms,
     selection and merges are not counted. A two-pass variant (-no-fuse-query) is charged the
     one-pass FLOPs: the query's rows and keys are the same."""
     import dataclasses
-    sm = scaling_model
     name, config = algo_and_config(variant)
     config = dataclasses.replace(config, fuse_query=True)
     comm = megatron_comm(variant)
     per_group = vision_flops_per_group(cfg)
-    ranks = sm.rank_flops(name if comm is None else f"{name}-{comm}", n, cp, llm_shape(cfg),
+    ranks = layer.rank_flops(name if comm is None else f"{name}-{comm}", n, cp, llm_shape(cfg),
                           lengths=prompt_lengths(n, cfg, multiple), config=config,
                           frame_parallel=config.frame_parallel)
     return [dict(vision=f["frame_groups"] * per_group, dense=f["dense"], attention=f["attention"]) for f in ranks]
@@ -303,7 +303,7 @@ def rank_flops(cfg, n: int, variant: str, cp: int, multiple: int = 1) -> list:
 def roofline(cfg, n: int, variant: str, cp: int, rates: dict, multiple: int = 1) -> dict:
     """The floor of one (n, variant) run: max over CP ranks of (vision + dense FLOPs) / GEMM
     rate + attention FLOPs / attention rate (`rank_flops`), in seconds, with the busiest
-    rank's split and FLOPs (a floor, not a prediction: tools/scaling_model.py predicts)."""
+    rank's split and FLOPs (a floor, not a prediction: perf.simulate predicts)."""
     best = None
     for r, f in enumerate(rank_flops(cfg, n, variant, cp, multiple)):
         split = dict(vision_s=f["vision"] / rates["gemm_flops_per_s"], dense_s=f["dense"] / rates["gemm_flops_per_s"],
