@@ -7,12 +7,14 @@ says which versions need what. Everything else calls these functions.
   legacy_grouped_gemm_kwargs(config)     the MoE spec keyword only 0.16.1 has
   stock_get_batch_on_this_cp_rank(b, g)  megatron-core's own zigzag CP sharding of a batch
   spec_module_and_submodules(value)      (module class, submodules) of one spec entry
+  dist_checkpoint_common_state(ckpt_dir, metadata)  where a dist checkpoint keeps its common state
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import os
 from typing import Any, Dict, Optional, Tuple
 
 
@@ -71,3 +73,43 @@ def spec_module_and_submodules(value: Any) -> Tuple[Optional[type], Any]:
         module = value.module
         return (module if isinstance(module, type) else None), value.submodules
     return None, None
+
+
+# ---- dist checkpoints: where the common (non-tensor) state lives ------------------------
+# megatron-core 0.16.1 to 0.18.x: dist_checkpointing.save writes the common state to
+#   `common.pt` beside the torch_dist files, and load reads it from there only.
+# megatron-core 0.19.0 and later: save stores it as the ShardedObject "common_state" inside
+#   the torch_dist files (no common.pt); load reads either (a legacy common.pt first). So a
+#   checkpoint written by 0.19 does not load with 0.16.1-0.18.x; one written by those loads
+#   with 0.19.
+COMMON_PT = "common.pt"
+COMMON_STATE_KEY = "common_state"
+
+
+def reads_common_state_from_torch_dist() -> bool:
+    """Whether this megatron-core loads a checkpoint's common state from inside its
+    torch_dist files (0.19+; detected by its loader's legacy-format check)."""
+    from megatron.core.dist_checkpointing import serialization
+    return hasattr(serialization, "_legacy_common_state_exists")
+
+
+def dist_checkpoint_common_state(ckpt_dir: str, metadata) -> Optional[str]:
+    """Where the dist checkpoint in `ckpt_dir` keeps its common state: the path of its
+    common.pt, or None when it is the "common_state" entry of the torch_dist files
+    (`metadata`: torch.distributed.checkpoint's Metadata of the checkpoint, its `.metadata`).
+    FileNotFoundError naming common.pt when it has neither; ValueError when it has only the
+    torch_dist entry and this megatron-core cannot read that (0.16.1-0.18.x)."""
+    path = os.path.join(ckpt_dir, COMMON_PT)
+    if os.path.isfile(path):
+        return path
+    inside = any(key == COMMON_STATE_KEY or key.startswith(COMMON_STATE_KEY + "/")
+                 for key in metadata.state_dict_metadata)
+    if not inside:
+        raise FileNotFoundError(f"{path} is missing: {ckpt_dir} is not a complete megatron-core "
+                                f"dist checkpoint (and its torch_dist files hold no common_state)")
+    if not reads_common_state_from_torch_dist():
+        import megatron.core
+        raise ValueError(f"{ckpt_dir} keeps its common state inside its torch_dist files (written by "
+                         f"megatron-core 0.19 or later); this megatron-core "
+                         f"{getattr(megatron.core, '__version__', '?')} reads only {COMMON_PT}")
+    return None

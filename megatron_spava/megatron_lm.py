@@ -4,8 +4,13 @@ patches/megatron_lm_core_v0.19.0.patch) call, the same way on every supported ta
 The patches keep Megatron-LM's changes to a few lines; everything they need is here:
   layer_spec(args, use_te, config)         gpt_builders._get_transformer_layer_spec
   prepare_model(model, args)               gpt_builders.gpt_builder, after GPTModel(...)
+  configure_model_config(model_cfg, args)  core_v0.19's pretrain_gpt __main__, after
+                                           gpt_config_from_args (it builds the model from that
+                                           GPTModelConfig, not through gpt_builders)
   get_batch_on_this_cp_rank_from_args(b)   pretrain_gpt.get_batch, for the CP slicing
-Each is used only when `--context-parallel-algo` is set.
+Each is used only when `--context-parallel-algo` is set, and each says so once on rank 0
+(`megatron_spava: ...` lines; examples/megatron_lm/compare_eval_loss.py requires them, so a
+launch the hooks did not reach cannot pass as a match).
 
 They follow the contracts of Megatron-LM core_v0.19.0, which core_v0.16.1 also meets:
 the layer spec is built from the TransformerConfig (`config.num_moe_experts`,
@@ -64,13 +69,79 @@ def layer_spec(args, use_te: bool, config):
     kwargs = dict(num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm,
                   qk_layernorm=config.qk_layernorm, qk_l2_norm=config.qk_l2_norm,
                   normalization=config.normalization, **legacy_grouped_gemm_kwargs(config))
-    return get_gpt_layer_spec("te" if use_te else "local", algo=args.context_parallel_algo,
-                              **kwargs)
+    spec = get_gpt_layer_spec("te" if use_te else "local", algo=args.context_parallel_algo, **kwargs)
+    core = spec.submodules.self_attention.submodules.core_attention
+    _say_once(f"--context-parallel-algo {args.context_parallel_algo}: layer spec "
+              f"({'te' if use_te else 'local'}) with core attention "
+              f"{getattr(core, 'module', core).__name__}")
+    return spec
+
+
+def _say_once(message: str) -> None:
+    """Print `message` once per process, on global rank 0 (or without torch.distributed)."""
+    if message in _SAID:
+        return
+    _SAID.add(message)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(f"megatron_spava: {message}", flush=True)
+
+
+_SAID: set = set()
 
 
 def prepare_model(model, args):
     """Make the model's RoPE read global positions from the active request."""
-    return use_spava_rope(model)
+    model = use_spava_rope(model)
+    _say_once(f"--context-parallel-algo {args.context_parallel_algo}: layout-aware RoPE "
+              f"({type(getattr(model, 'rotary_pos_emb', None)).__name__})")
+    return model
+
+
+#: core_v0.19's GPTModelConfig resolves its builder from this import path (`builder`).
+MODEL_BUILDER = __name__ + ".SpavaGPTModelBuilder"
+
+
+def configure_model_config(model_cfg, args):
+    """core_v0.19's model path: pretrain_gpt builds the model from a GPTModelConfig
+    (megatron.training.models.gpt) with the builder its `builder` names. Give it
+    megatron_spava's layer spec (a callable of the config, as the builder calls its own
+    `default_layer_spec`) and a builder that is Megatron-LM's GPTModelBuilder plus
+    `prepare_model` on every model it builds. Returns model_cfg (changed in place)."""
+    run_config(args)
+    if model_cfg.transformer_layer_spec is not None:
+        raise ValueError("--context-parallel-algo sets the layer spec itself: drop --spec")
+
+    def spec(model_config, vp_stage=None):
+        transformer = model_config.transformer
+        return layer_spec(args, transformer.transformer_impl == "transformer_engine", transformer)
+
+    model_cfg.transformer_layer_spec = spec
+    model_cfg.builder = MODEL_BUILDER
+    model_cfg._megatron_spava_args = args
+    return model_cfg
+
+
+@functools.lru_cache(maxsize=1)
+def _spava_gpt_model_builder():
+    from megatron.training.models.gpt import GPTModelBuilder  # Megatron-LM core_v0.19
+
+    class SpavaGPTModelBuilder(GPTModelBuilder):
+        """Megatron-LM's GPTModelBuilder, then megatron_spava's `prepare_model`."""
+
+        def build_model(self, *args, **kwargs):
+            model = super().build_model(*args, **kwargs)
+            return prepare_model(model, self._model_config._megatron_spava_args)
+
+    SpavaGPTModelBuilder.__module__ = __name__
+    return SpavaGPTModelBuilder
+
+
+def __getattr__(name: str):
+    # SpavaGPTModelBuilder subclasses Megatron-LM's own builder, importable only inside a
+    # Megatron-LM checkout: made when the GPTModelConfig asks for it.
+    if name == "SpavaGPTModelBuilder":
+        return _spava_gpt_model_builder()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @functools.lru_cache(maxsize=16)

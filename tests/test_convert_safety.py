@@ -122,6 +122,10 @@ def test_damaged_input_is_one_line_naming_the_file(shipped_mg, tmp_path, damage)
     else:
         src = str(tmp_path / "mg")
         shutil.copytree(shipped_mg, src)
+        if "common.pt" in damage and not os.path.exists(os.path.join(src, "common.pt")):
+            # megatron-core 0.19+ keeps the common state inside the .distcp files
+            # (compat.dist_checkpoint_common_state): truncated-distcp damages it there
+            pytest.skip("this megatron-core writes no common.pt (common state inside the torch_dist files)")
         name = {"no-meta": "megatron_spava_meta.json", "bad-meta": "megatron_spava_meta.json",
                 "truncated-distcp": "__0_1.distcp", "no-.metadata": ".metadata", "no-common.pt": "common.pt",
                 "bad-common.pt": "common.pt"}[damage]

@@ -58,13 +58,15 @@ def test_patch_is_small_and_touches_only_the_three_files(name):
 def test_every_hook_the_patch_imports_exists_and_is_called_the_same_way(name):
     text = _patch_text(name)
     names = re.findall(r"^\+\s*from (megatron_spava[\w.]*) import (\w+)", text, flags=re.M)
-    assert len(names) == 4
+    assert len(names) == (5 if "gpt_config_from_args" in text else 4)
     for module, hook in names:
         assert hasattr(importlib.import_module(module), hook), (module, hook)
     # one interface per hook, on every tag
     assert re.search(r"^\+\s*return layer_spec\((get_args\(\)|args), use_te, config\)$", text, flags=re.M)
     assert re.search(r"^\+\s*model = prepare_model\(model, args\)$", text, flags=re.M)
     assert re.search(r"^\+\s*batch = get_batch_on_this_cp_rank_from_args\(batch, args\)$", text, flags=re.M)
+    if name == "megatron_lm_core_v0.19.0.patch":  # its pretrain_gpt builds from a GPTModelConfig
+        assert re.search(r"^\+\s*model_cfg = configure_model_config\(model_cfg, args\)$", text, flags=re.M)
 
 
 def test_tool_names_the_supported_tags_when_no_patch_fits(tmp_path):
@@ -108,6 +110,50 @@ def test_patch_applies_to_a_megatron_lm_checkout(tmp_path, var):
     assert "megatron_spava.megatron_lm import layer_spec" in (tmp_path / "gpt_builders.py").read_text()
 
 
+def _core_v0_19_builder_rank(checkout):
+    """One gloo rank: core_v0.19's GPTModelConfig path (what its pretrain_gpt builds the
+    model from) after configure_model_config, built by the builder the config names."""
+    sys.path.insert(0, checkout)
+    from megatron_spava import cpu_compat
+    cpu_compat.apply()
+    from megatron.core import parallel_state as ps
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+    from megatron.training.models.gpt import GPTModelConfig  # from the checkout
+    from megatron_spava import megatron_lm
+    from megatron_spava.modules import SpavaCoreAttention, SpavaRotaryEmbedding
+    ps.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=1)
+    initialize_rng_tracker(inference_rng_tracker=True)
+    try:
+        model_cfg = GPTModelConfig(transformer=_megatron_lm_config(transformer_impl="local"),
+                                   vocab_size=64, seq_length=64, position_embedding_type="rope")
+        assert megatron_lm.configure_model_config(model_cfg, _megatron_lm_args()) is model_cfg
+        builder = model_cfg.get_builder_cls()(model_cfg)
+        model = builder.build_model(ProcessGroupCollection.use_mpu_process_groups())
+        cores = {type(layer.self_attention.core_attention) for layer in model.decoder.layers}
+        return dict(builder=type(builder).__name__, cores=cores == {SpavaCoreAttention},
+                    rope=type(model.rotary_pos_emb) is SpavaRotaryEmbedding)
+    finally:
+        ps.destroy_model_parallel()
+
+
+def test_core_v0_19_model_config_hook_builds_spava_layers_and_rope():
+    """core_v0.19's pretrain_gpt builds the model from a GPTModelConfig, not through
+    gpt_builders: configure_model_config must reach that path (a launch it misses would run
+    Megatron's own attention and match the no-CP loss trivially)."""
+    checkout = os.environ.get("MEGATRON_LM_019_PATH")
+    if not checkout:
+        pytest.skip("set MEGATRON_LM_019_PATH to a Megatron-LM core_v0.19.0 checkout")
+    probe = subprocess.run([sys.executable, "-c", "import megatron.training.models.gpt"], cwd=checkout,
+                           env={**os.environ, "PYTHONPATH": checkout}, capture_output=True, text=True)
+    if probe.returncode:
+        pytest.skip("core_v0.19.0's megatron.training does not import with the installed megatron-core "
+                    "(it needs 0.19.x): " + probe.stderr.strip().splitlines()[-1][:200])
+    from megatron_spava.testing import run_ranks
+    got = run_ranks(_core_v0_19_builder_rank, 1, checkout, timeout=300)[0]
+    assert got == dict(builder="SpavaGPTModelBuilder", cores=True, rope=True), got
+
+
 def _megatron_lm_args(**overrides):
     """The Megatron-LM arguments the hooks read, as parse_args would produce them."""
     from megatron_spava.arguments import add_spava_args
@@ -132,6 +178,30 @@ def _megatron_lm_config(**overrides):
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
+
+
+def test_hooks_report_what_compare_eval_loss_requires(capsys):
+    """compare_eval_loss.py fails a launch whose log lacks the hooks' lines; they must match
+    what the hooks print."""
+    import importlib.util
+    from megatron_spava import megatron_lm
+    spec = importlib.util.spec_from_file_location(
+        "compare_eval_loss", os.path.join(ROOT, "examples", "megatron_lm", "compare_eval_loss.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    megatron_lm._SAID.clear()
+    args = _megatron_lm_args()
+    megatron_lm.layer_spec(args, False, _megatron_lm_config())
+    from megatron_spava import cpu_compat
+    cpu_compat.apply()
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    model = torch.nn.Module()  # the part of a GPTModel prepare_model touches
+    model.rotary_pos_emb = RotaryEmbedding(kv_channels=8, rotary_percent=1.0)
+    megatron_lm.prepare_model(model, args)
+    out = capsys.readouterr().out
+    for what, pattern in tool.HOOK_LINES.items():
+        assert re.search(pattern.format(algo="spava"), out), (what, out)
+    assert "SpavaCoreAttention" in out and "SpavaRotaryEmbedding" in out
 
 
 def test_layer_spec_hook():

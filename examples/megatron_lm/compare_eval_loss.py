@@ -40,6 +40,9 @@ NEEDED = ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py", "megatron/t
 #: no megatron/elastification): copied where the checkout has them
 OPTIONAL = ("megatron/legacy", "megatron/post_training", "megatron/rl", "megatron/inference",
             "megatron/elastification")
+#: what megatron_spava.megatron_lm prints (rank 0) when its hooks build the layers and RoPE
+HOOK_LINES = {"layer spec": r"megatron_spava: --context-parallel-algo {algo}: layer spec .* core attention \w+",
+              "RoPE": r"megatron_spava: --context-parallel-algo {algo}: layout-aware RoPE"}
 LOSS = re.compile(r"validation loss at .*? on (validation|test) set \| lm loss value: ([0-9.Ee+-]+)")
 
 
@@ -108,7 +111,7 @@ def start(name, tp, cp, algo, checkout, work, env):
     return proc, log
 
 
-def finish(name, proc, log, timeout):
+def finish(name, algo, proc, log, timeout):
     """Wait for a launch (killing its process group after `timeout` s); its losses or None."""
     import signal
     try:
@@ -119,7 +122,12 @@ def finish(name, proc, log, timeout):
         rc = "timeout"
     text = open(log).read()
     losses = {split: float(value) for split, value in LOSS.findall(text)}
-    if rc != 0 or "validation" not in losses:
+    if algo != "none":  # the hooks say once that they ran: a launch they missed cannot pass
+        missing = [what for what, pattern in HOOK_LINES.items() if not re.search(pattern.format(algo=algo), text)]
+        if missing:
+            print(f"{name}: FAILED: megatron_spava's hooks did not run ({', '.join(missing)} not "
+                  f"reported in {log}): the launch used Megatron's own attention", flush=True)
+            return None
         tail = "\n".join(text.splitlines()[-40:])
         print(f"{name}: FAILED (exit {rc}); last lines of {log}:\n{tail}", flush=True)
         return None
@@ -161,10 +169,10 @@ def main(argv=None) -> int:
     if args.parallel:
         started = {name: start(name, *spec, checkout, work, env) for name, spec in runs.items()}
         for name, (proc, log) in started.items():
-            losses[name] = finish(name, proc, log, args.timeout)
+            losses[name] = finish(name, runs[name][2], proc, log, args.timeout)
     else:
         for name, spec in runs.items():
-            losses[name] = finish(name, *start(name, *spec, checkout, work, env), args.timeout)
+            losses[name] = finish(name, spec[2], *start(name, *spec, checkout, work, env), args.timeout)
     import megatron.core
     print(f"\nMegatron-LM {tag} (patch) pretrain_gpt.py --skip-train, megatron-core "
           f"{getattr(megatron.core, '__version__', '?')}, mock data, TE layers, bf16, "

@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ...compat import dist_checkpoint_common_state
+
 META_FILE = "megatron_spava_meta.json"
 #: Files copied from the HF directory so that a converted checkpoint carries its
 #: tokenizer, processor configs and chat template.
@@ -415,27 +417,31 @@ def read_meta(ckpt_dir: str) -> dict:
 
 def check_dist_checkpoint(ckpt_dir: str) -> None:
     """FileNotFoundError / ValueError, naming the file, unless the dist checkpoint's files are
-    all there and long enough: megatron-core's metadata.json and common.pt, torch's .metadata
-    index, and every .distcp file it names at least as long as the data it indexes there."""
+    all there and long enough: megatron-core's metadata.json, torch's .metadata index, the
+    common state (common.pt, or inside the torch_dist files from megatron-core 0.19 on:
+    compat.dist_checkpoint_common_state) and every .distcp file the index names at least as
+    long as the data it indexes there."""
     from torch.distributed.checkpoint import FileSystemReader
 
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"megatron checkpoint directory not found: {ckpt_dir}")
-    for name in ("metadata.json", ".metadata", "common.pt"):
+    for name in ("metadata.json", ".metadata"):
         path = os.path.join(ckpt_dir, name)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: {ckpt_dir} is not a complete megatron-core "
                                     f"dist checkpoint")
-    for name, read in (("metadata.json", lambda p: json.load(open(p))),
-                       ("common.pt", lambda p: torch.load(p, map_location="cpu", weights_only=False)),
-                       (".metadata", lambda p: FileSystemReader(ckpt_dir).read_metadata())):
-        path = os.path.join(ckpt_dir, name)
+
+    def read(path, how):
         try:
-            value = read(path)
+            return how(path)
         except Exception as err:
             raise ValueError(f"{path} is damaged: {type(err).__name__}: {' '.join(str(err).split())[:200]}") from None
-        if name == ".metadata":
-            metadata = value
+
+    read(os.path.join(ckpt_dir, "metadata.json"), lambda p: json.load(open(p)))
+    metadata = read(os.path.join(ckpt_dir, ".metadata"), lambda p: FileSystemReader(ckpt_dir).read_metadata())
+    common = dist_checkpoint_common_state(ckpt_dir, metadata)
+    if common is not None:
+        read(common, lambda p: torch.load(p, map_location="cpu", weights_only=False))
     needed: Dict[str, int] = {}
     for info in metadata.storage_data.values():
         end = info.offset + info.length
