@@ -8,12 +8,15 @@ says which versions need what. Everything else calls these functions.
   stock_get_batch_on_this_cp_rank(b, g)  megatron-core's own zigzag CP sharding of a batch
   spec_module_and_submodules(value)      (module class, submodules) of one spec entry
   dist_checkpoint_common_state(ckpt_dir, metadata)  where a dist checkpoint keeps its common state
+  silence_no_cuda_runtime_warning()      drop the CPU-machine line 0.19's import makes torch log
+  dist_save_forks_writers()              whether a dist-checkpoint save forks writer processes
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -113,3 +116,37 @@ def dist_checkpoint_common_state(ckpt_dir: str, metadata) -> Optional[str]:
                          f"megatron-core 0.19 or later); this megatron-core "
                          f"{getattr(megatron.core, '__version__', '?')} reads only {COMMON_PT}")
     return None
+
+
+# ---- importing megatron-core on a machine without CUDA ---------------------------------
+# megatron-core 0.19 (tensor_parallel/random.py) imports torch.utils.cpp_extension when
+#   megatron.core.transformer is imported; 0.16.1 does not. With PyPI's CUDA build of torch
+#   (the only torch 2.13.0 build for Python 3.12) on a machine without a CUDA driver, that
+#   import logs "No CUDA runtime is found, using CUDA_HOME=..." on stderr. Nothing here builds
+#   C++/CUDA extensions, so the line is noise on every CPU run of every program (and breaks
+#   their "one error line" output).
+class _NoCudaRuntimeFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+_NO_CUDA_RUNTIME_FILTER = _NoCudaRuntimeFilter()
+
+
+def silence_no_cuda_runtime_warning() -> None:
+    """Drop exactly that record from torch.utils.cpp_extension's logger (idempotent; every
+    other record passes). megatron_spava/__init__.py calls it, before megatron.core loads."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if _NO_CUDA_RUNTIME_FILTER not in logger.filters:
+        logger.addFilter(_NO_CUDA_RUNTIME_FILTER)
+
+
+# ---- dist checkpoint writers: processes or threads --------------------------------------
+# megatron-core 0.16.1: FileSystemWriterAsync writes each file bucket in a forked process
+#   (write_preloaded_data_multiproc), so a save has child processes while it writes.
+# megatron-core 0.17.0 and later: it writes them in threads of the saving process
+#   (write_preloaded_data_multithread): no child process.
+def dist_save_forks_writers() -> bool:
+    """Whether this megatron-core's dist-checkpoint save writes in forked processes."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+    return hasattr(FileSystemWriterAsync, "write_preloaded_data_multiproc")
