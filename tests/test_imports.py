@@ -169,3 +169,15 @@ def test_tools_are_commands_nothing_imports():
             problems += [f"tests/{f}:{line} imports {name}"
                          for line, name in _tool_imports(os.path.join(ROOT, "tests", f))]
     assert not problems, "\n".join(problems)
+
+
+def test_console_scripts_name_callables():
+    """Every console script of setup.py points at a function of the package."""
+    import importlib
+    import re
+    text = open(os.path.join(ROOT, "setup.py")).read()
+    scripts = re.findall(r'"([\w-]+)=([\w.]+):(\w+)"', text)
+    assert {"megatron-spava-convert", "megatron-spava-eval-needles", "megatron-spava-bench-prefill",
+            "megatron-spava-patch-megatron-lm"} <= {name for name, _, _ in scripts}
+    for name, module, func in scripts:
+        assert module.startswith(PACKAGE + ".") and callable(getattr(importlib.import_module(module), func)), name
