@@ -129,6 +129,7 @@ def test_selection_coverage_tool_measures_every_score(tmp_path):
     KV head, each a fraction; the oracle keeps every needle token; the recall is a share."""
     import json
 
+    from megatron_spava.algos.spava.selection import SCORERS
     out = tmp_path / "coverage.json"
     argv = ["--checkpoint", CKPT, "--tokens", "1024", "--samples", "1", "--tasks", "ordering", "counting",
             "--oracle", "--json", str(out)]
@@ -138,7 +139,7 @@ def test_selection_coverage_tool_measures_every_score(tmp_path):
     records = [r for s in samples for r in s["records"]]
     assert records and {r["layer"] for r in records} == set(range(4))
     for r in records:
-        assert set(r["coverage"]) == set(selection_coverage.rules()) >= {"lse", "mean"}
+        assert set(r["coverage"]) == set(SCORERS) >= {"lse", "mean", "lse-max"}  # the table, no oracle
         assert all(len(v) == 2 and all(0.0 <= c <= 1.0 for c in v) for v in r["coverage"].values())
         assert r["kept"] == [1.0, 1.0] and set(r["needles"].values()) == {1.0}  # the oracle
     for s in samples:
