@@ -8,7 +8,7 @@ says which versions need what. Everything else calls these functions.
   stock_get_batch_on_this_cp_rank(b, g)  megatron-core's own zigzag CP sharding of a batch
   spec_module_and_submodules(value)      (module class, submodules) of one spec entry
   dist_checkpoint_common_state(ckpt_dir, metadata)  where a dist checkpoint keeps its common state
-  silence_no_cuda_runtime_warning()      drop the CPU-machine line 0.19's import makes torch log
+  silence_no_cuda_runtime_warning()      drop the CPU-machine line 0.17+'s import makes torch log
   dist_save_forks_writers()              whether a dist-checkpoint save forks writer processes
 """
 
@@ -119,8 +119,8 @@ def dist_checkpoint_common_state(ckpt_dir: str, metadata) -> Optional[str]:
 
 
 # ---- importing megatron-core on a machine without CUDA ---------------------------------
-# megatron-core 0.19 (tensor_parallel/random.py) imports torch.utils.cpp_extension when
-#   megatron.core.transformer is imported; 0.16.1 does not. With PyPI's CUDA build of torch
+# megatron-core 0.17.0 and later (tensor_parallel/random.py) import torch.utils.cpp_extension
+#   when megatron.core.transformer is imported; 0.16.1 does not. With PyPI's CUDA build of torch
 #   (the only torch 2.13.0 build for Python 3.12) on a machine without a CUDA driver, that
 #   import logs "No CUDA runtime is found, using CUDA_HOME=..." on stderr. Nothing here builds
 #   C++/CUDA extensions, so the line is noise on every CPU run of every program (and breaks
