@@ -30,6 +30,14 @@ def _anchor(value: str):
         raise argparse.ArgumentTypeError(f"expected an integer or 'block', got {value!r}")
 
 
+def _algorithm(value: str) -> str:
+    """--context-parallel-algo's type: a registered name; one that is known but cannot run
+    here (megatron without Transformer Engine) says why instead of "invalid choice"."""
+    if value in registry.unavailable():
+        raise argparse.ArgumentTypeError(registry.unavailable()[value])
+    return value
+
+
 def add_spava_args(parser: argparse.ArgumentParser, *, algorithm: bool = True) -> argparse.ArgumentParser:
     """Add the options to `parser` (Megatron's extra_args_provider contract). Returns it.
     algorithm=False adds only the budgets, switches and kernel (for tools that choose the
@@ -41,10 +49,10 @@ def add_spava_args(parser: argparse.ArgumentParser, *, algorithm: bool = True) -
     algo_help = (registry.help_text() + ". Unset: Megatron's own CP attention").replace("%", "%%")
     existing = parser._option_string_actions.get("--context-parallel-algo")
     if algorithm and existing is None:
-        group.add_argument("--context-parallel-algo", choices=names(), default=None,
+        group.add_argument("--context-parallel-algo", choices=names(), default=None, type=_algorithm,
                            help=algo_help)
     elif algorithm:  # Megatron-LM's (patched) option: the registry decides its choices
-        existing.choices, existing.help = names(), algo_help
+        existing.choices, existing.help, existing.type = names(), algo_help, _algorithm
     if algorithm:
         group.add_argument("--spava-query-len", type=int, default=128,
                            help="tokens at the end of each sequence that form the query (question + "

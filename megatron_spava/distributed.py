@@ -50,6 +50,9 @@ def input_error(q, k, v, layout, rank: int, world: int) -> Optional[str]:
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
         return (f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
                 f"{q.device}/{k.device}/{v.device}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return ("forward only: q, k or v requires grad and autograd is on, but the context-parallel "
+                "collectives carry no gradients; run under torch.no_grad() or torch.inference_mode()")
     expected = layout.local_len(rank)
     if q.shape[0] != expected:
         return (f"rank {rank} holds {expected} tokens in this layout but q has {q.shape[0]}; "
@@ -63,6 +66,12 @@ def check_inputs(q, k, v, layout, group, *, collective: bool, caller: str) -> Tu
     and the ranks also compare a hash of their layouts' plans and of their inputs' shapes
     (`plan_summary`): a rank that planned another layout, or passes inputs of another batch,
     head count or dtype, raises on every rank, named. Returns (rank, world)."""
+    if group is None and getattr(layout, "cp_size", 1) > 1:
+        missing = "" if dist.is_available() and dist.is_initialized() else "torch.distributed is not initialised and "
+        raise ValueError(f"{caller}: {missing}cp_group is None (a single rank), but the layout was planned for "
+                         f"cp_size={layout.cp_size}: initialise a process group "
+                         f"(torch.distributed.init_process_group, one process per rank) and pass its "
+                         f"context-parallel group as cp_group")
     rank, world = group_rank_world(group)
     error = input_error(q, k, v, layout, rank, world)
     if collective:

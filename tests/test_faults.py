@@ -413,3 +413,34 @@ def test_check_ranks_agree_compares_layouts_and_shapes(case, detail):
     assert messages[0] == messages[1], messages  # the same error on every rank
     assert messages[0].startswith("spava_attn_func: (rank 1) its layout or inputs differ from rank 0's (plan hash")
     assert detail in messages[0], messages[0]
+
+
+# ---- smaller things -------------------------------------------------------------------------
+
+def test_attention_without_a_process_group_says_to_start_one():
+    layout = SpavaLayout.plan(context_len=100, query_len=3, cp_size=2, config=SpavaConfig(**FREE))
+    s = layout.local_len(0)
+    q, k, v = torch.randn(s, 1, 4, 8), torch.randn(s, 1, 2, 8), torch.randn(s, 1, 2, 8)
+    with pytest.raises(ValueError, match=r"torch.distributed is not initialised and cp_group is None .* "
+                                         r"cp_size=2: initialise a process group"):
+        spava_attn_func(q, k, v, layout=layout, cp_group=None)
+
+
+def test_attention_refuses_autograd():
+    layout = SpavaLayout.plan(context_len=100, query_len=3, cp_size=1, config=SpavaConfig(**FREE))
+    s = layout.local_len(0)
+    q, k, v = torch.randn(s, 1, 4, 8, requires_grad=True), torch.randn(s, 1, 2, 8), torch.randn(s, 1, 2, 8)
+    with pytest.raises(ValueError, match="forward only: .* torch.no_grad"):
+        spava_attn_func(q, k, v, layout=layout)
+    with torch.no_grad():
+        assert spava_attn_func(q, k, v, layout=layout).shape == q.shape
+
+
+def test_megatron_algo_without_te_says_it_needs_transformer_engine():
+    from megatron_spava.specs import te_available
+    if te_available():
+        pytest.skip("Transformer Engine imports here")
+    out = subprocess.run([sys.executable, "-m", "megatron_spava.video_qa", "--context-parallel-algo", "megatron"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "invalid choice" not in out.stderr
+    assert "needs the transformer_engine package" in out.stderr and "Traceback" not in out.stderr
