@@ -444,3 +444,17 @@ def test_megatron_algo_without_te_says_it_needs_transformer_engine():
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "invalid choice" not in out.stderr
     assert "needs the transformer_engine package" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("cmd,bad,expect", [
+    (["tools/eval_needles.py"], ["--tokens", "-5"], "--tokens must be >= 1, got -5"),
+    (["tools/eval_needles.py"], ["--checkpoint", "/nonexistent/ckpt"], "checkpoint not found"),
+    (["tools/bench_prefill.py", "--shape", "tiny", "--device", "cpu"], ["--tokens", "-5"],
+     "--tokens must be >= 1, got -5"),
+], ids=["eval-tokens", "eval-checkpoint", "bench-tokens"])
+def test_tools_report_bad_input_in_one_line(cmd, bad, expect):
+    out = subprocess.run([sys.executable, *cmd, *bad], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=120)
+    errors = _error_lines(out.stderr)
+    assert out.returncode == 2 and len(errors) == 1 and expect in errors[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
