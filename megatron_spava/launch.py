@@ -263,104 +263,6 @@ def report_rank_errors(verbose: bool = False):
             print(f"error: {message} (rank {rank}, while {current_phase()})", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)  # no interpreter teardown: a peer may still sit in a collective
-@contextlib.contextmanager
-def end_children_on_signals():
-    """Within the block, SIGINT and SIGTERM kill this process's descendants and then raise
-    `Interrupted` in the main thread, so that `finally` blocks (e.g. removing a partial output)
-    run and the caller can print one line and exit. A forked child that inherited the handler
-    exits at once (code 128 + signal). Main thread only."""
-    import signal
-
-    main = os.getpid()
-    signals = (signal.SIGINT, signal.SIGTERM)
-
-    def handler(signum, frame):
-        if os.getpid() != main:
-            os._exit(128 + signum)
-        for s in signals:
-            signal.signal(s, signal.SIG_IGN)
-        kill_children()
-        raise Interrupted(signum)
-
-    old = {s: signal.signal(s, handler) for s in signals}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def init_distributed(device: str, backend: str = "nccl", timeout: Optional[datetime.timedelta] = None) -> torch.device:
-    """Under torchrun: pick this rank's GPU (or the CPU compatibility patches) and start the
-    process group. Returns the device to run on. On CUDA, backend "nccl" (one GPU per rank),
-    "gloo" (ranks may share GPUs: all-gather, all-reduce and broadcast work on CUDA tensors
-    there; ../shared/ENVIRONMENT.md) or "auto" (gloo exactly when this node's ranks
-    outnumber its GPUs); local rank r runs on GPU r mod the GPU count. CPU: gloo."""
-    kwargs = {} if timeout is None else {"timeout": timeout}
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda but CUDA is not available")
-        gpus = torch.cuda.device_count()
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % gpus)
-        if backend == "auto":
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
-            backend = "nccl" if gpus >= local_world else "gloo"
-        dist.init_process_group(backend, **kwargs)
-        return torch.device("cuda", torch.cuda.current_device())
-    from . import cpu_compat
-    cpu_compat.apply()
-    dist.init_process_group("gloo", **kwargs)
-    return torch.device("cpu")
-
-
-def model_parallel_state(tp: int = 1, cp: int = 1):
-    """megatron-core's parallel state, (re)initialised for a TP x CP grid (the rest of the
-    world data-parallel) with the inference RNG tracker that model construction needs.
-    Returns megatron.core.parallel_state; a model keeps the groups it was built with."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import initialize_rng_tracker
-
-    ps.destroy_model_parallel()
-    # its groups get the process group's timeout (megatron-core's own default is 30 min)
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp,
-                                 distributed_timeout_minutes=_state["timeout_s"] / 60)
-    initialize_rng_tracker(inference_rng_tracker=True)
-    return ps
-
-
-#: Warnings megatron-core prints in every process on machines without Transformer Engine or
-#: Apex (and its deprecation notes): known, harmless for this project's local layers.
-_KNOWN_WARNING_PATTERNS = ("Transformer Engine", "Apex is not installed", "apex", "TransformerEngine",
-                           "full scope is deprecated")
-
-
-def quiet_known_warnings(verbose: bool = False, announce: bool = True) -> None:
-    """Hide the known megatron-core warnings (any warning raised from megatron/core, and
-    any mentioning Transformer Engine or Apex). With `announce`, the first one hidden is
-    replaced by a single line saying so; with `verbose`, nothing is hidden."""
-    import re
-    import warnings
-
-    if verbose:
-        return
-    pattern = re.compile("|".join(map(re.escape, _KNOWN_WARNING_PATTERNS)))
-    original = warnings.showwarning
-    shown = []
-
-    def showwarning(message, category, filename, lineno, file=None, line=None):
-        text = str(message)
-        if f"{os.sep}megatron{os.sep}core{os.sep}" in filename or pattern.search(text):
-            if announce and not shown:
-                shown.append(True)
-                print("note: megatron-core warns that Transformer Engine/Apex are missing and uses "
-                      "its local fallbacks (--verbose shows its warnings)", file=sys.stderr, flush=True)
-            return
-        original(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = showwarning
-
-
-
 class Interrupted(BaseException):
     """SIGINT or SIGTERM arrived (raised by `end_children_on_signals`; a BaseException, like
     KeyboardInterrupt, so that no `except Exception` swallows it). str(): the signal's name."""
@@ -467,6 +369,9 @@ def quiet_known_warnings(verbose: bool = False, announce: bool = True) -> None:
 
     if verbose:
         return
+    import logging
+    # megatron-core 0.19 logs a deprecation of GPTModel (the base of this project's models)
+    logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
     pattern = re.compile("|".join(map(re.escape, _KNOWN_WARNING_PATTERNS)))
     original = warnings.showwarning
     shown = []
