@@ -391,7 +391,7 @@ def _stalled_writer(*args, **kwargs):
     import sys
     import time
     print(f"[{STALL_ENV}] dist checkpoint writer {os.getpid()} stalls", file=sys.stderr, flush=True)
-    time.sleep(3600)
+    time.sleep(120)  # long enough for a test to interrupt it; short if the test itself dies
 
 
 # ---------------------------------------------------------------------------------------------
