@@ -1,6 +1,6 @@
 """Peak-memory estimates of the main job, checked before any rank starts.
 
-  estimate_host_bytes(video_tokens, ranks, weight_bytes, tp)  -> bytes, all processes
+  estimate_host_bytes(video_tokens, ranks, weight_bytes, tp, cuda_build)  -> bytes, all processes
   estimate_gpu_bytes(cfg, context_len, tp, cp, dtype_bytes, weight_bytes, shard) -> bytes per GPU
   check_memory(...)  ValueError with the estimate, what the machine has and the flag to change
 
@@ -10,7 +10,9 @@ video tokens times the ranks; each rank also holds its copy of the weights (1/TP
 The per-token and base terms were measured (2026-12-06, CPU, 2 gloo ranks, the shipped tiny
 model, `--random-weights --compare none`, peak RSS of the whole process tree sampled every
 0.1 s): 1.54 GiB at 1024 tokens, 2.01 GiB at 8192, 4.67 GiB at 32768, growing faster than
-linearly (116 KB per token between the last two). The estimate is rounded up from those; it is a guard against runs that cannot fit
+linearly (116 KB per token between the last two), with torch's CPU build; with its CUDA build
+(Python 3.12, megatron-core 0.19.2) 2.56 GiB at 1024 tokens, the difference being the CUDA
+libraries every process maps (HOST_CUDA_BUILD_PER_PROCESS). The estimate is rounded up from those; it is a guard against runs that cannot fit
 (e.g. --needle-tokens 100000000 asks for terabytes), not an accounting.
 
 GPU: the weights on each GPU (1/TP, and 1/CP with --shard-weights), the KV cache of this
@@ -32,12 +34,28 @@ HOST_BYTES_PER_TOKEN_PARENT = 6_000
 #: A rank's memory before any video (Python, torch, megatron-core, the tiny model).
 HOST_BASE_PER_RANK = 600 << 20
 HOST_BASE_PARENT = 500 << 20
+#: What a CUDA build of torch adds to every process that imports it (its libraries, mapped
+#: even on a machine without a GPU): measured 2026-12-06 with torch 2.13.0, 283 MiB after
+#: `import torch` and 351 MiB after megatron-core and transformers too (CPU build: 219 / 371
+#: MiB in all; CUDA build: 502 / 722 MiB). The main job runs 1 + ranks such processes.
+HOST_CUDA_BUILD_PER_PROCESS = 400 << 20
 
 
-def estimate_host_bytes(video_tokens: int, ranks: int, weight_bytes: int = 0, tp: int = 1) -> int:
-    """Peak host memory of the main job, all processes together. Pure."""
-    per_rank = HOST_BASE_PER_RANK + HOST_BYTES_PER_TOKEN_PER_RANK * video_tokens + weight_bytes // max(tp, 1)
-    return HOST_BASE_PARENT + HOST_BYTES_PER_TOKEN_PARENT * video_tokens + ranks * per_rank
+def _cuda_build() -> bool:
+    import torch
+    return torch.version.cuda is not None
+
+
+def estimate_host_bytes(video_tokens: int, ranks: int, weight_bytes: int = 0, tp: int = 1,
+                        cuda_build: Optional[bool] = None) -> int:
+    """Peak host memory of the main job, all processes together. Pure given `cuda_build`
+    (whether torch is a CUDA build; None: this installation's)."""
+    if cuda_build is None:
+        cuda_build = _cuda_build()
+    extra = HOST_CUDA_BUILD_PER_PROCESS if cuda_build else 0
+    per_rank = (HOST_BASE_PER_RANK + extra + HOST_BYTES_PER_TOKEN_PER_RANK * video_tokens
+                + weight_bytes // max(tp, 1))
+    return HOST_BASE_PARENT + extra + HOST_BYTES_PER_TOKEN_PARENT * video_tokens + ranks * per_rank
 
 
 def estimate_gpu_bytes(cfg, context_len: int, tp: int, cp: int, dtype_bytes: int, weight_bytes: int,
