@@ -64,26 +64,18 @@ def mean_scores(k_block: torch.Tensor, probes: torch.Tensor, scale: float) -> to
 
 def lse_scores_torch(k_block: torch.Tensor, probes: torch.Tensor, scale: float) -> torch.Tensor:
     """s[t, h] = logsumexp over the probe tokens j and the group's heads g of
-    (scale * q[j, g] . k[t, h]), over key chunks of materialised float32 logits (bounded
-    memory). Shapes as `Scorer`."""
-    keys = k_block.permute(1, 2, 0, 3).float()  # [b, hk, l, d]
-    grouped = _grouped(probes, k_block.shape[2])  # [b, hk, m, d]
-    b, hk, m, _ = grouped.shape
-    step = max(1, _LOGITS_PER_CHUNK // max(1, b * hk * m))
-    probes_t = grouped.transpose(-1, -2) * scale  # [b, hk, d, m]
-    return torch.cat([torch.logsumexp(torch.matmul(keys[:, :, t:t + step], probes_t), dim=-1)
-                      for t in range(0, keys.shape[2], step)], dim=-1)
+    (scale * q[j, g] . k[t, h]): `ops.lse_score`'s torch path (float32 logits over key chunks
+    of bounded memory). Shapes as `Scorer`."""
+    from ...ops import lse_score
+    return lse_score.lse_scores(probes, k_block, scale, impl="torch").permute(1, 2, 0)  # [b, hk, l]
 
 
 def lse_scores(k_block: torch.Tensor, probes: torch.Tensor, scale: float) -> torch.Tensor:
-    """The default score (`lse_scores_torch`'s definition). On CUDA, where triton imports,
-    the fused kernel of `ops.lse_score` (one pass over the keys, no logits in memory); on
-    the CPU the torch path. Shapes as `Scorer`."""
-    if k_block.is_cuda:
-        from ...ops import lse_score
-        if lse_score.triton_available():
-            return lse_score.lse_scores(probes, k_block, scale).permute(1, 2, 0)  # [b, hk, l], no copy
-    return lse_scores_torch(k_block, probes, scale)
+    """The default score (`lse_scores_torch`'s definition), from `ops.lse_score`: on CUDA,
+    where triton imports, its fused kernel (one pass over the keys, no logits in memory);
+    elsewhere its torch path. Shapes as `Scorer`."""
+    from ...ops import lse_score
+    return lse_score.lse_scores(probes, k_block, scale).permute(1, 2, 0)  # [b, hk, l], no copy
 
 
 def lse_max_scores(k_block: torch.Tensor, probes: torch.Tensor, scale: float) -> torch.Tensor:
