@@ -7,7 +7,8 @@
 #   3. the Megatron-LM launch, when MEGATRON_LM_PATH is set (examples/megatron_lm/compare_eval_loss.py:
 #      eval loss without CP, with spava at full budget, with ring; TP=1 x CP=1 on one GPU),
 #      run next to 2 (both only check correctness; one GPU holds them);
-#   4. tools/bench_layers.py alone on the GPU: TE vs local layers, full and megatron, 32K and 128K.
+#   4. tools/bench_layers.py alone on the GPU: TE vs local layers, full and megatron, 32K and 128K
+#      (BENCH_LAYERS=0 skips it).
 # Then a summary table. Exit status: non-zero if any stage failed.
 #
 # On the device, from the repository root, after installing the wheels (../shared/te/README.md):
@@ -61,9 +62,13 @@ else
 fi
 
 t2=$(date +%s)
-timeout 200 python3 tools/bench_layers.py --tokens 32768 131072 --repeats 5 --warmup 2 \
-    --json "$OUT/bench_layers.json" > "$OUT/bench_layers.log" 2>&1
-finish bench_layers $? "$t2"
+if [ "${BENCH_LAYERS:-1}" != 0 ]; then
+  timeout 200 python3 tools/bench_layers.py --tokens 32768 131072 --repeats 5 --warmup 2 \
+      --json "$OUT/bench_layers.json" > "$OUT/bench_layers.log" 2>&1
+  finish bench_layers $? "$t2"
+else
+  status[bench_layers]="skipped (BENCH_LAYERS=0)"; seconds[bench_layers]=0; : > "$OUT/bench_layers.log"
+fi
 
 echo
 echo "== ${TESTS:-no tests} (last lines; numbers printed by the tests) =="
