@@ -204,6 +204,43 @@ def test_hooks_report_what_compare_eval_loss_requires(capsys):
     assert "SpavaCoreAttention" in out and "SpavaRotaryEmbedding" in out
 
 
+def test_compare_eval_loss_judges_each_launch_by_exit_hooks_and_losses(tmp_path, capsys):
+    """finish() passes a launch only with exit 0, both losses and (for a CP algorithm) the
+    hooks' lines; each missing piece fails it (a pass of every launch went unnoticed once)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "compare_eval_loss", os.path.join(ROOT, "examples", "megatron_lm", "compare_eval_loss.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    class Done:
+        def __init__(self, rc):
+            self.rc, self.pid = rc, 0
+
+        def wait(self, timeout=None):
+            return self.rc
+
+    hooks = ("megatron_spava: --context-parallel-algo spava: layer spec (te) with core attention "
+             "SpavaCoreAttention\nmegatron_spava: --context-parallel-algo spava: layout-aware RoPE "
+             "(SpavaRotaryEmbedding)\n")
+    losses = (" validation loss at iteration 0 on validation set | lm loss value: 9.117058E+00 |\n"
+              " validation loss at iteration 0 on test set | lm loss value: 9.117512E+00 |\n")
+
+    def judge(algo, rc, text):
+        log = tmp_path / "run.log"
+        log.write_text(text)
+        return tool.finish("run", algo, Done(rc), str(log), 1)
+
+    assert judge("spava", 0, hooks + losses) == {"validation": 9.117058, "test": 9.117512}
+    assert judge("none", 0, losses) == {"validation": 9.117058, "test": 9.117512}
+    assert judge("spava", 0, losses) is None            # Megatron's own attention ran
+    assert judge("spava", 1, hooks + losses) is None    # the launch failed after evaluating
+    assert judge("none", 1, losses) is None
+    assert judge("spava", 0, hooks) is None             # no loss reported
+    out = capsys.readouterr().out
+    assert out.count("FAILED") == 4 and "hooks did not run" in out
+
+
 def test_layer_spec_hook():
     """The hook builds megatron-core's own local spec from the config (the keywords
     Megatron-LM's _get_transformer_layer_spec passes) with only core_attention replaced."""
