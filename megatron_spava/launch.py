@@ -381,8 +381,9 @@ def quiet_known_warnings(verbose: bool = False, announce: bool = True) -> None:
         if f"{os.sep}megatron{os.sep}core{os.sep}" in filename or pattern.search(text):
             if announce and not shown:
                 shown.append(True)
-                print("note: megatron-core warns that Transformer Engine/Apex are missing and uses "
-                      "its local fallbacks (--verbose shows its warnings)", file=sys.stderr, flush=True)
+                print("note: megatron-core's import warnings (Apex or Transformer Engine not "
+                      "installed, local fallbacks, deprecations) are hidden; --verbose shows them",
+                      file=sys.stderr, flush=True)
             return
         original(message, category, filename, lineno, file, line)
 
