@@ -160,7 +160,7 @@ def run_rank(args: dict) -> dict:
 
 def _where(s, layout, prompter):
     from megatron_spava.tasks.needles import needle_blocks
-    return needle_blocks(s, layout, prompter.prefix_len)
+    return needle_blocks(s, layout, prompter.group_token)
 
 
 def _selected_blocks(model, inputs, cp, config, rank):

@@ -60,6 +60,17 @@ class Family:
         """The family's tiny/shaped checkpoint module (make_tiny_checkpoint, shaped_hf_config)."""
         return self._module(".tiny")
 
+    def needle(self):
+        """The family's needle-model module (`needle.py`: what the needle training and
+        evaluation need, `megatron_spava.tasks.model.needle_kit`); ValueError without one."""
+        try:
+            return self._module(".needle")
+        except ModuleNotFoundError as err:
+            if not (err.name or "").endswith(".needle"):
+                raise
+            raise ValueError(f"model family {self.name!r} has no needle model "
+                             f"(families with one: qwen2_5_vl, qwen3_vl)") from None
+
     def prompter(self, checkpoint: str, **kwargs):
         module, cls = self.prompter_path.split(":")
         return getattr(importlib.import_module(module), cls)(checkpoint, **kwargs)

@@ -1,5 +1,6 @@
 """Needle-task accuracy of every context-parallel algorithm, through the project's Megatron
-path (HF checkpoint -> Qwen25VLModel -> frame-parallel vision -> CP prefill -> greedy decode).
+path (HF checkpoint -> the family's model, Qwen25VLModel or Qwen3VLModel by config.json's
+model_type -> frame-parallel vision -> CP prefill -> greedy decode).
 
     python tools/eval_needles.py --nproc 2 --tokens 1024 4096 --samples 8        # CPU, gloo
     torchrun --nproc-per-node 4 tools/eval_needles.py --device cuda --bf16 \\
@@ -69,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     names = [v[0] for v in variants()]
     p = argparse.ArgumentParser(prog="eval_needles", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="HF Qwen2.5-VL checkpoint (default: the shipped needle model)")
+    p.add_argument("--checkpoint", help="HF needle-model checkpoint of a family with a needle kit "
+                   "(Qwen2.5-VL, Qwen3-VL: read from its config.json; default: the shipped Qwen2.5-VL "
+                   "needle model; megatron_spava/assets/needle_qwen3 is the Qwen3-VL one)")
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768, 65536],
                    help="video lengths in LLM tokens (default: %(default)s)")
     p.add_argument("--cp-sizes", type=int, nargs="+", default=None,
@@ -106,11 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------- ranks
 
 def _build_model(checkpoint: str, cp: int, device, dtype):
-    from ..models.qwen2_5_vl import Qwen25VLConfig, Qwen25VLModel
-    from ..models.qwen2_5_vl.convert import load_hf_into_model
-    model = Qwen25VLModel(Qwen25VLConfig.from_hf(checkpoint), context_parallel=cp, dtype=dtype,
-                          use_cpu_initialization=True, perform_initialization=False)
-    load_hf_into_model(model, checkpoint, tp_rank=0, tp_size=1, progress=False)
+    """The checkpoint's family's megatron model (config.json's model_type), loaded, eval mode."""
+    from ..models.families import detect_family
+    family = detect_family(checkpoint)
+    model = family.model_class()(family.config(checkpoint), context_parallel=cp, dtype=dtype,
+                                 use_cpu_initialization=True, perform_initialization=False)
+    family.convert().load_hf_into_model(model, checkpoint, tp_rank=0, tp_size=1, progress=False)
     return model.to(device).eval()
 
 
@@ -153,7 +157,7 @@ def run(args) -> Optional[dict]:
 
     from ..arguments import spava_config_from_args
     from ..inference.generate import generate
-    from .model import NeedlePrompter, shipped_checkpoint
+    from .model import needle_prompter, shipped_checkpoint
     from .needles import render_frames
 
     t0 = time.time()
@@ -173,7 +177,7 @@ def run(args) -> Optional[dict]:
             raise ValueError(f"--cp-sizes {cp} does not divide the world size {world}")
     checkpoint = args.checkpoint or shipped_checkpoint()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    prompter = NeedlePrompter(checkpoint)
+    prompter = needle_prompter(checkpoint)
     sets = {t: eval_set(args.tasks, t, args.samples, args.seed) for t in args.tokens}
     flat = sorted(((t, s) for t in args.tokens for s in sets[t]),
                   key=lambda ts: (ts[1].index, args.tokens.index(ts[0]), args.tasks.index(ts[1].task)))
@@ -243,7 +247,7 @@ def run(args) -> Optional[dict]:
                     records.append(dict(
                         algo=name, cp=st["cp"], **base, prediction=pred, correct=score(pred, s.answer),
                         kl=_kl(full.first_logits, out.first_logits), ttft_s=out.ttft_s, recall=recall,
-                        where=needle_blocks(s, layout, prompter.prefix_len),
+                        where=needle_blocks(s, layout, prompter.group_token),
                         anchor_len=getattr(layout, "anchor_len", None),
                         block_len=getattr(layout, "block_len", None),
                         passing_len=getattr(layout, "passing_len", None)))

@@ -1,5 +1,8 @@
 """The needle model: a small Qwen2.5-VL-architecture model trained here, from scratch, on the
 needle tasks (`tools/train_needle_model.py`), shipped in `megatron_spava/assets/needle_qwen/`.
+This module is also the Qwen2.5-VL family's needle kit (`models/qwen2_5_vl/needle.py`
+re-exports it); other families have their own (`needle_kit`: Qwen3-VL's in
+`models/qwen3_vl/needle.py`, shipped in `assets/needle_qwen3/`).
 
     from megatron_spava.tasks.model import shipped_checkpoint, NeedlePrompter
     ckpt = shipped_checkpoint()                       # directory: config, tokenizer, weights
@@ -47,12 +50,39 @@ def build_tokenizer():
     Raises RuntimeError if an answer word is not a single token."""
     from ..models.qwen2_5_vl.tiny import build_tiny_tokenizer
     tok = build_tiny_tokenizer(vocab_size=640, corpus=corpus(), repeats=5)
+    check_answer_tokens(tok)
+    return tok
+
+
+def check_answer_tokens(tok) -> None:
+    """RuntimeError unless every answer word (and, for labels, its leading-space form) is one token."""
     for word in ANSWER_WORDS:
         forms = (word,) if word.isdigit() else (word, " " + word)  # " 7" is " " + "7" in Qwen's
         for form in forms:                                          # pre-tokenizer; counts stand alone
             if len(tok(form, add_special_tokens=False)["input_ids"]) != 1:
                 raise RuntimeError(f"answer word {form!r} is not one token in the needle tokenizer")
-    return tok
+
+
+def hf_classes():
+    """(config class, model class) of HF transformers for this family."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    return Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+
+def needle_kit(family: str = "qwen2_5_vl"):
+    """The needle-model module of a model family (its folder's `needle.py`): ASSET_DIR,
+    build_tokenizer(), hf_config(tokenizer, text_layers) -> config.json dict, hf_classes(),
+    write_checkpoint_files(out_dir, tokenizer) and NeedlePrompter (prompt_ids, answer_ids,
+    decode, pixels, inputs, positions, group_token, prefix_len, frame_grid,
+    tokens_per_group, eos, pad). ValueError for a family without one."""
+    from ..models.families import get_family
+    return get_family(family).needle()
+
+
+def needle_prompter(checkpoint: str):
+    """The NeedlePrompter of a checkpoint's family (config.json's model_type)."""
+    from ..models.families import detect_family
+    return detect_family(checkpoint).needle().NeedlePrompter(checkpoint)
 
 
 def hf_config(tokenizer, text_layers: int = TEXT["num_hidden_layers"]) -> dict:
@@ -121,6 +151,33 @@ class NeedlePrompter:
         """Prompt tokens before the first video token."""
         return len(self._before)
 
+    @property
+    def frame_grid(self) -> Tuple[int, int]:
+        """Patches per side (h, w) of a needle frame after preprocessing."""
+        from .needles import FRAME_SIZE
+        return FRAME_SIZE // self.preprocess.patch_size, FRAME_SIZE // self.preprocess.patch_size
+
+    @property
+    def tokens_per_group(self) -> int:
+        h, w = self.frame_grid
+        return h * w // self.preprocess.merge_size ** 2
+
+    def group_token(self, group: int) -> int:
+        """Index in the prompt of the first video token of temporal group `group`."""
+        return self.prefix_len + group * self.tokens_per_group
+
+    def positions(self, ids: torch.Tensor, grid: torch.Tensor, hf_config) -> torch.Tensor:
+        """M-RoPE positions [3, S] of one unpadded row ids [1, S] with video grid [1, 3]
+        (Qwen's original convention, as our Megatron model uses)."""
+        from ..models.qwen2_5_vl.rope import rope_index
+        vision = hf_config.vision_config
+        positions, _ = rope_index(
+            ids, image_token_id=hf_config.image_token_id, video_token_id=hf_config.video_token_id,
+            spatial_merge_size=vision.spatial_merge_size, tokens_per_second=vision.tokens_per_second,
+            video_grid_thw=grid, second_per_grid_ts=torch.tensor([FRAMES_PER_GROUP / FPS]),
+            convention="qwen")
+        return positions[:, 0]
+
     def prompt_ids(self, question_task: str, video_tokens: int) -> List[int]:
         return self._before + [self.video_pad] * video_tokens + self._question[question_task]
 
@@ -170,10 +227,12 @@ def write_checkpoint_files(out_dir: str, tokenizer) -> None:
     with open(os.path.join(out_dir, "video_preprocessor_config.json"), "w") as f:
         json.dump({**shared, "video_processor_type": "Qwen2VLVideoProcessor", "size": pixels,
                    "do_sample_frames": False}, f, indent=1)
-def save_checkpoint(model, out_dir: str, tokenizer, info: dict, archive: str = None) -> None:
+def save_checkpoint(model, out_dir: str, tokenizer, info: dict, archive: str = None,
+                    write_files=None) -> None:
     """fp16 safetensors + config + tokenizer files + train_info.json (weights to a temporary
     name first), and with `archive`, a tar of the directory (its top folder named like
-    out_dir's last component)."""
+    out_dir's last component). write_files: the family's `write_checkpoint_files`
+    (default: this module's, Qwen2.5-VL's)."""
     import json
 
     from safetensors.torch import save_file
@@ -184,7 +243,7 @@ def save_checkpoint(model, out_dir: str, tokenizer, info: dict, archive: str = N
     os.chmod(tmp, 0o644)
     os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
     model.config.save_pretrained(out_dir)
-    write_checkpoint_files(out_dir, tokenizer)
+    (write_files or write_checkpoint_files)(out_dir, tokenizer)
     with open(os.path.join(out_dir, "train_info.json"), "w") as f:
         json.dump(info, f, indent=1)
     if archive:

@@ -342,15 +342,15 @@ def score(prediction: str, answer: str) -> bool:
     return prediction.strip() == answer.strip()
 
 
-def needle_blocks(sample: NeedleSample, layout, prefix_tokens: int) -> Optional[dict]:
+def needle_blocks(sample: NeedleSample, layout, group_token) -> Optional[dict]:
     """Where the sample's needles and cards sit in a Spava layout: {"needles": [...],
     "cards": [...]} of "anchor" or the virtual block index of each item's first token.
-    prefix_tokens: prompt tokens before the first video token. None for layouts without
-    blocks (full, ring)."""
+    group_token: temporal group -> index of its first video token in the prompt (the
+    NeedlePrompter's `group_token`). None for layouts without blocks (full, ring)."""
     if not hasattr(layout, "block_range"):
         return None
     def where(group: int):
-        tok = prefix_tokens + group * (sample.size // 28) ** 2
+        tok = group_token(group)
         if tok < layout.anchor_len:
             return "anchor"
         return (tok - layout.anchor_len) // layout.block_len

@@ -2,8 +2,11 @@
 """Train the needle model: a small Qwen2.5-VL-architecture model (HF transformers'
 Qwen2_5_VLForConditionalGeneration, ~4M parameters), from scratch, on the synthetic needle
 tasks (megatron_spava/tasks: retrieval, ordering, counting, scene), with full attention.
+`--family qwen3_vl` trains the same budget in Qwen3-VL's architecture instead
+(Qwen3VLForConditionalGeneration; models/qwen3_vl/needle.py; assets/needle_qwen3/).
 
     python tools/train_needle_model.py                         # the GPU recipe (one H200, ~8 min)
+    python tools/train_needle_model.py --family qwen3_vl       # the Qwen3-VL needle model
     python tools/train_needle_model.py --device cpu --max-minutes 20 \\
         --curriculum 512:0.6,1024:0.4 --tokens-per-step 4096 --eval-tokens 1024 --out /tmp/needle
 
@@ -40,12 +43,12 @@ import time
 import traceback
 
 from ..provenance import git_commit
-from .model import ASSET_DIR, load_fp16_weights, save_checkpoint, write_archive
+from .model import load_fp16_weights, needle_kit, save_checkpoint, write_archive
 
 
 import torch
 
-DEFAULT_OUT = ASSET_DIR
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # the families with a needle kit (model.needle_kit)
 DEFAULT_CURRICULUM = ("128:0.1,256:0.14,512:0.16,1024:0.14,2048:0.1,4096:0.1,8192:0.08,16384:0.07,"
                       "32768:0.07,65536:0.04")  # skills are learnt short; long stages adapt them
 TRAIN_SEED_OFFSET = 1_000_003  # training samples use seeds >= this; evaluation sets use 0
@@ -53,7 +56,10 @@ TRAIN_SEED_OFFSET = 1_000_003  # training samples use seeds >= this; evaluation 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=DEFAULT_OUT, help="checkpoint directory (default: the shipped asset)")
+    p.add_argument("--family", default="qwen2_5_vl", choices=FAMILIES,
+                   help="architecture of the needle model (default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help="checkpoint directory (default: the family's shipped asset)")
     p.add_argument("--archive", default=None,
                    help="also write the whole checkpoint directory as one tar file here, at every "
                         "save (one file to copy off a machine; tar -xf it into megatron_spava/assets/)")
@@ -103,6 +109,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.text_layers < 1:
         p.error("--text-layers must be >= 1")
+    if args.out is None:
+        args.out = needle_kit(args.family).ASSET_DIR
     if args.bf16 is None:
         args.bf16 = args.device == "cuda"
     if args.reserve_minutes is None:
@@ -170,10 +178,8 @@ def main(argv=None) -> int:
     import contextlib
 
     import transformers
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from megatron_spava.tasks import TASKS, groups_for_tokens, make_sample
-    from megatron_spava.tasks.model import NeedlePrompter, build_tokenizer, hf_config
     from megatron_spava.tasks.training import batch_vision_attention, loss_and_exact, make_batch, plan_batch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -197,13 +203,18 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    tokenizer = build_tokenizer()
-    prompter = NeedlePrompter(tokenizer)
-    config = Qwen2_5_VLConfig(**hf_config(tokenizer, text_layers=args.text_layers))
+    kit = needle_kit(args.family)
+    tokenizer = kit.build_tokenizer()
+    prompter = kit.NeedlePrompter(tokenizer)
+    config_class, model_class = kit.hf_classes()
+    try:
+        config = config_class(**kit.hf_config(tokenizer, text_layers=args.text_layers))
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     config._attn_implementation = args.attn
     for sub in (config.text_config, config.vision_config):
         sub._attn_implementation = args.attn
-    model = Qwen2_5_VLForConditionalGeneration(config).to(device)
+    model = model_class(config).to(device)
     model.generation_config.eos_token_id = prompter.eos
     model.generation_config.pad_token_id = prompter.pad
     if args.init_from:
@@ -223,7 +234,7 @@ def main(argv=None) -> int:
     log_file = open(log_path, "w")
     command = " ".join([os.path.basename(sys.executable), *sys.argv]) if argv is None else \
         " ".join(["python", "tools/train_needle_model.py", *argv])
-    info = dict(command=command, seed=args.seed, commit=git_commit(args.commit), args=vars(args),
+    info = dict(command=command, family=args.family, seed=args.seed, commit=git_commit(args.commit), args=vars(args),
                 parameters=params, torch=torch.__version__, transformers=transformers.__version__,
                 python=platform.python_version(),
                 device=(torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"),
@@ -299,7 +310,7 @@ def main(argv=None) -> int:
                 window = {"loss": [], "exact": {t: [] for t in tasks}}
             if time.time() - last_save >= args.save_minutes * 60:
                 save_checkpoint(model, args.out, tokenizer, {**info, "steps": step, "status": "training"},
-                                args.archive)
+                                args.archive, kit.write_checkpoint_files)
                 last_save = time.time()
                 log({"event": "saved", "step": step})
     except BaseException as err:  # save what there is, log why, then re-raise
@@ -310,7 +321,7 @@ def main(argv=None) -> int:
         prefetch.shutdown(wait=True, cancel_futures=True)
         info.update(steps=step, samples=counter[0], train_seconds=round(time.time() - t0, 1),
                     status=status)
-        save_checkpoint(model, args.out, tokenizer, info, args.archive)
+        save_checkpoint(model, args.out, tokenizer, info, args.archive, kit.write_checkpoint_files)
         log({"event": "saved", "step": step, "status": status})
         if status == "ok" and args.eval_tokens:
             load_fp16_weights(model, args.out)  # evaluate exactly what was saved

@@ -18,8 +18,8 @@ from typing import List, Sequence
 import torch
 import torch.nn.functional as F
 
-from .model import FPS, NeedlePrompter
-from .needles import FRAMES_PER_GROUP, NeedleSample, render_videos
+from .model import NeedlePrompter
+from .needles import NeedleSample, render_videos
 
 
 @dataclass
@@ -67,12 +67,13 @@ class BatchPlan:
 
 
 def plan_batch(samples: Sequence[NeedleSample], prompter: NeedlePrompter, hf_config) -> BatchPlan:
-    """Token ids (right-padded), M-RoPE positions, grids and haystack parameters of a batch."""
+    """Token ids (right-padded), M-RoPE positions, grids and haystack parameters of a batch.
+    prompter: any family's NeedlePrompter (`model.needle_kit`)."""
     from .needles import haystack_params
 
-    h = w = samples[0].size // prompter.preprocess.patch_size
+    h, w = prompter.frame_grid
     grid = torch.tensor([[s.groups, h, w] for s in samples])
-    per_group = h * w // prompter.preprocess.merge_size ** 2
+    per_group = prompter.tokens_per_group
     rows, starts, lens = [], [], []
     for s in samples:
         prompt = prompter.prompt_ids(s.task, s.groups * per_group)
@@ -86,10 +87,10 @@ def plan_batch(samples: Sequence[NeedleSample], prompter: NeedlePrompter, hf_con
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r)
         # Rows differ only in their text lengths: each distinct row shape's positions once.
-        key = (prompter.prefix_len, tuple(grid[i].tolist()), len(r))
+        key = (type(prompter).__module__, prompter.prefix_len, tuple(grid[i].tolist()), len(r))
         row = _POSITIONS.get(key)
         if row is None:
-            row = _POSITIONS[key] = _row_positions(ids[i:i + 1, :len(r)], grid[i:i + 1], hf_config)
+            row = _POSITIONS[key] = prompter.positions(ids[i:i + 1, :len(r)], grid[i:i + 1], hf_config)
         positions[:, i, :len(r)] = row
     return BatchPlan(list(samples), [haystack_params(s) for s in samples], ids, positions, grid,
                      torch.tensor(starts), torch.tensor(lens))
@@ -121,18 +122,9 @@ def make_batch(samples: Sequence[NeedleSample], prompter: NeedlePrompter, hf_con
                  tasks=[s.task for s in plan.samples])
 
 
-_POSITIONS: dict = {}  # (prefix, grid, row length, text after the video) -> positions [3, length]
-
-
-def _row_positions(ids: torch.Tensor, grid: torch.Tensor, hf_config) -> torch.Tensor:
-    """M-RoPE positions [3, S] of one unpadded row [1, S] (Qwen's original convention)."""
-    from ..models.qwen2_5_vl.rope import rope_index
-    vision = hf_config.vision_config
-    positions, _ = rope_index(
-        ids, image_token_id=hf_config.image_token_id, video_token_id=hf_config.video_token_id,
-        spatial_merge_size=vision.spatial_merge_size, tokens_per_second=vision.tokens_per_second,
-        video_grid_thw=grid, second_per_grid_ts=torch.tensor([FRAMES_PER_GROUP / FPS]), convention="qwen")
-    return positions[:, 0]
+#: (family's prompter, prefix, grid, row length) -> positions [3, length]: rows of one family
+#: with equal lengths have equal positions (text counts up, the groups are the same)
+_POSITIONS: dict = {}
 
 
 def answer_logits(logits: torch.Tensor, batch: Batch):
@@ -155,14 +147,19 @@ def loss_and_exact(logits: torch.Tensor, batch: Batch):
     return loss, wrong == 0
 
 
+#: HF vision attention classes whose segments (cu_seqlens) `batch_vision_attention` batches
+VISION_ATTENTION = ("Qwen2_5_VLVisionAttention", "Qwen3VLVisionAttention")
+
+
 def batch_vision_attention(model) -> int:
-    """Make HF's Qwen2.5-VL vision attention run all its segments in one SDPA call when
-    they have equal lengths (here every temporal group is a window of the same size); HF
-    otherwise loops over the segments in Python. Other cases fall back to HF's forward.
-    Same math (tested against HF's forward). Returns the number of modules patched."""
+    """Make HF's Qwen2.5-VL / Qwen3-VL vision attention run all its segments in one SDPA
+    call when they have equal lengths (here every temporal group is a window, or for
+    Qwen3-VL a frame, of the same size); HF otherwise loops over the segments in Python.
+    Other cases fall back to HF's forward. Same math (tested against HF's forward).
+    Returns the number of modules patched."""
     count = 0
     for module in model.modules():
-        if type(module).__name__ != "Qwen2_5_VLVisionAttention":
+        if type(module).__name__ not in VISION_ATTENTION:
             continue
         rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
         original = module.forward

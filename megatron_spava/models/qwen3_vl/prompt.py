@@ -88,8 +88,8 @@ def smart_resize(num_frames: int, height: int, width: int, temporal_factor: int,
 
 
 def preprocess_video(frames, cfg: Qwen3VLPreprocessConfig) -> Tuple[torch.Tensor, torch.Tensor]:
-    """frames: uint8 [T, H, W, 3] (numpy or torch) -> (patches [t*h*w, 3 * T_p * P * P]
-    float32, grid_thw [1, 3] long)."""
+    """frames: uint8 [T, H, W, 3] (numpy or torch, any device) -> (patches [t*h*w, 3 * T_p * P * P]
+    float32 on that device, grid_thw [1, 3] long)."""
     x = torch.as_tensor(np.asarray(frames) if not torch.is_tensor(frames) else frames)
     if x.dim() != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
         raise ValueError(f"expected uint8 frames [T, H, W, 3], got {tuple(x.shape)} {x.dtype}")
@@ -97,7 +97,8 @@ def preprocess_video(frames, cfg: Qwen3VLPreprocessConfig) -> Tuple[torch.Tensor
     P, Tp, m = cfg.patch_size, cfg.temporal_patch_size, cfg.merge_size
     h, w = smart_resize(x.shape[0], x.shape[2], x.shape[3], Tp, P * m, cfg.min_pixels, cfg.max_pixels)
     x = _resize(x, (h, w)).float() / 255.0
-    x = (x - torch.tensor(cfg.image_mean).view(1, 3, 1, 1)) / torch.tensor(cfg.image_std).view(1, 3, 1, 1)
+    mean = torch.tensor(cfg.image_mean, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / torch.tensor(cfg.image_std, device=x.device).view(1, 3, 1, 1)
     if x.shape[0] % Tp:  # repeat the last frame up to a whole temporal patch
         x = torch.cat([x, x[-1:].expand(Tp - x.shape[0] % Tp, -1, -1, -1)])
     t, gh, gw = x.shape[0] // Tp, h // P, w // P
