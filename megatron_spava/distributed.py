@@ -1,10 +1,17 @@
 """Small distributed helpers shared by the CP attention algorithms: group rank/size,
-an all-gather that returns its work handle, and input validation that raises the same
-ValueError on every rank before any collective."""
+an all-gather that returns its work handle, the ring's point-to-point exchange, the
+all-reduce and broadcast of the first token, and input validation that raises the same
+ValueError on every rank before any collective.
+
+This module is the one seam where the algorithms, frame-parallel vision and weight sharding
+issue collectives. Passing an `EmulatedGroup` as the group runs one rank of a W-rank
+layout alone (`perf.emulate`, `megatron-spava-bench-prefill --emulate-rank R --emulate-cp W`):
+every collective here becomes a local stand-in that moves no data between ranks but
+returns tensors of the true shapes (an all-gather: W copies of the local tensor)."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -12,21 +19,108 @@ import torch.distributed as dist
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+class EmulatedGroup:
+    """Rank `rank` of a `world`-rank group, run alone in one process (no process group).
+
+    Passed wherever a CP group goes (cp_group=, `SpavaCoreAttention.cp_group`,
+    `shard_weights`, `encode_video`): the helpers of this module then replace each
+    collective by a local stand-in of the same shapes: all-gather -> `world` copies of the
+    local tensor; ring exchange -> the rank's own buffer received back; all-reduce and
+    broadcast -> the tensor unchanged; the ranks' agreement check -> skipped. Everything
+    else (the rank's layout, its slice of the frames, its share of the weights) is that
+    rank's. Values coming from other ranks are therefore not the real ones: only shapes
+    and the work done are (for timing and FLOP counting, never for accuracy)."""
+
+    def __init__(self, rank: int, world: int):
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"an emulated rank must satisfy 0 <= rank < world, got rank {rank} of {world}")
+        self.rank, self.world = int(rank), int(world)
+
+    def size(self) -> int:
+        return self.world
+
+    def __repr__(self) -> str:
+        return f"EmulatedGroup(rank={self.rank}, world={self.world})"
+
+
+def is_emulated(group) -> bool:
+    """Whether `group` is an `EmulatedGroup` (one rank run alone)."""
+    return isinstance(group, EmulatedGroup)
+
+
 def group_rank_world(group: Optional[dist.ProcessGroup]) -> Tuple[int, int]:
     """(rank, size) in `group`; None means no context parallelism: (0, 1)."""
     if group is None:
         return 0, 1
+    if is_emulated(group):
+        return group.rank, group.world
     return dist.get_rank(group), dist.get_world_size(group)
 
 
 def all_gather(output: torch.Tensor, local: torch.Tensor, group, world: int, async_op: bool):
     """Gather `local` from every rank into `output` (rank-major along dim 0). Returns a
-    work handle to wait on, or None when nothing is left in flight."""
+    work handle to wait on, or None when nothing is left in flight. Emulated group: every
+    rank's slot gets a copy of `local` (one copy kernel, no transfer)."""
     if world == 1:
         output.copy_(local)
         return None
+    if is_emulated(group):
+        output.view(world, *local.shape).copy_(local.unsqueeze(0).expand(world, *local.shape))
+        return None
     work = _all_gather_single(output, local, group=group, async_op=async_op)
     return work if async_op else None
+
+
+def ring_exchange(buf: torch.Tensor, group, rank: int, world: int) -> Callable[[], torch.Tensor]:
+    """Send `buf` to the next rank of the ring (rank + 1) and receive the previous rank's
+    buffer of the same shape, in flight while the caller computes. Returns `finish()`, which
+    waits and returns the received tensor on buf's device. gloo cannot move CUDA tensors
+    point to point (ranks sharing a GPU): the transfer is staged through host memory there
+    (correctness runs only). Emulated group: the rank receives its own buffer (a copy)."""
+    if is_emulated(group) or world == 1:
+        received = buf.clone()
+        return lambda: received
+    send_to = dist.get_global_rank(group, (rank + 1) % world)
+    recv_from = dist.get_global_rank(group, (rank - 1) % world)
+    staged = buf.is_cuda and dist.get_backend(group) == "gloo"
+    nxt = torch.empty_like(buf, device="cpu" if staged else None)
+    ops = [dist.P2POp(dist.isend, buf.cpu() if staged else buf, send_to, group=group),
+           dist.P2POp(dist.irecv, nxt, recv_from, group=group)]
+    pending = dist.batch_isend_irecv(ops)
+
+    def finish() -> torch.Tensor:
+        for work in pending:
+            work.wait()
+        return nxt.to(buf.device) if staged else nxt
+    return finish
+
+
+def global_rank_world(group) -> Tuple[int, int]:
+    """(this process's global rank, the world size), or an emulated group's (rank, world);
+    (0, 1) without torch.distributed."""
+    if is_emulated(group):
+        return group.rank, group.world
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce(tensor: torch.Tensor, op: str, group=None) -> torch.Tensor:
+    """In-place all-reduce of `tensor` over `group` (None: the world), op "max" or "min";
+    a no-op without torch.distributed and for an emulated group. Returns `tensor`."""
+    if is_emulated(group) or not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    dist.all_reduce(tensor, op={"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op], group=group)
+    return tensor
+
+
+def broadcast(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
+    """In-place broadcast of `tensor` from global rank `src` over `group` (None: the world);
+    a no-op without torch.distributed and for an emulated group. Returns `tensor`."""
+    if is_emulated(group) or not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    dist.broadcast(tensor, src, group=group)
+    return tensor
 
 
 def input_error(q, k, v, layout, rank: int, world: int) -> Optional[str]:
@@ -108,7 +202,7 @@ def _agree_on_error(error: Optional[str], summary: Optional[dict], group, world:
     """The first rank's error, seen by every rank; else, if the ranks' plan summaries differ,
     an error naming the first rank whose plan differs from rank 0's and how (one
     all_gather_object of the error and the summary with its hash)."""
-    if world == 1:
+    if world == 1 or is_emulated(group):
         return error
     gathered: List = [None] * world
     mine = (error, summary, plan_hash(summary) if summary is not None else None)

@@ -6,13 +6,15 @@
     totals = profiling.stop()         # {"attention": seconds, "selection": seconds, ...}
 
 `with profiling.region("name", tensor):` records a pair of events on the current CUDA
-stream when collection is on and `tensor` is on a GPU; otherwise it does nothing.
+stream when collection is on and `tensor` is on a GPU, the host clock around the block when
+it is on the CPU; when collection is off it does nothing.
 tools/bench_prefill.py uses it to report attention's and selection's share of the LLM.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -35,15 +37,25 @@ def stop() -> Dict[str, float]:
     """Synchronise once and return the total seconds per region name; stops collecting."""
     global _EVENTS
     events, _EVENTS = _EVENTS or {}, None
-    if events:
+    if any(isinstance(a, torch.cuda.Event) for pairs in events.values() for a, _ in pairs):
         torch.cuda.synchronize()
-    return {name: sum(a.elapsed_time(b) for a, b in pairs) / 1e3 for name, pairs in events.items()}
+    return {name: sum(a.elapsed_time(b) / 1e3 if isinstance(a, torch.cuda.Event) else b - a for a, b in pairs)
+            for name, pairs in events.items()}
 
 
 @contextlib.contextmanager
 def region(name: str, like: torch.Tensor):
-    if _EVENTS is None or not like.is_cuda:
+    """Time the block under `name` while collection is on: CUDA events on `like`'s GPU
+    stream, the host clock (perf_counter) when `like` is on the CPU."""
+    if _EVENTS is None:
         yield
+        return
+    if not like.is_cuda:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            _EVENTS.setdefault(name, []).append((t0, time.perf_counter()))
         return
     pair = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
     _EVENTS.setdefault(name, []).append(pair)

@@ -5,12 +5,14 @@
 Runs `spava_attn_func` itself, as rank r of a CP group of --cp ranks, on that rank's local
 q / k / v (random, bf16, 7B shape: 28 query heads, 4 KV heads, head_dim 128; context =
 total - query tokens, SPAVA.md's default budgets). One GPU holds one rank, so the three
-communication calls of the layer are replaced, for this tool only, by local stand-ins that
-give the rank a buffer of the right size and layout:
+communication calls of the layer are local stand-ins that give the rank a buffer of the
+right size and layout: the layer runs with `cp_group=EmulatedGroup(r, W)`
+(megatron_spava.distributed, the one seam every collective goes through; the prefill
+benchmark's --emulate-rank uses the same):
 
-- `check_inputs` says (rank r, world W) instead of asking a process group;
-- `all_gather` (the passing blocks) copies this rank's passing block into all W slots;
-- `gather_partials` (the query rows' partials) packs this rank's partial like the real one
+- the rank's index and the group's size come from the group, not a process group;
+- the all-gather of the passing blocks copies this rank's passing block into all W slots;
+- the all-gather of the query rows' partials packs this rank's partial like the real one
   and copies it into all W slots.
 
 So the timed region is everything the rank computes in the layer: the selection (score,
@@ -30,8 +32,6 @@ inside the gpu-clock calls.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import json
 import statistics
 import sys
@@ -41,40 +41,7 @@ import torch
 from megatron_spava.perf.kernels import time_ms
 
 from megatron_spava import SpavaConfig, SpavaLayout, profiling, spava_attn_func
-from megatron_spava.distributed import input_error
-
-
-@contextlib.contextmanager
-def as_rank(rank: int, world: int):
-    """Run spava_attn_func as `rank` of `world` on one device: its communication calls become
-    local stand-ins (see the module docstring). Restores them on exit."""
-    mod = importlib.import_module(spava_attn_func.__module__)
-
-    def check_inputs(q, k, v, layout, group, *, collective, caller):
-        error = input_error(q, k, v, layout, rank, world)
-        if error:
-            raise ValueError(f"{caller}: {error}")
-        return rank, world
-
-    def all_gather(output, local, group, world_, async_op):
-        output.view(world_, *local.shape).copy_(local.unsqueeze(0).expand(world_, *local.shape))
-        return None
-
-    def gather_partials(partial, group, world_, async_op):
-        out, lse = partial
-        packed = torch.cat([out.float(), lse.float().unsqueeze(-1)], dim=-1)
-        gathered = packed.new_empty(world_ * packed.shape[0], *packed.shape[1:])
-        return gathered, all_gather(gathered, packed, group, world_, async_op)
-
-    saved = {name: getattr(mod, name) for name in ("check_inputs", "all_gather", "gather_partials")}
-    for name, fn in (("check_inputs", check_inputs), ("all_gather", all_gather),
-                     ("gather_partials", gather_partials)):
-        setattr(mod, name, fn)
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(mod, name, fn)
+from megatron_spava.distributed import EmulatedGroup
 
 
 def gpu_time_ms(fn, repeats, warmup, sleep_cycles):
@@ -132,10 +99,10 @@ def main(argv=None):
                     q = torch.randn(s, 1, hq, d, device=dev, dtype=dt, generator=g)
                     k = torch.randn(s, 1, hk, d, device=dev, dtype=dt, generator=g)
                     v = torch.randn(s, 1, hk, d, device=dev, dtype=dt, generator=g)
-                    fn = lambda: spava_attn_func(q, k, v, layout=layout)  # noqa: E731
-                    with as_rank(rank, args.cp):
-                        idle = time_ms(fn, args.repeats, args.warmup)[0]
-                        gpu, sel_ms = gpu_time_ms(fn, args.repeats, 0, sleep_cycles)
+                    group = EmulatedGroup(rank, args.cp)
+                    fn = lambda: spava_attn_func(q, k, v, layout=layout, cp_group=group)  # noqa: E731
+                    idle = time_ms(fn, args.repeats, args.warmup)[0]
+                    gpu, sel_ms = gpu_time_ms(fn, args.repeats, 0, sleep_cycles)
                     row = dict(total=total, query_len=lq, selection=sel, rank=rank, local_len=s,
                                anchor_len=layout.anchor_len, block_len=layout.block_len,
                                passing_len=layout.passing_len, idle_ms=idle, gpu_ms=gpu, selection_gpu_ms=sel_ms)

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import SpavaConfig
-from ..distributed import check_inputs
+from .. import profiling
+from ..distributed import check_inputs, ring_exchange
 from ..ops.attention import attend, merge_partials
 from ..perf.work import Call, Comm, LayerRequest, LayerWork, Op, Shape, dense_split
 from .base import Layout, check_lengths, split_len, zigzag_pair
@@ -84,20 +85,11 @@ def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout:
     buf[: k.shape[0], ..., :d] = k
     buf[: k.shape[0], ..., d:] = v
     acc = [None, None]  # running (out, lse) of each local chunk
-    if world > 1:  # P2P ops name peers by global rank
-        send_to = dist.get_global_rank(cp_group, (rank + 1) % world)
-        recv_from = dist.get_global_rank(cp_group, (rank - 1) % world)
-        # gloo's point-to-point cannot move CUDA tensors (several ranks sharing one GPU):
-        # stage each transfer through host memory there (correctness runs only).
-        staged = buf.is_cuda and dist.get_backend(cp_group) == "gloo"
     for step in range(world):
         src = (rank - step) % world
         pending = None
         if step < world - 1:  # pass the buffer on while this step computes
-            nxt = torch.empty_like(buf, device="cpu" if staged else None)
-            ops = [dist.P2POp(dist.isend, buf.cpu() if staged else buf, send_to, group=cp_group),
-                   dist.P2POp(dist.irecv, nxt, recv_from, group=cp_group)]
-            pending = dist.batch_isend_irecv(ops)
+            pending = ring_exchange(buf, cp_group, rank, world)
         src_chunks = layout.chunks_of(src)
         src_lens = [hi - lo for lo, hi in map(layout.chunk_range, src_chunks)]
         offsets = [0, src_lens[0]]
@@ -108,11 +100,13 @@ def ring_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout:
                 kv = buf[off:off + length]
                 part = attend(q_chunks[qc], kv[..., :d], kv[..., d:], causal=(j == i),
                               scale=softmax_scale, kernel=kernel)
-                acc[qc] = part if acc[qc] is None else merge_partials([acc[qc], part])
+                if acc[qc] is None:
+                    acc[qc] = part
+                else:
+                    with profiling.region("merge", q):
+                        acc[qc] = merge_partials([acc[qc], part])
         if pending is not None:
-            for work in pending:
-                work.wait()
-            buf = nxt.to(buf.device) if staged else nxt
+            buf = pending()
     out = torch.empty_like(q)  # the two chunks' float32 outputs, cast once into place
     out[:lens[0]] = acc[0][0]
     out[lens[0]:] = acc[1][0]

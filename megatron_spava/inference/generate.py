@@ -39,7 +39,7 @@ from torch import Tensor
 from ..algos import plan_layout
 from ..config import SpavaConfig
 from ..context import cp_request
-from ..distributed import group_rank_world
+from ..distributed import all_reduce, broadcast, global_rank_world, group_rank_world, is_emulated
 from ..profiling import sync
 from .kv_cache import DistributedKVCache
 
@@ -58,8 +58,7 @@ def _pick_once(logits_row: Optional[Tensor], device: torch.device, group=None) -
     """Greedy token chosen on the rank(s) holding the last position and broadcast to every
     rank of `group` (default: the world; others pass None)."""
     choice = torch.tensor([-1 if logits_row is None else int(logits_row.argmax())], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(choice, op=dist.ReduceOp.MAX, group=group)
+    all_reduce(choice, "max", group)
     return int(choice)
 
 
@@ -111,7 +110,9 @@ def generate(model, inputs, *, algo: str = "spava",
     config.frame_parallel: the vision encoder runs on each rank's slice of the frames.
     group: the ranks answering this prompt together (its TP x CP grid), over which the
     chosen tokens and the first-token logits are shared; default the whole world. Pass it
-    when data-parallel replicas answer different prompts at the same time.
+    when data-parallel replicas answer different prompts at the same time. An emulated rank
+    (`distributed.EmulatedGroup`, one rank of a W-rank layout run alone) passes its group
+    both as cp_group and group.
     """
     cfg = model.cfg
     config = SpavaConfig() if config is None else config
@@ -256,12 +257,11 @@ def _first_token(row: Optional[Tensor], vocab: int, device: torch.device, group=
     same on every rank of `group` (default: the world). row: those logits on the ranks
     holding the prompt's last row, None elsewhere; they are broadcast from the lowest global
     rank holding them and the token is read off the broadcast copy."""
-    if dist.is_initialized():
-        me = dist.get_rank()
-        src = torch.tensor([me if row is not None else dist.get_world_size()], device=device)
-        dist.all_reduce(src, op=dist.ReduceOp.MIN, group=group)
-        buf = row.clone() if me == int(src) else torch.empty(vocab, device=device)
-        dist.broadcast(buf, int(src), group=group)
-        row = buf
+    if (dist.is_available() and dist.is_initialized()) or is_emulated(group):
+        me, size = global_rank_world(group)
+        src = all_reduce(torch.tensor([me if row is not None else size], device=device), "min", group)
+        # (an emulated rank that does not hold the row gets a buffer of the true shape)
+        buf = row.clone() if me == int(src) else torch.zeros(vocab, device=device)
+        row = broadcast(buf, int(src), group)
     row = row.cpu()
     return int(row.argmax()), row

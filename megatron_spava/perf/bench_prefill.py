@@ -124,7 +124,22 @@ def parse_args(argv=None):
                    help="no run: merge these result files, print the table, write --json/--plot")
     p.add_argument("--nproc", type=int, default=None,
                    help="ranks to launch when not under torchrun (default: the GPUs, or 2 on CPU)")
+    p.add_argument("--emulate-cp", type=int, default=None, metavar="W",
+                   help="run ONE rank of a W-rank CP layout in this one process (perf/emulate.py): "
+                        "that rank's compute at its sizes, every collective a local stand-in of the "
+                        "true shapes; reports its time and floor per part (vision, dense, attention, "
+                        "selection, merges) and a predicted TTFT with the all-gather times measured "
+                        "on 4 H200 ('full' runs as itself, one GPU)")
+    p.add_argument("--emulate-rank", type=int, default=None, metavar="R",
+                   help="with --emulate-cp: the rank to run (default: the busiest, per (n, algorithm): "
+                        "the largest floor from the registry entry's cost model at this run's "
+                        "measured rates)")
+    p.add_argument("--fp8-compare", action="store_true",
+                   help="with --fp8-format: run every algorithm in bf16 and in FP8 on the same model "
+                        "(results keyed '<algo>' and '<algo>@fp8')")
     p.add_argument("--verbose", action="store_true", help="tracebacks of errors")
+    from megatron_spava.fp8 import add_fp8_args
+    add_fp8_args(p)
     from megatron_spava.launch import add_distributed_timeout_arg
     add_distributed_timeout_arg(p)
     from megatron_spava.specs import add_transformer_impl_arg
@@ -134,6 +149,17 @@ def parse_args(argv=None):
         family_of(args.shape, args.model)
     except ValueError as err:
         p.error(str(err))
+    from megatron_spava.perf.emulate import check_args
+    error = check_args(args.emulate_rank, args.emulate_cp, args.algos or [])
+    if error:
+        p.error(error)
+    if args.fp8_compare and not args.fp8_format:
+        p.error("--fp8-compare needs --fp8-format e4m3|hybrid")
+    if args.fp8_format and not args.replot:
+        from megatron_spava.fp8 import fp8_error
+        error = fp8_error(args.fp8_format, args.fp8_recipe, args.device, args.transformer_impl)
+        if error:
+            p.error(error)
     wanted = [a for a in (args.algos or []) if megatron_comm(a)]
     if wanted:
         from megatron_spava.specs import te_available
@@ -264,23 +290,33 @@ def vision_flops_per_group(cfg) -> float:
     return vision_flops(cfg.vision, 4 * TOKENS_PER_GROUP, 4 * TOKENS_PER_GROUP)
 
 
-def measure_rates(cfg, device: torch.device, rows: int, warmup: int = 1, repeats: int = 3) -> dict:
+def measure_rates(cfg, device: torch.device, rows: int, warmup: int = 1, repeats: int = 3,
+                  fp8: bool = False) -> dict:
     """Peak rates of this device at the LLM's shape, in FLOP/s: one layer's four GEMMs
     (QKV, output, gate|up, down) over `rows` tokens, and one causal attention call of
-    `rows` tokens (the kernel the algorithms use). Run on every rank; the minimum is kept."""
+    `rows` tokens (the kernel the algorithms use); the device-memory copy rate (bytes read +
+    written per second, 1 GiB on CUDA); with `fp8`, the four GEMMs in FP8 too
+    (`kernels.fp8_gemm_floor_ms`). Run on every rank; the minimum is kept."""
     bl = kernels
     shape = dict(hidden_size=cfg.hidden_size, kv_channels=cfg.head_dim, num_attention_heads=cfg.num_heads,
                  num_query_groups=cfg.num_kv_heads, ffn_hidden_size=cfg.intermediate_size)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gemm_ms, gemm_flops = bl.gemm_floor_ms(shape, rows, dtype, device, warmup, repeats)
     attn, attn_flops = bl.attention_floor_ms(shape, rows, dtype, device, warmup, repeats, te=False)
-    rates = torch.tensor([gemm_flops / gemm_ms * 1e3, attn_flops / min(attn.values()) * 1e3], dtype=torch.float64,
-                         device=device)
+    copy = bl.copy_rate(device, (1 << 30) if device.type == "cuda" else (64 << 20), warmup, repeats)
+    values = [gemm_flops / gemm_ms * 1e3, attn_flops / min(attn.values()) * 1e3, copy]
+    if fp8:
+        fp8_ms, fp8_flops = bl.fp8_gemm_floor_ms(shape, rows, device, warmup, repeats)
+        values.append(fp8_flops / fp8_ms * 1e3)
+    rates = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(rates, op=dist.ReduceOp.MIN)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return dict(rows=rows, gemm_flops_per_s=float(rates[0]), attention_flops_per_s=float(rates[1]),
-                attention_kernel=next(iter(attn)))
+    out = dict(rows=rows, gemm_flops_per_s=float(rates[0]), attention_flops_per_s=float(rates[1]),
+               copy_bytes_per_s=float(rates[2]), attention_kernel=next(iter(attn)))
+    if fp8:
+        out["fp8_gemm_flops_per_s"] = float(rates[3])
+    return out
 
 
 def rank_flops(cfg, n: int, variant: str, cp: int, multiple: int = 1) -> list:
@@ -314,26 +350,30 @@ def roofline(cfg, n: int, variant: str, cp: int, rates: dict, multiple: int = 1)
     return best
 
 
-def run_algo(model, ps, inputs, algo: str, args):
+def run_algo(model, ps, inputs, algo: str, args, group=None):
+    """Time one algorithm (args.warmup + args.repeats runs of `generate`). group: the CP
+    group (default: the parallel state's; an emulated rank's `EmulatedGroup`)."""
     from megatron_spava import profiling
+    from megatron_spava.distributed import group_rank_world, is_emulated
     from megatron_spava.inference.generate import generate
-    group = ps.get_context_parallel_group()
+    from megatron_spava.perf.emulate import PARTS, part_times
+    group = ps.get_context_parallel_group() if group is None else group
     name, config = algo_and_config(algo)
     kwargs = dict(algo=name, config=config, cp_group=group, max_new_tokens=1, eos_token_ids=[],
-                  device=args.device_obj)
+                  device=args.device_obj, group=group if is_emulated(group) else None)
     cuda = args.device_obj.type == "cuda"
     for _ in range(args.warmup):
         generate(model, inputs, **kwargs)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    ttft, vision, attention, selection = [], [], [], []
+    ttft, vision, attention, selection, parts = [], [], [], [], []
     for _ in range(args.repeats):
         profiling.start()
         out = generate(model, inputs, **kwargs)
         regions = profiling.stop()
-        if cuda:
-            attention.append(regions.get("attention", 0.0))
-            selection.append(regions.get("selection", 0.0))
+        attention.append(regions.get("attention", 0.0))
+        selection.append(regions.get("selection", 0.0))
+        parts.append(part_times(out.timings["vision_s"], out.ttft_s - out.timings["vision_s"], regions))
         ttft.append(out.ttft_s)
         vision.append(out.timings["vision_s"])
     peak = torch.tensor([torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0],
@@ -349,7 +389,8 @@ def run_algo(model, ps, inputs, algo: str, args):
                   selection_share_of_llm=(statistics.median(selection) / max(1e-9, float(times[0] - times[1]))
                                           if selection else float("nan")),
                   peak_memory_gib=float(peak), tokens=int(inputs.input_ids.shape[1]),
-                  local_tokens=int(out.layout.local_len(ps.get_context_parallel_rank())))
+                  local_tokens=int(out.layout.local_len(group_rank_world(group)[0])),
+                  parts_median_s={p: statistics.median(r[p] for r in parts) for p in PARTS})
     if args.profile_kernels and algo == "spava":
         activities = [torch.profiler.ProfilerActivity.CPU] + (
             [torch.profiler.ProfilerActivity.CUDA] if cuda else [])
@@ -369,6 +410,26 @@ def run_algo(model, ps, inputs, algo: str, args):
             torch.cuda.synchronize()
         result["exposed_comm_share"] = exposed_comm_share(prof)
     return result
+
+
+def _parts(cfg, n: int, algo: str, cp: int, rates: dict, multiple: int, run: dict, precision: str,
+           shard: bool, emulated: bool, me: int = 0) -> dict:
+    """The floor of each part of the timed rank `me` (the emulated rank, else CP rank 0) and
+    the measured / floor ratios; for an emulated rank also the predicted TTFT (perf.emulate)."""
+    from megatron_spava.perf import emulate as em
+    name, config = algo_and_config(algo)
+    work = em.rank_work(cfg, n, algo, cp, me, multiple, shard_weights=shard)
+    part_rates = dict(rates)
+    if precision == "fp8" and "fp8_gemm_flops_per_s" in rates:  # the dense GEMMs run in FP8, vision does not
+        part_rates["dense_gemm_flops_per_s"] = rates["fp8_gemm_flops_per_s"]
+    floors = em.part_floors(work, part_rates)
+    measured = run["parts_median_s"]
+    out = dict(part_floors_s=floors, part_ratios={p: measured[p] / floors[p] if floors[p] > 0 else float("nan")
+                                                   for p in em.PARTS},
+               timed_rank=me, timed_rank_floor_s=floors["total"])
+    if emulated:
+        out["predicted"] = em.predicted_ttft(run["ttft_median_s"], work, cfg, n, cp, overlap=config.overlap)
+    return out
 
 
 def replot(args) -> None:
@@ -415,6 +476,11 @@ def main(argv=None):
         return 2
     if not under_torchrun():
         nproc = args.nproc or (torch.cuda.device_count() if args.device == "cuda" else 2)
+        if args.emulate_cp is not None:
+            if args.nproc not in (None, 1):
+                print(f"{prog}: error: --emulate-cp runs one process; drop --nproc {args.nproc}", file=sys.stderr)
+                return 2
+            nproc = 1
         try:
             relaunch("megatron_spava.perf.bench_prefill", nproc, argv, verbose=args.verbose)
         except (RankError, ValueError) as err:
@@ -438,22 +504,42 @@ def bench(args):
     tp = args.tensor_model_parallel_size
     if tp < 1 or world % tp:
         raise ValueError(f"--tensor-model-parallel-size {tp} must divide the {world} ranks")
-    cp = world // tp
+    emulated = args.emulate_cp is not None
+    if emulated and (world != 1 or tp != 1):
+        raise ValueError(f"--emulate-cp runs one rank in one process at TP 1; this launch has {world} "
+                         f"ranks and TP {tp}")
+    cp = args.emulate_cp if emulated else world // tp
     variants = [algo_and_config(a) for a in args.algos]
     cfg = model_config(args.shape, args.model)
     multiple = 2 * cp if any(megatron_comm(a) for a in args.algos) and cp > 1 else 1
-    check_launch(tp=tp, cp=cp, algos=[v for v in variants if v[0] != "full"],
-                 requests=[Request(c, q, g) for g, c, q in (prompt_lengths(n, cfg, multiple) for n in args.tokens)],
-                 frame_parallel=any(c.frame_parallel for a, c in variants if a != "full"),
-                 model_config=cfg)
+    fit = dict(tp=tp, cp=cp, algos=[v for v in variants if v[0] != "full"],
+               requests=[Request(c, q, g) for g, c, q in (prompt_lengths(n, cfg, multiple) for n in args.tokens)],
+               frame_parallel=any(c.frame_parallel for a, c in variants if a != "full"), model_config=cfg)
+    if emulated:  # one process: the fit of one rank of the layout (no placement to check)
+        from megatron_spava.placement import fit_error
+        error = fit_error(**fit)
+        if error:
+            raise ValueError(error)
+    else:
+        check_launch(**fit)
+    from megatron_spava.fp8 import fp8_error
+    error = fp8_error(args.fp8_format, args.fp8_recipe, args.device_obj, impl)
+    if error:
+        raise ValueError(error)
+    precisions = (["bf16", "fp8"] if args.fp8_compare else ["fp8"]) if args.fp8_format else ["bf16"]
     results = dict(shape=args.shape, model=family_of(args.shape, args.model), world=world, tp=tp, cp=cp, device=name, transformer_impl=impl,
-                   torch=torch.__version__, date=time.strftime("%Y-%m-%d"), runs={})
+                   torch=torch.__version__, date=time.strftime("%Y-%m-%d"), runs={},
+                   emulated=dict(cp=cp, rank=args.emulate_rank) if emulated else None,
+                   fp8=dict(format=args.fp8_format, recipe=args.fp8_recipe) if args.fp8_format else None)
     cap = 65536 if args.device == "cuda" else 1024
-    rates = results["rates"] = measure_rates(cfg, args.device_obj, args.rate_tokens or min(max(args.tokens), cap))
+    rates = results["rates"] = measure_rates(cfg, args.device_obj, args.rate_tokens or min(max(args.tokens), cap),
+                                             fp8=bool(args.fp8_format))
     if rank == 0:
+        fp8_rate = (f", FP8 GEMM {rates['fp8_gemm_flops_per_s'] / 1e12:.3g} TFLOP/s"
+                    if "fp8_gemm_flops_per_s" in rates else "")
         print(f"roofline rates at {rates['rows']} rows: GEMM {rates['gemm_flops_per_s'] / 1e12:.3g} TFLOP/s, "
-              f"causal attention ({rates['attention_kernel']}) {rates['attention_flops_per_s'] / 1e12:.3g} TFLOP/s",
-              flush=True)
+              f"causal attention ({rates['attention_kernel']}) {rates['attention_flops_per_s'] / 1e12:.3g} TFLOP/s, "
+              f"memory copy {rates['copy_bytes_per_s'] / 1e9:.4g} GB/s{fp8_rate}", flush=True)
     # One model per group of algorithms that share it: our core attention (weights sharded
     # over CP unless --no-shard-weights), Megatron's CP attention per communication (as
     # Megatron ships it: no sharding), and `full` on one GPU (every rank its own replica).
@@ -466,20 +552,44 @@ def bench(args):
         results["runs"][str(n)] = {}
     results["shard_weights"] = args.shard_weights
     results["prompt_multiple"] = multiple
+    from megatron_spava.distributed import EmulatedGroup
+    from megatron_spava.fp8 import set_fp8
+    from megatron_spava.perf import emulate as em
     for size, comm, algos, shard in groups:
-        set_phase(f"building the model for {', '.join(algos)} (CP {size})")
-        model, ps = build(args.shape, size, args.seed, args.device_obj, tp, impl, args.model, cp_comm_type=comm)
-        if shard and size > 1:
-            model.shard_weights(ps.get_context_parallel_group())
+        set_phase(f"building the model for {', '.join(algos)} (CP {size}{', emulated' if emulated else ''})")
+        model, ps = build(args.shape, 1 if emulated else size, args.seed, args.device_obj, tp, impl, args.model,
+                          cp_comm_type=comm)
+        sharded = None
+        if shard and size > 1 and not emulated:
+            sharded = model.shard_weights(ps.get_context_parallel_group())
         for n in args.tokens:
             if size == 1 and n > args.full_max_tokens:
                 continue
             inputs = synthetic_inputs(model.cfg, n, args.seed, multiple)
             for algo in algos:
-                set_phase(f"running {algo} at n={n}")
-                run = results["runs"][str(n)][algo] = run_algo(model, ps, inputs, algo, args)
-                run["roofline"] = roofline(cfg, n, algo, size, rates, multiple) if tp == 1 else None
-                _report(rank, n, algo, run)
+                group, me = ps.get_context_parallel_group(), 0
+                if emulated and size > 1:
+                    me = args.emulate_rank if args.emulate_rank is not None else \
+                        em.busiest_rank(cfg, n, algo, size, rates, multiple)
+                    group = EmulatedGroup(me, size)
+                    em.emulate(model, group)
+                    if shard and (sharded is None or sharded.rank != me):
+                        # (re-sharding after an emulated unshard keeps W copies of the last
+                        # rank's shard: the shapes and work are right, the values are not)
+                        if sharded is not None:
+                            sharded.unshard()
+                        sharded = model.shard_weights(group)
+                for precision in precisions:
+                    key = algo if precision == "bf16" else f"{algo}@fp8"
+                    set_fp8(model, args.fp8_format if precision == "fp8" else None, args.fp8_recipe)
+                    set_phase(f"running {key} at n={n}")
+                    run = results["runs"][str(n)][key] = run_algo(model, ps, inputs, algo, args, group=group)
+                    run["precision"] = precision
+                    run["roofline"] = roofline(cfg, n, algo, size, rates, multiple) if tp == 1 else None
+                    if tp == 1:
+                        run.update(_parts(cfg, n, algo, size, rates, multiple, run, precision,
+                                          shard=shard and size > 1, emulated=emulated and size > 1, me=me))
+                    _report(rank, n, key, run)
             _save(rank, args, results)
         del model
         if args.device_obj.type == "cuda":
@@ -488,6 +598,7 @@ def bench(args):
     _save(rank, args, results)
     if rank == 0:
         _table(results)
+        _parts_table(results)
         if args.plot:
             _plot(results, args.plot)
     dist.destroy_process_group()
@@ -506,6 +617,17 @@ def _report(rank, n, algo, r):
               f"(vision {1e3 * r['vision_median_s']:8.1f}, attention {100 * r['attention_share_of_llm']:4.1f}%, "
               f"selection {100 * r['selection_share_of_llm']:4.1f}% of LLM) "
               f"peak {r['peak_memory_gib']:6.1f} GiB", flush=True)
+        if "part_floors_s" in r:
+            print(f"           rank {r['timed_rank']} parts, measured / floor ms: " + ", ".join(
+                f"{p} {1e3 * r['parts_median_s'][p]:.1f}/{1e3 * r['part_floors_s'][p]:.1f}"
+                for p in r["parts_median_s"]) + f"; total {1e3 * r['ttft_median_s']:.1f}/"
+                f"{1e3 * r['timed_rank_floor_s']:.1f} (x{r['ttft_median_s'] / r['timed_rank_floor_s']:.2f})", flush=True)
+        if r.get("predicted"):
+            pr = r["predicted"]
+            print(f"           PREDICTED TTFT (a prediction, not a measurement) {1e3 * pr['ttft_s']:.1f} ms: this "
+                  f"rank's measured time + vision all-gather {1e3 * pr['vision_gather_s']:.1f} ms at the 4xH200 "
+                  f"measured all-gather rates (layer collectives {1e3 * pr['layer_comm_s']:.1f} ms, overlapped; "
+                  f"{1e3 * pr['ttft_no_overlap_s']:.1f} ms if none overlapped)", flush=True)
 
 
 def _speedups(results):
@@ -540,6 +662,26 @@ def _table(results):
             print(f"{n:>8} {algo:<{w}} {r['ttft_median_s']:8.3f} {floor} {r['vision_median_s']:8.3f} "
                   f"{fmt('speedup_vs_full')} {fmt('speedup_vs_ring')} {fmt('speedup_vs_apb')} "
                   f"{r['peak_memory_gib']:8.1f}")
+
+
+def _parts_table(results):
+    """Markdown: per (n, algo) the timed rank's time per part against its floor."""
+    from megatron_spava.perf.emulate import PARTS
+    rows = [(n, a, r) for n, runs in results["runs"].items() for a, r in runs.items() if "part_floors_s" in r]
+    if not rows:
+        return
+    em = results.get("emulated")
+    print(f"\nper part, the timed rank ({'emulated rank of ' + str(em['cp']) if em else 'CP rank 0'}): "
+          f"measured ms / floor ms (ratio)")
+    print("| n | algo | rank | " + " | ".join(PARTS) + " | total | predicted TTFT ms |")
+    print("|---|---|---|" + "---|" * (len(PARTS) + 2))
+    for n, a, r in rows:
+        cells = [f"{1e3 * r['parts_median_s'][p]:.1f} / {1e3 * r['part_floors_s'][p]:.1f} "
+                 f"({r['part_ratios'][p]:.2f})" for p in PARTS]
+        total = f"{1e3 * r['ttft_median_s']:.1f} / {1e3 * r['timed_rank_floor_s']:.1f} " \
+                f"({r['ttft_median_s'] / r['timed_rank_floor_s']:.2f})"
+        pred = f"{1e3 * r['predicted']['ttft_s']:.1f} (prediction)" if r.get("predicted") else "-"
+        print(f"| {n} | {a} | {r['timed_rank']} | " + " | ".join(cells) + f" | {total} | {pred} |")
 
 
 def _plot(results, path):

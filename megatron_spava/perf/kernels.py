@@ -49,6 +49,39 @@ def gemm_floor_ms(shape, S, dtype, device, warmup, repeats):
     return ms, flops
 
 
+def fp8_gemm_floor_ms(shape, S, device, warmup, repeats):
+    """Time of one layer's four GEMMs alone in FP8 (e4m3 inputs, per-tensor scales, bf16
+    out: `torch._scaled_mm`, the kernel family TE's FP8 linears call on Hopper), at the
+    layer's shapes; casts not timed. CUDA only."""
+    h, d = shape["hidden_size"], shape["kv_channels"]
+    hq, hk, f = shape["num_attention_heads"], shape["num_query_groups"], shape["ffn_hidden_size"]
+    e4m3 = torch.float8_e4m3fn
+    one = torch.ones((), device=device)
+    x = torch.randn(S, h, device=device).to(e4m3)
+    a = torch.randn(S, hq * d, device=device).to(e4m3)
+    m = torch.randn(S, f, device=device).to(e4m3)
+    weights = [(torch.randn(n, k, device=device) * 0.01).to(e4m3)
+               for n, k in (((hq + 2 * hk) * d, h), (h, hq * d), (2 * f, h), (h, f))]
+    inputs = [x, a, x, m]
+    flops = sum(2 * S * w.shape[0] * w.shape[1] for w in weights)
+
+    def run():
+        for i, w in zip(inputs, weights):
+            torch._scaled_mm(i, w.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+
+    ms, _ = _median_ms(run, device, warmup, repeats)
+    return ms, flops
+
+
+def copy_rate(device, nbytes: int, warmup: int = 1, repeats: int = 3) -> float:
+    """Device-memory copy rate, bytes read + written per second, of one copy of `nbytes`
+    (the floor of memory-bound work: LSE merges, the selection's read of K)."""
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    ms, _ = _median_ms(lambda: dst.copy_(src), device, warmup, repeats)
+    return 2 * src.numel() * 4 / (ms / 1e3)
+
+
 def attention_floor_ms(shape, S, dtype, device, warmup, repeats, te: bool):
     """Causal attention alone at length S: {kernel: ms} for our cuDNN (or CPU) kernel and,
     with TE, TE's DotProductAttention."""

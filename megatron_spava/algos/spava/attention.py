@@ -117,15 +117,21 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
         if p_hi > p_lo:
             parts.append(attend(q[lo:hi], x[p_lo:p_hi, ..., :d], x[p_lo:p_hi, ..., d:],
                                 scale=scale, kernel=cfg.kernel))
-        out[lo:hi] = merge_partials(parts)[0] if len(parts) > 1 else own[j][0]
+        if len(parts) > 1:
+            with profiling.region("merge", q):
+                out[lo:hi] = merge_partials(parts)[0]
+        else:
+            out[lo:hi] = own[j][0]
 
     # 8b. Exact query rows: merge every rank's partial.
     if q_hi > q_lo:
         if q_work is not None:
             q_work.wait()
+        with profiling.region("merge", q):
+            if listening:
+                out[q_lo:q_hi], lse = merge_gathered(gathered, world, with_lse=True)
+            else:
+                out[q_lo:q_hi] = merge_gathered(gathered, world)
         if listening:
-            out[q_lo:q_hi], lse = merge_gathered(gathered, world, with_lse=True)
             selection.publish(dict(kind="query", layer=selection.current_layer(), rank=rank, lse=lse, scale=scale))
-        else:
-            out[q_lo:q_hi] = merge_gathered(gathered, world)
     return out

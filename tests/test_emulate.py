@@ -1,0 +1,146 @@
+"""The emulated rank (megatron_spava.perf.emulate, `--emulate-rank R --emulate-cp W`) does
+the work of the real rank: PyTorch's own FLOP counter (`torch.utils.flop_counter`, as
+tests/test_roofline.py uses it) inside `generate` counts, per aten op, the same FLOPs on
+rank R of a W-rank gloo run and on rank R emulated alone in one process (every collective a
+local stand-in, `distributed.EmulatedGroup`), with the LLM weights sharded over the CP
+group in both, for several algorithms at a tiny shape; every core-attention call returns
+the same shape, and so do the vision embeddings and the first-token logits. The comparison can fail: a
+stand-in that skips the vision encoder's compute, or the wrong rank, counts other FLOPs."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_spava.testing import run_ranks
+
+TOKENS = 1200
+W = 2
+ALGOS = ["spava", "ring", "apb"]
+
+
+def _cpu_attention_flops(q, k, v, dropout=0.0, is_causal=False, *args, out_shape=None, **kwargs):
+    b, h, sq, d = q
+    return int(4 * b * h * sq * k[2] * d / (2 if is_causal else 1))
+
+
+def _count(algos, emulate_ranks=None, skip_vision=False):
+    """On this process: {(algo, rank): {"flops": {op: count}, "shapes": [...]}} of a tiny
+    Qwen2.5-VL prefill. emulate_ranks None: this is a real rank of a W-rank gloo run;
+    else: each rank listed is emulated in this one process (world of 1). skip_vision: a
+    broken stand-in for the check that the comparison can fail (the video embeddings come
+    back in their true shape, but no encoder runs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_spava import cpu_compat
+    from megatron_spava.distributed import EmulatedGroup
+    from megatron_spava.inference.generate import generate
+    from megatron_spava.modules import SpavaCoreAttention
+    from megatron_spava.perf import bench_prefill as bp
+    from megatron_spava.perf import emulate as em
+    from megatron_spava.perf import inputs as prompts
+    cpu_compat.apply()
+    device = torch.device("cpu")
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+    emulated = emulate_ranks is not None
+    out = {}
+    for algo in algos:
+        for me in (emulate_ranks if emulated else [dist.get_rank()]):
+            model, ps = bp.build("tiny", 1 if emulated else W, 0, device)
+            group = EmulatedGroup(me, W) if emulated else ps.get_context_parallel_group()
+            if emulated:
+                em.emulate(model, group)
+            model.shard_weights(group)
+            shapes = []
+            for m in model.modules():
+                if isinstance(m, SpavaCoreAttention):
+                    m.register_forward_hook(lambda mod, a, o: shapes.append(("attention", tuple(o.shape))))
+            encode = model.encode_video
+
+            def encode_video(inputs, cp_group):
+                if skip_vision:  # the broken stand-in: the true shape, no encoder work
+                    rows = int(model.vision_ordinals(inputs.input_ids).max()) + 1
+                    e = torch.zeros(rows, model.cfg.hidden_size)
+                else:
+                    e = encode(inputs, cp_group)
+                shapes.append(("vision", tuple(e.shape)))
+                return e
+            model.encode_video = encode_video
+            inputs = prompts.synthetic_inputs(model.cfg, TOKENS, 0)
+            name, config = bp.algo_and_config(algo)
+            with FlopCounterMode(display=False, custom_mapping=mapping, depth=None) as fc:
+                result = generate(model, inputs, algo=name, config=config, cp_group=group,
+                                  group=group if emulated else None, max_new_tokens=1, eos_token_ids=[],
+                                  device=device)
+            shapes.append(("logits", tuple(result.first_logits.shape)))
+            out[(algo, me)] = dict(flops={str(k): v for k, v in fc.get_flop_counts()["Global"].items()},
+                                   shapes=shapes)
+    return out
+
+
+def _real():
+    per_rank = run_ranks(_count, W, ALGOS, timeout=300)
+    return {k: v for r in per_rank for k, v in r.items()}
+
+
+def test_emulated_rank_does_the_real_ranks_flops():
+    real = _real()
+    emulated = run_ranks(_count, 1, ALGOS, list(range(W)), timeout=300)[0]
+    for algo in ALGOS:
+        for me in range(W):
+            got, want = emulated[(algo, me)], real[(algo, me)]
+            assert sum(want["flops"].values()) > 0
+            assert got["flops"] == want["flops"], (algo, me, got["flops"], want["flops"])
+            assert got["shapes"] == want["shapes"], (algo, me)
+    # apb's ranks differ in work (the passing prefix grows with the rank): the comparison
+    # resolves one rank from another
+    assert real[("apb", 0)]["flops"] != real[("apb", 1)]["flops"]
+    # and a stand-in that skips a part (the vision encoder's compute) is caught
+    broken = run_ranks(_count, 1, ["spava"], [1], True, timeout=300)[0]
+    assert broken[("spava", 1)]["shapes"] == real[("spava", 1)]["shapes"]
+    assert broken[("spava", 1)]["flops"] != real[("spava", 1)]["flops"]
+
+
+def test_emulation_arguments():
+    from megatron_spava.distributed import EmulatedGroup, group_rank_world
+    from megatron_spava.perf.emulate import check_args
+    assert group_rank_world(EmulatedGroup(2, 4)) == (2, 4)
+    with pytest.raises(ValueError, match="0 <= rank < world"):
+        EmulatedGroup(4, 4)
+    assert "needs --emulate-cp" in check_args(1, None, ["spava"])
+    assert "[0, 4)" in check_args(5, 4, ["spava"])
+    assert "cannot be emulated" in check_args(None, 4, ["spava", "megatron-p2p"])
+    assert check_args(None, 4, ["spava", "full"]) is None
+
+
+def test_emulated_all_gather_returns_w_copies():
+    from megatron_spava.distributed import EmulatedGroup, all_gather, ring_exchange
+    local = torch.arange(6.0).view(2, 3)
+    out = torch.empty(8, 3)
+    assert all_gather(out, local, EmulatedGroup(1, 4), 4, async_op=True) is None
+    assert torch.equal(out, local.repeat(4, 1))
+    assert torch.equal(ring_exchange(local, EmulatedGroup(1, 4), 1, 4)(), local)
+
+
+def test_fp8_errors_are_one_line_before_anything_starts():
+    """--fp8-format on the CPU, without TE or with local layers: one line, exit 2, no rank
+    started (the parser refuses it); mxfp8 below Blackwell and GPUs without FP8 likewise."""
+    import subprocess
+    import sys
+
+    from megatron_spava.fp8 import fp8_error
+    out = subprocess.run([sys.executable, "-m", "megatron_spava.perf.bench_prefill", "--shape", "tiny",
+                          "--device", "cpu", "--tokens", "1200", "--fp8-format", "e4m3"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "FP8 runs on a CUDA GPU" in out.stderr and "Traceback" not in out.stderr
+    assert "starting" not in out.stdout
+    assert fp8_error(None, "delayed", "cpu", "local") is None
+    assert "on the CPU" in fp8_error("e4m3", "delayed", "cpu", None)
+    from megatron_spava.specs import te_available
+    if te_available():  # with TE (a GPU machine); the capability is given, not read
+        assert "--transformer-impl transformer_engine" in fp8_error("e4m3", "delayed", "cuda", "local")
+        assert "no FP8 tensor cores" in fp8_error("hybrid", "delayed", "cuda", None, capability=(8, 0))
+        assert "Blackwell-only" in fp8_error("e4m3", "mxfp8", "cuda", None, capability=(9, 0))
+        assert fp8_error("e4m3", "tensorwise", "cuda", None, capability=(9, 0)) is None
+    else:
+        assert "does not import" in fp8_error("e4m3", "delayed", "cuda", None, capability=(9, 0))
