@@ -682,6 +682,15 @@ def _parts_table(results):
                 f"({r['ttft_median_s'] / r['timed_rank_floor_s']:.2f})"
         pred = f"{1e3 * r['predicted']['ttft_s']:.1f} (prediction)" if r.get("predicted") else "-"
         print(f"| {n} | {a} | {r['timed_rank']} | " + " | ".join(cells) + f" | {total} | {pred} |")
+    pairs = [(n, a, runs[a], runs[f"{a}@fp8"]) for n, runs in results["runs"].items() for a in runs
+             if f"{a}@fp8" in runs and "parts_median_s" in runs[a]]
+    if pairs:
+        print("\nFP8 against bf16, same run (bf16 / FP8 time):")
+        print("| n | algo | dense layers | TTFT |")
+        print("|---|---|---|---|")
+        for n, a, b, f in pairs:
+            print(f"| {n} | {a} | {b['parts_median_s']['dense'] / f['parts_median_s']['dense']:.2f}x | "
+                  f"{b['ttft_median_s'] / f['ttft_median_s']:.2f}x |")
 
 
 def _plot(results, path):

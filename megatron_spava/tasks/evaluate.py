@@ -103,19 +103,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_distributed_timeout_arg(p)
     from ..arguments import add_spava_args
     add_spava_args(p, algorithm=False)  # budgets and switches every variant starts from
+    from ..fp8 import add_fp8_args
+    add_fp8_args(p)  # FP8 linears on TE layers: compare against a bf16 run of the same samples
     return p
 
 
 # ------------------------------------------------------------------------------- ranks
 
-def _build_model(checkpoint: str, cp: int, device, dtype):
-    """The checkpoint's family's megatron model (config.json's model_type), loaded, eval mode."""
+def _build_model(checkpoint: str, cp: int, device, dtype, fp8_format=None, fp8_recipe="delayed"):
+    """The checkpoint's family's megatron model (config.json's model_type), loaded, eval mode.
+    fp8_format: the language model's linears in FP8 on Transformer Engine's layers
+    (megatron_spava.fp8; else megatron-core's local layers)."""
     from ..models.families import detect_family
     family = detect_family(checkpoint)
+    extra = {"backend": "transformer_engine"} if fp8_format else {}
     model = family.model_class()(family.config(checkpoint), context_parallel=cp, dtype=dtype,
-                                 use_cpu_initialization=True, perform_initialization=False)
+                                 use_cpu_initialization=True, perform_initialization=False, **extra)
     family.convert().load_hf_into_model(model, checkpoint, tp_rank=0, tp_size=1, progress=False)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if fp8_format:
+        from ..fp8 import set_fp8
+        set_fp8(model, fp8_format, fp8_recipe)
+    return model
 
 
 class LayerCapture:
@@ -189,12 +198,12 @@ def run(args) -> Optional[dict]:
     # groups it was built with), and the full-attention reference.
     ps = model_parallel_state(1, 1)
     full_group = ps.get_context_parallel_group()
-    full_model = _build_model(checkpoint, 1, device, dtype)
+    full_model = _build_model(checkpoint, 1, device, dtype, args.fp8_format, args.fp8_recipe)
     full_capture = LayerCapture(full_model)
     setups = []
     for cp in cp_sizes:
         ps = model_parallel_state(1, cp)
-        model = _build_model(checkpoint, cp, device, dtype)
+        model = _build_model(checkpoint, cp, device, dtype, args.fp8_format, args.fp8_recipe)
         setups.append(dict(cp=cp, model=model, capture=LayerCapture(model),
                            group=ps.get_context_parallel_group(), cp_rank=ps.get_context_parallel_rank(),
                            replica=ps.get_data_parallel_rank(), replicas=ps.get_data_parallel_world_size()))
@@ -510,6 +519,10 @@ def check_args(args) -> None:
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}")
     distributed_timeout(args)
+    from ..fp8 import fp8_error
+    error = fp8_error(args.fp8_format, args.fp8_recipe, args.device, "transformer_engine")
+    if error:
+        raise ValueError(error)
     read_hf_config(args.checkpoint) if args.checkpoint else shipped_checkpoint()
 
 
