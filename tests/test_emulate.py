@@ -144,3 +144,36 @@ def test_fp8_errors_are_one_line_before_anything_starts():
         assert fp8_error("e4m3", "tensorwise", "cuda", None, capability=(9, 0)) is None
     else:
         assert "does not import" in fp8_error("e4m3", "delayed", "cuda", None, capability=(9, 0))
+
+
+def test_set_fp8_sets_megatron_cores_fields_on_the_language_model_only():
+    """set_fp8 is megatron-core's mechanism: TransformerConfig.fp8 / fp8_recipe on every
+    config of the language model (its TransformerBlock enters get_fp8_context from them) and
+    prepare_model_for_fp8_inference on it (stubbed here: it needs TE); the vision encoder's
+    configs are untouched; None switches back to the model's dtype."""
+    run_ranks(_set_fp8_body, 1, timeout=120)
+
+
+def _set_fp8_body():
+    import megatron.core.fp8_utils as fu
+    from megatron.core.enums import Fp8Recipe
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_spava import cpu_compat
+    from megatron_spava.fp8 import set_fp8
+    from megatron_spava.perf import bench_prefill as bp
+    cpu_compat.apply()
+    wrapped = []
+    fu.prepare_model_for_fp8_inference = lambda m: wrapped.append(m) or m
+    model, _ = bp.build("tiny", 1, 0, torch.device("cpu"))
+
+    def configs(module):
+        return [m.config for m in module.modules() if isinstance(getattr(m, "config", None), TransformerConfig)]
+    lm = configs(model.language_model)
+    assert lm and all(c.fp8 is None for c in lm)
+    set_fp8(model, "e4m3", "tensorwise")
+    assert wrapped == [model.language_model]
+    assert all(c.fp8 == "e4m3" and c.fp8_recipe == Fp8Recipe.tensorwise for c in configs(model.language_model))
+    assert all(c.fp8 is None for c in configs(model.visual))
+    set_fp8(model, None)
+    assert all(c.fp8 is None for c in configs(model.language_model))
