@@ -31,7 +31,7 @@ import argparse
 import os
 import sys
 
-from .models.families import FAMILIES, resolve_family
+from .models.registry import FAMILIES, resolve_family
 
 
 def main(argv=None) -> int:

@@ -160,18 +160,22 @@ def fit_error(*, tp: int, cp: int, algos: Sequence[str], config=None,
     variants with their own switches (otherwise `config` applies). Pure: every rank with
     the same arguments gets the same answer."""
     from .algos import plan_layout
+    from .models.family import frame_group_error
+    from .models.registry import family_of_config
 
+    # the one frame-group check, in the words of the model's family (a generic group without one)
+    groups_error = (family_of_config(model_config).frame_group_error if model_config is not None
+                    else frame_group_error)
     if model_config is not None:
         try:
             model_config.validate(tp)
         except ValueError as err:
             return f"the model does not fit TP={tp}: {err}"
     for req in requests:
-        if frame_parallel and cp > 1 and req.frame_groups is not None and req.frame_groups < cp:
-            return (f"frame-parallel vision needs at least one frame group (Qwen2.5-VL, Qwen3-VL: a "
-                    f"temporal group of 2 frames; InternVL3: a frame) per context-parallel rank: the video "
-                    f"has {req.frame_groups} groups for CP={cp}; sample more frames (--fps, "
-                    f"--max-frames) or use a smaller CP")
+        if frame_parallel and cp > 1 and req.frame_groups is not None:
+            error = groups_error(req.frame_groups, cp)
+            if error:
+                return error
         for entry in algos:
             algo, cfg = entry if isinstance(entry, tuple) else (entry, config)
             # unfused (fuse_query=False): the prefill holds the context only, the query runs
@@ -220,23 +224,20 @@ def check_launch(*, tp: int, cp: int, algos: Sequence[str], config=None,
     return placement
 
 
-def check_video_qa(args, checkpoint: str, inputs) -> Placement:
-    """check_launch for the video QA job: its parsed arguments (TP, CP, algorithm, --compare,
-    --spava-*, --model), the checkpoint directory (for the model's head counts) and the
-    prompt(s) (one input of the model's family, or a list). Call on every rank before the
+def check_video_qa(opts, inputs) -> Placement:
+    """check_launch for the video QA job: its options (`video_qa.Options`: TP, CP, algorithm,
+    --compare, the Spava config, the family and checkpoint, for the model's head counts) and
+    the prompt(s) (one input of the model's family, or a list). Call on every rank before the
     model is built."""
-    from .arguments import spava_config_from_args
-    from .models.families import resolve_family
-
-    cfg = resolve_family(getattr(args, "model", "auto"), checkpoint).config(checkpoint)
-    config = spava_config_from_args(args)
-    algo = args.context_parallel_algo
-    algos = [algo] + (["full"] if getattr(args, "compare", "none") == "full" and algo != "full" else [])
+    cfg = opts.family.config(opts.checkpoint)
+    config = opts.spava_config
+    algo = opts.context_parallel_algo
+    algos = [algo] + (["full"] if opts.compare == "full" and algo != "full" else [])
     many = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-    return check_launch(tp=args.tensor_model_parallel_size, cp=args.context_parallel_size,
+    return check_launch(tp=opts.tensor_model_parallel_size, cp=opts.context_parallel_size,
                         algos=algos, config=config, model_config=cfg,
                         requests=[request_of(x, cfg) for x in many],
-                        frame_parallel=getattr(config, "frame_parallel", True))
+                        frame_parallel=config.frame_parallel)
 
 
 def main(argv=None) -> int:

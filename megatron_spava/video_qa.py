@@ -33,7 +33,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -43,7 +44,7 @@ from .arguments import add_spava_args, spava_config_from_args
 from .launch import (RankError, add_distributed_timeout_arg, distributed_timeout, init_distributed,
                      model_parallel_state, quiet_known_warnings, relaunch, report_rank_errors, set_phase,
                      under_torchrun)
-from .models.families import FAMILIES
+from .models.registry import DEFAULT as DEFAULT_FAMILY, FAMILIES, model_shapes
 from .tasks.needles import TASKS as NEEDLE_TASKS
 
 DEFAULT_WORK_DIR = os.path.join(os.path.expanduser("~"), ".cache", "megatron_spava")
@@ -55,16 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("model")
     src.add_argument("--model", choices=["auto", *FAMILIES], default="auto",
-                     help="model family; auto: from the checkpoint's config.json model_type, "
-                          "qwen2_5_vl without a checkpoint (default: %(default)s)")
+                     help=f"model family; auto: from the checkpoint's config.json model_type, "
+                          f"{DEFAULT_FAMILY} without a checkpoint (default: %(default)s)")
     src.add_argument("--hf-path", help="HF Qwen2.5-VL, Qwen3-VL or InternVL3 (OpenGVLab/InternVL3-*-hf) "
                      "checkpoint directory (converted on the fly)")
     src.add_argument("--megatron-path", help="a checkpoint made by tools/convert_checkpoint.py "
                      "hf-to-megatron (holds the tokenizer and processor configs too)")
-    src.add_argument("--model-shape", choices=["tiny", "3b", "7b", "2b", "8b"], default="tiny",
-                     help="without a checkpoint: the generated model's shape; 3b/7b are the "
-                          "released Qwen2.5-VL shapes, 2b InternVL3's, 8b Qwen3-VL's, and need --random-weights "
-                          "(default: %(default)s)")
+    src.add_argument("--model-shape", choices=model_shapes(), default="tiny",
+                     help="without a checkpoint: the generated model's shape; " +
+                          ", ".join(f"{'/'.join(f.shapes)} {f.title}'s" for f in FAMILIES.values() if f.shapes) +
+                          " released shapes, which need --random-weights (default: %(default)s)")
     src.add_argument("--random-weights", action="store_true",
                      help="random weights (seeded, the same in every run) instead of the checkpoint's; "
                           "without a checkpoint, on a tiny generated one")
@@ -147,38 +148,51 @@ def _weight_bytes(checkpoint: str) -> int:
                if n.endswith((".safetensors", ".distcp")))
 
 
-def check_memory(args, checkpoint: str, ranks: int) -> None:
-    """Before anything is rendered or a rank starts: the needle video's host memory (and,
-    on CUDA, one GPU's) against what the machine has (`memory`); ValueError naming the
-    estimate and the flag to change. A user's --video is checked by its frame count only
-    (check_video)."""
-    from . import memory
-    sample = needle_sample(args)
-    if sample is None:
-        return
-    from .tasks.needles import FRAME_SIZE
-    tokens = sample.groups * (FRAME_SIZE // 28) ** 2
-    weights = _weight_bytes(checkpoint)
-    memory.check_host_memory(tokens, ranks, weights, args.tensor_model_parallel_size)
-    if args.device == "cuda" and torch.cuda.is_available():
-        cfg = model_family(args, checkpoint).config(checkpoint)
-        memory.check_gpu_memory(cfg, tokens, args.tensor_model_parallel_size, args.context_parallel_size,
-                                2 if args.bf16 else 4, weights, args.shard_weights,
-                                torch.cuda.get_device_properties(0).total_memory)
+@dataclass(frozen=True)
+class Options:
+    """The main job's decisions, made once per process from its parsed flags
+    (`resolve_options`): the model family, the checkpoint directory, the video, the
+    questions, the frame sampling, the Spava config and the layer backend. Nothing writes to
+    the parsed flags afterwards; a flag not resolved here reads through unchanged
+    (`opts.context_parallel_size` is `args.context_parallel_size`).
+
+    family: the `models.family.ModelFamily` (--model, else the checkpoint's config.json,
+    else the default family); checkpoint: the directory the weights load from (given, a
+    generated tiny/shaped one, or the shipped needle model); generated: that directory is
+    a generated random checkpoint; video: the video file (the needle video's path when no
+    --video/--frames-dir is given); needle: that needle sample, or None; questions: one or
+    more; fps: frames sampled per second (0: every frame); max_frames: the frame cap (None:
+    none); spava_config: the SpavaConfig of --spava-*; transformer_impl: the layer backend.
+    """
+
+    args: argparse.Namespace
+    family: object
+    checkpoint: str
+    generated: bool
+    video: Optional[str]
+    needle: object
+    questions: Tuple[str, ...]
+    fps: float
+    max_frames: Optional[int]
+    spava_config: object
+    transformer_impl: str
+
+    def __getattr__(self, name):  # the flags this object does not resolve, as parsed
+        if name == "args":
+            raise AttributeError(name)
+        return getattr(self.args, name)
+
+    @property
+    def question(self) -> str:
+        return self.questions[0]
+
+    @property
+    def sampling_fps(self) -> Optional[float]:
+        return self.fps or None  # 0: every frame
 
 
-def model_family(args, checkpoint: Optional[str] = None):
-    """The model family (`models.families.Family`): --model, else the checkpoint's
-    config.json model_type, else Qwen2.5-VL (the generated checkpoint's default)."""
-    from .models.families import resolve_family
-    given = args.hf_path or args.megatron_path
-    return resolve_family(args.model, (checkpoint or given) if given else None)
-
-
-def needle_sample(args):
+def _needle_sample(args):
     """The needle sample the default video shows, or None when the user gave a video."""
-    if hasattr(args, "needle"):  # resolved already (resolve_paths fills in args.video)
-        return args.needle
     if args.video or args.frames_dir:
         return None
     from .tasks.needles import groups_for_tokens, make_sample
@@ -186,130 +200,148 @@ def needle_sample(args):
                        seed=args.needle_seed, index=args.needle_index)
 
 
-def uses_generated_checkpoint(args) -> bool:
-    """Without a checkpoint: a tiny (or released-shape) random checkpoint is generated for
-    --random-weights, a --model-shape other than tiny, and InternVL3 (no model is shipped for
-    it); otherwise the shipped needle model answers."""
-    if args.hf_path or args.megatron_path:
-        return False
-    return args.random_weights or args.model_shape != "tiny" or model_family(args).name != "qwen2_5_vl"
+def resolve_options(args) -> Options:
+    """Every decision the job makes from its flags, once (pure: nothing is written). Raises
+    ValueError / FileNotFoundError for a family that cannot be resolved."""
+    from .models.registry import resolve_family
+    from .specs import resolve_transformer_impl
 
-
-def resolve_paths(args) -> str:
-    """Fill in the default video path, questions and frame sampling; return the checkpoint
-    directory. Pure (nothing is written)."""
-    sample = args.needle = needle_sample(args)
+    given = args.hf_path or args.megatron_path
+    if given and not os.path.isdir(given):
+        raise FileNotFoundError(f"checkpoint directory not found: {given}")
+    family = resolve_family(args.model, given or None)
+    sample = _needle_sample(args)
+    video, questions, fps = args.video, list(args.questions or []), args.fps
     if sample is not None:
         from .tasks.demo import needle_video_path
-        args.video = needle_video_path(args.work_dir, sample)
-        args.questions = args.questions or [sample.question]
-        args.fps = args.fps if args.fps is not None else 0.0  # 0: keep every frame
-    args.questions = args.questions or [DEFAULT_QUESTION]
-    args.question = args.questions[0]
-    args.fps = 2.0 if args.fps is None else args.fps
-    if args.hf_path or args.megatron_path:
-        return args.hf_path or args.megatron_path
-    if uses_generated_checkpoint(args):
-        family = model_family(args)
+        video = needle_video_path(args.work_dir, sample)
+        questions = questions or [sample.question]
+        fps = 0.0 if fps is None else fps  # 0: keep every frame
+    questions = questions or [DEFAULT_QUESTION]
+    # a generated random checkpoint: --random-weights, a --model-shape other than tiny, and a
+    # family with no shipped model; otherwise the shipped needle model answers
+    generated = not given and (args.random_weights or args.model_shape != "tiny" or not family.shipped_model)
+    if given:
+        checkpoint = given
+    elif generated:
         shaped = family.tiny_name.replace("tiny-", "", 1) + f"-{args.model_shape}-shape"
-        return os.path.join(args.work_dir, family.tiny_name if args.model_shape == "tiny" else shaped)
-    from .tasks.model import ASSET_DIR
-    return ASSET_DIR
+        checkpoint = os.path.join(args.work_dir, family.tiny_name if args.model_shape == "tiny" else shaped)
+    else:
+        from .tasks.model import ASSET_DIR
+        checkpoint = ASSET_DIR
+    max_frames = args.max_frames if args.max_frames is not None else (None if sample is not None else 768)
+    return Options(args=args, family=family, checkpoint=checkpoint, generated=generated, video=video,
+                   needle=sample, questions=tuple(questions), fps=2.0 if fps is None else fps,
+                   max_frames=max_frames, spava_config=spava_config_from_args(args),
+                   transformer_impl=resolve_transformer_impl(args.transformer_impl, args.device, verbose=False))
 
 
-def create_defaults(args, checkpoint: str) -> None:
+def check_memory(opts: Options, ranks: int) -> None:
+    """Before anything is rendered or a rank starts: the needle video's host memory (and,
+    on CUDA, one GPU's) against what the machine has (`memory`); ValueError naming the
+    estimate and the flag to change. A user's --video is checked by its frame count only
+    (check_video)."""
+    from . import memory
+    sample = opts.needle
+    if sample is None:
+        return
+    from .tasks.needles import FRAME_SIZE
+    tokens = sample.groups * (FRAME_SIZE // 28) ** 2
+    weights = _weight_bytes(opts.checkpoint)
+    memory.check_host_memory(tokens, ranks, weights, opts.tensor_model_parallel_size)
+    if opts.device == "cuda" and torch.cuda.is_available():
+        cfg = opts.family.config(opts.checkpoint)
+        memory.check_gpu_memory(cfg, tokens, opts.tensor_model_parallel_size, opts.context_parallel_size,
+                                2 if opts.bf16 else 4, weights, opts.shard_weights,
+                                torch.cuda.get_device_properties(0).total_memory)
+
+
+def check_rope_convention(opts: Options) -> None:
+    """--rope-convention only where the family's M-RoPE has a choice of rule."""
+    if opts.rope_convention is not None and not opts.family.rope_conventions:
+        from .models.registry import FAMILIES
+        choosers = [f.title for f in FAMILIES.values() if f.rope_conventions]
+        raise ValueError(f"--rope-convention chooses {', '.join(choosers)}'s M-RoPE rule; "
+                         f"{opts.family.title} has one rule (--model {opts.family.name})")
+
+
+def create_defaults(opts: Options) -> None:
     """Write the generated checkpoint and the needle video when they are the ones asked for."""
-    if args.hf_path or args.megatron_path:
-        if not os.path.isdir(checkpoint):
-            raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
-    elif uses_generated_checkpoint(args):
-        family = model_family(args)
-        if args.model_shape not in ("tiny", *family.shapes):
-            raise ValueError(f"--model-shape {args.model_shape} is not a {family.name} shape; "
+    checkpoint, family = opts.checkpoint, opts.family
+    if opts.generated:
+        if opts.model_shape not in ("tiny", *family.shapes):
+            raise ValueError(f"--model-shape {opts.model_shape} is not a {family.name} shape; "
                              f"choose from tiny, {', '.join(family.shapes)}")
-        if not args.verbose:
+        if not opts.verbose:
             from transformers.utils import logging as hf_logging
             hf_logging.disable_progress_bar()
         from .cache import cached_dir  # a folder cut short by a kill, or damaged, is rebuilt
-        shape = None if args.model_shape == "tiny" else args.model_shape
+        shape = None if opts.model_shape == "tiny" else opts.model_shape
         cached_dir(checkpoint, lambda tmp: family.tiny().make_tiny_checkpoint(tmp, shape=shape))
-    else:
+    elif not (opts.hf_path or opts.megatron_path):  # a given one: resolve_options checked it exists
         from .tasks.model import shipped_checkpoint
         shipped_checkpoint()  # FileNotFoundError saying how to get one
-    sample = needle_sample(args)
-    if sample is not None:
+    if opts.needle is not None:
         from .tasks.demo import write_needle_video
-        write_needle_video(args.video, sample)
+        write_needle_video(opts.video, opts.needle)
 
 
-def check_video(args, checkpoint: str) -> None:
-    """Before any rank starts: the video exists and decodes, and it has a temporal group
-    (2 frames) for every context-parallel rank. Raises FileNotFoundError or ValueError."""
+def check_video(opts: Options) -> None:
+    """Before any rank starts: the video exists and decodes, and it has a frame group (the
+    family's `frames_per_group` frames) for every context-parallel rank (the family's
+    `frame_group_error`, the one check). Raises FileNotFoundError or ValueError."""
     from .video import count_sampled_frames
-    path = args.frames_dir or args.video
-    frames = count_sampled_frames(path, fps=_sampling_fps(args), max_frames=_max_frames(args),
-                                  frames_fps=args.frames_fps)
-    cp = args.context_parallel_size
-    per_group = 1 if model_family(args, checkpoint).name == "internvl3" else 2  # Qwen: 2 frames
-    groups = frames // per_group
-    if groups < cp and spava_config_from_args(args).frame_parallel:
-        raise ValueError(f"{path} gives {frames} frames ({groups} temporal groups of {per_group}) but "
-                         f"--context-parallel-size {cp} needs at least {cp} groups, one per rank: "
-                         f"sample more frames (--fps, --max-frames) or use fewer ranks")
+    path = opts.frames_dir or opts.video
+    frames = count_sampled_frames(path, fps=opts.sampling_fps, max_frames=opts.max_frames,
+                                  frames_fps=opts.frames_fps)
+    groups = frames // opts.family.frames_per_group
+    error = opts.family.frame_group_error(groups, opts.context_parallel_size)
+    if error and opts.spava_config.frame_parallel:
+        raise ValueError(f"{path} gives {frames} frames: {error}")
 
 
-def _sampling_fps(args):
-    return None if not args.fps else args.fps  # 0 or None: every frame
-
-
-def _max_frames(args):
-    if args.max_frames is not None:
-        return args.max_frames
-    return None if needle_sample(args) is not None else 768
-
-
-def _build_model(args, checkpoint: str, tp: int, cp: int, device, algo: str):
+def _build_model(opts: Options, tp: int, cp: int, device, algo: str):
     from .algos.megatron import core_attention_for
 
-    family = model_family(args, checkpoint)
+    family, checkpoint = opts.family, opts.checkpoint
     Model, convert = family.model_class(), family.convert()
     ps = model_parallel_state(tp, cp)
     cfg = family.config(checkpoint)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    dtype = torch.bfloat16 if opts.bf16 else torch.float32
     from .specs import backend_for_impl
-    layers = dict(backend=backend_for_impl(args.transformer_impl),
-                  core_attention=core_attention_for(algo, args.cp_comm_type))
-    if args.random_weights:  # the same seed everywhere: equal weights on every CP rank and run
-        torch.manual_seed(args.seed)
+    layers = dict(backend=backend_for_impl(opts.transformer_impl),
+                  core_attention=core_attention_for(algo, opts.cp_comm_type))
+    if opts.random_weights:  # the same seed everywhere: equal weights on every CP rank and run
+        torch.manual_seed(opts.seed)
         if device.type == "cuda":
-            torch.cuda.manual_seed(args.seed)
+            torch.cuda.manual_seed(opts.seed)
         with torch.device(device):
             model = Model(cfg, tensor_parallel=tp, context_parallel=cp, dtype=dtype,
                           use_cpu_initialization=device.type == "cpu", **layers)
         return model.to(device).eval(), ps
     model = Model(cfg, tensor_parallel=tp, context_parallel=cp, dtype=dtype,
                   use_cpu_initialization=True, perform_initialization=False, **layers)
-    if args.megatron_path:
+    if opts.megatron_path:
         convert.load_dist_into_model(model, checkpoint)
     else:
         convert.load_hf_into_model(model, checkpoint, tp_rank=ps.get_tensor_model_parallel_rank(),
-                                   tp_size=tp, progress=dist.get_rank() == 0 and args.verbose)
+                                   tp_size=tp, progress=dist.get_rank() == 0 and opts.verbose)
     return model.to(device).eval(), ps
 
 
-def _run_one(args, checkpoint, inputs, algo: str, tp: int, cp: int, device, config, queries=None):
+def _run_one(opts: Options, inputs, algo: str, tp: int, cp: int, device, queries=None):
     """Build the model for `algo` at TP x CP, warm up (kernels, allocator), answer, drop it.
     queries None: `generate` over the whole prompt `inputs` (one GenerationOutput); else
     `answer_questions` over the context `inputs` (one GenerationOutput per query)."""
     from .inference.generate import answer_questions, generate
 
     set_phase(f"building and loading the {algo} model (TP {tp} x CP {cp})")
-    model, ps = _build_model(args, checkpoint, tp, cp, device, algo)
+    model, ps = _build_model(opts, tp, cp, device, algo)
     set_phase(f"running prefill and decode ({algo})")
-    if args.shard_weights:
+    if opts.shard_weights:
         model.shard_weights(ps.get_context_parallel_group())
-    kwargs = dict(algo=algo, config=config, cp_group=ps.get_context_parallel_group(),
-                  rope_convention=args.rope_convention, device=device)
+    kwargs = dict(algo=algo, config=opts.spava_config, cp_group=ps.get_context_parallel_group(),
+                  rope_convention=opts.rope_convention, device=device)
 
     def answer(max_new_tokens: int, qs=queries):
         if qs is None:
@@ -317,7 +349,7 @@ def _run_one(args, checkpoint, inputs, algo: str, tp: int, cp: int, device, conf
         return answer_questions(model, inputs, qs, max_new_tokens=max_new_tokens, **kwargs)
 
     answer(2, None if queries is None else queries[:1])  # warm-up
-    result = answer(args.max_new_tokens)  # the model goes with this frame
+    result = answer(opts.max_new_tokens)  # the model goes with this frame
     for out in (result if isinstance(result, (list, tuple)) else [result]):
         logits = out.first_logits
         bad = int((~torch.isfinite(logits)).sum())
@@ -340,42 +372,39 @@ def _versus(out, ref) -> dict:
                 same_answer=out.tokens == ref.tokens)
 
 
-def _load(args):
-    """What both kinds of run start from: (device, checkpoint, clip, family, prompter)."""
+def _load(opts: Options):
+    """What both kinds of run start from: (device, clip, prompter)."""
     from .specs import resolve_transformer_impl
     from .video import load_video
 
     set_phase("loading the video")
-    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
-    args.transformer_impl = resolve_transformer_impl(args.transformer_impl, device)
-    checkpoint = resolve_paths(args)
-    clip = load_video(args.frames_dir or args.video, fps=_sampling_fps(args), max_frames=_max_frames(args),
-                      frames_fps=args.frames_fps)
-    family = model_family(args, checkpoint)
-    return device, checkpoint, clip, family, family.prompter(checkpoint)
+    device = torch.device("cuda", torch.cuda.current_device()) if opts.device == "cuda" else torch.device("cpu")
+    resolve_transformer_impl(opts.args.transformer_impl, device)  # prints the choice (opts holds it)
+    clip = load_video(opts.frames_dir or opts.video, fps=opts.sampling_fps, max_frames=opts.max_frames,
+                      frames_fps=opts.frames_fps)
+    return device, clip, opts.family.prompter(opts.checkpoint)
 
 
-def run(args) -> dict:
-    if len(args.questions) > 1:
-        return run_questions(args)
+def run(opts: Options) -> dict:
+    if len(opts.questions) > 1:
+        return run_questions(opts)
     rank = dist.get_rank()
-    device, checkpoint, clip, family, prompter = _load(args)
-    inputs = prompter(clip, args.question)
-    config = spava_config_from_args(args)
-    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    device, clip, prompter = _load(opts)
+    family, checkpoint = opts.family, opts.checkpoint
+    inputs = prompter(clip, opts.question)
+    tp, cp = opts.tensor_model_parallel_size, opts.context_parallel_size
     from .placement import check_video_qa
-    check_video_qa(args, checkpoint, inputs)  # placement and fit, before the model is built
-    runs = {args.context_parallel_algo: _run_one(args, checkpoint, inputs, args.context_parallel_algo,
-                                                 tp, cp, device, config)}
-    if args.compare == "full" and args.context_parallel_algo != "full":
-        runs["full"] = _run_one(args, checkpoint, inputs, "full", tp, 1, device, config)
+    check_video_qa(opts, inputs)  # placement and fit, before the model is built
+    runs = {opts.context_parallel_algo: _run_one(opts, inputs, opts.context_parallel_algo, tp, cp, device)}
+    if opts.compare == "full" and opts.context_parallel_algo != "full":
+        runs["full"] = _run_one(opts, inputs, "full", tp, 1, device)
     video_tokens = int((inputs.input_ids == family.config(checkpoint).vision_token_id).sum())
     result = dict(
         checkpoint=checkpoint, video=clip.source, frames=len(clip.frames), sampled_fps=clip.fps,
         prompt_tokens=int(inputs.input_ids.shape[1]), video_tokens=video_tokens,
         processor_backend=prompter.backend, processor_fallback_reason=prompter.fallback_reason,
-        question=args.question, transformer_impl=args.transformer_impl, model=family.name, runs={})
-    sample = needle_sample(args)
+        question=opts.question, transformer_impl=opts.transformer_impl, model=family.name, runs={})
+    sample = opts.needle
     if sample is not None:
         result.update(true_answer=sample.answer, needle_task=sample.task,
                       needles=[list(n) for n in sample.needles], cards=[list(c) for c in sample.cards])
@@ -391,20 +420,20 @@ def run(args) -> dict:
             from .tasks.needles import score
             result["runs"][name]["correct"] = score(result["runs"][name]["answer"], sample.answer)
     if "full" in runs and len(runs) > 1:
-        vs = _versus(runs[args.context_parallel_algo], runs["full"])
+        vs = _versus(runs[opts.context_parallel_algo], runs["full"])
         result.update(first_logits_max_abs_diff=vs["max_abs_diff"], first_logits_rel_err=vs["rel_err"],
                       same_answer=vs["same_answer"])
-    if rank == 0 and args.save_logits:
-        torch.save({name: out.first_logits for name, out in runs.items()}, args.save_logits)
+    if rank == 0 and opts.save_logits:
+        torch.save({name: out.first_logits for name, out in runs.items()}, opts.save_logits)
     if rank == 0:
-        print_report(result, args)
-        if args.json:
-            with open(args.json, "w") as f:
+        print_report(result, opts)
+        if opts.json:
+            with open(opts.json, "w") as f:
                 json.dump(result, f, indent=2)
     return result
 
 
-def run_questions(args) -> dict:
+def run_questions(opts: Options) -> dict:
     """Several --question about one video: one context prefill, every question answered over
     the cached context; a row per question and algorithm."""
     from dataclasses import replace
@@ -412,21 +441,21 @@ def run_questions(args) -> dict:
     from .inference.generate import split_prompt
 
     rank = dist.get_rank()
-    device, checkpoint, clip, family, prompter = _load(args)
-    prompts = [prompter(clip, question) for question in args.questions]
-    cfg = family.config(checkpoint)
+    device, clip, prompter = _load(opts)
+    family = opts.family
+    prompts = [prompter(clip, question) for question in opts.questions]
+    cfg = family.config(opts.checkpoint)
     splits = [split_prompt(cfg, p.input_ids) for p in prompts]
     context = splits[0][0]
     if any(not torch.equal(c, context) for c, _ in splits):
         raise ValueError("the questions' prompts do not share the tokens before the question")
     inputs, queries = replace(prompts[0], input_ids=context), [q for _, q in splits]
-    config = spava_config_from_args(args)
-    tp, cp, algo = args.tensor_model_parallel_size, args.context_parallel_size, args.context_parallel_algo
-    runs = {algo: _run_one(args, checkpoint, inputs, algo, tp, cp, device, config, queries)}
-    if args.compare == "full" and algo != "full":
-        runs["full"] = _run_one(args, checkpoint, inputs, "full", tp, 1, device, config, queries)
-    result = dict(checkpoint=checkpoint, video=clip.source, frames=len(clip.frames),
-                  context_tokens=int(context.shape[1]), questions=list(args.questions),
+    tp, cp, algo = opts.tensor_model_parallel_size, opts.context_parallel_size, opts.context_parallel_algo
+    runs = {algo: _run_one(opts, inputs, algo, tp, cp, device, queries)}
+    if opts.compare == "full" and algo != "full":
+        runs["full"] = _run_one(opts, inputs, "full", tp, 1, device, queries)
+    result = dict(checkpoint=opts.checkpoint, video=clip.source, frames=len(clip.frames),
+                  context_tokens=int(context.shape[1]), questions=list(opts.questions),
                   model=family.name, runs={})
     for name, outs in runs.items():
         result["runs"][name] = [dict(
@@ -439,13 +468,13 @@ def run_questions(args) -> dict:
             vs = _versus(out, ref)
             row.update(first_logits_max_abs_diff_vs_full=vs["max_abs_diff"],
                        first_logits_rel_err_vs_full=vs["rel_err"], same_answer_as_full=vs["same_answer"])
-    if rank == 0 and args.save_logits:
-        torch.save({name: [o.first_logits for o in outs] for name, outs in runs.items()}, args.save_logits)
+    if rank == 0 and opts.save_logits:
+        torch.save({name: [o.first_logits for o in outs] for name, outs in runs.items()}, opts.save_logits)
     if rank == 0:
         print(f"\nVideo QA, {len(queries)} questions over one cached context: {result['video']} "
               f"({result['frames']} frames, {result['context_tokens']} context tokens)")
         print("ttft ms: the first question pays vision + context prefill; later ones the query pass only")
-        for i, question in enumerate(args.questions):
+        for i, question in enumerate(opts.questions):
             print(f"question {i + 1}: {question!r}")
             for name, rows in result["runs"].items():
                 r = rows[i]
@@ -453,8 +482,8 @@ def run_questions(args) -> dict:
                       f"{r['same_answer_as_full']}" if "first_logits_rel_err_vs_full" in r else "")
                 print(f"  {name:<8} {r['tp']}x{r['cp']} ttft {1e3 * r['ttft_s']:8.1f} ms  answer "
                       f"{r['answer']!r} tokens {r['tokens']}{vs}")
-        if args.json:
-            with open(args.json, "w") as f:
+        if opts.json:
+            with open(opts.json, "w") as f:
                 json.dump(result, f, indent=2)
     return result
 
@@ -514,16 +543,12 @@ def main(argv=None) -> int:
         if args.needle_tokens < 64:
             raise ValueError("--needle-tokens must be >= 64")
         config_for(args.context_parallel_algo, spava_config_from_args(args))  # presets may refuse
-        from .specs import resolve_transformer_impl
-        resolve_transformer_impl(args.transformer_impl, args.device, verbose=False)
-        checkpoint = resolve_paths(args)
-        check_memory(args, checkpoint, world)
-        if args.rope_convention is not None and model_family(args, checkpoint).name != "qwen2_5_vl":
-            raise ValueError("--rope-convention chooses Qwen2.5-VL's M-RoPE rule; InternVL3 has "
-                             "1-D RoPE, Qwen3-VL one rope index")
+        opts = resolve_options(args)  # every decision, once per process
+        check_memory(opts, world)
+        check_rope_convention(opts)
         if not under_torchrun() or os.environ.get("RANK") == "0":
-            create_defaults(args, checkpoint)
-            check_video(args, checkpoint)
+            create_defaults(opts)
+            check_video(opts)
     except (ValueError, FileNotFoundError) as err:  # one line, no usage dump
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
@@ -539,7 +564,7 @@ def main(argv=None) -> int:
         try:
             set_phase("waiting for the other ranks to start")
             dist.barrier()  # rank 0 has written the default checkpoint and video
-            run(args)
+            run(opts)
         finally:
             dist.destroy_process_group()
     return 0

@@ -261,24 +261,24 @@ def test_main_job_rebuilds_a_half_written_checkpoint_and_a_damaged_video(tmp_pat
     checkpoint folder holding only model.safetensors (a kill mid-write, before this fix) and a
     truncated needle video are both rebuilt; the rebuilt video equals the first one."""
     from megatron_spava.video import count_sampled_frames
-    from megatron_spava.video_qa import build_parser, create_defaults, resolve_paths
+    from megatron_spava.video_qa import build_parser, create_defaults, resolve_options
 
     args = build_parser().parse_args(["--work-dir", str(tmp_path), "--random-weights", "--needle-tokens", "256"])
-    checkpoint = resolve_paths(args)
+    opts = resolve_options(args)
+    checkpoint = opts.checkpoint
     os.makedirs(checkpoint)
     open(os.path.join(checkpoint, "model.safetensors"), "wb").write(b"half")
-    create_defaults(args, checkpoint)
-    from megatron_spava.models.families import FAMILIES
-    FAMILIES["qwen2_5_vl"].prompter(checkpoint)  # the tokenizer and chat template load
+    create_defaults(opts)
+    opts.family.prompter(checkpoint)  # the tokenizer and chat template load
     from megatron_spava.models.common.checkpoint_io import iter_hf_tensors
     assert len(dict(iter_hf_tensors(checkpoint))) > 10
-    first = open(args.video, "rb").read()
-    frames = count_sampled_frames(args.video, fps=None, max_frames=None, frames_fps=2.0)
-    with open(args.video, "r+b") as f:
+    first = open(opts.video, "rb").read()
+    frames = count_sampled_frames(opts.video, fps=None, max_frames=None, frames_fps=2.0)
+    with open(opts.video, "r+b") as f:
         f.truncate(len(first) // 3)
-    create_defaults(args, checkpoint)
-    assert open(args.video, "rb").read() == first
-    assert count_sampled_frames(args.video, fps=None, max_frames=None, frames_fps=2.0) == frames
+    create_defaults(opts)
+    assert open(opts.video, "rb").read() == first
+    assert count_sampled_frames(opts.video, fps=None, max_frames=None, frames_fps=2.0) == frames
 
 
 # ---- bounded, validated inputs of the main job --------------------------------------------

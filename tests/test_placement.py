@@ -62,7 +62,7 @@ def test_fit_errors_name_the_limit():
     ok = Request(context_len=4096, query_len=16, frame_groups=8)
     assert fit_error(tp=1, cp=4, algos=["spava", "ring", "apb", "star"], requests=[ok]) is None
     few = Request(context_len=4096, query_len=16, frame_groups=3)
-    assert "3 groups for CP=4" in fit_error(tp=1, cp=4, algos=["spava"], requests=[few])
+    assert "3 frame groups for 4 ranks (CP=4" in fit_error(tp=1, cp=4, algos=["spava"], requests=[few])
     assert fit_error(tp=1, cp=4, algos=["spava"], requests=[few], frame_parallel=False) is None
     short = Request(context_len=130, query_len=16)  # 128-token anchor, 2 tokens for 8 blocks
     err = fit_error(tp=1, cp=4, algos=["spava"], requests=[short])
@@ -126,7 +126,7 @@ def test_check_launch_on_four_ranks():
     for case, k in (("all", 0), ("one", 1)):
         messages = [r[k][0] for r in results]
         assert all(m is not None for m in messages) and len(set(messages)) == 1, messages
-        assert "1 groups for CP=4" in messages[0]
+        assert "1 frame groups for 4 ranks (CP=4" in messages[0]
         assert messages[0].startswith("(rank 1)") == (case == "one")
         assert all(r[k][1] == [] for r in results)  # one node, no warning: nothing printed
     nodes, warnings, logs = results[0][2]
@@ -146,4 +146,4 @@ def test_cli_before_submitting(capsys):
     assert "WARNING" in out and "TP=4 x CP=2" in out
     assert main(["--nnodes", "2", "--nproc-per-node", "8", "--cp", "16", "--context-len", "4096",
                  "--frame-groups", "8"]) == 2
-    assert "8 groups for CP=16" in capsys.readouterr().err
+    assert "8 frame groups for 16 ranks (CP=16" in capsys.readouterr().err

@@ -310,7 +310,7 @@ def _few_frames_rank():
 
 def test_too_few_frame_groups_raise_on_every_rank():
     messages = run_ranks(_few_frames_rank, 4, timeout=60)
-    assert all(m and "3 groups for 4 ranks" in m for m in messages)
+    assert all(m and "3 temporal groups for 4 ranks" in m for m in messages)
 
 
 def test_kv_cache_holds_every_token_once_and_appends_to_the_least_loaded_rank():

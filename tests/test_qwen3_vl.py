@@ -554,4 +554,7 @@ def test_bench_prompts_are_the_processors_layout_and_fit_the_8b_shape():
     assert all(fit_error(tp=tp, cp=2, algos=["spava"], model_config=big) is None for tp in (1, 2, 4, 8))
     assert "does not fit TP=3" in fit_error(tp=3, cp=2, algos=["spava"], model_config=big)
     req = request_of(synthetic_inputs(cfg, 3000, 0), cfg)
-    assert "groups for CP=16" in fit_error(tp=1, cp=16, algos=["spava"], requests=[req])
+    assert "frame groups for 16 ranks (CP=16" in fit_error(tp=1, cp=16, algos=["spava"], requests=[req])
+    # with the model's config, in its family's words (a temporal group of 2 frames)
+    assert "temporal groups for 16 ranks (CP=16" in fit_error(tp=1, cp=16, algos=["spava"], requests=[req],
+                                                              model_config=cfg)

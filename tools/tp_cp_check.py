@@ -51,7 +51,8 @@ def parse_args(argv=None):
     bp = _bench_prefill()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(bp.SHAPES), default="tiny", help="(default: %(default)s)")
-    p.add_argument("--model", choices=["auto", "qwen2_5_vl", "internvl3", "qwen3_vl"], default="auto",
+    from megatron_spava.models.registry import names
+    p.add_argument("--model", choices=["auto", *names()], default="auto",
                    help="model family (default: the shape's)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default: %(default)s)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 weights and activations (default: float32)")

@@ -61,12 +61,12 @@ import torch
 import torch.distributed as dist
 
 from . import kernels, layer
+from ..models import registry as _families
 from .work import Shape
-from .inputs import TOKENS_PER_GROUP, _family_bench, _is_internvl, prompt_lengths, synthetic_inputs
+from .inputs import prompt_lengths, synthetic_inputs, vision_flops_per_group  # noqa: F401 (this module's API)
 
-#: --shape -> (family, the family's shape name; None: its tiny config)
-SHAPES = {"tiny": (None, None), "3b": ("qwen2_5_vl", "3b"), "7b": ("qwen2_5_vl", "7b"),
-          "internvl3-2b": ("internvl3", "2b"), "qwen3-vl-8b": ("qwen3_vl", "8b")}
+#: --shape -> (family, the family's shape name; None: its tiny config), from the model-family registry
+SHAPES = _families.bench_shapes()
 
 
 def family_of(shape: str, model: str = "auto") -> str:
@@ -74,13 +74,12 @@ def family_of(shape: str, model: str = "auto") -> str:
     family, _ = SHAPES[shape]
     if model != "auto" and family is not None and model != family:
         raise ValueError(f"--shape {shape} is a {family} shape, not {model}")
-    return model if model != "auto" else (family or "qwen2_5_vl")
+    return model if model != "auto" else (family or _families.DEFAULT)
 
 
 def model_config(shape: str, model: str = "auto"):
-    """The family's config (Qwen25VLConfig / InternVL3Config) at `shape`."""
-    from megatron_spava.models.families import get_family
-    family = get_family(family_of(shape, model))
+    """The family's config (its config class, `models.registry`) at `shape`."""
+    family = _families.get_family(family_of(shape, model))
     tiny, name = family.tiny(), SHAPES[shape][1]
     return family.config(tiny.tiny_hf_config() if name is None else tiny.shaped_hf_config(name))
 
@@ -88,10 +87,11 @@ def model_config(shape: str, model: str = "auto"):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="7b",
-                   help="model shape: 3b/7b Qwen2.5-VL's, internvl3-2b InternVL3's, qwen3-vl-8b "
-                        "Qwen3-VL's; tiny (any family, --model) is for a CPU dry run (default: %(default)s)")
-    p.add_argument("--model", choices=["auto", "qwen2_5_vl", "internvl3", "qwen3_vl"], default="auto",
-                   help="model family; auto: the shape's (tiny: qwen2_5_vl) (default: %(default)s)")
+                   help="model shape: " + ", ".join(f"{s} {_families.get_family(f).title}'s" for s, (f, _)
+                                                     in SHAPES.items() if f) +
+                        "; tiny (any family, --model) is for a CPU dry run (default: %(default)s)")
+    p.add_argument("--model", choices=["auto", *_families.names()], default="auto",
+                   help=f"model family; auto: the shape's (tiny: {_families.DEFAULT}) (default: %(default)s)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu: gloo ranks, for checking the tool itself (default: %(default)s)")
     p.add_argument("--tokens", type=int, nargs="+", default=[32768, 65536, 131072],
@@ -226,12 +226,11 @@ def build(shape: str, cp: int, seed: int, device: torch.device, tp: int = 1, bac
     megatron-core's CPU initialisation (the full weight drawn, then sliced: the same weights
     at every TP size; default on CPU only); bf16: bfloat16 (default on CUDA only)."""
     from megatron_spava.launch import model_parallel_state
-    from megatron_spava.models.families import get_family
 
     ps = model_parallel_state(tp, cp)
     torch.manual_seed(seed)
     cfg = model_config(shape, model)
-    Model = get_family(family_of(shape, model)).model_class()
+    Model = _families.get_family(family_of(shape, model)).model_class()
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.manual_seed(seed)
@@ -276,18 +275,6 @@ def llm_shape(cfg):
     """The LLM's shape (perf.work.Shape) of a Qwen25VLConfig / InternVL3Config."""
     return Shape(layers=cfg.num_layers, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
                                         heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
-
-
-def vision_flops_per_group(cfg) -> float:
-    """Vision FLOPs of one frame group of synthetic_inputs: Qwen2.5-VL, 2 frames of 448x448
-    (1024 patches); InternVL3, one 448x448 tile; Qwen3-VL, 2 frames of 512x512."""
-    if _family_bench(cfg):
-        return _family_bench(cfg).vision_flops_per_group(cfg)
-    if _is_internvl(cfg):
-        from megatron_spava.models.internvl3.vision import vision_flops
-        return vision_flops(cfg, 1)
-    from megatron_spava.models.qwen2_5_vl.vision import vision_flops
-    return vision_flops(cfg.vision, 4 * TOKENS_PER_GROUP, 4 * TOKENS_PER_GROUP)
 
 
 def measure_rates(cfg, device: torch.device, rows: int, warmup: int = 1, repeats: int = 3,
@@ -645,7 +632,7 @@ def _save(rank, args, results):
 
 
 def _table(results):
-    print(f"\n{results.get('model', 'qwen2_5_vl')} {results['shape']}-shaped, {results['world']} x "
+    print(f"\n{results.get('model', _families.DEFAULT)} {results['shape']}-shaped, {results['world']} x "
           f"{results['device']}: TTFT median (s) and speedups")
     w = max([24] + [len(a) for runs in results["runs"].values() for a in runs])
     rates = results.get("rates")
@@ -711,7 +698,7 @@ def _plot(results, path):
     ax.set_xscale("log", base=2)
     ax.set_xlabel("LLM tokens")
     ax.set_ylabel("TTFT speedup vs full (1 GPU)")
-    family = {"internvl3": "InternVL3", "qwen3_vl": "Qwen3-VL"}.get(results.get("model"), "Qwen2.5-VL")
+    family = _families.get_family(results.get("model", _families.DEFAULT)).title
     ax.set_title(f"{family} {results['shape']}-shaped prefill, {results['world']} GPUs")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)

@@ -114,7 +114,7 @@ def _build_model(checkpoint: str, cp: int, device, dtype, fp8_format=None, fp8_r
     """The checkpoint's family's megatron model (config.json's model_type), loaded, eval mode.
     fp8_format: the language model's linears in FP8 on Transformer Engine's layers
     (megatron_spava.fp8; else megatron-core's local layers)."""
-    from ..models.families import detect_family
+    from ..models.registry import detect_family
     family = detect_family(checkpoint)
     extra = {"backend": "transformer_engine"} if fp8_format else {}
     model = family.model_class()(family.config(checkpoint), context_parallel=cp, dtype=dtype,

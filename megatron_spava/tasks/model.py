@@ -75,13 +75,13 @@ def needle_kit(family: str = "qwen2_5_vl"):
     write_checkpoint_files(out_dir, tokenizer) and NeedlePrompter (prompt_ids, answer_ids,
     decode, pixels, inputs, positions, group_token, prefix_len, frame_grid,
     tokens_per_group, eos, pad). ValueError for a family without one."""
-    from ..models.families import get_family
+    from ..models.registry import get_family
     return get_family(family).needle()
 
 
 def needle_prompter(checkpoint: str):
     """The NeedlePrompter of a checkpoint's family (config.json's model_type)."""
-    from ..models.families import detect_family
+    from ..models.registry import detect_family
     return detect_family(checkpoint).needle().NeedlePrompter(checkpoint)
 
 

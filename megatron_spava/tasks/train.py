@@ -42,13 +42,14 @@ import sys
 import time
 import traceback
 
+from ..models.registry import needle_families
 from ..provenance import git_commit
 from .model import load_fp16_weights, needle_kit, save_checkpoint, write_archive
 
 
 import torch
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # the families with a needle kit (model.needle_kit)
+FAMILIES = tuple(needle_families())  # the families with a needle kit (model.needle_kit)
 DEFAULT_CURRICULUM = ("128:0.1,256:0.14,512:0.16,1024:0.14,2048:0.1,4096:0.1,8192:0.08,16384:0.07,"
                       "32768:0.07,65536:0.04")  # skills are learnt short; long stages adapt them
 TRAIN_SEED_OFFSET = 1_000_003  # training samples use seeds >= this; evaluation sets use 0

@@ -24,12 +24,13 @@ from ...distributed import all_gather, group_rank_world
 def split_groups(count: int, world: int, *, unit: str = "frame group",
                  units: str = "groups") -> List[Tuple[int, int]]:
     """Contiguous [lo, hi) ranges of `count` groups per rank, near-equal in count (bounds
-    round(r * count / world)). Raises ValueError, the same on every rank, when there are fewer groups than ranks (SPAVA.md
-    section 1 limit); `unit`/`units` name a group in that message."""
-    if count < world:
-        raise ValueError(f"frame-parallel vision needs at least one {unit} per context-parallel "
-                         f"rank: the video has {count} {units} for {world} ranks; sample more "
-                         f"frames or use fewer ranks")
+    round(r * count / world)). Raises ValueError, the same on every rank, when there are fewer
+    groups than ranks (`models.family.frame_group_error`, the one check); `unit`/`units` name a
+    group in that message."""
+    from ..family import frame_group_error
+    error = frame_group_error(count, world, unit=unit, units=units)
+    if error:
+        raise ValueError(error)
     bounds = [round(r * count / world) for r in range(world + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
 

@@ -107,7 +107,7 @@ def split_frame_groups(grid_thw: Tensor, world: int) -> List[Tuple[int, int]]:
     """Contiguous [lo, hi) ranges of frame groups per rank, near-equal in count. Raises
     ValueError when there are fewer groups than ranks (SPAVA.md section 1 limit)."""
     return split_groups(len(frame_groups(grid_thw)), world, unit="temporal group (2 frames)",
-                        units="groups")
+                        units="temporal groups")
 
 
 def encode_video_frame_parallel(visual: VisionEncoder, pixels: Tensor, grid_thw: Tensor,

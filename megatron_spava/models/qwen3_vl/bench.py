@@ -1,5 +1,5 @@
-"""Qwen3-VL's synthetic prompts for tools/bench_prefill.py (and the tools built on it:
-tools/tp_cp_check.py, the roofline): a 512x512 video (32x32 patches of 16 -> 16x16 = 256
+"""Qwen3-VL's synthetic prompts for the benchmarks (`perf.inputs`; the prefill benchmark,
+the TP x CP check, the roofline): a 512x512 video (32x32 patches of 16 -> 16x16 = 256
 merged tokens per temporal group of 2 frames) in the pinned processor's layout,
 
     20 text | <|vision_start|> ( <t seconds> <|vision_start|> 256 x <|video_pad|> <|vision_end|> )*g
