@@ -8,7 +8,7 @@ checkpoints, streamed tensor by tensor with a progress bar.
 
 The file handling, the 1-rank gloo world and the loops are `models.common.checkpoint_io`'s
 (as for Qwen2.5-VL); what differs per family is the config, the model and the name mapping
-(`checkpoint.py`), gathered in `FAMILY`. The language model loads into either layer backend
+(`checkpoint.py`), gathered in `CONVERSION`. The language model loads into either layer backend
 (`--transformer-impl local|transformer_engine`): the mapping's local names are renamed for
 a TE model's fused norms, and a checkpoint written by either backend loads into the other.
 """
@@ -29,13 +29,13 @@ def _build(cfg: InternVL3Config, dtype: torch.dtype, backend: str):
                           perform_initialization=False)
 
 
-FAMILY = checkpoint_io.CheckpointFamily(
+CONVERSION = checkpoint_io.CheckpointFamily(
     name="internvl3", config_from_hf=InternVL3Config.from_hf, build_model=_build,
     hf_to_megatron=HFToMegatron, megatron_to_hf=megatron_to_hf, shard_for_tp=shard_for_tp,
     normalize_hf_name=normalize_hf_name)
 
 
-# This family's conversions (models.common.checkpoint_io's, bound to FAMILY): see their docs there.
-load_hf_into_model = FAMILY.load_hf_into_model
-hf_to_dist = FAMILY.hf_to_dist
-dist_to_hf = FAMILY.dist_to_hf
+# This family's conversions (models.common.checkpoint_io's, bound to CONVERSION): see their docs there.
+load_hf_into_model = CONVERSION.load_hf_into_model
+hf_to_dist = CONVERSION.hf_to_dist
+dist_to_hf = CONVERSION.dist_to_hf

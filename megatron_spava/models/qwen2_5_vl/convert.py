@@ -8,7 +8,7 @@ checkpoints, streamed tensor by tensor with a progress bar.
 
 The file handling, the 1-rank gloo world and the loops are `models.common.checkpoint_io`'s;
 what is Qwen2.5-VL's is the config, the model and the name mapping (`checkpoint.py`),
-gathered in `FAMILY`.
+gathered in `CONVERSION`.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ def _build(cfg: Qwen25VLConfig, dtype: torch.dtype, backend: str):
                          perform_initialization=False)
 
 
-FAMILY = checkpoint_io.CheckpointFamily(
+CONVERSION = checkpoint_io.CheckpointFamily(
     name="qwen2_5_vl", config_from_hf=Qwen25VLConfig.from_hf, build_model=_build,
     hf_to_megatron=HFToMegatron, megatron_to_hf=megatron_to_hf, shard_for_tp=shard_for_tp,
     normalize_hf_name=normalize_hf_name)
 
 
-# This family's conversions (models.common.checkpoint_io's, bound to FAMILY): see their docs there.
-load_hf_into_model = FAMILY.load_hf_into_model
-hf_to_dist = FAMILY.hf_to_dist
-dist_to_hf = FAMILY.dist_to_hf
+# This family's conversions (models.common.checkpoint_io's, bound to CONVERSION): see their docs there.
+load_hf_into_model = CONVERSION.load_hf_into_model
+hf_to_dist = CONVERSION.hf_to_dist
+dist_to_hf = CONVERSION.dist_to_hf

@@ -24,10 +24,10 @@ def _build(cfg: Qwen3VLConfig, dtype: torch.dtype, backend: str):
                         perform_initialization=False)
 
 
-FAMILY = checkpoint_io.CheckpointFamily(
+CONVERSION = checkpoint_io.CheckpointFamily(
     name="qwen3_vl", config_from_hf=Qwen3VLConfig.from_hf, build_model=_build,
     hf_to_megatron=HFToMegatron, megatron_to_hf=megatron_to_hf, shard_for_tp=shard_for_tp)
 
-load_hf_into_model = FAMILY.load_hf_into_model
-hf_to_dist = FAMILY.hf_to_dist
-dist_to_hf = FAMILY.dist_to_hf
+load_hf_into_model = CONVERSION.load_hf_into_model
+hf_to_dist = CONVERSION.hf_to_dist
+dist_to_hf = CONVERSION.dist_to_hf
