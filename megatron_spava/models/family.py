@@ -118,9 +118,8 @@ class ModelFamily:
         """The family's needle-model module (`needle.py`: what the needle training and
         evaluation need, `megatron_spava.tasks.model.needle_kit`); ValueError without one."""
         if self.needle_module is None:
-            from .registry import needle_families
             raise ValueError(f"model family {self.name!r} has no needle model "
-                             f"(families with one: {', '.join(needle_families())})")
+                             f"(`models.registry.needle_families()` lists those with one)")
         return self.part(self.needle_module)
 
     def prompter(self, checkpoint: str, **kwargs):
