@@ -145,7 +145,10 @@ def curriculum_length(stages, frac: float, rng: random.Random, revisit: float) -
 @torch.no_grad()
 def evaluate(model, prompter, hf_config, device, tasks, tokens_list, samples, tokens_per_step,
              autocast, progress=True):
-    """Teacher-forced exact match {tokens: {task: accuracy}} on eval_set(seed=0)."""
+    """Teacher-forced exact match {tokens: {task: accuracy}} on eval_set(seed=0); a length
+    that runs out of device memory gives {"error": ...} and the next length still runs (in
+    float32, HF's SDPA takes its math path for GQA and holds tokens^2 x heads x 4 bytes:
+    179 GiB for the Qwen3-VL needle model at 65536 video tokens, 109.5K prompt tokens)."""
     from tqdm.auto import tqdm
 
     from megatron_spava.tasks import eval_set
@@ -156,15 +159,21 @@ def evaluate(model, prompter, hf_config, device, tasks, tokens_list, samples, to
         data = eval_set(tasks, tokens, samples, seed=0)
         per_batch = max(1, tokens_per_step // tokens)
         right = {t: [] for t in tasks}
-        for lo in tqdm(range(0, len(data), per_batch), desc=f"eval {tokens} tokens", disable=not progress,
-                       leave=False):
-            chunk = data[lo:lo + per_batch]
-            batch = make_batch(chunk, prompter, hf_config, device)
-            with autocast():
-                logits = model(**batch.model_inputs()).logits
-            _, exact = loss_and_exact(logits, batch)
-            for s, ok in zip(chunk, exact.tolist()):
-                right[s.task].append(ok)
+        try:
+            for lo in tqdm(range(0, len(data), per_batch), desc=f"eval {tokens} tokens",
+                           disable=not progress, leave=False):
+                chunk = data[lo:lo + per_batch]
+                batch = make_batch(chunk, prompter, hf_config, device)
+                with autocast():
+                    logits = model(**batch.model_inputs()).logits
+                _, exact = loss_and_exact(logits, batch)
+                for s, ok in zip(chunk, exact.tolist()):
+                    right[s.task].append(ok)
+        except torch.OutOfMemoryError as err:
+            logits = batch = None
+            torch.cuda.empty_cache()
+            results[str(tokens)] = {"error": f"out of memory: {str(err).splitlines()[0][:200]}"}
+            continue
         results[str(tokens)] = {t: sum(v) / len(v) for t, v in right.items()}
         results[str(tokens)]["all"] = sum(sum(v) for v in right.values()) / len(data)
     model.train()
