@@ -177,3 +177,67 @@ def _set_fp8_body():
     assert all(c.fp8 is None for c in configs(model.visual))
     set_fp8(model, None)
     assert all(c.fp8 is None for c in configs(model.language_model))
+
+
+def _te():
+    from megatron_spava.specs import te_available
+    return te_available()
+
+
+def _fp8_logits(recipe):
+    """On one GPU: the first-token logits of a tiny Qwen2.5-VL prefill on TE layers, bf16 and
+    with the language model's linears in FP8 (`set_fp8`), same model and prompt."""
+    from megatron_spava.fp8 import fp8_error, set_fp8
+    from megatron_spava.inference.generate import generate
+    from megatron_spava.perf import bench_prefill as bp
+    from megatron_spava.perf import inputs as prompts
+    device = torch.device("cuda", torch.cuda.current_device())
+    assert fp8_error("e4m3", recipe, device, "transformer_engine") is None
+    model, ps = bp.build("tiny", 1, 0, device, backend="transformer_engine")
+    inputs = prompts.synthetic_inputs(model.cfg, 2048, 0)
+    out = {}
+    for fmt in (None, "e4m3", None):
+        set_fp8(model, fmt, recipe)
+        for _ in range(2):  # delayed scaling: the second forward uses the first one's amax
+            logits = generate(model, inputs, algo="full", max_new_tokens=1, eos_token_ids=[],
+                              device=device).first_logits
+        out.setdefault(str(fmt), []).append(logits.float())
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _te(), reason="needs Transformer Engine")
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
+def test_fp8_linears_change_the_logits_a_little_and_switch_back(recipe):
+    out = run_ranks(_fp8_logits, 1, recipe, backend="nccl", timeout=300)[0]
+    bf16, again, fp8 = out["None"][0], out["None"][1], out["e4m3"][0]
+    assert float((again - bf16).norm() / bf16.norm()) < 1e-3  # set_fp8(None): the bf16 model again
+    err = float((fp8 - bf16).norm() / bf16.norm())
+    print(f"FP8 ({recipe}) vs bf16 first-token logits, tiny model: relative error {err:.3g}")
+    assert 0 < err < 0.25, err  # FP8 ran (the logits moved) and stayed close
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _te(), reason="needs Transformer Engine")
+def test_bench_prefill_emulated_rank_with_fp8_on_one_gpu(tmp_path):
+    """The device script's command at the tiny shape: spava's busiest rank of 2 emulated and
+    full, bf16 and FP8, per part against floors, a predicted TTFT for the emulated rank."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "megatron_spava.perf.bench_prefill", "--shape", "tiny",
+                          "--tokens", "2048", "--algos", "spava", "full", "--emulate-cp", "2",
+                          "--transformer-impl", "transformer_engine", "--fp8-format", "e4m3",
+                          "--fp8-recipe", "tensorwise", "--fp8-compare", "--repeats", "1", "--warmup", "1",
+                          "--json", str(tmp_path / "e.json")], cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    d = json.load(open(tmp_path / "e.json"))
+    runs = d["runs"]["2048"]
+    assert set(runs) == {"spava", "spava@fp8", "full", "full@fp8"}
+    assert d["emulated"]["cp"] == 2 and "fp8_gemm_flops_per_s" in d["rates"]
+    for r in runs.values():
+        assert r["ttft_median_s"] > 0 and all(r["part_floors_s"][p] >= 0 for p in r["parts_median_s"])
+    assert runs["spava"]["predicted"]["ttft_s"] >= runs["spava"]["ttft_median_s"]
+    assert "FP8 against bf16" in out.stdout
