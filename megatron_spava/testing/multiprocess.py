@@ -10,7 +10,8 @@
     results = run_ranks(_body, 4, 1.0)  # [result of rank 0, ..., rank 3]
 
 Each rank is a fresh process (forked from a forkserver that has already imported torch,
-so starting one costs milliseconds, not a torch import). Inside it the default process
+megatron-core and this package's modules and models, so starting one costs milliseconds,
+not those imports). Inside it the default process
 group spans all W ranks, on gloo (CPU) or NCCL (one GPU per rank), and every collective
 is bounded by `timeout`. If any rank raises, `run_ranks` raises `RankFailure` with
 every failing rank's traceback; ranks still running a few seconds later (blocked in a
@@ -49,7 +50,10 @@ def _context():
     global _CONTEXT
     if _CONTEXT is None:
         _CONTEXT = mp.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["torch", "torch.distributed"])
+        # megatron-core's import is 5-12 s on the CPU machines (0.19.2 under PyPI's CUDA torch
+        # the slowest); imported once here, every rank forked after it starts without it.
+        _CONTEXT.set_forkserver_preload(["torch", "torch.distributed", "megatron_spava.modules",
+                                         "megatron_spava.models"])
     return _CONTEXT
 
 
