@@ -150,7 +150,7 @@ def parse_args(argv=None):
     except ValueError as err:
         p.error(str(err))
     from megatron_spava.perf.emulate import check_args
-    error = check_args(args.emulate_rank, args.emulate_cp, args.algos or [])
+    error = check_args(args.emulate_rank, args.emulate_cp, [a for a in (args.algos or []) if megatron_comm(a)])
     if error:
         p.error(error)
     if args.fp8_compare and not args.fp8_format:
@@ -399,13 +399,46 @@ def run_algo(model, ps, inputs, algo: str, args, group=None):
     return result
 
 
+def busiest_rank(cfg, n: int, variant: str, cp: int, rates: dict, multiple: int = 1) -> int:
+    """The CP rank with the largest floor (its vision + dense FLOPs at the GEMM rate plus
+    its attention FLOPs at the attention rate), the FLOPs from the registry entry's cost
+    model (`Algorithm.cost`, through perf.layer); the lowest such rank on ties."""
+    return roofline(cfg, n, variant, cp, rates, multiple)["rank"]
+
+
+def rank_work(cfg, n: int, variant: str, cp: int, rank: int, multiple: int = 1,
+              shard_weights: bool = True) -> dict:
+    """What rank `rank` of a `cp`-rank layout does in one prefill, from the registry
+    entry's cost model: {"flops": rank_flops' vision/dense/attention FLOPs, "merged":
+    float32 elements read by LSE merges (all layers), "selection_bytes": bytes of K the
+    passing-block selection reads (all layers; 0 without passing blocks), "comms": the
+    layer's collectives on that rank (perf.work.Comm, one layer), "layers"}."""
+    import dataclasses
+
+    name, config = algo_and_config(variant)
+    config = dataclasses.replace(config, fuse_query=True)
+    comm = megatron_comm(variant)
+    shape = llm_shape(cfg)
+    plan, ops = layer.layer_ops(name if comm is None else f"{name}-{comm}", n, cp, 1, shape,
+                                shard_weights=shard_weights and cp > 1,
+                                lengths=prompt_lengths(n, cfg, multiple), config=config)
+    mine = ops[min(rank, len(ops) - 1)]
+    passing = getattr(plan.layout, "passing_len", 0) or 0
+    local = plan.local_tokens[min(rank, len(plan.local_tokens) - 1)]
+    return dict(flops=rank_flops(cfg, n, variant, cp, multiple)[min(rank, len(ops) - 1)],
+                merged=shape.layers * sum(o.merged for o in mine),
+                selection_bytes=(shape.layers * local * shape.kv_heads * shape.head_dim * shape.act_bytes
+                                 if passing else 0),
+                comms=[o.comm for o in mine if o.comm is not None], layers=shape.layers, local_tokens=local)
+
+
 def _parts(cfg, n: int, algo: str, cp: int, rates: dict, multiple: int, run: dict, precision: str,
            shard: bool, emulated: bool, me: int = 0) -> dict:
     """The floor of each part of the timed rank `me` (the emulated rank, else CP rank 0) and
     the measured / floor ratios; for an emulated rank also the predicted TTFT (perf.emulate)."""
     from megatron_spava.perf import emulate as em
     name, config = algo_and_config(algo)
-    work = em.rank_work(cfg, n, algo, cp, me, multiple, shard_weights=shard)
+    work = rank_work(cfg, n, algo, cp, me, multiple, shard_weights=shard)
     part_rates = dict(rates)
     if precision == "fp8" and "fp8_gemm_flops_per_s" in rates:  # the dense GEMMs run in FP8, vision does not
         part_rates["dense_gemm_flops_per_s"] = rates["fp8_gemm_flops_per_s"]
@@ -557,7 +590,7 @@ def bench(args):
                 group, me = ps.get_context_parallel_group(), 0
                 if emulated and size > 1:
                     me = args.emulate_rank if args.emulate_rank is not None else \
-                        em.busiest_rank(cfg, n, algo, size, rates, multiple)
+                        busiest_rank(cfg, n, algo, size, rates, multiple)
                     group = EmulatedGroup(me, size)
                     em.emulate(model, group)
                     if shard and (sharded is None or sharded.rank != me):

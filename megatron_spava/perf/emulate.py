@@ -13,8 +13,9 @@ switches there (all-gather -> W local copies, ring exchange -> the rank's own bu
 all-reduce / broadcast -> unchanged). The values that would come from other ranks are
 therefore not the real ones: the run is for time and FLOPs, never for accuracy.
 
-What this module adds to the benchmark: which rank to emulate (`busiest_rank`, from the
-registry entry's cost model), the model's switch (`emulate`), the floor per part
+What this module adds to the benchmark (perf/bench_prefill.py, which also picks the rank:
+`bench_prefill.busiest_rank`, from the registry entry's cost model, and collects the rank's
+work: `bench_prefill.rank_work`): the model's switch (`emulate`), the floor per part
 (`part_floors`) and the predicted TTFT with the measured all-gather times (`predicted_ttft`).
 """
 
@@ -48,43 +49,6 @@ def emulate(model, group: EmulatedGroup):
     if not found:
         raise ValueError("an emulated rank needs a model built with SpavaCoreAttention; found none")
     return model
-
-
-def busiest_rank(cfg, n: int, variant: str, cp: int, rates: dict, multiple: int = 1) -> int:
-    """The CP rank with the largest floor (its vision + dense FLOPs at the GEMM rate plus
-    its attention FLOPs at the attention rate), the FLOPs from the registry entry's cost
-    model (`Algorithm.cost`, through perf.layer); the lowest such rank on ties."""
-    from .bench_prefill import roofline
-    return roofline(cfg, n, variant, cp, rates, multiple)["rank"]
-
-
-def rank_work(cfg, n: int, variant: str, cp: int, rank: int, multiple: int = 1,
-              shard_weights: bool = True) -> dict:
-    """What rank `rank` of a `cp`-rank layout does in one prefill, from the registry
-    entry's cost model: {"flops": rank_flops' vision/dense/attention FLOPs, "merged":
-    float32 elements read by LSE merges (all layers), "selection_bytes": bytes of K the
-    passing-block selection reads (all layers; 0 without passing blocks), "comms": the
-    layer's collectives on that rank (perf.work.Comm, one layer), "layers"}."""
-    import dataclasses
-
-    from . import layer
-    from .bench_prefill import algo_and_config, llm_shape, megatron_comm, rank_flops
-    from .inputs import prompt_lengths
-    name, config = algo_and_config(variant)
-    config = dataclasses.replace(config, fuse_query=True)
-    comm = megatron_comm(variant)
-    shape = llm_shape(cfg)
-    plan, ops = layer.layer_ops(name if comm is None else f"{name}-{comm}", n, cp, 1, shape,
-                                shard_weights=shard_weights and cp > 1,
-                                lengths=prompt_lengths(n, cfg, multiple), config=config)
-    mine = ops[min(rank, len(ops) - 1)]
-    passing = getattr(plan.layout, "passing_len", 0) or 0
-    local = plan.local_tokens[min(rank, len(plan.local_tokens) - 1)]
-    return dict(flops=rank_flops(cfg, n, variant, cp, multiple)[min(rank, len(ops) - 1)],
-                merged=shape.layers * sum(o.merged for o in mine),
-                selection_bytes=(shape.layers * local * shape.kv_heads * shape.head_dim * shape.act_bytes
-                                 if passing else 0),
-                comms=[o.comm for o in mine if o.comm is not None], layers=shape.layers, local_tokens=local)
 
 
 def part_floors(work: dict, rates: dict) -> Dict[str, float]:
@@ -142,9 +106,9 @@ def part_times(vision_s: float, llm_s: float, regions: dict) -> Dict[str, float]
     return dict(vision=vision_s, dense=llm_s - attn, attention=attn - sel - merge, selection=sel, merges=merge)
 
 
-def check_args(emulate_rank: Optional[int], emulate_cp: Optional[int], algos: List[str]) -> Optional[str]:
-    """Why --emulate-rank / --emulate-cp cannot run these algorithms, or None. Pure."""
-    from .bench_prefill import megatron_comm
+def check_args(emulate_rank: Optional[int], emulate_cp: Optional[int], te_cp_algos: List[str] = ()) -> Optional[str]:
+    """Why --emulate-rank / --emulate-cp cannot run, or None. te_cp_algos: the requested
+    algorithms that are Megatron's own CP (TE's attention: not emulable). Pure."""
     if emulate_rank is not None and emulate_cp is None:
         return "--emulate-rank needs --emulate-cp W (the layout's size)"
     if emulate_cp is None:
@@ -153,8 +117,7 @@ def check_args(emulate_rank: Optional[int], emulate_cp: Optional[int], algos: Li
         return f"--emulate-cp must be >= 1, got {emulate_cp}"
     if emulate_rank is not None and not 0 <= emulate_rank < emulate_cp:
         return f"--emulate-rank must be in [0, {emulate_cp}), got {emulate_rank}"
-    wanted = [a for a in algos if megatron_comm(a)]
-    if wanted:
-        return (f"{', '.join(wanted)}: Megatron's own context parallelism runs its collectives inside "
+    if te_cp_algos:
+        return (f"{', '.join(te_cp_algos)}: Megatron's own context parallelism runs its collectives inside "
                 f"Transformer Engine and cannot be emulated; drop it from --algos")
     return None
