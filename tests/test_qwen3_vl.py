@@ -317,28 +317,6 @@ def _convert_rank(hf_dir, meg, back):
     dist_to_hf(meg, back, progress=False)
 
 
-def _load_dist_rank(meg, inputs):
-    return _run(_build(dist.get_world_size(), 1, meg, dist_ckpt=True), inputs, "full", {})
-
-
-@pytest.mark.slow
-def test_hf_to_megatron_to_hf_is_bit_exact_and_loads_at_tp_1_and_2(tmp_path, checkpoint, inputs,
-                                                                     hf_reference):
-    """HF -> dist checkpoint -> HF: every tensor bit-identical, same keys and config; the
-    dist checkpoint loads at TP 1 and 2 into local layers and answers as HF does."""
-    meg, back = str(tmp_path / "meg"), str(tmp_path / "back")
-    run_ranks(_convert_rank, 1, checkpoint, meg, back, timeout=240)
-    original, again = _hf_tensors(checkpoint), _hf_tensors(back)
-    assert sorted(original) == sorted(again)
-    for name, tensor in original.items():
-        assert again[name].dtype == tensor.dtype and torch.equal(again[name], tensor), name
-    config = lambda d: json.load(open(os.path.join(d, "config.json")))  # noqa: E731
-    assert config(back) == config(checkpoint)
-    for tp in (1, 2):
-        for _, tokens, first, _ in run_ranks(_load_dist_rank, tp, meg, inputs, timeout=240):
-            assert _relative(first, hf_reference["first"]) < 1e-5 and tokens == hf_reference["tokens"]
-
-
 @pytest.mark.slow
 def test_tied_bf16_round_trip_is_bit_exact(tmp_path):
     from megatron_spava.models.qwen3_vl.tiny import tiny_hf_config, tiny_hf_model
@@ -389,12 +367,12 @@ def moe(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,cp,algo", [(2, 1, "full"), (1, 2, "spava")])
+@pytest.mark.parametrize("tp,cp,algo", [(2, 1, "full")])
 def test_moe_matches_hf(moe, tp, cp, algo):
     """megatron-core's MoE layers (router, SequentialMLP experts, all-gather dispatcher) with
     the converted weights: at TP 2 (experts TP-split) every layer's hidden states and the
-    first-token logits within 1e-5 of Qwen3VLMoeForConditionalGeneration and its 16 tokens;
-    Spava at full budget at CP 2 the same logits and tokens."""
+    first-token logits within 1e-5 of Qwen3VLMoeForConditionalGeneration and its 16 tokens.
+    (Spava at full budget with CP, the round trip: tests/test_families.py[qwen3_vl_moe].)"""
     ckpt, inputs, ref = moe
     budget = FULL_BUDGET if algo == "spava" else {}
     for vision, tokens, first, hidden in run_ranks(_rank, tp * cp, tp, cp, algo, budget, ckpt, inputs, cp == 1,
@@ -409,17 +387,13 @@ def test_moe_matches_hf(moe, tp, cp, algo):
         assert tokens == ref["tokens"]
 
 
-@pytest.mark.slow
-def test_moe_round_trip_is_bit_exact(tmp_path, moe):
-    """HF (stacked experts) -> dist checkpoint (one megatron tensor per expert) -> HF:
-    bit-identical, same keys."""
-    ckpt = moe[0]
-    meg, back = str(tmp_path / "meg"), str(tmp_path / "back")
-    run_ranks(_convert_rank, 1, ckpt, meg, back, timeout=240)
-    original, again = _hf_tensors(ckpt), _hf_tensors(back)
-    assert sorted(original) == sorted(again) and any("experts.gate_up_proj" in k for k in original)
-    for name, tensor in original.items():
-        assert torch.equal(again[name], tensor), name
+def test_moe_checkpoint_stores_the_experts_stacked(tmp_path):
+    """The tiny MoE checkpoint holds HF's stacked expert tensors (what the conformance
+    suite's round trip of qwen3_vl_moe then reproduces bit for bit)."""
+    from megatron_spava.models.common.checkpoint_io import iter_hf_tensors
+    from megatron_spava.models.qwen3_vl.moe.tiny import make_tiny_checkpoint
+    ckpt = make_tiny_checkpoint(str(tmp_path / "moe"))
+    assert any("experts.gate_up_proj" in name for name, _ in iter_hf_tensors(ckpt))
 
 
 # ---------------------------------------------------------------- limits and errors
@@ -510,25 +484,6 @@ def test_te_layers_load_the_checkpoint_and_agree(tmp_path, checkpoint, inputs, t
 
 
 # ---------------------------------------------------------------- everywhere the other families are
-
-@pytest.mark.slow
-def test_demo_generates_a_qwen3_vl_checkpoint_and_spava_agrees_with_full(tmp_path):
-    """megatron-spava-demo --model qwen3_vl: a tiny Qwen3-VL-architecture checkpoint and the
-    needle video are generated, the prompt goes through the processor path (timestamps),
-    Spava on 2 CPU ranks at full budget answers like exact attention on one."""
-    import subprocess
-    import sys
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, "-m", "megatron_spava.video_qa", "--model", "qwen3_vl",
-                          "--work-dir", str(tmp_path), "--max-new-tokens", "3", "--max-frames", "16",
-                          "--spava-passing-len", "1024", "--json", str(tmp_path / "r.json")],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    result = json.load(open(tmp_path / "r.json"))
-    assert result["model"] == "qwen3_vl" and set(result["runs"]) == {"spava", "full"}
-    assert result["runs"]["spava"]["cp"] == 2 and result["video_tokens"] > 0
-    assert result["first_logits_max_abs_diff"] < 1e-3 and result["same_answer"]
-
 
 def test_bench_prompts_are_the_processors_layout_and_fit_the_8b_shape():
     """The prefill benchmark's Qwen3-VL prompts (perf.inputs, (models.qwen3_vl.bench): the lengths it

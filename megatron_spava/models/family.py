@@ -31,6 +31,7 @@ The modules a family's folder provides (what each part must hold):
   prompter    "module:Class": `Class(checkpoint_dir)(clip, question)` -> the family's inputs
               (`video.inputs`), with `.tokenizer`, `.backend`, `.fallback_reason`
   hf_class    "module:Class" of the transformers model the conformance suite compares with
+  hf_inputs   "module:function" (inputs, hf_config) -> the HF model's forward kwargs
   needle      (optional) the needle-model kit the needle training and evaluation use
 """
 
@@ -85,6 +86,7 @@ class ModelFamily:
     tiny_module: str = ".tiny"
     bench_module: str = ".bench"
     needle_module: Optional[str] = None
+    hf_inputs_path: str = ".reference:hf_inputs"
 
     def part(self, spec: str):
         """A part named by "module[:attr]" (relative to the family's folder when it starts with '.')."""
@@ -128,6 +130,11 @@ class ModelFamily:
     def hf_model_class(self):
         """The transformers class of the family's HF checkpoints (the conformance suite's reference)."""
         return self.part(self.hf_class)
+
+    def hf_inputs(self, inputs, hf_config) -> dict:
+        """The HF forward / generate kwargs of one of the family's inputs (the conformance
+        suite's reference run)."""
+        return self.part(self.hf_inputs_path)(inputs, hf_config)
 
     def frame_group_error(self, groups: int, cp: int) -> Optional[str]:
         """Why `groups` frame groups cannot be split over `cp` ranks, or None (`frame_group_error`)."""

@@ -2,7 +2,9 @@
 names the `family.py` of the family's folder, which declares its `models.family.ModelFamily`
 (the interface: config, model, conversion, tiny checkpoint, prompt and preprocessing,
 synthetic inputs, frames per group). Adding a family = one new folder + one line here
-(or `register(...)` at run time, as tests/test_toy_family.py does from its own folder).
+(or, for a folder outside the package, `register_module(...)` at run time and the
+MEGATRON_SPAVA_FAMILIES environment variable for other processes, as
+tests/test_toy_family.py does).
 
     family = resolve_family("auto", checkpoint_dir)   # --model, else config.json's model_type
     family = family_of_config(cfg)                     # the family of a config object
@@ -48,6 +50,13 @@ register_module("megatron_spava.models.qwen2_5_vl.family")
 register_module("megatron_spava.models.internvl3.family")
 register_module("megatron_spava.models.qwen3_vl.family")
 register_module("megatron_spava.models.qwen3_vl.moe.family")
+
+#: families from outside the package: a comma-separated list of family.py modules (on
+#: sys.path) registered when the registry is first imported, in every process (the ranks a
+#: launcher starts, the demo's subprocesses): how a family from its own folder reaches them
+PLUGINS_ENV = "MEGATRON_SPAVA_FAMILIES"
+for _module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+    register_module(_module)
 
 
 def names():
