@@ -56,7 +56,7 @@ def _tp2_reload_and_resave(src, dst, hf_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("tie", [True])  # untied: test_families.py::test_round_trip_and_tp2_cp2_match_hf[qwen2_5_vl]
 def test_hf_to_megatron_tp2_to_hf_is_bit_exact(tmp_path, tie):
     hf_dir, meg, meg2, back = (str(tmp_path / n) for n in ("hf", "meg", "meg_tp2", "back"))
     hf = tiny_hf_model(tiny_hf_config(tie=tie), dtype=torch.float32)
