@@ -61,6 +61,11 @@ def _load(path):
     return module
 
 
+def _tool_parser(module):
+    import importlib
+    return importlib.import_module(module).parse_args
+
+
 def _parsers():
     from megatron_spava.attention_demo import build_parser as demo_parser
     from megatron_spava.perf.bench_prefill import parse_args as bench_parser
@@ -70,8 +75,8 @@ def _parsers():
             "attention_demo": lambda a: demo_parser().parse_args(a),
             "eval_needles": lambda a: eval_parser().parse_args(a),
             "bench_prefill": lambda a: bench_parser(a),
-            "tp_cp_check": lambda a: _load("tools/tp_cp_check.py").parse_args(a),
-            "bench_ring": lambda a: _load("tools/bench_ring.py").parse_args(a),
+            "tp_cp_check": lambda a: _tool_parser("megatron_spava.perf.tp_cp_check")(a),
+            "bench_ring": lambda a: _tool_parser("megatron_spava.perf.bench_ring")(a),
             "gpt_prefill": lambda a: _load("examples/gpt_prefill.py").parse_args(
                 a + ["--context-parallel-algo", "full"])}
 
