@@ -10,6 +10,8 @@
                      TP slicing
   vision.py          vision-encoder building blocks: TP linears as plain GEMMs, Container,
                      segment attention, RMSNorm, the vision TP config
+  tiny.py            the tiny checkpoints' random-weight rule and the Qwen chat template
+  lazy.py            a family package's names imported on first use
 
 Submodules are imported where used (this package imports nothing on its own).
 """

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from ..common.tiny import randomize
+
 #: InternVL's image tokens, as the HF tokenizer names them (`tokenizer.start_image_token`...).
 IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
                 "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
@@ -104,15 +106,9 @@ def tiny_hf_model(config: Optional[dict] = None, *, seed: int = 0, dtype=torch.f
     cfg = InternVLConfig(**(config or tiny_hf_config()))
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(cfg).to(dtype).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ("norm" in name or "lambda" in name) and name.endswith(("weight", "lambda_1", "lambda_2")):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            elif "embed_tokens" in name or "lm_head" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    randomize(model, seed,
+              is_norm=lambda n: ("norm" in n or "lambda" in n) and n.endswith(("weight", "lambda_1", "lambda_2")),
+              is_unit=lambda n: "embed_tokens" in n or "lm_head" in n)
     return model
 
 

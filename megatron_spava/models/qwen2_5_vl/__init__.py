@@ -5,15 +5,9 @@ generation loop is `megatron_spava.inference.generate`, the shared pieces `model
 The names below load lazily, so that the megatron-free submodules (`tiny`, `rope`,
 `config`) import without megatron-core (the needle model's HF-only training does)."""
 
-import importlib
+from ..common.lazy import lazy_exports
 
 _LAZY = {"Qwen25VLConfig": "config", "Qwen25VLModel": "model", "encode_video_frame_parallel": "model",
          "VisionConfig": "vision", "VisionEncoder": "vision"}
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__, __getattr__ = lazy_exports(__name__, _LAZY)

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ...config import round_up
+from ..common.tiny import chat_template, randomize
 
 # Special token ids of the tiny vocabulary (256 ids: 0..239 ordinary, then specials).
 TINY_SPECIAL = {
@@ -57,16 +58,8 @@ def tiny_hf_model(config: Optional[dict] = None, *, seed: int = 0, dtype=torch.f
     cfg = Qwen2_5_VLConfig(**(config or tiny_hf_config()))
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg).to(dtype).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln_q" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            elif "embed_tokens" in name or "lm_head" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    return model
+    return randomize(model, seed, is_norm=lambda n: "norm" in n or "ln_q" in n,
+                     is_unit=lambda n: "embed_tokens" in n or "lm_head" in n)
 
 
 #: Qwen2.5-VL's control tokens, in the order the real vocabulary has them.
@@ -78,21 +71,7 @@ QWEN_CONTROL_TOKENS = (
 
 #: The Qwen2.5-VL-Instruct chat format: a default system turn, images and videos as
 #: <|vision_start|><|image_pad|/video_pad|><|vision_end|>, and the assistant prefix.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% else %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+CHAT_TEMPLATE = chat_template(system="You are a helpful assistant.")
 
 _CORPUS = [
     "You are a helpful assistant.", "What is happening in this video?", "Describe the video.",

@@ -10,15 +10,9 @@ frame-group encoder loop and M-RoPE decode positions).
 The names below load lazily, so the megatron-free submodules (`config`, `rope`, `tiny`,
 `prompt`) import without megatron-core."""
 
-import importlib
+from ..common.lazy import lazy_exports
 
 _LAZY = {"Qwen3VLConfig": "config", "Qwen3VLVisionConfig": "config", "Qwen3VLModel": "model",
          "Qwen3VLVisionEncoder": "vision", "Qwen3VLPrompter": "prompt"}
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__, __getattr__ = lazy_exports(__name__, _LAZY)

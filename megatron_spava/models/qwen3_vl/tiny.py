@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ...config import round_up
+from ..common.tiny import chat_template, randomize
 from ..qwen2_5_vl.tiny import QWEN_CONTROL_TOKENS, build_tiny_tokenizer
 
 #: Special token ids of `tiny_hf_config` alone (256 ids); `make_tiny_checkpoint` uses its
@@ -24,18 +25,7 @@ TINY_SPECIAL = {
 #: The Qwen3-VL-Instruct chat format for text and one video per part (no default system
 #: turn, unlike Qwen2.5-VL's): a video is <|vision_start|><|video_pad|><|vision_end|>,
 #: which the processor expands into timestamped frame groups inside that pair.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% else %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+CHAT_TEMPLATE = chat_template()
 
 _CORPUS = [
     "What is happening in this video?", "Describe the video.", "Which square moves fastest?",
@@ -90,17 +80,9 @@ def tiny_hf_model(config: Optional[dict] = None, *, seed: int = 0, dtype=torch.f
     cfg = getattr(transformers, f"{kind}Config")(**config)
     torch.manual_seed(seed)
     model = getattr(transformers, f"{kind}ForConditionalGeneration")(cfg).to(dtype).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            elif ("embed_tokens" in name or "lm_head" in name or "pos_embed" in name
-                  or name.endswith("mlp.gate.weight")):  # MoE router: clear top-k choices
-                p.copy_(torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    return model
+    return randomize(model, seed, is_norm=lambda n: "norm" in n and n.endswith("weight"),
+                     is_unit=lambda n: ("embed_tokens" in n or "lm_head" in n or "pos_embed" in n
+                                        or n.endswith("mlp.gate.weight")))  # MoE router: clear top-k choices
 
 
 #: Released dense shapes (public config.json values; README and BENCHMARKS cite where), for
