@@ -99,13 +99,13 @@ def run_rank(args: dict) -> dict:
     from megatron_spava.algos.spava import selection
     from megatron_spava.tasks import eval_set, render_frames
     from megatron_spava.tasks.evaluate import _build_model
-    from megatron_spava.tasks.model import ASSET_DIR, NeedlePrompter
+    from megatron_spava.tasks.model import ASSET_DIR, needle_prompter
 
     cpu_compat.apply()
     ns = argparse.Namespace(**args)
     config = spava_config_from_args(ns)
     ckpt = args["checkpoint"] or ASSET_DIR
-    prompter = NeedlePrompter(ckpt)
+    prompter = needle_prompter(ckpt)  # the checkpoint's family's (config.json model_type)
     rank = dist.get_rank()
     state = {"needles": {}, "order": [], "call": 0}
     if args["oracle"]:  # needle tokens first: a score that knows the block from the call order
@@ -126,9 +126,8 @@ def run_rank(args: dict) -> dict:
     model = _build_model(ckpt, args["cp"], torch.device("cpu"), torch.float32)
     out = []
     for s in eval_set(args["tasks"], args["tokens"], args["samples"], seed=args["seed"]):
-        side = s.size // 28
-        state["needles"] = {prompter.prefix_len + g * side ** 2 + i: n
-                            for n, (g, _) in enumerate(s.needles) for i in range(side ** 2)}
+        state["needles"] = {prompter.group_token(g) + i: n for n, (g, _) in enumerate(s.needles)
+                            for i in range(prompter.tokens_per_group)}
         inputs = prompter.inputs(s, render_frames(s))
         records = []
 
