@@ -153,7 +153,7 @@ def test_read_back_check_catches_a_bad_write(tmp_path, monkeypatch):
     """A writer that corrupts one tensor (stands in for a disk or library fault) is caught by
     the read-back comparison, in both directions, and nothing lands at the output."""
     import safetensors.torch
-    from megatron_spava.models.qwen2_5_vl.convert import FAMILY
+    from megatron_spava.models.qwen2_5_vl.convert import CONVERSION
 
     real_save = checkpoint_io.save_dist
 
@@ -165,10 +165,10 @@ def test_read_back_check_catches_a_bad_write(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint_io, "save_dist", corrupting_save)
     with pytest.raises(ValueError, match="read-back check failed: model.language_model.norm.weight"):
-        checkpoint_io.hf_to_dist(FAMILY, SHIPPED, str(tmp_path / "mg"), progress=False)
+        checkpoint_io.hf_to_dist(CONVERSION, SHIPPED, str(tmp_path / "mg"), progress=False)
     assert os.listdir(tmp_path) == []
     monkeypatch.setattr(checkpoint_io, "save_dist", real_save)
-    mg = checkpoint_io.hf_to_dist(FAMILY, SHIPPED, str(tmp_path / "mg"), progress=False)
+    mg = checkpoint_io.hf_to_dist(CONVERSION, SHIPPED, str(tmp_path / "mg"), progress=False)
 
     real_save_file = safetensors.torch.save_file
 
@@ -179,7 +179,7 @@ def test_read_back_check_catches_a_bad_write(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", corrupting_save_file)
     with pytest.raises(ValueError, match="read-back check failed"):
-        checkpoint_io.dist_to_hf(FAMILY, mg, str(tmp_path / "hf"), progress=False)
+        checkpoint_io.dist_to_hf(CONVERSION, mg, str(tmp_path / "hf"), progress=False)
     assert sorted(os.listdir(tmp_path)) == ["mg"]
 
 
