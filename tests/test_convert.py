@@ -91,6 +91,7 @@ def test_bf16_round_trip_and_sharded_output(tmp_path):
     assert all(torch.equal(again[k], v) and again[k].dtype == torch.bfloat16 for k, v in original.items())
 
 
+@pytest.mark.slow  # several CLI processes end to end (15-21 s)
 def test_conversion_errors_are_clear(tmp_path):
     out = _tool("hf-to-megatron", "--hf-path", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert out.returncode == 2 and "not found" in out.stderr

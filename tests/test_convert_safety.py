@@ -66,6 +66,7 @@ def test_shipped_model_round_trips_bit_exactly_through_the_cli(shipped_mg, tmp_p
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporary folder left
 
 
+@pytest.mark.slow  # several CLI processes end to end (15-21 s)
 def test_out_must_be_new_or_empty_and_force_replaces_it_whole(shipped_mg, tmp_path):
     out_dir = tmp_path / "hf"
     out_dir.mkdir()
@@ -93,6 +94,7 @@ def test_out_must_be_new_or_empty_and_force_replaces_it_whole(shipped_mg, tmp_pa
     assert (mine / "config.json").read_text() == "{}"
 
 
+@pytest.mark.slow  # several CLI processes end to end (15-21 s)
 def test_out_overlapping_the_input_is_refused(shipped_mg, tmp_path):
     import shutil
     hf = str(tmp_path / "hf")

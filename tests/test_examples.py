@@ -90,6 +90,7 @@ def _bad(tmp_path, *args):
     return out.returncode, lines
 
 
+@pytest.mark.slow  # several CLI processes end to end (15-21 s)
 def test_video_qa_reports_bad_input_before_launching(tmp_path):
     code, lines = _bad(tmp_path, "--hf-path", str(tmp_path / "missing"))
     assert code == 2 and lines == [f"megatron-spava-demo: error: checkpoint directory not found: {tmp_path / 'missing'}"]
