@@ -122,29 +122,46 @@ class NeedlePrompter:
     tokenizing the expanded text; tested).
     """
 
+    #: seconds per temporal group passed to the model (None: time is in the prompt's text)
+    seconds_per_group: Optional[float] = FRAMES_PER_GROUP / FPS
+
     def __init__(self, checkpoint_or_tokenizer):
         from transformers import AutoTokenizer
-
-        from ..video.preprocess import VideoPreprocessConfig
         if isinstance(checkpoint_or_tokenizer, str):
             self.tokenizer = AutoTokenizer.from_pretrained(checkpoint_or_tokenizer, local_files_only=True)
-            self.preprocess = VideoPreprocessConfig.from_checkpoint(checkpoint_or_tokenizer)
+            self.preprocess = self.preprocess_from(checkpoint_or_tokenizer)
         else:
             self.tokenizer = checkpoint_or_tokenizer
-            self.preprocess = preprocess_config()
+            self.preprocess = self.default_preprocess()
         tok = self.tokenizer
         self.video_pad = tok.convert_tokens_to_ids("<|video_pad|>")
         self.eos = tok.convert_tokens_to_ids("<|im_end|>")
         self.pad = tok.convert_tokens_to_ids("<|endoftext|>")
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "\x00"}]}]
-        from ..models.qwen2_5_vl.tiny import CHAT_TEMPLATE
-        text = tok.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, tokenize=False,
+        text = tok.apply_chat_template(messages, chat_template=self.chat_template(), tokenize=False,
                                        add_generation_prompt=True)
         before, after = text.split("<|video_pad|>")
         self._before = tok(before, add_special_tokens=False)["input_ids"]
         q_before, q_after = after.split("\x00")
         self._question = {task: tok(q_before + q + q_after, add_special_tokens=False)["input_ids"]
                           for task, q in QUESTIONS.items()}
+
+    # ---- what a family's prompter overrides (Qwen3-VL: models/qwen3_vl/needle.py) ----
+    @staticmethod
+    def preprocess_from(checkpoint: str):
+        """The checkpoint's video preprocessing config."""
+        from ..video.preprocess import VideoPreprocessConfig
+        return VideoPreprocessConfig.from_checkpoint(checkpoint)
+
+    @staticmethod
+    def default_preprocess():
+        """The preprocessing config when built from a tokenizer alone."""
+        return preprocess_config()
+
+    @staticmethod
+    def chat_template() -> str:
+        from ..models.qwen2_5_vl.tiny import CHAT_TEMPLATE
+        return CHAT_TEMPLATE
 
     @property
     def prefix_len(self) -> int:
@@ -199,7 +216,8 @@ class NeedlePrompter:
         pixels, grid = self.pixels(frames)
         tokens = int(grid.prod()) // self.preprocess.merge_size ** 2
         ids = torch.tensor([self.prompt_ids(sample.task, tokens)])
-        return VideoQAInputs(ids, pixels, grid, torch.tensor([FRAMES_PER_GROUP / FPS]))
+        seconds = None if self.seconds_per_group is None else torch.tensor([self.seconds_per_group])
+        return VideoQAInputs(ids, pixels, grid, seconds)
 
 
 def preprocess_config():

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import List, Sequence, Tuple
+from typing import List, Tuple
 
 import torch
 
-from ...tasks.model import FPS, check_answer_tokens, corpus as base_corpus
-from ...tasks.needles import FRAME_SIZE, FRAMES_PER_GROUP, QUESTIONS, NeedleSample
+from ...tasks.model import FPS, NeedlePrompter as BaseNeedlePrompter, check_answer_tokens, corpus as base_corpus
+from ...tasks.needles import FRAME_SIZE, FRAMES_PER_GROUP
 from .tiny import CHAT_TEMPLATE
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -123,46 +123,47 @@ def _stamp_text(group: int) -> str:
     return f"<{t:.1f} seconds>"
 
 
-class NeedlePrompter:
+class NeedlePrompter(BaseNeedlePrompter):
     """Token ids and pixels of needle samples for a Qwen3-VL needle checkpoint (or tokenizer).
 
     Prompt: `<|im_start|>user\\n<|vision_start|>` + per group `<t seconds><|vision_start|>
     <|video_pad|>*n<|vision_end|>` + `<|vision_end|>question<|im_end|>\\n<|im_start|>assistant\\n`,
     built by concatenating ids tokenized once (every timestamp sits between special tokens,
     so the same ids as tokenizing the expanded text; tested against `Qwen3VLPrompter`).
+    Answers, decoding and `inputs` are the base prompter's; time is in the text.
     """
 
-    def __init__(self, checkpoint_or_tokenizer):
-        from transformers import AutoTokenizer
+    seconds_per_group = None
 
-        from .prompt import Qwen3VLPreprocessConfig, smart_resize
-        if isinstance(checkpoint_or_tokenizer, str):
-            self.tokenizer = AutoTokenizer.from_pretrained(checkpoint_or_tokenizer, local_files_only=True)
-            self.preprocess = Qwen3VLPreprocessConfig.from_checkpoint(checkpoint_or_tokenizer)
-        else:
-            self.tokenizer = checkpoint_or_tokenizer
-            self.preprocess = preprocess_config()
+    def __init__(self, checkpoint_or_tokenizer):
+        from .prompt import smart_resize
+        super().__init__(checkpoint_or_tokenizer)
         tok, pre = self.tokenizer, self.preprocess
-        self.video_pad = tok.convert_tokens_to_ids("<|video_pad|>")
-        self.eos = tok.convert_tokens_to_ids("<|im_end|>")
-        self.pad = tok.convert_tokens_to_ids("<|endoftext|>")
         self._start = tok.convert_tokens_to_ids("<|vision_start|>")
         self._end = tok.convert_tokens_to_ids("<|vision_end|>")
         side = smart_resize(FRAMES_PER_GROUP, FRAME_SIZE, FRAME_SIZE, pre.temporal_patch_size,
                             pre.patch_size * pre.merge_size, pre.min_pixels, pre.max_pixels)
-        #: patches per frame side (h, w) and LLM tokens per temporal group
-        self.frame_grid = (side[0] // pre.patch_size, side[1] // pre.patch_size)
-        self.tokens_per_group = self.frame_grid[0] * self.frame_grid[1] // pre.merge_size ** 2
-        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "\x00"}]}]
-        text = tok.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, tokenize=False,
-                                       add_generation_prompt=True)
-        before, after = text.split("<|video_pad|>")
-        self._before = tok(before, add_special_tokens=False)["input_ids"]
-        q_before, q_after = after.split("\x00")
-        self._question = {task: tok(q_before + q + q_after, add_special_tokens=False)["input_ids"]
-                          for task, q in QUESTIONS.items()}
+        self._grid = (side[0] // pre.patch_size, side[1] // pre.patch_size)
         self._stamps: List[List[int]] = []
         self._offsets: List[int] = [len(self._before)]  # token index where group g's text begins
+
+    @staticmethod
+    def preprocess_from(checkpoint: str):
+        from .prompt import Qwen3VLPreprocessConfig
+        return Qwen3VLPreprocessConfig.from_checkpoint(checkpoint)
+
+    @staticmethod
+    def default_preprocess():
+        return preprocess_config()
+
+    @staticmethod
+    def chat_template() -> str:
+        return CHAT_TEMPLATE
+
+    @property
+    def frame_grid(self) -> Tuple[int, int]:
+        """Patches per side (h, w) of a needle frame after Qwen3-VL's smart_resize."""
+        return self._grid
 
     def _grow(self, groups: int) -> None:
         """Tokenize the timestamps of groups [len(self._stamps), groups) (once)."""
@@ -172,11 +173,6 @@ class NeedlePrompter:
         for ids in self.tokenizer(new, add_special_tokens=False)["input_ids"]:
             self._stamps.append(ids)
             self._offsets.append(self._offsets[-1] + len(ids) + 2 + self.tokens_per_group)
-
-    @property
-    def prefix_len(self) -> int:
-        """Prompt tokens before the first group's timestamp."""
-        return len(self._before)
 
     def group_token(self, group: int) -> int:
         """Index in the prompt of the first video token of temporal group `group`."""
@@ -195,13 +191,6 @@ class NeedlePrompter:
             ids += body
         return ids + self._question[question_task]
 
-    def answer_ids(self, answer: str) -> List[int]:
-        """Answer tokens followed by <|im_end|>."""
-        return self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.eos]
-
-    def decode(self, tokens: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
-
     def pixels(self, frames: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """uint8 frames [T, H, W, 3] (any device) -> (patches [N, 1536] float32, grid [1, 3])."""
         from .prompt import preprocess_video
@@ -216,11 +205,3 @@ class NeedlePrompter:
                                   spatial_merge_size=hf_config.vision_config.spatial_merge_size,
                                   video_grid_thw=grid)
         return positions[:, 0]
-
-    def inputs(self, sample: NeedleSample, frames: torch.Tensor):
-        """VideoQAInputs of one sample for `generate` (batch 1; time is in the text)."""
-        from ...video.inputs import VideoQAInputs
-        pixels, grid = self.pixels(frames)
-        tokens = int(grid.prod()) // self.preprocess.merge_size ** 2
-        ids = torch.tensor([self.prompt_ids(sample.task, tokens)])
-        return VideoQAInputs(ids, pixels, grid)
