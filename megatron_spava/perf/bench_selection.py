@@ -71,21 +71,9 @@ def one_call_select(q_query, k, v, n, budget, pool_kernel, scale):
                           dim=-1).unbind(0))
 
 
-def gpu_time_ms(fn, repeats, warmup, sleep_cycles=4_000_000):
-    """Median ms of fn on the GPU alone: each call queued behind a ~2 ms torch.cuda._sleep,
-    so the host has queued all of fn before the GPU reaches it; events around fn only."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(sleep_cycles)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), min(times), max(times)
+def gpu_time_ms(fn, repeats, warmup):
+    """Median ms of fn on the GPU alone (each call queued behind a ~2 ms sleep; kernels.time_ms)."""
+    return time_ms(fn, repeats, warmup, sleep_cycles=4_000_000)
 
 
 def kernel_profile(fn, reps=5):

@@ -103,13 +103,18 @@ def attention_floor_ms(shape, S, dtype, device, warmup, repeats, te: bool):
     return out, flops
 
 
-def time_ms(fn, repeats, warmup):
-    """(median, min, max) milliseconds of `fn` on the GPU, between CUDA events."""
+def time_ms(fn, repeats, warmup, sleep_cycles: int = 0):
+    """(median, min, max) milliseconds of `fn` on the GPU, between CUDA events.
+    sleep_cycles > 0: each call is queued behind a torch.cuda._sleep of that many cycles
+    (4e6: ~2 ms), so the host has queued all of fn before the GPU reaches it and the events
+    time the GPU alone, not the host's launch rate."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if sleep_cycles:
+            torch.cuda._sleep(sleep_cycles)
         start.record()
         fn()
         end.record()
