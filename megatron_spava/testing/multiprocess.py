@@ -10,7 +10,7 @@
     results = run_ranks(_body, 4, 1.0)  # [result of rank 0, ..., rank 3]
 
 Each rank is a fresh process (forked from a forkserver that has already imported torch,
-megatron-core and this package's modules and models, so starting one costs milliseconds,
+megatron-core and, on CPU-only hosts, this package's modules and models, so starting one costs milliseconds,
 not those imports). Inside it the default process
 group spans all W ranks, on gloo (CPU) or NCCL (one GPU per rank), and every collective
 is bounded by `timeout`. If any rank raises, `run_ranks` raises `RankFailure` with
@@ -52,8 +52,11 @@ def _context():
         _CONTEXT = mp.get_context("forkserver")
         # megatron-core's import is 5-12 s on the CPU machines (0.19.2 under PyPI's CUDA torch
         # the slowest); imported once here, every rank forked after it starts without it.
-        _CONTEXT.set_forkserver_preload(["torch", "torch.distributed", "megatron_spava.modules",
-                                         "megatron_spava.models"])
+        # Not where a GPU is: importing Transformer Engine (through the package's modules)
+        # initialises CUDA in the forkserver, and no rank forked from it could use CUDA then.
+        import torch
+        package = [] if torch.cuda.is_available() else ["megatron_spava.modules", "megatron_spava.models"]
+        _CONTEXT.set_forkserver_preload(["torch", "torch.distributed"] + package)
     return _CONTEXT
 
 
