@@ -9,8 +9,11 @@ megatron-core's own mechanism does the work: the two TransformerConfig fields ar
 the language model's config, and its `TransformerBlock.forward` enters
 `megatron.core.fp8_utils.get_fp8_context(config)` (Transformer Engine's `fp8_autocast`
 with `get_fp8_recipe(config)`: around the whole block for delayed scaling, per layer
-otherwise); `megatron.core.fp8_utils.prepare_model_for_fp8_inference` wraps every TE linear
-so that a rank's token count need not be a multiple of 16 (FP8 GEMM shapes). Only the
+otherwise). Every TE linear of the language model is wrapped (`pad_tokens`) so that a rank's
+token count need not be a multiple of 16 (FP8 GEMM shapes): megatron-core's
+`prepare_model_for_fp8_inference` does the same with TE's fused (un)padding kernels, which
+fault past 2^31 elements (TE 2.11 `multi_unpadding`: fc1's output at 68K tokens per rank of
+the 7B shape, 256K tokens over 4 ranks, on an H100), so the padding here is torch's. Only the
 language model's TE linears (QKV with its fused norm, output projection, fc1 with its fused
 norm, fc2) run in FP8; the vision encoder, the LM head and the core attention stay in bf16
 (docs/NOTES.md, "FP8", says why the attention does).
@@ -23,7 +26,10 @@ for mxfp8 below Blackwell (< 10.0).
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Tuple
+import functools
+from typing import Callable, Optional, Tuple
+
+import torch
 
 FORMATS = ("e4m3", "hybrid")
 #: Megatron's --fp8-recipe choices that this project accepts on the command line ("custom"
@@ -31,6 +37,8 @@ FORMATS = ("e4m3", "hybrid")
 RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 #: the recipes Transformer Engine runs on Hopper (sm_90)
 HOPPER_RECIPES = ("delayed", "tensorwise", "blockwise")
+#: FP8 GEMMs need the token count (rows) to be a multiple of this
+FP8_ROWS = 16
 
 
 def add_fp8_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -62,7 +70,6 @@ def fp8_error(fmt: Optional[str], recipe: Optional[str], device, transformer_imp
         return f"--fp8-format must be one of {', '.join(FORMATS)}, got {fmt!r}"
     if recipe not in RECIPES:
         return f"--fp8-recipe must be one of {', '.join(RECIPES)}, got {recipe!r}"
-    import torch
     if torch.device(device).type != "cuda":
         return (f"--fp8-format {fmt}: FP8 runs on a CUDA GPU with FP8 tensor cores through Transformer "
                 f"Engine; this run is on the CPU (drop --fp8-format, or --device cuda)")
@@ -91,18 +98,46 @@ def set_fp8(model, fmt: Optional[str], recipe: str = "delayed"):
     model's own dtype (`fmt` None), in place, through megatron-core: set
     TransformerConfig.fp8 / fp8_recipe on the config its modules share (its
     TransformerBlock enters `get_fp8_context` from them at every forward) and, for FP8, wrap
-    its TE linears for FP8 inference (`prepare_model_for_fp8_inference`: sequence padding to
-    FP8 GEMM shapes; a wrapped linear runs unpadded outside FP8). Check `fp8_error` first.
+    its TE linears once with `pad_tokens` (a wrapped linear runs unpadded outside FP8). Check
+    `fp8_error` first.
     Can be switched back and forth on one model. Returns the model."""
     from megatron.core.transformer.transformer_config import TransformerConfig
     lm = model.language_model
     configs = {id(m.config): m.config for m in lm.modules() if isinstance(getattr(m, "config", None), TransformerConfig)}
     if fmt is not None:
         from megatron.core.enums import Fp8Recipe
-        from megatron.core.fp8_utils import prepare_model_for_fp8_inference
-        prepare_model_for_fp8_inference(lm)  # idempotent: megatron-core remembers wrapped linears
+        from megatron.core.fp8_utils import TE_LINEAR_TYPES  # () without TE
+        linears = [m for m in lm.modules() if isinstance(m, TE_LINEAR_TYPES) and not getattr(m, "_spava_fp8_padded", False)]
+        if linears:
+            from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+            for m in linears:
+                m.forward, m._spava_fp8_padded = pad_tokens(m.forward, FP8GlobalStateManager.is_fp8_enabled), True
     for config in configs.values():  # one shared object, or per-layer copies of it
         config.fp8 = fmt
         if fmt is not None:
             config.fp8_recipe = Fp8Recipe(recipe)
     return model
+
+
+def pad_tokens(forward: Callable, enabled: Callable[[], bool]) -> Callable:
+    """`forward` of a Megatron TE linear (input [s, b, h] -> output, or a tuple whose first
+    element is the output [s, b, h_out]) wrapped so that, while `enabled()` (FP8 is on) and s
+    is not a multiple of FP8_ROWS, the input gets zero rows up to the next multiple and the
+    output loses them again (a view: rows are independent in a linear). Sequence-parallel
+    linears are refused: their rows are split over the TP ranks before the GEMM."""
+    owner = getattr(forward, "__self__", None)
+    if getattr(owner, "sequence_parallel", False):
+        raise ValueError("FP8 inference here pads each TE linear's tokens itself; sequence-parallel "
+                         "linears are not supported (turn --sequence-parallel off for prefill)")
+
+    @functools.wraps(forward)
+    def padded(x, *args, **kwargs):
+        s = x.shape[0]
+        pad = -s % FP8_ROWS
+        if not pad or not enabled():
+            return forward(x, *args, **kwargs)
+        out = forward(torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, pad)), *args, **kwargs)
+        if isinstance(out, tuple):
+            return (out[0][:s],) + tuple(out[1:])
+        return out[:s]
+    return padded

@@ -148,14 +148,12 @@ def test_fp8_errors_are_one_line_before_anything_starts():
 
 def test_set_fp8_sets_megatron_cores_fields_on_the_language_model_only():
     """set_fp8 is megatron-core's mechanism: TransformerConfig.fp8 / fp8_recipe on every
-    config of the language model (its TransformerBlock enters get_fp8_context from them) and
-    prepare_model_for_fp8_inference on it (stubbed here: it needs TE); the vision encoder's
-    configs are untouched; None switches back to the model's dtype."""
+    config of the language model (its TransformerBlock enters get_fp8_context from them); the
+    vision encoder's configs are untouched; None switches back to the model's dtype."""
     run_ranks(_set_fp8_body, 1, timeout=120)
 
 
 def _set_fp8_body():
-    import megatron.core.fp8_utils as fu
     from megatron.core.enums import Fp8Recipe
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -163,8 +161,6 @@ def _set_fp8_body():
     from megatron_spava.fp8 import set_fp8
     from megatron_spava.perf import bench_prefill as bp
     cpu_compat.apply()
-    wrapped = []
-    fu.prepare_model_for_fp8_inference = lambda m: wrapped.append(m) or m
     model, _ = bp.build("tiny", 1, 0, torch.device("cpu"))
 
     def configs(module):
@@ -172,11 +168,50 @@ def _set_fp8_body():
     lm = configs(model.language_model)
     assert lm and all(c.fp8 is None for c in lm)
     set_fp8(model, "e4m3", "tensorwise")
-    assert wrapped == [model.language_model]
     assert all(c.fp8 == "e4m3" and c.fp8_recipe == Fp8Recipe.tensorwise for c in configs(model.language_model))
     assert all(c.fp8 is None for c in configs(model.visual))
     set_fp8(model, None)
     assert all(c.fp8 is None for c in configs(model.language_model))
+
+
+class _Rows(torch.nn.Module):
+    """A linear that, like a Megatron TE linear, returns (output, bias) and records the row
+    counts it was called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.rows = torch.nn.Linear(8, 5), []
+
+    def forward(self, x):
+        self.rows.append(x.shape[0])
+        return self.proj(x), None
+
+
+@pytest.mark.parametrize("s", [1, 15, 16, 17, 45])
+def test_pad_tokens_gives_fp8_gemms_whole_tiles_and_the_caller_its_rows(s):
+    """fp8.pad_tokens (megatron-core's FP8 inference padding, with torch's padding): while FP8
+    is on the wrapped linear sees a multiple of 16 rows and the caller gets the unpadded
+    linear's output for its s rows; with FP8 off it passes through unpadded."""
+    from megatron_spava.fp8 import FP8_ROWS, pad_tokens
+    m, on = _Rows(), [True]
+    x = torch.randn(s, 2, 8)
+    want = m.proj(x)
+    wrapped = pad_tokens(m.forward, lambda: on[0])
+    out, bias = wrapped(x)
+    assert bias is None and out.shape == (s, 2, 5) and m.rows[-1] % FP8_ROWS == 0 and m.rows[-1] - s < FP8_ROWS
+    torch.testing.assert_close(out, want)
+    on[0] = False
+    out, _ = wrapped(x)
+    assert m.rows[-1] == s
+    torch.testing.assert_close(out, want)
+
+
+def test_pad_tokens_refuses_sequence_parallel_linears():
+    from megatron_spava.fp8 import pad_tokens
+    m = _Rows()
+    m.sequence_parallel = True
+    with pytest.raises(ValueError, match="sequence-parallel"):
+        pad_tokens(m.forward, lambda: True)
 
 
 def _te():

@@ -105,18 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_spava_args(p, algorithm=False)  # budgets and switches every variant starts from
     from ..fp8 import add_fp8_args
     add_fp8_args(p)  # FP8 linears on TE layers: compare against a bf16 run of the same samples
+    from ..specs import add_transformer_impl_arg
+    add_transformer_impl_arg(p, cp_comm_type=False)
+    p._option_string_actions["--transformer-impl"].help = (
+        "the language model's layers: megatron-core's own (local) or Transformer Engine's "
+        "(transformer_engine, CUDA only) (default: transformer_engine with --fp8-format, else local; "
+        "give transformer_engine to the bf16 run that an FP8 run is compared with)")
     return p
 
 
 # ------------------------------------------------------------------------------- ranks
 
-def _build_model(checkpoint: str, cp: int, device, dtype, fp8_format=None, fp8_recipe="delayed"):
+def _build_model(checkpoint: str, cp: int, device, dtype, fp8_format=None, fp8_recipe="delayed",
+                 transformer_impl=None):
     """The checkpoint's family's megatron model (config.json's model_type), loaded, eval mode.
-    fp8_format: the language model's linears in FP8 on Transformer Engine's layers
-    (megatron_spava.fp8; else megatron-core's local layers)."""
+    transformer_impl: "transformer_engine" for Transformer Engine's layers (default: with
+    fp8_format), else megatron-core's local layers; fp8_format: the language model's linears
+    in FP8 (megatron_spava.fp8)."""
     from ..models.registry import detect_family
     family = detect_family(checkpoint)
-    extra = {"backend": "transformer_engine"} if fp8_format else {}
+    te = (transformer_impl or ("transformer_engine" if fp8_format else "local")) == "transformer_engine"
+    extra = {"backend": "transformer_engine"} if te else {}
     model = family.model_class()(family.config(checkpoint), context_parallel=cp, dtype=dtype,
                                  use_cpu_initialization=True, perform_initialization=False, **extra)
     family.convert().load_hf_into_model(model, checkpoint, tp_rank=0, tp_size=1, progress=False)
@@ -198,12 +207,12 @@ def run(args) -> Optional[dict]:
     # groups it was built with), and the full-attention reference.
     ps = model_parallel_state(1, 1)
     full_group = ps.get_context_parallel_group()
-    full_model = _build_model(checkpoint, 1, device, dtype, args.fp8_format, args.fp8_recipe)
+    full_model = _build_model(checkpoint, 1, device, dtype, args.fp8_format, args.fp8_recipe, args.transformer_impl)
     full_capture = LayerCapture(full_model)
     setups = []
     for cp in cp_sizes:
         ps = model_parallel_state(1, cp)
-        model = _build_model(checkpoint, cp, device, dtype, args.fp8_format, args.fp8_recipe)
+        model = _build_model(checkpoint, cp, device, dtype, args.fp8_format, args.fp8_recipe, args.transformer_impl)
         setups.append(dict(cp=cp, model=model, capture=LayerCapture(model),
                            group=ps.get_context_parallel_group(), cp_rank=ps.get_context_parallel_rank(),
                            replica=ps.get_data_parallel_rank(), replicas=ps.get_data_parallel_world_size()))
@@ -520,9 +529,12 @@ def check_args(args) -> None:
         raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}")
     distributed_timeout(args)
     from ..fp8 import fp8_error
-    error = fp8_error(args.fp8_format, args.fp8_recipe, args.device, "transformer_engine")
+    from ..specs import resolve_transformer_impl
+    impl = args.transformer_impl or ("transformer_engine" if args.fp8_format else "local")
+    error = fp8_error(args.fp8_format, args.fp8_recipe, args.device, impl)
     if error:
         raise ValueError(error)
+    args.transformer_impl = resolve_transformer_impl(impl, args.device, verbose=False)
     read_hf_config(args.checkpoint) if args.checkpoint else shipped_checkpoint()
 
 
