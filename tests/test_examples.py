@@ -183,7 +183,7 @@ def test_bench_prefill_megatron_variants_need_te_and_pad_the_prompt():
         groups, context, query = prompt_lengths(1200, cfg, multiple)
         assert (context + query) % multiple == 0 and 24 <= query < 24 + multiple
         assert synthetic_inputs(cfg, 1200, 0, multiple).input_ids.shape[1] == context + query
-    assert bp.algo_and_config("megatron-a2a")[0] == "megatron" and bp.megatron_comm("megatron-a2a+p2p") == "a2a+p2p"
+    assert bp.algo_and_config("megatron-a2a")[0] == "megatron" and bp.variant_option("megatron-a2a+p2p") == "a2a+p2p"
     if te_available():
         pytest.skip("Transformer Engine imports here: tests/test_te.py runs the megatron variants")
     out = subprocess.run([sys.executable, "tools/bench_prefill.py", "--shape", "tiny", "--device", "cpu",

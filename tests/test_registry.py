@@ -380,3 +380,32 @@ def test_benchmark_variants_parse_into_switches():
                        ("ulysses-no-overlap", "unknown context-parallel algorithm")):
         with pytest.raises(ValueError, match=match):
             parse_variant(bad)
+
+
+def test_benchmark_and_fit_read_one_rank_options_and_prompt_multiple_from_the_entry():
+    """What the benchmark (tools/bench_prefill.py, tools/tp_cp_check.py) and the fit decide per
+    algorithm comes from its registry entry, not its name: a toy that runs on one rank is run
+    apart at CP 1 like `full`; a toy with options has `<name>-<option>` variants, each its own
+    model, the default ones in the default list, and pads every prompt to its multiple of CP."""
+    from dataclasses import replace
+    from megatron_spava.algos.registry import options, prompt_multiple, runs_on_one_rank, split_option
+    from megatron_spava.perf import bench_prefill as bp
+    assert runs_on_one_rank("full") and not runs_on_one_rank("ring") and not runs_on_one_rank("spava-no-zigzag")
+    # Megatron's options are known where Transformer Engine does not import (its module's OPTIONS)
+    assert options()["megatron"] == ("p2p", "a2a", "all_gather", "a2a+p2p")
+    assert bp.algo_and_config("megatron-all_gather")[0] == "megatron" and prompt_multiple(["ring", "megatron-a2a"]) == 2
+    with registered(replace(TOY, one_rank=True)):
+        assert bp.one_rank("gathered") and bp.one_rank("gathered-no-overlap") and "gathered" in bp._default_algos()
+    with registered(TOY):
+        assert not bp.one_rank("gathered") and bp.variant_option("gathered") is None
+        assert prompt_multiple(["gathered", "spava"]) == 1
+    with registered(replace(TOY, options=("x", "y+z"), bench_options=("x",), prompt_multiple=3)):
+        assert split_option("gathered-y+z") == ("gathered", "y+z") and split_option("gathered-w") == ("gathered-w", None)
+        assert bp.variant_option("gathered-x") == "x" and bp.algo_and_config("gathered-y+z")[0] == "gathered"
+        assert "gathered-x" in bp._default_algos() and "gathered-y+z" not in bp._default_algos()
+        assert prompt_multiple(["spava", "gathered-x"]) == 3
+    assert "gathered-x" not in bp._default_algos() and split_option("gathered-x") == ("gathered-x", None)
+    for bad, match in ((dict(options="xy"), "tuple of non-empty strings"), (dict(options=("a",), bench_options=("b",)),
+                       "not all among its options"), (dict(prompt_multiple=0), "prompt_multiple")):
+        with pytest.raises(ValueError, match=match):
+            replace(TOY, **bad)

@@ -58,11 +58,11 @@ def _count(family: str, variants):
     device = torch.device("cpu")
     out = {}
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
-    for cp in sorted({1 if v == "full" else world for v in variants}):
+    for cp in sorted({1 if bp.one_rank(v) else world for v in variants}):
         model, ps = bp.build("tiny", cp, 0, device, model=family)
         inputs = prompts.synthetic_inputs(model.cfg, TOKENS, 0)
         for variant in variants:
-            if (variant == "full") != (cp == 1):
+            if bp.one_rank(variant) != (cp == 1):  # the registry entry's Algorithm.one_rank
                 continue
             name, config = bp.algo_and_config(variant)
             with FlopCounterMode(display=False, custom_mapping=mapping, depth=None) as fc:

@@ -186,6 +186,17 @@ class Algorithm:
     cost: `perf.work.LayerRequest -> perf.work.LayerWork`, what one layer costs each rank
       (attention calls, dense work, collectives), read by the roofline and the scaling
       model; None: the algorithm cannot be charged (they refuse it by name).
+    one_rank: the algorithm runs without context parallelism, on one rank (cp_size 1):
+      the benchmark runs it on one GPU (every rank its own replica), apart from the CP
+      algorithms, and the fit files its runs as one-GPU runs.
+    options: the values of the algorithm's own option (Megatron's: TE's --cp-comm-type),
+      each a benchmark variant `<name>-<option>` with its own model (its core attention
+      built for that option, `LayerRequest.option` for its cost); the bare name is then
+      no benchmark variant. Empty: no option.
+    bench_options: the options the benchmark runs by default (None: all of `options`).
+    prompt_multiple: at CP size W > 1 the prompt must be a multiple of prompt_multiple x W
+      tokens (Megatron's: 2, TE cuts 2W chunks); a benchmark that runs it pads every
+      algorithm's prompt so, so that all compare on the same prompt.
     """
 
     name: str
@@ -196,6 +207,10 @@ class Algorithm:
     preset: Optional[Callable[[SpavaConfig], SpavaConfig]] = None
     exact: bool = False
     cost: Optional[Callable] = None
+    one_rank: bool = False
+    options: Tuple[str, ...] = ()
+    bench_options: Optional[Tuple[str, ...]] = None
+    prompt_multiple: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
@@ -207,6 +222,15 @@ class Algorithm:
         if not (isinstance(self.layout, type) and issubclass(self.layout, Layout)):
             raise ValueError(f"algorithm {self.name!r}: layout must be a Layout subclass, got "
                              f"{self.layout!r}")
+        if isinstance(self.options, str) or not all(isinstance(o, str) and o for o in self.options):
+            raise ValueError(f"algorithm {self.name!r}: options must be a tuple of non-empty strings, "
+                             f"got {self.options!r}")
+        if self.bench_options is not None and not set(self.bench_options) <= set(self.options):
+            raise ValueError(f"algorithm {self.name!r}: bench_options {self.bench_options!r} are not "
+                             f"all among its options {self.options!r}")
+        if not isinstance(self.prompt_multiple, int) or self.prompt_multiple < 1:
+            raise ValueError(f"algorithm {self.name!r}: prompt_multiple must be an integer >= 1, got "
+                             f"{self.prompt_multiple!r}")
 
     def config(self, config: Optional[SpavaConfig] = None) -> SpavaConfig:
         """The SpavaConfig this algorithm runs with: `config` through its preset."""

@@ -348,6 +348,9 @@ def megatron_cost(req: LayerRequest) -> LayerWork:
 
 
 COST = megatron_cost  # the registry reads it even where ALGORITHM cannot be built (no TE)
+#: Its benchmark variants megatron-<cp-comm-type>, named even where ALGORITHM cannot be built
+OPTIONS = CP_COMM_TYPES
+PROMPT_MULTIPLE = 2  # TE cuts the prompt into 2 x CP chunks (MegatronLayout)
 
 
 @functools.lru_cache(maxsize=1)
@@ -356,7 +359,9 @@ def _algorithm() -> Algorithm:
     return Algorithm(
         NAME, "Megatron's own context parallelism: Transformer Engine's CP attention "
         "(TEDotProductAttention, --cp-comm-type p2p|a2a|all_gather|a2a+p2p), exact; needs TE",
-        MegatronLayout, core_attention=_core_attention_class(None), exact=True, cost=megatron_cost)
+        MegatronLayout, core_attention=_core_attention_class(None), exact=True, cost=megatron_cost,
+        options=OPTIONS, prompt_multiple=PROMPT_MULTIPLE,
+        bench_options=CP_COMM_TYPES[:3])  # a2a+p2p needs hierarchical CP groups: asked for by name
 
 
 def __getattr__(name: str):
@@ -367,5 +372,5 @@ def __getattr__(name: str):
         return _algorithm()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["ALGORITHM", "COST", "CP_COMM_TYPES", "MegatronLayout", "NAME", "core_attention_for",
-           "megatron_core_attention", "plan"]
+__all__ = ["ALGORITHM", "COST", "CP_COMM_TYPES", "MegatronLayout", "NAME", "OPTIONS", "PROMPT_MULTIPLE",
+           "core_attention_for", "megatron_core_attention", "plan"]

@@ -15,7 +15,10 @@ and asking for it says why.
 Benchmark variants are `<algo>`, optionally `-selection-<score>` (a selection score of
 `algos.spava.selection.SCORERS` other than the default: `spava-selection-mean`), plus any number of
 `-no-<switch>` suffixes, one per SpavaConfig switch turned off (`spava-no-overlap-no-zigzag`);
-`parse_variant` reads them.
+`parse_variant` reads them. An algorithm with options (`Algorithm.options`: Megatron's
+--cp-comm-type) has the variants `<algo>-<option>` instead (`split_option`). The benchmark,
+the TP x CP check, the roofline and the fit read what they decide per algorithm from its
+entry (`runs_on_one_rank`, `options`, `prompt_multiple`, `cost_of`), never from its name.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from .base import Algorithm
 _ENTRIES: Dict[str, Algorithm] = {}
 _UNAVAILABLE: Dict[str, str] = {}  # name -> why it cannot run here
 _PENDING: Dict[str, str] = {}  # name -> module, imported on first use (register_module)
-_COSTS: Dict[str, Callable] = {}  # name -> the COST of a module entry that cannot run here
+_MODULES: Dict[str, object] = {}  # name -> the imported module of an entry that cannot run here
 
 
 def register(entry: Algorithm, *, replace: bool = False) -> Algorithm:
@@ -50,7 +53,7 @@ def unregister(name: str) -> None:
     _ENTRIES.pop(name, None)
     _UNAVAILABLE.pop(name, None)
     _PENDING.pop(name, None)
-    _COSTS.pop(name, None)
+    _MODULES.pop(name, None)
 
 
 @contextlib.contextmanager
@@ -67,7 +70,10 @@ def register_module(name: str, module: str) -> None:
     """Register the `ALGORITHM` of `module` (its name must be `name`) on the registry's
     first use, not at import, so that the module may import any part of megatron_spava.
     When the module, or a package it needs (e.g. Transformer Engine), does not import
-    here, `name` is recorded as unavailable with the reason instead."""
+    here, `name` is recorded as unavailable with the reason instead. A module that
+    imports but cannot build its ALGORITHM here may still define its entry's fields in
+    capitals (`COST`, `OPTIONS`, `PROMPT_MULTIPLE`): charging the algorithm and naming its
+    benchmark variants need no GPU library (`cost_of`, `split_option`, `prompt_multiple`)."""
     _PENDING[name] = module
 
 
@@ -84,8 +90,8 @@ def _load_pending() -> None:
             if missing.startswith("megatron_spava") and missing != module:
                 raise  # our own code is broken: not a missing dependency
             _UNAVAILABLE[name] = f"{module} does not import here ({type(err).__name__}: {err})"
-            if getattr(loaded, "COST", None) is not None:  # a cost model needs no GPU library
-                _COSTS[name] = loaded.COST
+            if loaded is not None:  # its COST and OPTIONS need no GPU library
+                _MODULES[name] = loaded
             continue
         if entry.name != name:
             raise ValueError(f"{module}.ALGORITHM is named {entry.name!r}, registered as {name!r}")
@@ -112,7 +118,7 @@ def cost_of(name: str) -> Callable:
     from dataclasses import replace
     _load_pending()
     entry = _ENTRIES.get(name)
-    cost = entry.cost if entry is not None else _COSTS.get(name)
+    cost = _static(name, "cost")
     if cost is None:
         if entry is None:
             get(name)  # raises: unknown, or not available here
@@ -121,6 +127,17 @@ def cost_of(name: str) -> Callable:
     if entry is None:
         return cost
     return lambda req: cost(replace(req, config=entry.config(req.config)))
+
+
+def _static(name: str, field: str, default=None):
+    """`field` of the entry `name`; for a module entry that cannot run here, its module's
+    upper-case constant (`COST`, `OPTIONS`, `PROMPT_MULTIPLE`), else `default`. None for an unknown name."""
+    _load_pending()
+    if name in _ENTRIES:
+        return getattr(_ENTRIES[name], field)
+    if name in _MODULES:
+        return getattr(_MODULES[name], field.upper(), default)
+    return None
 
 
 def names() -> Tuple[str, ...]:
@@ -203,12 +220,57 @@ def selection_variants(algo: str = "spava") -> List[str]:
     return [f"{algo}-selection-{name}" for name in SCORERS if name != DEFAULT_SELECTION]
 
 
+def option_variants(default_only: bool = False) -> List[str]:
+    """`<algo>-<option>` for every runnable algorithm with options (`Algorithm.options`:
+    megatron-p2p, megatron-a2a, ...); default_only: only its `bench_options`."""
+    return [f"{e.name}-{o}" for e in entries()
+            for o in (e.bench_options if default_only and e.bench_options is not None else e.options)]
+
+
+def options() -> Dict[str, Tuple[str, ...]]:
+    """{algorithm: its options} for every algorithm with options (`Algorithm.options`), also
+    a module entry that cannot run here (its module's OPTIONS)."""
+    _load_pending()
+    return {name: tuple(opts) for name in (*_ENTRIES, *_MODULES)
+            for opts in [_static(name, "options", ())] if opts}
+
+
+def split_option(variant: str) -> Tuple[str, Optional[str]]:
+    """'megatron-a2a' -> ('megatron', 'a2a'): an algorithm's name and one of its options
+    (`Algorithm.options`; also for a module entry that cannot run here, from its module's
+    OPTIONS); any other variant -> (variant, None)."""
+    _load_pending()
+    name, _, option = variant.partition("-")
+    if option and option in (_static(name, "options", ()) or ()):
+        return name, option
+    return variant, None
+
+
+def algorithm_of(variant: str) -> str:
+    """The registry name of a benchmark variant: 'spava-no-zigzag' -> 'spava',
+    'megatron-a2a' -> 'megatron'. ValueError for an unknown algorithm, score or switch."""
+    name, option = split_option(variant)
+    return name if option is not None else parse_variant(variant)[0]
+
+
+def runs_on_one_rank(variant: str) -> bool:
+    """Whether the variant's algorithm runs without context parallelism (`Algorithm.one_rank`)."""
+    return bool(_static(algorithm_of(variant), "one_rank", False))
+
+
+def prompt_multiple(variants: Sequence[str]) -> int:
+    """The largest `Algorithm.prompt_multiple` of the variants' algorithms (1 if none needs
+    one): a run of all of them at CP size W pads every prompt to a multiple of it times W."""
+    return max([_static(algorithm_of(v), "prompt_multiple", 1) or 1 for v in variants] + [1])
+
+
 def benchmark_variants() -> List[str]:
     """What tools/bench_prefill.py runs by default: every algorithm that runs inside
     SpavaCoreAttention, then each ablation of spava, then each non-default selection score
-    (spava-selection-mean)."""
+    (spava-selection-mean), then the default options of the algorithms with options that
+    run here (megatron-p2p, megatron-a2a, megatron-all_gather where Transformer Engine imports)."""
     return ([e.name for e in entries() if e.attn_func is not None] + ablation_variants()
-            + selection_variants())
+            + selection_variants() + option_variants(default_only=True))
 
 
 # ---- the registry lines ------------------------------------------------------------------
@@ -219,7 +281,8 @@ from .spava import SpavaLayout, apb_preset, spava_attn_func, star_preset  # noqa
 from .spava.cost import spava_cost  # noqa: E402
 
 register(Algorithm("full", "exact causal attention on one rank, no context parallelism (the "
-                   "paper's FlashAttn)", FullLayout, attn_func=full_attn_func, exact=True, cost=full_cost))
+                   "paper's FlashAttn)", FullLayout, attn_func=full_attn_func, exact=True, cost=full_cost,
+                   one_rank=True))
 register(Algorithm("ring", "exact ZigZag ring attention over the CP group", RingLayout,
                    attn_func=ring_attn_func, exact=True, cost=ring_cost))
 register(Algorithm("star", "Star Attention: a block-sized anchor, no passing blocks, exact "

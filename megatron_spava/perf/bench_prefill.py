@@ -150,7 +150,7 @@ def parse_args(argv=None):
     except ValueError as err:
         p.error(str(err))
     from megatron_spava.perf.emulate import check_args
-    error = check_args(args.emulate_rank, args.emulate_cp, [a for a in (args.algos or []) if megatron_comm(a)])
+    error = check_args(args.emulate_rank, args.emulate_cp, [a for a in (args.algos or []) if variant_option(a)])
     if error:
         p.error(error)
     if args.fp8_compare and not args.fp8_format:
@@ -160,7 +160,7 @@ def parse_args(argv=None):
         error = fp8_error(args.fp8_format, args.fp8_recipe, args.device, args.transformer_impl)
         if error:
             p.error(error)
-    wanted = [a for a in (args.algos or []) if megatron_comm(a)]
+    wanted = [a for a in (args.algos or []) if variant_option(a)]  # their own (TE) core attention
     if wanted:
         from megatron_spava.specs import te_available
         if not te_available():
@@ -173,17 +173,21 @@ def parse_args(argv=None):
 
 def _default_algos():
     from megatron_spava.algos import benchmark_variants
-    from megatron_spava.specs import te_available
-    return benchmark_variants() + (MEGATRON_VARIANTS[:3] if te_available() else [])
+    return benchmark_variants()
 
 
-#: Megatron's own CP, one variant per Transformer Engine --cp-comm-type
-MEGATRON_VARIANTS = ["megatron-p2p", "megatron-a2a", "megatron-all_gather", "megatron-a2a+p2p"]
+def variant_option(variant: str):
+    """The option of an `<algo>-<option>` variant (`Algorithm.options`: megatron-a2a ->
+    'a2a', Transformer Engine's --cp-comm-type), else None. Such a variant runs in its own
+    core-attention module, built for that option."""
+    from megatron_spava.algos.registry import split_option
+    return split_option(variant)[1]
 
 
-def megatron_comm(variant: str):
-    """The --cp-comm-type of a megatron-<comm> variant, else None."""
-    return variant[len("megatron-"):] if variant in MEGATRON_VARIANTS else None
+def one_rank(variant: str) -> bool:
+    """Whether the variant runs without context parallelism, on one GPU (`Algorithm.one_rank`)."""
+    from megatron_spava.algos.registry import runs_on_one_rank
+    return runs_on_one_rank(variant)
 
 
 def _chain():
@@ -193,15 +197,16 @@ def _chain():
 
 def _variant(name: str) -> str:
     """argparse type: a registered algorithm, one of its -no-<switch> variants, or
-    megatron-<cp-comm-type>."""
+    <algo>-<option> (megatron-<cp-comm-type>)."""
     from megatron_spava.algos import get, parse_variant
-    if megatron_comm(name):
+    if variant_option(name):
         return name
     try:
         algo, _ = parse_variant(name)
-        if get(algo).attn_func is None:
+        entry = get(algo)
+        if entry.attn_func is None:
             raise ValueError(f"{algo!r} runs in its own core-attention module: name its communication, "
-                             f"one of {', '.join(MEGATRON_VARIANTS)}")
+                             f"one of {', '.join(f'{algo}-{o}' for o in entry.options)}")
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err))
     return name
@@ -210,19 +215,22 @@ def _variant(name: str) -> str:
 def algo_and_config(variant: str):
     """(registry algorithm, SpavaConfig) of a variant name: 'spava-no-zigzag' -> spava with
     zigzag=False; 'megatron-a2a' -> megatron with the default config (its communication is
-    the model's core-attention module: `megatron_comm`)."""
-    from megatron_spava.algos import variant_config
+    the model's core-attention module: `variant_option`)."""
+    from megatron_spava.algos.registry import split_option, variant_config
     from megatron_spava.config import SpavaConfig
-    if megatron_comm(variant):
-        return "megatron", SpavaConfig()
+    name, option = split_option(variant)
+    if option is not None:
+        return name, SpavaConfig()
     return variant_config(variant)
 
 
 def build(shape: str, cp: int, seed: int, device: torch.device, tp: int = 1, backend: str = "local",
-          model: str = "auto", cp_comm_type=None, cpu_init=None, bf16=None):
+          model: str = "auto", variant=None, cpu_init=None, bf16=None):
     """The model at `shape` with random weights (the same on every rank), under a fresh
-    TP x CP parallel state; cp_comm_type: build it with Megatron's own CP attention
-    (Transformer Engine's, that communication) instead of SpavaCoreAttention. cpu_init:
+    TP x CP parallel state; variant: an `<algo>-<option>` variant (`variant_option`): build
+    it with its algorithm's own core-attention module for that option (megatron-a2a:
+    Megatron's own CP attention, Transformer Engine's, with that communication) instead of
+    SpavaCoreAttention. cpu_init:
     megatron-core's CPU initialisation (the full weight drawn, then sliced: the same weights
     at every TP size; default on CPU only); bf16: bfloat16 (default on CUDA only)."""
     from megatron_spava.launch import model_parallel_state
@@ -235,9 +243,9 @@ def build(shape: str, cp: int, seed: int, device: torch.device, tp: int = 1, bac
     if cuda:
         torch.cuda.manual_seed(seed)
     extra = {}
-    if cp_comm_type is not None:
+    if variant is not None:
         from megatron_spava.algos.megatron import core_attention_for
-        extra["core_attention"] = core_attention_for("megatron", cp_comm_type)
+        extra["core_attention"] = core_attention_for(algo_and_config(variant)[0], variant_option(variant))
     cpu_init = not cuda if cpu_init is None else cpu_init
     dtype = torch.bfloat16 if (cuda if bf16 is None else bf16) else torch.float32
     with torch.device("cpu" if cpu_init else device):
@@ -315,7 +323,7 @@ def rank_flops(cfg, n: int, variant: str, cp: int, multiple: int = 1) -> list:
     import dataclasses
     name, config = algo_and_config(variant)
     config = dataclasses.replace(config, fuse_query=True)
-    comm = megatron_comm(variant)
+    comm = variant_option(variant)
     per_group = vision_flops_per_group(cfg)
     ranks = layer.rank_flops(name if comm is None else f"{name}-{comm}", n, cp, llm_shape(cfg),
                           lengths=prompt_lengths(n, cfg, multiple), config=config,
@@ -417,7 +425,7 @@ def rank_work(cfg, n: int, variant: str, cp: int, rank: int, multiple: int = 1,
 
     name, config = algo_and_config(variant)
     config = dataclasses.replace(config, fuse_query=True)
-    comm = megatron_comm(variant)
+    comm = variant_option(variant)
     shape = llm_shape(cfg)
     plan, ops = layer.layer_ops(name if comm is None else f"{name}-{comm}", n, cp, 1, shape,
                                 shard_weights=shard_weights and cp > 1,
@@ -531,10 +539,13 @@ def bench(args):
     cp = args.emulate_cp if emulated else world // tp
     variants = [algo_and_config(a) for a in args.algos]
     cfg = model_config(args.shape, args.model)
-    multiple = 2 * cp if any(megatron_comm(a) for a in args.algos) and cp > 1 else 1
-    fit = dict(tp=tp, cp=cp, algos=[v for v in variants if v[0] != "full"],
+    from megatron_spava.algos.registry import prompt_multiple
+    m = prompt_multiple(args.algos)  # Megatron's CP: TE cuts the prompt into 2 x CP chunks
+    multiple = m * cp if m > 1 and cp > 1 else 1
+    cp_variants = [v for a, v in zip(args.algos, variants) if not one_rank(a)]
+    fit = dict(tp=tp, cp=cp, algos=cp_variants,
                requests=[Request(c, q, g) for g, c, q in (prompt_lengths(n, cfg, multiple) for n in args.tokens)],
-               frame_parallel=any(c.frame_parallel for a, c in variants if a != "full"), model_config=cfg)
+               frame_parallel=any(c.frame_parallel for a, c in cp_variants), model_config=cfg)
     if emulated:  # one process: the fit of one rank of the layout (no placement to check)
         from megatron_spava.placement import fit_error
         error = fit_error(**fit)
@@ -561,13 +572,14 @@ def bench(args):
               f"causal attention ({rates['attention_kernel']}) {rates['attention_flops_per_s'] / 1e12:.3g} TFLOP/s, "
               f"memory copy {rates['copy_bytes_per_s'] / 1e9:.4g} GB/s{fp8_rate}", flush=True)
     # One model per group of algorithms that share it: our core attention (weights sharded
-    # over CP unless --no-shard-weights), Megatron's CP attention per communication (as
-    # Megatron ships it: no sharding), and `full` on one GPU (every rank its own replica).
-    one_gpu = [a for a in args.algos if algo_and_config(a)[0] == "full"]
-    megatron = [a for a in args.algos if megatron_comm(a)]
-    ours = [a for a in args.algos if a not in one_gpu and a not in megatron]
+    # over CP unless --no-shard-weights), Megatron's CP attention per communication (an
+    # algorithm's own core-attention module per option, as Megatron ships it: no sharding),
+    # and the one-rank algorithms (`full`: Algorithm.one_rank) on one GPU (every rank its own replica).
+    one_gpu = [a for a in args.algos if one_rank(a)]
+    modules = [a for a in args.algos if variant_option(a)]
+    ours = [a for a in args.algos if a not in one_gpu and a not in modules]
     groups = ([(cp, None, ours, args.shard_weights)] if ours else []) + \
-        [(cp, megatron_comm(a), [a], False) for a in megatron] + ([(1, None, one_gpu, False)] if one_gpu else [])
+        [(cp, a, [a], False) for a in modules] + ([(1, None, one_gpu, False)] if one_gpu else [])
     for n in args.tokens:
         results["runs"][str(n)] = {}
     results["shard_weights"] = args.shard_weights
@@ -575,10 +587,10 @@ def bench(args):
     from megatron_spava.distributed import EmulatedGroup
     from megatron_spava.fp8 import set_fp8
     from megatron_spava.perf import emulate as em
-    for size, comm, algos, shard in groups:
+    for size, module, algos, shard in groups:
         set_phase(f"building the model for {', '.join(algos)} (CP {size}{', emulated' if emulated else ''})")
         model, ps = build(args.shape, 1 if emulated else size, args.seed, args.device_obj, tp, impl, args.model,
-                          cp_comm_type=comm)
+                          variant=module)
         sharded = None
         if shard and size > 1 and not emulated:
             sharded = model.shard_weights(ps.get_context_parallel_group())

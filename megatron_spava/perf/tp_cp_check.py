@@ -75,9 +75,11 @@ def parse_args(argv=None):
     from megatron_spava.specs import add_transformer_impl_arg
     add_transformer_impl_arg(p)
     args = p.parse_args(argv)
+    from megatron_spava.algos.registry import options
     for a in args.algos:
-        if a not in ("spava", "ring") and not bp.megatron_comm(a):
-            p.error(f"--algos: {a!r} is not spava, ring or megatron-<{'|'.join(c[9:] for c in bp.MEGATRON_VARIANTS)}>")
+        if a not in ("spava", "ring") and not bp.variant_option(a):
+            p.error(f"--algos: {a!r} is not spava, ring" + "".join(
+                f" or {name}-<{'|'.join(opts)}>" for name, opts in options().items()))
     from megatron_spava.launch import distributed_timeout
     try:
         distributed_timeout(args)
@@ -91,7 +93,7 @@ def parse_args(argv=None):
             cfg.validate(tp)
         except ValueError as err:
             p.error(f"--grids {tp}x{cp}: {err}")
-    if any(bp.megatron_comm(a) for a in args.algos):
+    if any(bp.variant_option(a) for a in args.algos):  # their own (TE) core attention
         from megatron_spava.specs import te_available
         if not te_available() or args.device != "cuda":
             p.error("megatron-<cp-comm-type> is Transformer Engine's attention: it needs TE on CUDA (--device cuda)")
@@ -110,14 +112,14 @@ def _runs(args, tp: int, cp: int, algos, dtype_bf16: bool, inputs_for):
     functions, or one megatron-<comm>): {algo: (tokens, first-token logits float32 [vocab])}."""
     from megatron_spava.inference.generate import generate
     bp = _bench_prefill()
-    comm = bp.megatron_comm(algos[0])
+    module = algos[0] if bp.variant_option(algos[0]) else None  # an <algo>-<option>: its own core attention
     device = args.device_obj
-    model, ps = bp.build(args.shape, cp, args.seed, device, tp, args.impl, args.model, cp_comm_type=comm,
+    model, ps = bp.build(args.shape, cp, args.seed, device, tp, args.impl, args.model, variant=module,
                          cpu_init=True, bf16=dtype_bf16)
     inputs = inputs_for(model.cfg)
     out = {}
     for algo in algos:
-        name = "megatron" if comm else algo
+        name = bp.algo_and_config(algo)[0] if module else algo
         gen = generate(model, inputs, algo=name, config=_config(name, args.tokens),
                        cp_group=ps.get_context_parallel_group(), max_new_tokens=args.new_tokens,
                        eos_token_ids=[], device=device, group=ps.get_tensor_and_context_parallel_group())
@@ -129,10 +131,11 @@ def _runs(args, tp: int, cp: int, algos, dtype_bf16: bool, inputs_for):
 
 
 def _model_groups(algos):
-    """Algorithms that can share a model: the attention functions together, each megatron alone."""
+    """Algorithms that can share a model: the attention functions together, each
+    <algo>-<option> (megatron-<comm>) alone."""
     bp = _bench_prefill()
-    ours = [a for a in algos if not bp.megatron_comm(a)]
-    return ([ours] if ours else []) + [[a] for a in algos if bp.megatron_comm(a)]
+    ours = [a for a in algos if not bp.variant_option(a)]
+    return ([ours] if ours else []) + [[a] for a in algos if bp.variant_option(a)]
 
 
 def main(argv=None):
@@ -169,7 +172,9 @@ def _check(args) -> None:
     from megatron_spava.perf.inputs import synthetic_inputs
     bp = _bench_prefill()
     cp_max = max(cp for _, cp in args.grids)
-    multiple = 2 * cp_max if any(bp.megatron_comm(a) for a in args.algos) else 1
+    from megatron_spava.algos.registry import prompt_multiple
+    m = prompt_multiple(args.algos)  # Megatron's CP: TE cuts the prompt into 2 x CP chunks, every grid
+    multiple = m * cp_max if m > 1 else 1
     inputs_for = lambda cfg: synthetic_inputs(cfg, args.tokens, args.seed, multiple)  # noqa: E731
     t0 = time.time()
     ref_tokens, ref = _runs(args, 1, 1, ["full"], args.bf16, inputs_for)["full"]
