@@ -24,7 +24,7 @@ def _inputs(s, b, hq, hk, d, lq, dtype=torch.float32, device="cpu", seed=0):
     return k, v, torch.randn(lq, b, hq, d, generator=g).to(device, dtype)
 
 
-@pytest.mark.parametrize("score", ["lse", "mean"])
+@pytest.mark.parametrize("score", ["lse", "mean", "rownorm-max"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1000, 19, 8, 2, 32, 64, 2, 1), (517, 7, 4, 4, 16, 40, 3, 2),
                                    (2000, 300, 28, 4, 64, 128, 2, 1)])

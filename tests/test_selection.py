@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from megatron_spava import SpavaConfig, SpavaLayout, spava_attn_func
 from megatron_spava.algos.spava import selection
@@ -85,7 +86,8 @@ def test_config_arguments_and_variants_read_the_table():
             ["--spava-selection", "first"])
         assert spava_config_from_args(args).selection == "first"
     assert "spava-selection-first" not in benchmark_variants()
-    assert "spava-selection-mean" in benchmark_variants()
+    assert {"spava-selection-mean", "spava-selection-rownorm", "spava-selection-rownorm-max"} <= set(benchmark_variants())
+    assert parse_variant("spava-selection-rownorm-max") == ("spava", {"selection": "rownorm-max"})
     with pytest.raises(SystemExit):
         add_spava_args(argparse.ArgumentParser(), algorithm=False).parse_args(["--spava-selection", "first"])
 
@@ -209,3 +211,79 @@ def test_lse_on_cuda_is_the_fused_kernel_and_matches_the_torch_path(monkeypatch)
     got = selection.selection_scores(k.cuda(), qq.cuda(), 1, 0.125).cpu()
     assert calls and got.shape == (1, 4, 777)
     torch.testing.assert_close(got, selection.lse_scores_torch(k, qq, 0.125), rtol=1e-4, atol=1e-4)
+
+
+def _rownorm_reference(k_block, probes, scale):
+    """float64, from the definition with loops: for each (batch, KV head), each probe row
+    (token j, head g of the group) gets its softmax over the block's keys; a key's score is
+    the log of the sum of those probabilities over the rows. [b, hk, l]."""
+    l, b, hk, d = k_block.shape
+    m, _, hq, _ = probes.shape
+    group = hq // hk
+    out = torch.empty(b, hk, l, dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hk):
+            keys = k_block[:, bi, h].double()  # [l, d]
+            total = torch.zeros(l, dtype=torch.float64)
+            for j in range(m):
+                for g in range(h * group, (h + 1) * group):
+                    total += torch.softmax(scale * (keys @ probes[j, bi, g].double()), dim=0)
+            out[bi, h] = total.log()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 1, 2, 2, 8, 1), (101, 2, 6, 2, 16, 5), (257, 1, 28, 4, 32, 3),
+                                   (64, 3, 4, 4, 8, 9)])
+@pytest.mark.parametrize("chunk", [None, 50])
+def test_rownorm_is_each_probe_rows_block_softmax_summed(shape, dtype, chunk, monkeypatch):
+    """selection "rownorm" against a float64 loop over its definition (GQA, odd lengths,
+    batch > 1, bf16 operands, the torch path in several key chunks); "rownorm-max" is it
+    shared by the KV heads as "lse-max" shares "lse" (each head's log share of the block's
+    mass, maximised over the heads); every probe row counts once."""
+    l, b, hq, hk, d, m = shape
+    g = torch.Generator().manual_seed(l + hq)
+    k_block = torch.randn(l, b, hk, d, generator=g).to(dtype)
+    probes = (torch.randn(m, b, hq, d, generator=g) * torch.rand(1, 1, hq, 1, generator=g) * 4).to(dtype)
+    scale = d ** -0.5
+    if chunk:
+        monkeypatch.setattr(selection, "_LOGITS_PER_CHUNK", chunk)
+    expected = _rownorm_reference(k_block, probes, scale)
+    got = selection.selection_scores(k_block, probes, 1, scale, "rownorm")
+    assert got.dtype == torch.float32 and got.shape == (b, hk, l)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(expected.exp().sum(-1), torch.full((b, hk), float(m * hq // hk), dtype=torch.float64))
+    share = expected - torch.logsumexp(expected, dim=-1, keepdim=True)
+    shared = share.amax(dim=1, keepdim=True).expand(b, hk, l)
+    torch.testing.assert_close(selection.selection_scores(k_block, probes, 1, scale, "rownorm-max").double(),
+                               shared, rtol=1e-5, atol=1e-5)
+    # pooled as every score is; and a real difference from lse here (rows of unequal scale)
+    padded = F.pad(expected, (2, 2), value=float("-inf"))
+    pooled = torch.stack([padded[..., t:t + 5].amax(-1) for t in range(l)], dim=-1)
+    torch.testing.assert_close(selection.selection_scores(k_block, probes, 5, scale, "rownorm").double(),
+                               pooled, rtol=1e-5, atol=1e-5)
+
+
+def test_rownorm_keeps_the_key_a_quiet_row_wants_where_lse_keeps_the_loud_rows():
+    """Where one probe row's logits are much larger than another's, lse follows the loud
+    row alone; rownorm gives the quiet row's favourite key the same weight (its softmax
+    counts once), so it keeps it."""
+    d, l = 4, 16
+    e = torch.eye(d)
+    loud, quiet = 8 * e[0], 1.5 * e[1]
+    qq = torch.stack([loud, quiet]).reshape(2, 1, 1, d)
+    k = (0.5 * e[0] + 0.1 * torch.randn(l, d, generator=torch.Generator().manual_seed(0))).reshape(l, 1, 1, d)
+    k[11, 0, 0] = 3 * e[1]  # the key the quiet row wants
+    v = torch.randn(l, 1, 1, d)
+    for score, hit in (("lse", False), ("rownorm", True), ("rownorm-max", True)):
+        sel = selection.select_passing(k, v, qq, 3, pool_kernel=1, scale=1.0, selection=score)
+        assert bool((sel[:, 0, 0, :d] == k[11, 0, 0]).all(-1).any()) is hit, score
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("score", ["rownorm", "rownorm-max"])
+def test_rownorm_on_cuda_matches_the_cpu(score):
+    torch.manual_seed(0)
+    k, qq = torch.randn(777, 1, 4, 64), torch.randn(19, 1, 28, 64)
+    got = selection.selection_scores(k.cuda(), qq.cuda(), 1, 0.125, score).cpu()
+    torch.testing.assert_close(got, selection.selection_scores(k, qq, 1, 0.125, score), rtol=1e-4, atol=1e-4)

@@ -6,6 +6,7 @@ order, in float64 unless asked otherwise, with dense masks built from SPAVA.md's
 
 from __future__ import annotations
 
+import functools
 import math
 
 from typing import Optional, Tuple
@@ -76,7 +77,9 @@ def spava_mask(layout, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     averaged over the GQA group and the query tokens (config.selection "mean"), or
     log(sum over the query tokens i and the group's heads hh of exp(d**-0.5 * q[i, hh] . k))
     (config.selection "lse"), or that minus its log-sum-exp over the block, maximised over
-    the KV heads (config.selection "lse-max"). Query and anchor rows: causal.
+    the KV heads (config.selection "lse-max"), or log(sum over i and hh of each row's
+    softmax over the block's keys, at the key) (config.selection "rownorm"), shared over
+    the KV heads as lse-max shares lse ("rownorm-max"). Query and anchor rows: causal.
     Only unambiguous when the top-k has no ties at its boundary (e.g. pool_kernel=1).
     """
     n, lq, cfg = layout.context_len, layout.query_len, layout.config
@@ -86,16 +89,24 @@ def spava_mask(layout, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     queries = q[n:n + lq].double()  # [lq, b, hq, d]
     probe = queries.reshape(lq, b, hk, group, d).mean(dim=(0, 3))  # [b, hk, d]
 
-    if cfg.selection not in ("mean", "lse", "lse-max"):
+    if cfg.selection not in ("mean", "lse", "lse-max", "rownorm", "rownorm-max"):
         raise ValueError(f"spava_mask: no reference for selection {cfg.selection!r}")
 
-    def score(t, bi, h):
+    def logit(i, bi, hh, t):
+        return float(queries[i, bi, hh] @ k[t, bi, hh // group].double()) / math.sqrt(d)
+
+    @functools.lru_cache(maxsize=None)
+    def row_mass(i, bi, hh, lo, hi):  # the row's softmax denominator over the block
+        return sum(math.exp(logit(i, bi, hh, u)) for u in range(lo, hi))
+
+    def score(t, bi, h, lo, hi):
         key = k[t, bi, h].double()
         if cfg.selection == "mean":
             return float(key @ probe[bi, h])
-        mass = sum(math.exp(float(queries[i, bi, hh] @ key) / math.sqrt(d))
-                   for i in range(lq) for hh in range(h * group, (h + 1) * group))
-        return math.log(mass)
+        rows = [(i, hh) for i in range(lq) for hh in range(h * group, (h + 1) * group)]
+        if cfg.selection.startswith("rownorm"):  # each row's softmax over the block, at t
+            return math.log(sum(math.exp(logit(i, bi, hh, t)) / row_mass(i, bi, hh, lo, hi) for i, hh in rows))
+        return math.log(sum(math.exp(logit(i, bi, hh, t)) for i, hh in rows))
 
     base = star_mask(layout)
     mask = base.expand(b, hq, total, total).clone()
@@ -108,8 +119,8 @@ def spava_mask(layout, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         later = torch.zeros(total, dtype=torch.bool)
         later[hi:n] = True  # rows of every later block
         for bi in range(b):
-            heads = [[score(t, bi, h) for t in range(lo, hi)] for h in range(hk)]
-            if cfg.selection == "lse-max":  # each head's log share of its mass, max over heads
+            heads = [[score(t, bi, h, lo, hi) for t in range(lo, hi)] for h in range(hk)]
+            if cfg.selection.endswith("-max"):  # each head's log share of its mass, max over heads
                 shares = [[s - math.log(sum(math.exp(x - max(r)) for x in r)) - max(r) for s in r]
                           for r in heads]
                 heads = [[max(col) for col in zip(*shares)]] * hk

@@ -24,6 +24,14 @@ needle evaluation read the table.
   lse-max (beyond SPAVA.md): lse normalised per KV head over the block (the log share of
     the head's mass each key carries) and maximised over the KV heads: every head keeps
     the same keys, those any head wants most.
+  rownorm (beyond SPAVA.md): each probe row's attention within the block counts once:
+    s[t, h] = log sum_{j, g} softmax over the block's keys t' of (scale * q[j, g] . k[t', h]),
+    evaluated at t (SnapKV-like). Unlike lse, rows with large logits do not drown the others.
+  rownorm-max (beyond SPAVA.md): rownorm shared by the KV heads as lse-max shares lse.
+
+A scorer is always called with one whole block's keys (`select_passing_blocks` scores each
+block alone, also in the context-only pass), so a score normalised over the block's keys
+(lse-max, rownorm, rownorm-max) is normalised over exactly that block.
 
 Subscribers (`record_selection`) are told what each selection chose; with none listening
 nothing is reported and nothing is copied.
@@ -78,21 +86,67 @@ def lse_scores(k_block: torch.Tensor, probes: torch.Tensor, scale: float) -> tor
     return lse_score.lse_scores(probes, k_block, scale).permute(1, 2, 0)  # [b, hk, l], no copy
 
 
-def lse_max_scores(k_block: torch.Tensor, probes: torch.Tensor, scale: float) -> torch.Tensor:
-    """`lse` shared by the KV heads: each head's log share of the question's mass on the
-    block, s[t, h] - logsumexp over the block's t' of s[t', h], maximised over the KV heads,
-    so that every head keeps the keys any head's query wants most. Measured on the needle
-    model (docs/NOTES.md): where one KV head's question does not look at the needles, the
-    other's does, and the needle tokens of later blocks need them under both heads. Shapes
-    as `Scorer`; every head's row of the result is the same."""
-    s = lse_scores(k_block, probes, scale)
-    s = (s - torch.logsumexp(s, dim=-1, keepdim=True)).amax(dim=1, keepdim=True)
-    return s.expand(-1, k_block.shape[2], -1)
+def max_share(scorer: Scorer) -> Scorer:
+    """`scorer` shared by the KV heads: each head's log share of the block's score mass,
+    s[t, h] - logsumexp over the block's t' of s[t', h], maximised over the KV heads, so that
+    every head keeps the keys any head's question wants most. Returns a scorer (shapes as
+    `Scorer`; every head's row of its result is the same)."""
+    def shared(k_block: torch.Tensor, probes: torch.Tensor, scale: float) -> torch.Tensor:
+        s = scorer(k_block, probes, scale)
+        s = (s - torch.logsumexp(s, dim=-1, keepdim=True)).amax(dim=1, keepdim=True)
+        return s.expand(-1, k_block.shape[2], -1)
+    shared.__name__ = shared.__qualname__ = f"{scorer.__name__}_max_share"
+    shared.__doc__ = f"`{scorer.__name__}` shared by the KV heads (`max_share`)."
+    return shared
 
 
-#: name -> scorer. "lse" is SpavaConfig's default; "mean" is the reference's rule; "lse-max"
-#: is `lse` shared by the KV heads.
-SCORERS: Dict[str, Scorer] = {"lse": lse_scores, "mean": mean_scores, "lse-max": lse_max_scores}
+#: `lse` shared by the KV heads (`max_share`). Measured on the needle model (docs/NOTES.md):
+#: where one KV head's question does not look at the needles, the other's does, and the
+#: needle tokens of later blocks need them under both heads.
+lse_max_scores = max_share(lse_scores)
+
+
+def _key_chunks(k_block: torch.Tensor, rows: int) -> Iterator[Tuple[int, torch.Tensor]]:
+    """k_block [l, b, hk, d] -> (t, float32 keys [b, hk, c, d]) over chunks of c keys, each
+    small enough that its logits against `rows` probe rows per KV head stay under
+    _LOGITS_PER_CHUNK."""
+    l, b, hk, _ = k_block.shape
+    step = max(1, _LOGITS_PER_CHUNK // max(1, b * hk * rows))
+    for t in range(0, l, step):
+        yield t, k_block[t:t + step].permute(1, 2, 0, 3).float()
+
+
+def rownorm_scores(k_block: torch.Tensor, probes: torch.Tensor, scale: float) -> torch.Tensor:
+    """s[t, h] = log sum over the probe tokens j and the group's heads g of
+    softmax_{t' in block}(scale * q[j, g] . k[t', h]) at t: each probe row's attention
+    within the block counts once, whatever its logit scale (SnapKV-like; BENCHMARKS.md
+    section 11). Two passes over key chunks of bounded memory (float32 logits): each row's
+    log-sum-exp over the block's keys, then each key's log-sum-exp over the rows of the
+    logits minus it. Per KV head, sum_t exp(s[t, h]) = the number of probe rows. Shapes as
+    `Scorer`; the normaliser is over k_block, which is one whole block."""
+    l, b, hk, _ = k_block.shape
+    grouped = _grouped(probes, hk)  # [b, hk, R, d]
+    rows = grouped.shape[2]
+    probes_t = grouped.transpose(-1, -2) * scale  # [b, hk, d, R]
+    out = torch.empty(b, hk, l, dtype=torch.float32, device=k_block.device)
+    if l == 0:
+        return out
+    row_lse = torch.logsumexp(torch.stack([torch.logsumexp(torch.matmul(keys, probes_t), dim=2)
+                                           for _, keys in _key_chunks(k_block, rows)]), dim=0)  # [b, hk, R]
+    for t, keys in _key_chunks(k_block, rows):
+        out[..., t:t + keys.shape[2]] = torch.logsumexp(torch.matmul(keys, probes_t) - row_lse.unsqueeze(2), dim=-1)
+    return out
+
+
+#: `rownorm` shared by the KV heads as `lse-max` shares `lse` (`max_share`).
+rownorm_max_scores = max_share(rownorm_scores)
+
+
+#: name -> scorer. "lse" is SpavaConfig's default (SPAVA.md section 6); "mean" is the
+#: reference's rule; "lse-max" is `lse` shared by the KV heads; "rownorm" normalises each
+#: probe row over the block; "rownorm-max" is `rownorm` shared by the KV heads.
+SCORERS: Dict[str, Scorer] = {"lse": lse_scores, "mean": mean_scores, "lse-max": lse_max_scores,
+                              "rownorm": rownorm_scores, "rownorm-max": rownorm_max_scores}
 DEFAULT_SELECTION = "lse"
 
 
