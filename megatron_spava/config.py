@@ -90,7 +90,8 @@ class SpavaConfig:
         logits over every query token and query head of its GQA group, the log of the
         attention mass the question would give it) or "mean" (the reference's rule: each key
         against the mean of those queries, no softmax, no scaling; docs/NOTES.md says why it
-        is not the default). `algos.spava.selection.register_scorer` adds more.
+        is not the default), or one beyond SPAVA.md ("lse-max", "rownorm", "rownorm-max";
+        docs/NOTES.md). `algos.spava.selection.register_scorer` adds more.
       context_probe_len: tokens at the end of the anchor whose queries probe the selection of
         a pass that holds no query (fuse_query=False), scored by `selection` as the query's are.
 

@@ -216,9 +216,9 @@ def test_query_aware_selection_keeps_the_keys_that_matter(world):
 def test_small_budgets_match_dense_mask_oracle(world, zigzag, score):
     """Approximate budgets, checked exactly: a dense-mask SDPA whose mask is written from
     SPAVA.md's rules (reference.spava_mask, which scores with its own loops, not with
-    algos.spava.selection) must equal Spava row for row, under the reference's `mean` score, the
-    default `lse` and the scores beyond SPAVA.md (`lse-max`, `rownorm`, `rownorm-max`). pool_kernel=1 keeps the top-k free of ties, so the selected set is
-    unambiguous."""
+    algos.spava.selection) must equal Spava row for row, under the reference's `mean` score,
+    the default `lse` and the scores beyond SPAVA.md (`lse-max`, `rownorm`, `rownorm-max`).
+    pool_kernel=1 keeps the top-k free of ties, so the selected set is unambiguous."""
     n, lq, hq, hk, d = 700, 6, 4, 2, 16
     cfg = dict(anchor_len=20, passing_len=24, budget_align=1, pool_kernel=1, zigzag=zigzag,
                selection=score)
