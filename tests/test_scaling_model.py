@@ -299,3 +299,36 @@ def test_two_gpu_prefill_runs_refine_each_algorithm(tmp_path):
                                  rel=1e-3)
     assert predict("ring", 131072, 4, shape=shape, rates=rates, hw=hw) == \
         predict("ring", 131072, 4, shape=shape, rates=base, hw=hw)
+
+
+#: The released LLM shapes, from the public config.json of each checkpoint (text_config):
+#: (num_hidden_layers, hidden_size, intermediate_size, num_attention_heads, num_key_value_heads,
+#: head_dim). Qwen/Qwen2.5-VL-3B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct, OpenGVLab/InternVL3-2B
+#: (its Qwen2.5-1.5B LLM), Qwen/Qwen3-VL-8B-Instruct. A new family's bench shape adds its line.
+PUBLISHED = {"3b": (36, 2048, 11008, 16, 2, 128), "7b": (28, 3584, 18944, 28, 4, 128),
+             "internvl3-2b": (28, 1536, 8960, 12, 2, 128), "qwen3-vl-8b": (36, 4096, 12288, 32, 8, 128)}
+
+
+def test_shape_of_every_benchmark_shape_is_the_released_config():
+    """Shape.of knows every --shape the prefill benchmark accepts (each registered family's
+    bench shapes, from the model-family registry), with the released checkpoints' numbers;
+    "tiny" is the tiny config.json of the family --model names."""
+    from megatron_spava.models import registry
+    from megatron_spava.perf import bench_prefill as bp
+    shapes = registry.bench_shapes()
+    assert set(bp.SHAPES) == set(shapes) and set(shapes) - {"tiny"} == set(PUBLISHED), sorted(shapes)
+    for name, want in PUBLISHED.items():
+        s = Shape.of(name)
+        assert (s.layers, s.hidden, s.ffn, s.heads, s.kv_heads, s.head_dim) == want, name
+    assert Shape.of("7b") == Shape()  # the dataclass's defaults are the 7B shape
+    for family in registry.names():
+        text = registry.get_family(family).tiny().tiny_hf_config()["text_config"]
+        s = Shape.of("tiny", family)
+        heads = text["num_attention_heads"]
+        assert (s.layers, s.hidden, s.ffn, s.heads, s.kv_heads, s.head_dim) == (
+            text["num_hidden_layers"], text["hidden_size"], text["intermediate_size"], heads,
+            text["num_key_value_heads"], text.get("head_dim") or text["hidden_size"] // heads), family
+    with pytest.raises(ValueError, match="unknown benchmark shape '13b'"):
+        Shape.of("13b")
+    with pytest.raises(ValueError, match="internvl3 shape, not qwen2_5_vl"):
+        Shape.of("internvl3-2b", "qwen2_5_vl")

@@ -116,6 +116,26 @@ def bench_shapes() -> Dict[str, tuple]:
     return shapes
 
 
+def bench_family(shape: str, model: str = "auto") -> str:
+    """The family of the prefill benchmark's --shape / --model pair (`bench_shapes`; "tiny":
+    `model`'s, default DEFAULT). ValueError for an unknown shape, or when they disagree."""
+    shapes = bench_shapes()
+    if shape not in shapes:
+        raise ValueError(f"unknown benchmark shape {shape!r}; choose from {', '.join(sorted(shapes))}")
+    family, _ = shapes[shape]
+    if model != "auto" and family is not None and model != family:
+        raise ValueError(f"--shape {shape} is a {family} shape, not {model}")
+    return model if model != "auto" else (family or DEFAULT)
+
+
+def bench_config(shape: str, model: str = "auto"):
+    """The family's config (its config class) at the benchmark's --shape `shape`: the
+    released shape's config.json (`tiny.shaped_hf_config`), or its tiny config for "tiny"."""
+    family = get_family(bench_family(shape, model))
+    tiny, name = family.tiny(), bench_shapes()[shape][1]
+    return family.config(tiny.tiny_hf_config() if name is None else tiny.shaped_hf_config(name))
+
+
 def needle_families():
     """The families with a needle-model kit (`ModelFamily.needle`), in registration order."""
     return [f.name for f in FAMILIES.values() if f.needle_module is not None]

@@ -71,17 +71,12 @@ SHAPES = _families.bench_shapes()
 
 def family_of(shape: str, model: str = "auto") -> str:
     """The model family of a --shape / --model pair; ValueError when they disagree."""
-    family, _ = SHAPES[shape]
-    if model != "auto" and family is not None and model != family:
-        raise ValueError(f"--shape {shape} is a {family} shape, not {model}")
-    return model if model != "auto" else (family or _families.DEFAULT)
+    return _families.bench_family(shape, model)
 
 
 def model_config(shape: str, model: str = "auto"):
     """The family's config (its config class, `models.registry`) at `shape`."""
-    family = _families.get_family(family_of(shape, model))
-    tiny, name = family.tiny(), SHAPES[shape][1]
-    return family.config(tiny.tiny_hf_config() if name is None else tiny.shaped_hf_config(name))
+    return _families.bench_config(shape, model)
 
 
 def parse_args(argv=None):
@@ -280,9 +275,8 @@ def exposed_comm_share(prof) -> float:
 
 
 def llm_shape(cfg):
-    """The LLM's shape (perf.work.Shape) of a Qwen25VLConfig / InternVL3Config."""
-    return Shape(layers=cfg.num_layers, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
-                                        heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
+    """The LLM's shape (perf.work.Shape) of a family's config (`Shape.of_config`)."""
+    return Shape.of_config(cfg)
 
 
 def measure_rates(cfg, device: torch.device, rows: int, warmup: int = 1, repeats: int = 3,

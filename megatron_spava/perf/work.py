@@ -31,13 +31,21 @@ class Shape:
     tokens_per_group: int = 256
 
     @classmethod
-    def of(cls, name: str) -> "Shape":
-        """The released Qwen2.5-VL shape `name` ("3b", "7b"), read from the project's config."""
-        from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig
-        from megatron_spava.models.qwen2_5_vl.tiny import shaped_hf_config
-        c = Qwen25VLConfig.from_hf(shaped_hf_config(name))
-        return cls(layers=c.num_layers, hidden=c.hidden_size, ffn=c.intermediate_size,
-                   heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=c.head_dim)
+    def of(cls, name: str, model: str = "auto") -> "Shape":
+        """The LLM shape of the prefill benchmark's --shape `name`: any registered model
+        family's bench shape ("3b", "7b", "internvl3-2b", "qwen3-vl-8b", ...; "tiny": the
+        tiny config of `model`'s family), from the family's config in the model-family
+        registry (`models.registry.bench_config`). tokens_per_group stays 256: every
+        family's benchmark prompt has 256 video tokens per frame group."""
+        from megatron_spava.models.registry import bench_config
+        return cls.of_config(bench_config(name, model))
+
+    @classmethod
+    def of_config(cls, cfg) -> "Shape":
+        """The LLM shape of a model family's config (num_layers, hidden_size,
+        intermediate_size, num_heads, num_kv_heads, head_dim: every family's config has them)."""
+        return cls(layers=cfg.num_layers, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
+                   heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
 
     @property
     def layer_params(self) -> int:
