@@ -153,8 +153,9 @@ class Options:
     """The main job's decisions, made once per process from its parsed flags
     (`resolve_options`): the model family, the checkpoint directory, the video, the
     questions, the frame sampling, the Spava config and the layer backend. Nothing writes to
-    the parsed flags afterwards; a flag not resolved here reads through unchanged
-    (`opts.context_parallel_size` is `args.context_parallel_size`).
+    the parsed flags afterwards; the flags the job reads as given are fields too (`FLAGS`:
+    `opts.context_parallel_size` is `args.context_parallel_size`), and any other name is an
+    AttributeError.
 
     family: the `models.family.ModelFamily` (--model, else the checkpoint's config.json,
     else the default family); checkpoint: the directory the weights load from (given, a
@@ -176,11 +177,27 @@ class Options:
     max_frames: Optional[int]
     spava_config: object
     transformer_impl: str
-
-    def __getattr__(self, name):  # the flags this object does not resolve, as parsed
-        if name == "args":
-            raise AttributeError(name)
-        return getattr(self.args, name)
+    # the flags the job reads as parsed (FLAGS), filled by resolve_options
+    tensor_model_parallel_size: int
+    context_parallel_size: int
+    context_parallel_algo: str
+    cp_comm_type: Optional[str]
+    device: str
+    bf16: bool
+    shard_weights: bool
+    seed: int
+    max_new_tokens: int
+    model_shape: str
+    random_weights: bool
+    hf_path: Optional[str]
+    megatron_path: Optional[str]
+    frames_dir: Optional[str]
+    frames_fps: float
+    rope_convention: Optional[str]
+    compare: Optional[str]
+    json: Optional[str]
+    save_logits: Optional[str]
+    verbose: bool
 
     @property
     def question(self) -> str:
@@ -189,6 +206,13 @@ class Options:
     @property
     def sampling_fps(self) -> Optional[float]:
         return self.fps or None  # 0: every frame
+
+
+#: The Options fields copied from the parsed flags unchanged
+FLAGS = ("tensor_model_parallel_size", "context_parallel_size", "context_parallel_algo", "cp_comm_type",
+         "device", "bf16", "shard_weights", "seed", "max_new_tokens", "model_shape", "random_weights",
+         "hf_path", "megatron_path", "frames_dir", "frames_fps", "rope_convention", "compare", "json",
+         "save_logits", "verbose")
 
 
 def _needle_sample(args):
@@ -233,7 +257,8 @@ def resolve_options(args) -> Options:
     return Options(args=args, family=family, checkpoint=checkpoint, generated=generated, video=video,
                    needle=sample, questions=tuple(questions), fps=2.0 if fps is None else fps,
                    max_frames=max_frames, spava_config=spava_config_from_args(args),
-                   transformer_impl=resolve_transformer_impl(args.transformer_impl, args.device, verbose=False))
+                   transformer_impl=resolve_transformer_impl(args.transformer_impl, args.device, verbose=False),
+                   **{flag: getattr(args, flag) for flag in FLAGS})
 
 
 def check_memory(opts: Options, ranks: int) -> None:
