@@ -17,7 +17,7 @@ import argparse
 from typing import Optional
 
 from .algos import names, plan_layout, registry
-from .config import KERNELS, SWITCHES, SpavaConfig
+from .config import KERNELS, MERGE_KERNELS, SWITCHES, SpavaConfig
 from .algos.spava.selection import DEFAULT_SELECTION, SCORERS
 
 
@@ -87,6 +87,9 @@ def add_spava_args(parser: argparse.ArgumentParser, *, algorithm: bool = True) -
                            help=f"ablation: {effect}")
     group.add_argument("--spava-kernel", choices=KERNELS, default="auto",
                        help="attention kernel (default: %(default)s: fastest measured for the device)")
+    group.add_argument("--spava-merge-kernel", choices=MERGE_KERNELS, default="torch",
+                       help="LSE merge of attention partials: torch (elementwise ops), triton (one fused "
+                            "kernel; CUDA) or auto (triton on CUDA where it imports) (default: %(default)s)")
     group.add_argument("--spava-check-ranks-agree", action="store_true",
                        help="validate inputs collectively, so a bad input on one rank raises "
                             "on all (one extra all-gather per layer)")
@@ -110,7 +113,8 @@ def spava_config_from_args(args: argparse.Namespace) -> SpavaConfig:
         passing_scale=args.spava_passing_scale, budget_align=args.spava_budget_align,
         pool_kernel=args.spava_pool_kernel, max_query_len=args.spava_max_query_len,
         context_probe_len=args.spava_context_probe_len, selection=args.spava_selection,
-        kernel=args.spava_kernel, check_ranks_agree=args.spava_check_ranks_agree,
+        kernel=args.spava_kernel, merge_kernel=args.spava_merge_kernel,
+        check_ranks_agree=args.spava_check_ranks_agree,
         **{switch: not getattr(args, f"spava_no_{switch}") for switch in SWITCHES})
 
 

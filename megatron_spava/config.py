@@ -14,6 +14,9 @@ from typing import Optional, Union
 #: Attention kernels `ops.attention.attend` can run; "auto" picks per device.
 KERNELS = ("auto", "cpu_flash", "flash", "cudnn", "efficient", "flex", "math")
 
+#: Implementations of the LSE merge of attention partials (`ops.attention.MERGE_IMPLS`).
+MERGE_KERNELS = ("torch", "triton", "auto")
+
 
 #: The paper's ablation chain (SPAVA.md section 5), in the order it removes them: each is a
 #: SpavaConfig switch (True = on), a `--spava-no-*` flag and a benchmark variant
@@ -98,6 +101,11 @@ class SpavaConfig:
     Execution:
       kernel: attention kernel, one of KERNELS; "auto" picks the fastest measured one
         for the device and dtype (see ops.attention).
+      merge_kernel: the LSE merge of attention partials (`ops.attention.merge_partials`), one of
+        MERGE_KERNELS: "torch" (elementwise torch ops; the default until a device run has
+        timed the kernel), "triton" (one fused kernel that reads each partial once and writes
+        the layer's output in its dtype; needs triton and CUDA tensors, else ValueError before
+        any collective) or "auto" (triton on CUDA where triton imports, else torch).
       check_ranks_agree: validate inputs collectively, so that a bad input seen on one
         rank only still raises on every rank. Costs one small all-reduce and a host sync
         per call; inputs that are bad on every rank raise everywhere without it.
@@ -120,6 +128,7 @@ class SpavaConfig:
     passing: bool = True
     selection: str = "lse"
     kernel: str = "auto"
+    merge_kernel: str = "torch"
     check_ranks_agree: bool = False
 
     def __post_init__(self) -> None:
@@ -154,6 +163,8 @@ class SpavaConfig:
                              f"got {self.selection!r}")
         if self.kernel not in KERNELS:
             raise ValueError(f"SpavaConfig.kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.merge_kernel not in MERGE_KERNELS:
+            raise ValueError(f"SpavaConfig.merge_kernel must be one of {MERGE_KERNELS}, got {self.merge_kernel!r}")
 
     def replace(self, **changes) -> "SpavaConfig":
         """A copy with `changes` applied (and validated)."""

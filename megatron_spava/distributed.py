@@ -231,11 +231,13 @@ def gather_partials(partial, group, world: int, async_op: bool):
     return gathered, all_gather(gathered, packed, group, world, async_op=async_op)
 
 
-def merge_gathered(gathered: torch.Tensor, world: int, with_lse: bool = False):
-    """Merge the partials of `gather_partials` by LSE: float32 out [s, b, h, d]
-    (with_lse: (out, lse [s, b, h]))."""
+def merge_gathered(gathered: torch.Tensor, world: int, with_lse: bool = False, *,
+                   out: Optional[torch.Tensor] = None, impl: str = "torch"):
+    """Merge the partials of `gather_partials` by LSE (`ops.attention.merge_partials` with
+    impl): out [s, b, h, d], float32 or, given `out`, written into it in its dtype
+    (with_lse: (out, lse [s, b, h] float32))."""
     from .ops.attention import merge_partials
 
     parts = gathered.view(world, -1, *gathered.shape[1:])
-    merged = merge_partials([(p[..., :-1], p[..., -1]) for p in parts])
+    merged = merge_partials([(p[..., :-1], p[..., -1]) for p in parts], out=out, impl=impl)
     return merged if with_lse else merged[0]

@@ -13,7 +13,8 @@ on the registry's first use, and where it does not import it is left out of the 
 and asking for it says why.
 
 Benchmark variants are `<algo>`, optionally `-selection-<score>` (a selection score of
-`algos.spava.selection.SCORERS` other than the default: `spava-selection-mean`), plus any number of
+`algos.spava.selection.SCORERS` other than the default: `spava-selection-mean`), optionally
+`-merge-<kernel>` (SpavaConfig.merge_kernel: `spava-merge-triton`), plus any number of
 `-no-<switch>` suffixes, one per SpavaConfig switch turned off (`spava-no-overlap-no-zigzag`);
 `parse_variant` reads them. An algorithm with options (`Algorithm.options`: Megatron's
 --cp-comm-type) has the variants `<algo>-<option>` instead (`split_option`). The benchmark,
@@ -27,7 +28,7 @@ import contextlib
 import importlib
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from ..config import ABLATIONS, SWITCHES, SpavaConfig
+from ..config import ABLATIONS, MERGE_KERNELS, SWITCHES, SpavaConfig
 from .spava.selection import DEFAULT_SELECTION, SCORERS
 from .base import Algorithm
 
@@ -173,9 +174,11 @@ def _flag(switch: str) -> str:
 
 def parse_variant(variant: str) -> Tuple[str, Dict[str, object]]:
     """'spava-no-overlap-no-zigzag' -> ('spava', {'overlap': False, 'zigzag': False});
-    'spava-selection-mean' -> ('spava', {'selection': 'mean'}).
-    ValueError for an unknown algorithm, selection score or switch."""
+    'spava-selection-mean' -> ('spava', {'selection': 'mean'});
+    'spava-merge-triton' -> ('spava', {'merge_kernel': 'triton'}).
+    ValueError for an unknown algorithm, selection score, merge kernel or switch."""
     head, *offs = variant.split("-no-")
+    head, merged, merge = head.partition("-merge-")
     algo, marked, score = head.partition("-selection-")
     get(algo)
     changes: Dict[str, object] = {}
@@ -184,6 +187,11 @@ def parse_variant(variant: str) -> Tuple[str, Dict[str, object]]:
             raise ValueError(f"variant {variant!r}: unknown selection score {score!r}; scores: "
                              f"{', '.join(sorted(SCORERS))}")
         changes["selection"] = score
+    if merged:
+        if merge not in MERGE_KERNELS:
+            raise ValueError(f"variant {variant!r}: unknown merge kernel {merge!r}; merge kernels: "
+                             f"{', '.join(MERGE_KERNELS)}")
+        changes["merge_kernel"] = merge
     for off in offs:
         switch = off.replace("-", "_")
         if switch not in SWITCHES:

@@ -25,8 +25,9 @@ tools/bench_attention.py; see BENCHMARKS.md) and cpu_flash on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -156,31 +157,86 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = 
     return out.permute(2, 0, 1, 3), lse.permute(2, 0, 1).float()
 
 
-def merge_partials(parts: Sequence[Partial]) -> Partial:
+#: Implementations of `merge_partials` (SpavaConfig.merge_kernel): "torch" (elementwise torch
+#: ops, any device), "triton" (one fused Triton kernel, `_merge_triton`; on CPU tensors it runs
+#: in triton's interpreter: slow, for tests), "auto" (triton for CUDA tensors where triton
+#: imports, else torch).
+MERGE_IMPLS = ("torch", "triton", "auto")
+
+
+def resolve_merge(impl: str, device: torch.device) -> str:
+    """The implementation ("torch" or "triton") `impl` stands for on `device`. ValueError, in one
+    line, where it cannot run: an unknown name, "triton" without the triton package, or
+    "triton" on CPU tensors outside triton's interpreter (TRITON_INTERPRET=1)."""
+    from .lse_score import triton_available
+    if impl not in MERGE_IMPLS:
+        raise ValueError(f"merge_partials: impl must be one of {MERGE_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if impl == "triton":
+        if not triton_available():
+            raise ValueError("merge_partials: impl='triton' needs the triton package (pip install triton)")
+        if device.type != "cuda":
+            from . import _merge_triton
+            if not _merge_triton.interpreter_ready():
+                raise ValueError(f"merge_partials: impl='triton' on {device.type} tensors runs in triton's "
+                                 "interpreter, which needs TRITON_INTERPRET=1 set before triton is first "
+                                 "imported; use 'torch' or 'auto' there")
+    return impl
+
+
+def merge_partials(parts: Sequence[Partial], *, out: Optional[torch.Tensor] = None,
+                   impl: str = "torch", config: Optional[tuple] = None) -> Partial:
     """Merge attention partials over disjoint key sets into attention over their union.
 
-    parts: (out [s, b, h, d], lse [s, b, h]) each. Returns (out float32, lse float32):
-    lse = logsumexp_i(lse_i), out = sum_i out_i * exp(lse_i - lse). Rows whose every
-    partial is empty (lse = -inf) come out as 0 with lse = -inf.
+    parts: (out [s, b, h, d] in bf16 / fp16 / fp32, lse [s, b, h] float32) each, any strides.
+    Returns (out, lse float32): lse = logsumexp_i(lse_i), out = sum_i out_i * exp(lse_i - lse),
+    computed in float32. Rows whose every partial is empty (lse = -inf) come out as 0 with
+    lse = -inf (with one partial, the torch path returns it as it is: `attend`'s empty
+    partials are 0 already).
+
+    out: where to write the merged output ([s, b, h, d], any float dtype, any strides, e.g. a
+    slice of the layer's output): the float32 result is cast on the store, and `out` is
+    returned. None: a new float32 tensor.
+    impl: one of MERGE_IMPLS ("torch", the default, or the fused "triton" kernel, which reads
+    each partial once and writes `out` once; `resolve_merge`). config: the Triton kernel's
+    (BLOCK_R, num_warps) (benchmarks).
     """
+    impl = resolve_merge(impl, parts[0][0].device)
+    if impl == "triton":
+        from . import _merge_triton
+        o0, l0 = parts[0]
+        dest = out if out is not None else torch.empty(o0.shape, dtype=torch.float32, device=o0.device)
+        lse = torch.empty(l0.shape, dtype=torch.float32, device=l0.device)
+        with torch.cuda.device(o0.device) if o0.is_cuda else contextlib.nullcontext():
+            _merge_triton.launch([(o, l.float()) for o, l in parts], dest, lse,
+                                 interpret=not o0.is_cuda, config=config)
+        return dest, lse
     if len(parts) == 1:
-        return parts[0][0].float(), parts[0][1].float()
-    lses = torch.stack([lse.float() for _, lse in parts])
+        o, l = parts[0]
+        return (o.float() if out is None else out.copy_(o)), l.float()
+    # The float32 products come from type promotion (bf16 * fp32 -> fp32: no .float() copies),
+    # one exp over all partials, and the last add casts on its store into `out`: the same
+    # float32 operations, in the same order, as the float copies, muls, adds and cast before.
+    lses = torch.stack([lse for _, lse in parts]).float()
     lse = torch.logsumexp(lses, dim=0)
     safe = lse.masked_fill(torch.isinf(lse), 0.0)
-    out = None
-    for (o, _), lse_i in zip(parts, lses):
-        term = o.float() * torch.exp(lse_i - safe).unsqueeze(-1)
-        out = term if out is None else out.add_(term)
-    return out, lse
+    weights = torch.exp(lses - safe).unsqueeze(-1)  # [k, s, b, h, 1]
+    acc = parts[0][0] * weights[0]
+    for (o, _), w in zip(parts[1:-1], weights[1:-1]):
+        acc.add_(o * w)
+    last = parts[-1][0] * weights[-1]
+    if out is None:
+        return acc.add_(last), lse
+    return torch.add(acc, last, out=out), lse
 
 
 def attend_many(q: torch.Tensor, keys: List[Tuple[torch.Tensor, torch.Tensor, bool]], *,
-                scale: float | None, kernel: str) -> Partial:
+                scale: float | None, kernel: str, merge: str = "torch") -> Partial:
     """Attention of q over several key sets at once: attend to each (k, v, causal) and
-    merge. Shapes as `attend`; returns float32 (out, lse)."""
+    merge (`merge_partials` with impl=merge). Shapes as `attend`; returns float32 (out, lse)."""
     parts = [attend(q, k, v, causal=causal, scale=scale, kernel=kernel)
              for k, v, causal in keys if k.shape[0] > 0]
     if not parts:  # no keys at all: out 0, lse -inf
         parts = [attend(q, keys[0][0], keys[0][1], scale=scale, kernel=kernel)]
-    return merge_partials(parts)
+    return merge_partials(parts, impl=merge)

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from ... import profiling
 from ...distributed import all_gather, check_inputs, gather_partials, merge_gathered
-from ...ops.attention import attend, attend_many, merge_partials
+from ...ops.attention import attend, attend_many, merge_partials, resolve_merge
 from . import selection
 
 def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: "SpavaLayout",
@@ -47,8 +47,10 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
     layout's local order (`layout.local_indices(rank)`). cp_group: the context-parallel
     group the layout was planned for (None: a single rank). softmax_scale: default
     d ** -0.5. Returns [s_local, b, hq, d] in q's dtype; anchor and query rows are the
-    same on every rank. Raises ValueError (before any collective) for bad input.
+    same on every rank. Raises ValueError (before any collective) for bad input, or for a
+    `config.merge_kernel` that cannot run on q's device.
     """
+    merge = resolve_merge(layout.config.merge_kernel, q.device)
     rank, world = check_inputs(q, k, v, layout, cp_group, caller="spava_attn_func",
                                collective=layout.config.check_ranks_agree)
     cfg = layout.config
@@ -97,7 +99,7 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
         keys = [(k[s_lo:s_hi], v[s_lo:s_hi], False), (k[c_lo:c_hi], v[c_lo:c_hi], False)]
         if rank == 0:
             keys.append((k[q_lo:q_hi], v[q_lo:q_hi], True))
-        q_partial = attend_many(q[q_lo:q_hi], keys, scale=scale, kernel=cfg.kernel)
+        q_partial = attend_many(q[q_lo:q_hi], keys, scale=scale, kernel=cfg.kernel, merge=merge)
         gathered, q_work = gather_partials(q_partial, cp_group, world, async_op=cfg.overlap)
 
     # 5. Anchor rows: exact, A is the true prefix.
@@ -119,7 +121,7 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
                                 scale=scale, kernel=cfg.kernel))
         if len(parts) > 1:
             with profiling.region("merge", q):
-                out[lo:hi] = merge_partials(parts)[0]
+                merge_partials(parts, out=out[lo:hi], impl=merge)
         else:
             out[lo:hi] = own[j][0]
 
@@ -128,10 +130,7 @@ def spava_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
         if q_work is not None:
             q_work.wait()
         with profiling.region("merge", q):
-            if listening:
-                out[q_lo:q_hi], lse = merge_gathered(gathered, world, with_lse=True)
-            else:
-                out[q_lo:q_hi] = merge_gathered(gathered, world)
+            _, lse = merge_gathered(gathered, world, with_lse=True, out=out[q_lo:q_hi], impl=merge)
         if listening:
             selection.publish(dict(kind="query", layer=selection.current_layer(), rank=rank, lse=lse, scale=scale))
     return out
