@@ -141,6 +141,25 @@ def test_gathered_partials_merge_into_a_slice():
     assert (out[:4] == 0).all() and merged.data_ptr() == dest.data_ptr()
 
 
+def test_bench_merge_smoke_run_on_cpu(tmp_path, interpreted=False):
+    """tools/bench_attention.py --merge at toy sizes on the CPU (times mean nothing): every
+    row, the torch path always, the kernel (checked against the torch path) where it runs."""
+    import json
+    import tempfile
+    from megatron_spava.testing.tools import run_tool
+    out = os.path.join(tmp_path or tempfile.mkdtemp(), "merge.json")
+    assert run_tool("tools/bench_attention.py", ["--merge", "--device", "cpu", "--merge-rows", "24", "--merge-query-rows",
+                                                 "5", "--cp", "3", "--q-heads", "2", "--head-dim", "64", "--repeats", "1",
+                                                 "--warmup", "0", "--json", out]) == 0
+    rows = json.load(open(out))["merges"]
+    assert [(r["kind"], r["rows"], r["parts"]) for r in rows] == [("block", 24, 2), ("query", 5, 3)]
+    for r in rows:
+        assert r["torch"] > 0 and r["floor_ms"] > 0
+        assert (r["triton"] is not None) == interpreted, r
+        if interpreted:
+            assert r["max_rel_diff"] <= 2 ** -6
+
+
 # ---- the switch ---------------------------------------------------------------------------
 
 def test_switch_config_flag_and_variant():
@@ -248,6 +267,7 @@ def interpreter_cases():
     for k in (5, 9):  # more partials than one launch takes: merged in groups
         check(random_parts(600 + k, k=k, max_s=12), "triton", out_dtype=torch.float32)
     assert resolve_merge("triton", torch.device("cpu")) == "triton"
+    test_bench_merge_smoke_run_on_cpu(None, interpreted=True)
     test_gathered_partials_merge_into_a_slice_triton()
     # Spava at CP 2 (block rows: two partials; query rows: the gathered W partials and the
     # rank's own three), small budgets, either merge: the same outputs within the dtype's rounding

@@ -14,6 +14,20 @@ included; a kernel that fails the check is reported and not timed.
     python tools/bench_attention.py --seq-len 65536 --json out.json
 
 FLOPs: 4 * b * hq * sq * sk * d, halved for causal (the work a causal kernel must do).
+
+--merge times the LSE merge of attention partials instead (`ops.attention.merge_partials`,
+SpavaConfig.merge_kernel): the torch path against the fused Triton kernel (its default config
+and each of `_merge_triton.CONFIGS`), on Spava's two merges at a rank's shapes: a block's rows
+(--merge-rows, two bf16 partials from `attend`, into the bf16 output) and the query rows
+(--merge-query-rows, --cp float32 partials packed in the gathered buffer, into the bf16
+output). Beside each: its floor, the bytes one pass must move (partials and lse read once,
+the output written once) over the measured copy rate. GPU clock: each call queued behind
+torch.cuda._sleep, as in a layer whose earlier kernels keep the GPU busy.
+
+    python tools/bench_attention.py --merge --merge-rows 16384 32768 --merge-query-rows 64 512 --cp 4
+
+--device cpu is a smoke run of --merge (times mean nothing; the kernel runs only under
+TRITON_INTERPRET=1, in triton's interpreter).
 """
 
 from __future__ import annotations
@@ -41,7 +55,84 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: %(default)s)")
     p.add_argument("--kernels", nargs="+", default=KERNELS, help="kernels to measure")
     p.add_argument("--json", help="write results as JSON here")
+    p.add_argument("--merge", action="store_true",
+                   help="time the LSE merge (torch vs the Triton kernel) instead of the attention kernels")
+    p.add_argument("--merge-rows", type=int, nargs="+", default=[16384, 32768],
+                   help="--merge: a block's rows (default: %(default)s, a rank's blocks at 128K / 256K, CP 4)")
+    p.add_argument("--merge-query-rows", type=int, nargs="+", default=[64, 512],
+                   help="--merge: query rows (default: %(default)s)")
+    p.add_argument("--cp", type=int, default=4, help="--merge: partials of the query merge (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=28,
+                   help="--merge: layers of the per-prefill estimate (default: %(default)s)")
+    p.add_argument("--device", default="cuda", help="--merge only: cpu for a smoke run (default: %(default)s)")
     return p.parse_args(argv)
+
+
+def bench_merge(args):
+    """--merge: the table of merge times against their floors (module docstring)."""
+    import time
+
+    from megatron_spava.ops.lse_score import triton_available
+    from megatron_spava.perf.kernels import copy_rate, merge_times
+    if triton_available():
+        from megatron_spava.ops import _merge_triton
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_properties(0).name
+        timer = lambda fn, r, w: time_ms(fn, r, w, sleep_cycles=4_000_000)  # noqa: E731
+    else:
+        name = "cpu (smoke run)"
+
+        def timer(fn, repeats, warmup):
+            for _ in range(warmup):
+                fn()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(1e3 * (time.perf_counter() - t0))
+            return statistics.median(times), min(times), max(times)
+    rate = copy_rate(device, (1 << 30) if device.type == "cuda" else (16 << 20))
+    hq, d = args.q_heads, args.head_dim
+    configs = _merge_triton.CONFIGS if device.type == "cuda" and triton_available() else ()
+    default = _merge_triton.DEFAULT_CONFIG if triton_available() else "n/a"
+    print(f"device: {name}, torch {torch.__version__}; copy rate {rate / 1e9:.0f} GB/s (read + write); "
+          f"Triton kernel default config {default}")
+    rows = []
+    for kind, sizes, parts in (("block", args.merge_rows, 2), ("query", args.merge_query_rows, args.cp)):
+        for n in sizes:
+            r = merge_times(kind, n, hq, d, parts, device, timer, args.warmup, args.repeats, configs)
+            r["floor_ms"] = r["bytes"] / rate * 1e3
+            if r["configs"]:
+                best = min(r["configs"], key=r["configs"].get)
+                r["best_config"], r["best_ms"] = best, r["configs"][best]
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    clock = "GPU-clock medians" if device.type == "cuda" else "medians"
+    print(f"\n{name}, hq={hq} d={d}; {clock} of {args.repeats}; floor = bytes / copy rate")
+    print("| merge | rows | partials | MB moved | floor ms | torch ms | triton ms | best config ms | "
+          "torch / floor | triton / floor | torch / triton |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        tri, floor = r["triton"], r["floor_ms"]
+        best = f"{r['best_ms']:.4f} {r['best_config']}" if "best_ms" in r else "-"
+        tri_ms, tri_ratio, speedup = (("-", "-", "-") if tri is None else
+                                      (f"{tri:.4f}", f"{tri / floor:.2f}", f"{r['torch'] / tri:.2f}"))
+        print(f"| {r['kind']} | {r['rows']} | {r['parts']} | {r['bytes'] / 1e6:.1f} | {floor:.4f} | "
+              f"{r['torch']:.4f} | {tri_ms} | {best} | {r['torch'] / floor:.2f} | {tri_ratio} | {speedup} |")
+    query = [r for r in rows if r["kind"] == "query"]
+    if query:
+        q = max(query, key=lambda r: r["rows"])
+        for b in (r for r in rows if r["kind"] == "block"):
+            est = {impl: args.layers * (2 * b[impl] + q[impl]) for impl in ("torch", "triton")
+                   if b[impl] is not None and q[impl] is not None}
+            floor = args.layers * (2 * b["floor_ms"] + q["floor_ms"])
+            print(f"per prefill (estimate, {args.layers} layers x (2 block merges of {b['rows']} rows + one query "
+                  f"merge of {q['rows']})): " + ", ".join(f"{k} {v:.1f} ms" for k, v in est.items())
+                  + f"; floor {floor:.1f} ms")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), device=name, torch=torch.__version__, copy_rate=rate, merges=rows), f, indent=2)
 
 
 def rand(shape, seed):
@@ -80,6 +171,8 @@ def native_gqa_ok(kernel, hq, hk, d):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge:
+        return bench_merge(args)
     s, hq, hk, d = args.seq_len, args.q_heads, args.kv_heads, args.head_dim
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")

@@ -121,3 +121,60 @@ def time_ms(fn, repeats, warmup, sleep_cycles: int = 0):
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times), min(times), max(times)
+
+
+def merge_inputs(kind: str, rows: int, heads: int, d: int, parts: int, device, seed: int = 0):
+    """The partials and destination of one of Spava's LSE merges, as the layer has them.
+
+    kind "block": a block's rows, `parts` bf16 partials as `attend` returns them (out
+    [rows, 1, heads, d], lse [rows, 1, heads] a view of [1, heads, rows]), merged into a bf16
+    slice of the layer's output. kind "query": the query rows, `parts` = W float32 partials
+    packed with their lse in one gathered buffer ([W * rows, 1, heads, d + 1], as
+    `distributed.gather_partials` leaves it), merged into a bf16 slice.
+    Returns (partials, destination, bytes a single pass must move: partials and lse read once,
+    the destination written once)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if kind == "block":
+        ps = [(torch.randn(rows, 1, heads, d, device=device, generator=gen).to(torch.bfloat16),
+               (torch.randn(1, heads, rows, device=device, generator=gen) * 3).permute(2, 0, 1))
+              for _ in range(parts)]
+    elif kind == "query":
+        packed = torch.randn(parts * rows, 1, heads, d + 1, device=device, generator=gen)
+        ps = [(p[..., :-1], p[..., -1]) for p in packed.view(parts, rows, 1, heads, d + 1)]
+    else:
+        raise ValueError(f"merge_inputs: kind must be 'block' or 'query', got {kind!r}")
+    dest = torch.empty(2 * rows, 1, heads, d, device=device, dtype=torch.bfloat16)[rows:]
+    nbytes = sum(o.numel() * o.element_size() + l.numel() * 4 for o, l in ps) + dest.numel() * 2
+    return ps, dest, nbytes
+
+
+def merge_times(kind: str, rows: int, heads: int, d: int, parts: int, device, timer, warmup: int,
+                repeats: int, configs=()):
+    """Time `ops.attention.merge_partials` on one merge of `merge_inputs`: the torch path, and
+    the Triton kernel at its default config and at each of `configs` ((BLOCK_R, num_warps)),
+    where it runs (CUDA tensors, or CPU tensors in triton's interpreter). timer(fn, repeats,
+    warmup) -> (median ms, ...). Before timing, the kernel's output is checked against the
+    torch path's (at most two bf16 roundings apart: triton's interpreter stores bf16 by
+    truncation). Returns {"torch": ms, "triton": ms or None,
+    "configs": {config: ms}, "bytes": ..., "max_rel_diff": ...}."""
+    from megatron_spava.ops.attention import merge_partials, resolve_merge
+    ps, dest, nbytes = merge_inputs(kind, rows, heads, d, parts, device)
+    res = dict(kind=kind, rows=rows, heads=heads, head_dim=d, parts=parts, bytes=nbytes,
+               torch=timer(lambda: merge_partials(ps, out=dest), repeats, warmup)[0],
+               triton=None, configs={}, max_rel_diff=None)
+    try:
+        resolve_merge("triton", dest.device)
+    except ValueError as err:
+        res["triton_error"] = str(err)
+        return res
+    ref = merge_partials(ps, out=torch.empty_like(dest))[0].float()
+    got = merge_partials(ps, out=torch.empty_like(dest), impl="triton")[0].float()
+    res["max_rel_diff"] = float(((got - ref).abs() / ref.abs().clamp_min(1e-3)).max())
+    if not res["max_rel_diff"] <= 2 ** -6:
+        raise AssertionError(f"merge {kind} rows={rows}: the Triton kernel differs from the torch path "
+                             f"by {res['max_rel_diff']:.2e} (relative)")
+    res["triton"] = timer(lambda: merge_partials(ps, out=dest, impl="triton"), repeats, warmup)[0]
+    for config in configs:
+        res["configs"][str(config)] = timer(lambda c=config: merge_partials(ps, out=dest, impl="triton", config=c),
+                                            repeats, warmup)[0]
+    return res
