@@ -297,6 +297,64 @@ def test_default_budgets_stay_close_to_hf(hf_reference):
     assert torch.isfinite(first).all() and 0 < rel < 0.5, rel
 
 
+def _prompt_cache_rank():
+    """Five runs (four configurations) on one prompt, twice: each call on its own, and all
+    sharing one prompt_cache. Returns (fresh, cached) (tokens, first logits, vision_s,
+    ttft_s) per run and the position / encoder calls made while the cache was shared."""
+    from megatron_spava import cpu_compat
+    cpu_compat.apply()
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+    from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig, Qwen25VLModel
+    from megatron_spava.models.qwen2_5_vl.convert import load_hf_into_model
+    from megatron_spava.inference.generate import generate
+    from megatron_spava.video.inputs import VideoQAInputs
+
+    ps.initialize_model_parallel(1, context_parallel_size=2)
+    initialize_rng_tracker(inference_rng_tracker=True)
+    hf_cfg = tiny_hf_config()
+    model = Qwen25VLModel(Qwen25VLConfig.from_hf(hf_cfg), context_parallel=2).eval()
+    load_hf_into_model(model, tiny_hf_model(hf_cfg).state_dict().items(), tp_rank=0, tp_size=1, progress=False)
+    inputs = VideoQAInputs(*_prompt())
+    group = ps.get_context_parallel_group()
+    base = SpavaConfig(budget_align=1, anchor_len=8, passing_len=16, context_probe_len=8)
+    runs = [("ring", base), ("spava", base), ("spava", base.replace(fuse_query=False)),
+            ("spava", base.replace(frame_parallel=False)), ("spava", base)]
+    calls = []
+    encode = model.encode_video
+    model.encode_video = lambda inputs, cp_group=None: calls.append(cp_group) or encode(inputs, cp_group)
+    positions = model.prompt_positions
+    model.prompt_positions = lambda *a, **k: calls.append("positions") or positions(*a, **k)
+    answer = lambda algo, config, cache: generate(model, inputs, algo=algo, config=config, cp_group=group,
+                                                  max_new_tokens=4, eos_token_ids=[], prompt_cache=cache)
+    fresh = [answer(algo, config, None) for algo, config in runs]
+    calls.clear()
+    cache = {}
+    cached = [answer(algo, config, cache) for algo, config in runs]
+    pack = lambda outs: [(o.tokens, o.first_logits, o.timings["vision_s"], o.ttft_s) for o in outs]
+    return pack(fresh), pack(cached), [c if c == "positions" else c is None for c in calls]
+
+
+def test_prompt_cache_reuses_positions_and_one_encoding_per_frame_parallel_setting(hf_reference):
+    """generate(prompt_cache=...) computes the rope positions once and encodes the video
+    once per frame_parallel setting (and CP group); every later algorithm (the two-pass
+    no-fuse-query one included) reuses them: tokens and first-token logits equal those of
+    fresh calls bit for bit (ring's equal HF's), and a reused encoding reports the first
+    one's vision seconds inside its TTFT."""
+    results = run_ranks(_prompt_cache_rank, 2, timeout=180)
+    _, _, ref_first = hf_reference
+    for fresh, cached, calls in results:
+        # positions once; frame-parallel over the CP group, then the whole video on each rank
+        assert calls == ["positions", False, True]
+        for (t1, l1, _, _), (t2, l2, _, _) in zip(fresh, cached):
+            assert t1 == t2 and torch.equal(l1, l2)
+        assert torch.allclose(fresh[0][1], ref_first, atol=2e-4, rtol=1e-4)  # ring is exact
+        assert not torch.equal(fresh[0][1], fresh[1][1])  # spava at small budgets is not
+        vision = [v for _, _, v, _ in cached]
+        assert vision[0] == vision[1] == vision[2] == vision[4] > 0 and vision[3] > 0
+        assert all(ttft >= v for _, _, v, ttft in cached)
+
+
 def _few_frames_rank():
     from megatron_spava import cpu_compat
     cpu_compat.apply()

@@ -78,16 +78,46 @@ def _encode_video(model, inputs, cp_group, config: SpavaConfig):
     return model.encode_video(inputs, cp_group if config.frame_parallel else None)
 
 
+def _positions(model, ids: Tensor, inputs, max_new_tokens: int, rope_convention: Optional[str],
+               prompt_cache: Optional[dict] = None):
+    """model.prompt_positions of the prompt ids [1, S] (host), from prompt_cache (see
+    `generate`) when it holds them for this model, token ids, max_new_tokens and
+    rope_convention."""
+    key = ("positions", id(model), ids.numpy().tobytes(), max_new_tokens, rope_convention)
+    if prompt_cache is not None and key in prompt_cache:
+        return prompt_cache[key]
+    positions = model.prompt_positions(ids, inputs, max_new_tokens=max_new_tokens,
+                                       rope_convention=rope_convention)
+    if prompt_cache is not None:
+        prompt_cache[key] = positions
+    return positions
+
+
 def _local_input(model, inputs, ids: Tensor, idx: Tensor, cp_group, config: SpavaConfig, device,
-                 start: float) -> Tuple[Tensor, float]:
-    """This rank's decoder input [s_local, 1, hidden] for the prompt ids [1, S] at its local
-    indices idx, and the vision time since `start` (host clock, after a device sync)."""
-    embeds = _encode_video(model, inputs, cp_group, config)
-    sync(device)
-    vision_s = time.perf_counter() - start
+                 start: float, prompt_cache: Optional[dict] = None) -> Tuple[Tensor, float, float]:
+    """(this rank's decoder input [s_local, 1, hidden] for the prompt ids [1, S] at its local
+    indices idx, the vision seconds, the part of them spent before `start`).
+
+    The vision seconds run from `start` (host clock, after a device sync) to the embeddings.
+    prompt_cache (see `generate`): embeddings found there under (model, cp_group if
+    frame-parallel, frame_parallel) are reused, and their seconds are those of the call that
+    encoded them (all spent before `start`); new ones are stored."""
+    key = ("vision", id(model), id(cp_group) if config.frame_parallel else None, config.frame_parallel)
+    cached = None if prompt_cache is None else prompt_cache.get(key)
+    if cached is None:
+        embeds = _encode_video(model, inputs, cp_group, config)
+        sync(device)
+        vision_s, earlier = time.perf_counter() - start, 0.0
+        if prompt_cache is not None:
+            prompt_cache[key] = (embeds, vision_s)
+    else:
+        embeds, vision_s = cached
+        earlier = vision_s
     ordinals = model.vision_ordinals(ids)
-    # the vision embeddings [n_vision_tokens, hidden] are not needed once the local rows are placed
-    return model.decoder_input(ids[:, idx].to(device), embeds, ordinals[:, idx].to(device)), vision_s
+    # without a cache, the vision embeddings [n_vision_tokens, hidden] are not needed once the
+    # local rows are placed (decoder_input copies them)
+    x = model.decoder_input(ids[:, idx].to(device), embeds, ordinals[:, idx].to(device))
+    return x, vision_s, earlier
 
 
 @torch.no_grad()
@@ -96,7 +126,8 @@ def generate(model, inputs, *, algo: str = "spava",
              max_new_tokens: int = 16, query_len: Optional[int] = None,
              rope_convention: Optional[str] = None, eos_token_ids: Optional[Sequence[int]] = None,
              device: Optional[torch.device] = None,
-             group: Optional[dist.ProcessGroup] = None) -> GenerationOutput:
+             group: Optional[dist.ProcessGroup] = None,
+             prompt_cache: Optional[dict] = None) -> GenerationOutput:
     """Greedy answer to one video prompt; every rank of the model's TP x CP grid calls it
     with the same inputs (the model family's input type). Stops at an EOS token or after
     max_new_tokens.
@@ -113,6 +144,15 @@ def generate(model, inputs, *, algo: str = "spava",
     when data-parallel replicas answer different prompts at the same time. An emulated rank
     (`distributed.EmulatedGroup`, one rank of a W-rank layout run alone) passes its group
     both as cp_group and group.
+    prompt_cache: a dict the caller keeps across calls on the same video (`inputs`' pixels
+    and grid), e.g. every algorithm evaluated on one prompt, for work that depends on the
+    prompt alone: the vision embeddings, encoded once per (model, cp_group,
+    config.frame_parallel), and the rope positions, computed once per (model, token ids,
+    max_new_tokens, rope_convention). Reused values are those computing again would give
+    (the encoder is deterministic, the positions a function of the ids and the grid); a
+    reused encoding counts its first encoding's seconds in ttft_s and timings["vision_s"].
+    The dict holds them (embeddings on the device) until the caller drops it. Default:
+    compute both in every call.
     """
     cfg = model.cfg
     config = SpavaConfig() if config is None else config
@@ -124,12 +164,11 @@ def generate(model, inputs, *, algo: str = "spava",
             model, replace(inputs, input_ids=ids[:, :S - lq]), [ids[:, S - lq:]], algo=algo,
             config=config, cp_group=cp_group, max_new_tokens=max_new_tokens,
             rope_convention=rope_convention, eos_token_ids=eos_token_ids, device=device,
-            group=group)[0]
+            group=group, prompt_cache=prompt_cache)[0]
     device = device or next(model.parameters()).device
     rank, world = group_rank_world(cp_group)
     eos = set(eos_token_ids if eos_token_ids is not None else cfg.eos_token_ids)
-    positions = model.prompt_positions(ids, inputs, max_new_tokens=max_new_tokens,
-                                       rope_convention=rope_convention)
+    positions = _positions(model, ids, inputs, max_new_tokens, rope_convention, prompt_cache)
     layout = plan_layout(algo, context_len=S - lq, query_len=lq, cp_size=world, config=config)
     idx = layout.local_indices(rank)
     # The first token comes from the prefill itself: a cache is kept only for later ones.
@@ -137,7 +176,8 @@ def generate(model, inputs, *, algo: str = "spava",
 
     sync(device)
     start = time.perf_counter()
-    x, vision_s = _local_input(model, inputs, ids, idx, cp_group, layout.config, device, start)
+    x, vision_s, earlier = _local_input(model, inputs, ids, idx, cp_group, layout.config, device, start,
+                                        prompt_cache)
     holds_last = bool((idx == S - 1).any())
     row = int((idx == S - 1).nonzero()[0]) if holds_last else 0  # others compute a dummy row
     with cp_request(layout, cache=cache):
@@ -145,7 +185,7 @@ def generate(model, inputs, *, algo: str = "spava",
     token, first_logits = _first_token(logits[0, 0].float() if holds_last else None, logits.shape[-1],
                                        device, group)
     sync(device)
-    ttft = time.perf_counter() - start
+    ttft = time.perf_counter() - start + earlier
 
     tokens, decode_s = _decode(model, layout, cache, token, positions, max_new_tokens, eos,
                                device, rank, group)
@@ -160,7 +200,8 @@ def answer_questions(model, inputs, queries: Sequence[Tensor], *,
                      cp_group: Optional[dist.ProcessGroup] = None, max_new_tokens: int = 16,
                      rope_convention: Optional[str] = None, eos_token_ids: Optional[Sequence[int]] = None,
                      device: Optional[torch.device] = None,
-                     group: Optional[dist.ProcessGroup] = None) -> List[GenerationOutput]:
+                     group: Optional[dist.ProcessGroup] = None,
+                     prompt_cache: Optional[dict] = None) -> List[GenerationOutput]:
     """Prefill one video's context once and answer several queries over it.
 
     inputs: the context alone: input_ids [1, n] (the prompt before the query: system
@@ -175,7 +216,8 @@ def answer_questions(model, inputs, queries: Sequence[Tensor], *,
     same inputs. Returns one GenerationOutput per query; its ttft_s and timings (vision_s,
     context_s, query_s) count what that answer cost: vision and the context prefill for
     the first query, the query pass alone for later ones (the context is cached).
-    group: as in `generate` (the ranks sharing tokens and logits; default the world).
+    group, prompt_cache: as in `generate` (the ranks sharing tokens and logits, default the
+    world; vision embeddings and positions reused across calls on one video).
     """
     cfg = model.cfg
     device = device or next(model.parameters()).device
@@ -194,16 +236,17 @@ def answer_questions(model, inputs, queries: Sequence[Tensor], *,
                                max_new_tokens=max(q.shape[1] for q in queries) + max_new_tokens)
     # positions of each whole prompt; the context's are the same in all (they depend only on
     # the tokens before them)
-    rope = [model.prompt_positions(torch.cat([ctx, q], dim=1), inputs, max_new_tokens=max_new_tokens,
-                                   rope_convention=rope_convention) for q in queries]
+    rope = [_positions(model, torch.cat([ctx, q], dim=1), inputs, max_new_tokens, rope_convention,
+                       prompt_cache) for q in queries]
 
     sync(device)
     start = time.perf_counter()
-    x, vision_s = _local_input(model, inputs, ctx, idx, cp_group, layout.config, device, start)
+    x, vision_s, earlier = _local_input(model, inputs, ctx, idx, cp_group, layout.config, device, start,
+                                        prompt_cache)
     with cp_request(layout, cache=cache):  # fills the cache; its one logits row is unused
         model(x, rope[0].take(idx), logits_rows=torch.tensor([0]))
     sync(device)
-    context_s = time.perf_counter() - start - vision_s
+    context_s = time.perf_counter() - start + earlier - vision_s
     context_only = cache.snapshot()
 
     outputs = []

@@ -23,7 +23,10 @@ selected block that its kept keys carry, averaged over blocks and KV heads), and
 length, the relative error ||h_algo - h_full|| / ||h_full|| of every decoder layer's output
 over all tokens and over the query tokens (each token counted once, on the rank that owns
 it). With W ranks in the world and CP size c, W / c data-parallel replicas share the
-samples; `full` runs W replicas.
+samples; `full` runs on rank 0 alone (on every rank for the --hidden-samples samples and
+with --fp8-format). A sample's video is encoded once per CP size (and frame_parallel
+setting) and its embeddings are reused by every algorithm: a record's ttft_s counts that
+one encoding's seconds.
 
 Devices: CPU ranks (gloo); one GPU per rank (NCCL); or several ranks sharing fewer GPUs
 (--backend gloo, chosen automatically when ranks outnumber GPUs: all-gather, all-reduce
@@ -166,11 +169,14 @@ def _kl(full_logits: torch.Tensor, logits: torch.Tensor) -> float:
 def run(args) -> Optional[dict]:
     """Evaluate on this rank; rank 0 returns the results (others None).
 
-    Sample-major: each sample is rendered once, answered under full attention on every rank
-    (the reference for KL and hidden-state errors; the same answer on every rank), then by
-    each (CP size, algorithm) on the data-parallel replica that owns it (sample i belongs
-    to replica i mod replicas). Samples are ordered index-major, so --max-minutes cuts the
-    same number of samples from every task and length."""
+    Sample-major: each sample is rendered once, answered under full attention on rank 0
+    (the reference for KL; on every rank for the hidden-state samples and under FP8), then
+    by each (CP size, algorithm) on the data-parallel replica that owns it (sample i belongs
+    to replica i mod replicas). The vision embeddings of a sample are encoded once per CP
+    size (and frame_parallel setting) and reused by every algorithm there, and its rope
+    positions computed once per CP size (`generate`'s prompt_cache: the same values as
+    computing again). Samples are ordered index-major, so --max-minutes cuts the same
+    number of samples from every task and length, and the hidden-state samples come first."""
     from tqdm.auto import tqdm
 
     from ..arguments import spava_config_from_args
@@ -218,6 +224,13 @@ def run(args) -> Optional[dict]:
                            replica=ps.get_data_parallel_rank(), replicas=ps.get_data_parallel_world_size()))
     records: List[dict] = []
     hidden: List[dict] = []
+    # The reference runs on rank 0 (its records and every KL, computed there at the end), and
+    # on every rank for the samples whose hidden-state errors are measured (each rank compares
+    # its own rows) and under FP8 (TE reduces amaxes over the model-parallel group in every
+    # forward). Other ranks would compute the same values: full attention of one prompt on
+    # one rank is the same computation everywhere.
+    everywhere = bool(args.fp8_format)
+    reference: Dict[tuple, torch.Tensor] = {}  # rank 0: (tokens, task, index) -> first-token logits
     done, stopped = 0, False
     bar = tqdm(total=len(flat), disable=rank != 0, desc="needle eval", unit="sample")
     for i, (tokens, s) in enumerate(flat):
@@ -229,16 +242,19 @@ def run(args) -> Optional[dict]:
                 break
         inputs = prompter.inputs(s, render_frames(s, device))
         measure = s.index < args.hidden_samples
-        if measure:
-            full_capture.arm()
-        full = generate(full_model, inputs, algo="full", cp_group=full_group, max_new_tokens=max_new,
-                        device=device, group=full_group)
         base = dict(tokens=tokens, task=s.task, index=s.index, answer=s.answer,
                     prompt_tokens=int(inputs.input_ids.shape[1]))
+        if rank == 0 or measure or everywhere:
+            if measure:
+                full_capture.arm()
+            full = generate(full_model, inputs, algo="full", cp_group=full_group, max_new_tokens=max_new,
+                            device=device, group=full_group)
         if rank == 0:
+            reference[(tokens, s.task, s.index)] = full.first_logits
             pred = prompter.decode(full.tokens)
             records.append(dict(algo="full", cp=1, **base, prediction=pred, correct=score(pred, s.answer),
                                 kl=0.0, ttft_s=full.ttft_s))
+        videos: dict = {}  # this sample's vision embeddings and positions, once per model (and CP group)
         for st in setups:
             if i % st["replicas"] != st["replica"]:
                 continue
@@ -251,7 +267,7 @@ def run(args) -> Optional[dict]:
                 with measure_recall() as recall:
                     out = generate(st["model"], inputs, algo=algo, config=spava_base.replace(**changes),
                                    cp_group=st["group"], max_new_tokens=max_new, device=device,
-                                   group=st["group"])
+                                   group=st["group"], prompt_cache=videos)
                 layout = out.layout
                 recall = _layer_recall(recall, len(st["capture"].layers), st["group"], st["cp"], device)
                 if measured:
@@ -264,7 +280,7 @@ def run(args) -> Optional[dict]:
                     pred = prompter.decode(out.tokens)
                     records.append(dict(
                         algo=name, cp=st["cp"], **base, prediction=pred, correct=score(pred, s.answer),
-                        kl=_kl(full.first_logits, out.first_logits), ttft_s=out.ttft_s, recall=recall,
+                        kl=None, first_logits=out.first_logits, ttft_s=out.ttft_s, recall=recall,
                         where=needle_blocks(s, layout, prompter.group_token),
                         anchor_len=getattr(layout, "anchor_len", None),
                         block_len=getattr(layout, "block_len", None),
@@ -278,6 +294,10 @@ def run(args) -> Optional[dict]:
     if rank != 0:
         return None
     records = [r for part in everything for r in part[0]]
+    for r in records:  # KL(full || algo) of the first-token distributions, against rank 0's reference
+        logits = r.pop("first_logits", None)
+        if logits is not None:
+            r["kl"] = _kl(reference[(r["tokens"], r["task"], r["index"])], logits)
     hidden = [h for part in everything for h in part[1]]
     meta = _meta(args, world, cp_sizes, checkpoint, device, wanted)
     meta.update(samples_done=done, samples_planned=len(flat), stopped_by_time_limit=stopped,
