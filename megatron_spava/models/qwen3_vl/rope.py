@@ -17,7 +17,6 @@ Qwen2.5-VL's contiguous t | h | w sections.
 
 from __future__ import annotations
 
-from itertools import groupby
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -49,12 +48,20 @@ def rope_index(input_ids: Tensor, *, image_token_id: int, video_token_id: int, s
     m = spatial_merge_size
     for r in range(b):
         keep = attention_mask[r].bool() if attention_mask is not None else torch.ones(S, dtype=torch.bool)
-        pieces, current = [], 0
-        for kind, run in groupby(types[r][keep].tolist()):
-            length = len(list(run))
+        kinds = types[r][keep]
+        n = kinds.numel()
+        if n == 0:
+            deltas.append(0)
+            continue
+        # runs of equal token type: their starts, lengths and types (one host loop over runs)
+        change = torch.ones(n, dtype=torch.bool)
+        change[1:] = kinds[1:] != kinds[:-1]
+        starts = change.nonzero().flatten()
+        lengths = torch.diff(starts, append=torch.tensor([n]))
+        shape = []  # per run: (advance of the next run's start, rows h' of a group, columns w')
+        for kind, length in zip(kinds[starts].tolist(), lengths.tolist()):
             if kind == 0:
-                pieces.append(torch.arange(length).expand(3, -1) + current)
-                current += length
+                shape.append((length, 0, 0))
                 continue
             name = "image" if kind == 1 else "video frame group"
             try:
@@ -64,13 +71,18 @@ def rope_index(input_ids: Tensor, *, image_token_id: int, video_token_id: int, s
             if t * (h // m) * (w // m) != length:
                 raise ValueError(f"a {name} run of {length} tokens does not match its grid {t}x{h}x{w} "
                                  f"({t * (h // m) * (w // m)} merged tokens)")
-            grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h // m), torch.arange(w // m),
-                                              indexing="ij")).reshape(3, -1)
-            pieces.append(grid + current)
-            current += max(h, w) // m
-        pos = torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, dtype=torch.long)
+            shape.append((max(h, w) // m, h // m, w // m))
+        advance, rows, cols = torch.tensor(shape, dtype=torch.long).unbind(1)
+        current = torch.cumsum(advance, 0) - advance  # each run's first position
+        run = torch.repeat_interleave(torch.arange(len(shape)), lengths)
+        j = torch.arange(n) - starts[run]  # index inside the run
+        text = (cols == 0)[run]
+        area, width = (rows * cols).clamp_min(1)[run], cols.clamp_min(1)[run]
+        # text: j on every axis; a vision run (t, h', w') in t-major order: (j // h'w', j % h'w' // w', j % w')
+        pos = torch.stack([torch.where(text, j, j // area), torch.where(text, j, j % area // width),
+                           torch.where(text, j, j % width)]) + current[run]
         positions[:, r, keep] = pos
-        deltas.append(int(pos.max()) + 1 - pos.shape[1] if pos.numel() else 0)
+        deltas.append(int(pos.max()) + 1 - n)
     leftover = sum(1 for _ in grids[2])
     if leftover:
         raise ValueError(f"{leftover} video frame group(s) have no placeholder run in the prompt")
