@@ -243,6 +243,27 @@ def test_triton_kernel_agrees_with_torch_path_on_gpu():
     assert float((a != b).float().mean()) < 0.01
 
 
+@pytest.mark.cuda
+def test_layer_with_either_merge_on_gpu():
+    """Rank 1 of a 4-rank Spava layout (emulated: `distributed.EmulatedGroup`), bf16, 7B heads,
+    with either merge: the same output up to the last bf16 rounding of some elements."""
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    from megatron_spava.distributed import EmulatedGroup
+    from megatron_spava.testing.reference import random_qkv, relative_error
+    n, lq = 8192, 64
+    q, k, v = random_qkv(n + lq, 1, 28, 4, 128, seed=6, dtype=torch.bfloat16, device="cuda")
+    outs = {}
+    for merge in ("torch", "triton"):
+        layout = SpavaLayout.plan(context_len=n, query_len=lq, cp_size=4, config=SpavaConfig(merge_kernel=merge))
+        idx = layout.local_indices(1).cuda()
+        outs[merge] = spava_attn_func(q[idx], k[idx], v[idx], layout=layout, cp_group=EmulatedGroup(1, 4))
+    a, b = outs["triton"], outs["torch"]
+    assert a.dtype == torch.bfloat16 and torch.isfinite(a.float()).all()
+    assert relative_error(a, b) < 1e-3
+    assert float((a != b).float().mean()) < 0.01
+
+
 # ---- the same kernel in triton's interpreter, on CPU tensors; Spava at CP 2 with either merge ----
 
 def _spava_rank(n, lq, dtype, merge_kernel):
