@@ -96,6 +96,7 @@ def test_every_program_that_starts_ranks_has_the_timeout_flag(program):
 ], ids=["video_qa", "bench_prefill", "eval_needles", "attention_demo"])
 @pytest.mark.parametrize("bad", [["--distributed-timeout-minutes", "0"], ["--distributed-timeout-minutes", "-1"],
                                  ["--nproc", "0"]], ids=["timeout0", "timeout-1", "nproc0"])
+@pytest.mark.slow  # 12 tool start-ups, ~4.5 s each on the 2-core machine
 def test_bad_timeout_and_nproc_are_refused_before_any_rank(tmp_path, cmd, bad):
     out = subprocess.run(cmd + ["--work-dir", str(tmp_path)] * ("megatron_spava.video_qa" in cmd) + bad,
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)

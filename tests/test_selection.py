@@ -184,6 +184,7 @@ def test_no_subscriber_no_report(monkeypatch):
     assert not selection.listening()
 
 
+@pytest.mark.slow  # the tool as a command, ~10 s
 def test_recall_tool_on_random_inputs(tmp_path):
     """tools/selection_recall.py (no trained model): every score of the table is measured;
     the default keeps the planted keys and more of the question's mass than a random pick."""
