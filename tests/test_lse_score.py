@@ -216,8 +216,9 @@ def test_bench_selection_runs_on_cpu(tmp_path):
     out = tmp_path / "sel.json"
     assert run_tool("tools/bench_selection.py", ["--device", "cpu", "--block-len", "301", "--query-len", "3", "17", "--q-heads", "14",
                           "--kv-heads", "2", "--head-dim", "64", "--repeats", "1", "--warmup", "0",
-                          "--json", str(out)]) == 0
+                          "--scores", "rownorm", "mean", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
+    assert all(set(r["scores_ms"]) == {"rownorm", "mean"} and min(r["scores_ms"].values()) > 0 for r in rows)
     assert [(r["block_len"], r["query_len"]) for r in rows] == [(301, 3), (301, 17)]
     for r in rows:
         assert r["max_abs_diff"] < 1e-4 and r["topk_overlap"] > 0.99

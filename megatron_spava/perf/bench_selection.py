@@ -55,7 +55,7 @@ from megatron_spava.perf.kernels import time_ms
 from megatron_spava.algos.spava import SpavaLayout
 from megatron_spava.ops.attention import attend
 from megatron_spava.ops.lse_score import lse_scores
-from megatron_spava.algos.spava.selection import (gather_top, lse_scores_torch, select_passing,
+from megatron_spava.algos.spava.selection import (SCORERS, gather_top, lse_scores_torch, select_passing,
                                                    select_passing_blocks)
 
 
@@ -155,8 +155,14 @@ def main(argv=None):
                    help="cuda (default), or cpu for a smoke run (torch paths; no meaningful times)")
     p.add_argument("--profile", default="16384:512",
                    help="BLOCK:QUERY size whose kernels to list per variant ('' for none; default %(default)s)")
+    p.add_argument("--scores", nargs="+", default=[], metavar="SCORE",
+                   help=f"also time these selection scores through select_passing, the library's path "
+                        f"(from {sorted(SCORERS)}; e.g. rownorm rownorm-max: torch paths, no fused kernel)")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    unknown = [name for name in args.scores if name not in SCORERS]
+    if unknown:
+        p.error(f"--scores: unknown {unknown}; choose from {sorted(SCORERS)}")
     dev, dt = torch.device(args.device), torch.bfloat16
     if dev.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_selection: needs a CUDA GPU (or --device cpu for a smoke run)")
@@ -212,6 +218,8 @@ def main(argv=None):
                 "rank_mean": rank_call["mean"],
                 "rank_lse": rank_call["lse"],
                 "rank_lse_one_call": lambda: one_call_select(qq, k2, v2, 2, budget, 5, scale),
+                **{f"score:{name}": (lambda name=name: select_passing(k, v, qq, budget, 5, scale, name))
+                   for name in args.scores},
             }
             t = {name: timer(fn, args.repeats, args.warmup)[0] for name, fn in fns.items()}
             tg = {name: gpu_time_ms(fn, args.repeats, args.warmup)[0] for name, fn in fns.items()
@@ -237,7 +245,7 @@ def main(argv=None):
                        gpu_rank_met=(tg["rank_lse"] <= max(1.5 * tg["rank_mean"], 0.1 * attn)) if tg else None,
                        floor_ms=max(floors.values()),
                        max_abs_diff=max_diff, topk_overlap=overlap, config=kern.best_config() if kern else None,
-                       tuning_ms=tuning, **floors)
+                       tuning_ms=tuning, scores_ms={name: t[f"score:{name}"] for name in args.scores}, **floors)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{device_name}, bf16, hq={hq} hk={hk} d={d}, CP {args.cp} default budget; "
@@ -252,6 +260,15 @@ def main(argv=None):
               f"{'yes' if r['met'] else 'NO'} | {r['fused_score_ms']:.3f} | {r['floor_ms']:.3f} "
               f"({r['flops_ms']:.3f} / {r['bytes_ms']:.4f} / {r['exp_ms']:.3f}) | {r['config']} | "
               f"{r['max_abs_diff']:.1e} | {r['topk_overlap']:.3f} |")
+    if args.scores:
+        print("\nOther scores (--scores), one block through select_passing; against the mean probe and "
+              "the block's causal attention")
+        print("| block | query | score | ms | / mean | / attention |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            for name, ms in r["scores_ms"].items():
+                print(f"| {r['block_len']} | {r['query_len']} | {name} | {ms:.3f} | {ms / r['mean_ms']:.2f} | "
+                      f"{100 * ms / r['attention_ms']:.1f}% |")
     print("\nPer rank: the two blocks a rank selects, one select_passing_blocks call (idle clock); "
           "target = max(1.5 x mean, 5% of the two blocks' attention)")
     print("| block | query | rank mean ms | rank lse ms | lse / mean | lse per block ms | lse / attention | "
