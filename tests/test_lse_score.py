@@ -196,14 +196,21 @@ def test_triton_kernel_in_interpreter():
     """The kernel itself (masks, tiles, GQA indexing, strides) on CPU tensors, where triton is
     installed (CI's CUDA-torch leg has it as torch's dependency). A subprocess, because
     TRITON_INTERPRET must be set before triton is first imported."""
+    run_interpreter_cases("test_lse_score", timeout=300)
+
+
+def run_interpreter_cases(module: str, timeout: int):
+    """Run tests/<module>.py's interpreter_cases() in a subprocess with TRITON_INTERPRET=1
+    (it must be set before triton is first imported) and no GPU; skip where triton or its
+    interpreter is missing; fail unless it printed "interpreter ok"."""
     reason = _interpreter_skip_reason()
     if reason:
         pytest.skip(reason)
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", "import test_lse_score as t; t.interpreter_cases()"],
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", f"import {module} as t; t.interpreter_cases()"],
+                       env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0 and "interpreter ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 

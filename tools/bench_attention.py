@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
@@ -70,10 +69,8 @@ def parse_args(argv=None):
 
 def bench_merge(args):
     """--merge: the table of merge times against their floors (module docstring)."""
-    import time
-
     from megatron_spava.ops.lse_score import triton_available
-    from megatron_spava.perf.kernels import copy_rate, merge_times
+    from megatron_spava.perf.kernels import copy_rate, cpu_time_ms, merge_times
     if triton_available():
         from megatron_spava.ops import _merge_triton
     device = torch.device(args.device)
@@ -81,17 +78,7 @@ def bench_merge(args):
         name = torch.cuda.get_device_properties(0).name
         timer = lambda fn, r, w: time_ms(fn, r, w, sleep_cycles=4_000_000)  # noqa: E731
     else:
-        name = "cpu (smoke run)"
-
-        def timer(fn, repeats, warmup):
-            for _ in range(warmup):
-                fn()
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append(1e3 * (time.perf_counter() - t0))
-            return statistics.median(times), min(times), max(times)
+        name, timer = "cpu (smoke run)", cpu_time_ms
     rate = copy_rate(device, (1 << 30) if device.type == "cuda" else (16 << 20))
     hq, d = args.q_heads, args.head_dim
     configs = _merge_triton.CONFIGS if device.type == "cuda" and triton_available() else ()

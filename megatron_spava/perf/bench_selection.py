@@ -42,15 +42,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-from megatron_spava.perf.kernels import time_ms
+from megatron_spava.perf.kernels import cpu_time_ms, time_ms
 
 from megatron_spava.algos.spava import SpavaLayout
 from megatron_spava.ops.attention import attend
@@ -104,18 +102,6 @@ def kernel_profile(fn, reps=5):
     kernels = sorted(([n, c / reps, t / reps] for n, (c, t) in per.items()), key=lambda r: -r[2])
     return dict(kernels_per_call=sum(r[1] for r in kernels), kernel_us_per_call=sum(r[2] for r in kernels),
                 syncs_per_call=syncs / reps, kernels=kernels)
-
-
-def cpu_time_ms(fn, repeats, warmup):
-    """time_ms's (median, min, max) on the CPU (--device cpu: a smoke run of this script)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), min(times), max(times)
 
 
 def ceilings(dev, timer, repeats=10):

@@ -123,6 +123,19 @@ def time_ms(fn, repeats, warmup, sleep_cycles: int = 0):
     return statistics.median(times), min(times), max(times)
 
 
+def cpu_time_ms(fn, repeats, warmup):
+    """time_ms's (median, min, max) milliseconds on the CPU, by the host clock (a benchmark's
+    --device cpu smoke run)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), min(times), max(times)
+
+
 def merge_inputs(kind: str, rows: int, heads: int, d: int, parts: int, device, seed: int = 0):
     """The partials and destination of one of Spava's LSE merges, as the layer has them.
 
