@@ -112,6 +112,41 @@ def get_gpt_layer_spec(backend: str = "local", *, algo: Optional[str] = None, co
     return spec
 
 
+# ---- the language model's fused kernels (Megatron-LM's defaults on TE layers) -------------
+
+LM_FUSIONS = ("none", "megatron", "te-ops")
+
+
+def resolve_lm_fusions(choice: Optional[str], backend: str) -> str:
+    """The language model's fusions for `backend` ("local"/"te" or a --transformer-impl name):
+    `choice` checked, or its default when None: "megatron" on TE layers, "none" on local ones.
+
+    "none": every elementwise stage its own PyTorch kernels (what runs on the CPU);
+    "megatron": what Megatron-LM turns on by default, megatron-core's fused SwiGLU and
+    residual add (`bias_activation_fusion`, `bias_dropout_fusion`) and TE's fused RoPE
+    (`apply_rope_fusion`); "te-ops": "megatron" plus TE's operation fuser for the MLP
+    (`use_te_op_fuser`). Anything but "none" needs TE layers (TE provides the fused RoPE;
+    the fused paths are CUDA kernels). Same math; roundings may differ in the last bits."""
+    backend = _backend(backend)
+    choice = choice or ("megatron" if backend == "te" else "none")
+    if choice not in LM_FUSIONS:
+        raise ValueError(f"lm_fusions={choice!r}: choose one of {LM_FUSIONS}")
+    if choice != "none" and backend != "te":
+        raise ValueError(f"lm_fusions={choice!r} needs Transformer Engine layers "
+                         f"(--transformer-impl transformer_engine); local layers run 'none'")
+    return choice
+
+
+def lm_fusion_settings(choice: Optional[str], backend: str) -> Tuple[Dict[str, bool], Dict[str, bool]]:
+    """(TransformerConfig fields, get_gpt_layer_spec kwargs) of the fusions `choice`
+    (`resolve_lm_fusions`) for `backend`."""
+    choice = resolve_lm_fusions(choice, backend)
+    on = choice != "none"
+    config = dict(bias_activation_fusion=on, bias_dropout_fusion=on, apply_rope_fusion=on)
+    spec = dict(use_te_op_fuser=True) if choice == "te-ops" else {}
+    return config, spec
+
+
 # ---- the command line: --transformer-impl and --cp-comm-type -------------------------
 
 def add_transformer_impl_arg(parser: argparse.ArgumentParser, *,

@@ -315,3 +315,33 @@ def test_megatron_layout_errors_and_te_requirement():
     if not specs.te_available():
         with pytest.raises(ImportError, match="transformer_engine"):
             core_attention_for("megatron", "p2p")
+
+
+def test_lm_fusions_follow_megatron_lms_defaults_on_te_layers_only(mocked_te):
+    """'megatron' (the TE default) turns on the fusions Megatron-LM turns on by default;
+    local layers run none of them; 'te-ops' adds TE's fused MLP to the layer spec; a fused
+    choice on local layers or an unknown one is one clear error."""
+    assert specs.resolve_lm_fusions(None, "local") == "none"
+    assert specs.resolve_lm_fusions(None, "transformer_engine") == "megatron"
+    fields = ("bias_activation_fusion", "bias_dropout_fusion", "apply_rope_fusion")
+    config, spec = specs.lm_fusion_settings(None, "local")
+    assert config == dict.fromkeys(fields, False) and spec == {}
+    config, spec = specs.lm_fusion_settings(None, "te")
+    assert config == dict.fromkeys(fields, True) and spec == {}
+    config, spec = specs.lm_fusion_settings("te-ops", "te")
+    assert config == dict.fromkeys(fields, True) and spec == {"use_te_op_fuser": True}
+    mlp = specs.get_gpt_layer_spec("te", **spec).submodules.mlp
+    assert mlp.module is mocked_te.TEFusedMLP
+    assert specs.get_gpt_layer_spec("te").submodules.mlp.module is not mocked_te.TEFusedMLP
+    with pytest.raises(ValueError, match="needs Transformer Engine layers"):
+        specs.lm_fusion_settings("megatron", "local")
+    with pytest.raises(ValueError, match="choose one of"):
+        specs.resolve_lm_fusions("all", "te")
+
+
+def test_bench_prefill_refuses_fusions_on_local_layers(capsys):
+    from megatron_spava.perf import bench_prefill
+    with pytest.raises(SystemExit):
+        bench_prefill.main(["--device", "cpu", "--transformer-impl", "local", "--lm-fusions", "megatron",
+                            "--tokens", "1024"])
+    assert "--lm-fusions megatron needs --transformer-impl transformer_engine" in capsys.readouterr().err

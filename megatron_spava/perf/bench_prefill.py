@@ -62,6 +62,7 @@ import torch.distributed as dist
 
 from . import kernels, layer
 from ..models import registry as _families
+from ..specs import LM_FUSIONS, resolve_lm_fusions
 from .work import Shape
 from .inputs import prompt_lengths, synthetic_inputs, vision_flops_per_group  # noqa: F401 (this module's API)
 
@@ -105,12 +106,16 @@ def parse_args(argv=None):
     p.add_argument("--shard-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="CP algorithms keep 1/W of each LLM layer's weights per GPU, gathered layer "
                         "by layer (the model's shard_weights) (default: on)")
+    p.add_argument("--lm-fusions", choices=LM_FUSIONS, default=None,
+                   help="the language model's fused kernels on TE layers: 'megatron' (Megatron-LM's "
+                        "defaults: fused SwiGLU, residual add and RoPE), 'te-ops' (plus TE's operation "
+                        "fuser for the MLP) or 'none' (default: 'megatron' on TE layers, 'none' on local)")
     p.add_argument("--rate-tokens", type=int, default=None,
                    help="rows of the GEMM and causal-attention calls that measure the roofline's "
                         "rates (default: the largest --tokens, at most 65536 on CUDA, 1024 on CPU)")
     p.add_argument("--profile-comm", action="store_true", help="measure exposed communication")
     p.add_argument("--profile-kernels", metavar="DIR",
-                   help="one extra spava run per n under torch.profiler: print the 25 costliest "
+                   help="one extra spava run per n under torch.profiler: print the 40 costliest "
                         "kernels and write a Chrome trace per rank into DIR")
     p.add_argument("--json", help="write results here (rewritten after every n)")
     p.add_argument("--plot", help="write a PNG of speedup vs tokens here (needs matplotlib)")
@@ -155,6 +160,9 @@ def parse_args(argv=None):
         error = fp8_error(args.fp8_format, args.fp8_recipe, args.device, args.transformer_impl)
         if error:
             p.error(error)
+    if args.lm_fusions not in (None, "none") and args.transformer_impl == "local":
+        p.error(f"--lm-fusions {args.lm_fusions} needs --transformer-impl transformer_engine "
+                f"(local layers run 'none')")
     wanted = [a for a in (args.algos or []) if variant_option(a)]  # their own (TE) core attention
     if wanted:
         from megatron_spava.specs import te_available
@@ -220,14 +228,15 @@ def algo_and_config(variant: str):
 
 
 def build(shape: str, cp: int, seed: int, device: torch.device, tp: int = 1, backend: str = "local",
-          model: str = "auto", variant=None, cpu_init=None, bf16=None):
+          model: str = "auto", variant=None, cpu_init=None, bf16=None, lm_fusions=None):
     """The model at `shape` with random weights (the same on every rank), under a fresh
     TP x CP parallel state; variant: an `<algo>-<option>` variant (`variant_option`): build
     it with its algorithm's own core-attention module for that option (megatron-a2a:
     Megatron's own CP attention, Transformer Engine's, with that communication) instead of
     SpavaCoreAttention. cpu_init:
     megatron-core's CPU initialisation (the full weight drawn, then sliced: the same weights
-    at every TP size; default on CPU only); bf16: bfloat16 (default on CUDA only)."""
+    at every TP size; default on CPU only); bf16: bfloat16 (default on CUDA only); lm_fusions:
+    the language model's fused kernels (`specs.lm_fusion_settings`; None: its default)."""
     from megatron_spava.launch import model_parallel_state
 
     ps = model_parallel_state(tp, cp)
@@ -245,7 +254,8 @@ def build(shape: str, cp: int, seed: int, device: torch.device, tp: int = 1, bac
     dtype = torch.bfloat16 if (cuda if bf16 is None else bf16) else torch.float32
     with torch.device("cpu" if cpu_init else device):
         built = Model(cfg, dtype=dtype, tensor_parallel=tp, context_parallel=cp,
-                      use_cpu_initialization=cpu_init, backend=backend, **extra).eval()
+                      use_cpu_initialization=cpu_init, backend=backend, lm_fusions=lm_fusions,
+                      **extra).eval()
     return built.to(device), ps
 
 
@@ -392,7 +402,7 @@ def run_algo(model, ps, inputs, algo: str, args, group=None):
             args.profile_kernels, f"spava_n{inputs.input_ids.shape[1]}_rank{dist.get_rank()}.json"))
         if dist.get_rank() == 0:
             sort = "cuda_time_total" if cuda else "cpu_time_total"
-            print(prof.key_averages().table(sort_by=sort, row_limit=25), flush=True)
+            print(prof.key_averages().table(sort_by=sort, row_limit=40), flush=True)
     if args.profile_comm and algo == "spava" and cuda:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             generate(model, inputs, **kwargs)
@@ -553,6 +563,7 @@ def bench(args):
         raise ValueError(error)
     precisions = (["bf16", "fp8"] if args.fp8_compare else ["fp8"]) if args.fp8_format else ["bf16"]
     results = dict(shape=args.shape, model=family_of(args.shape, args.model), world=world, tp=tp, cp=cp, device=name, transformer_impl=impl,
+                   lm_fusions=resolve_lm_fusions(args.lm_fusions, impl),
                    torch=torch.__version__, date=time.strftime("%Y-%m-%d"), runs={},
                    emulated=dict(cp=cp, rank=args.emulate_rank) if emulated else None,
                    fp8=dict(format=args.fp8_format, recipe=args.fp8_recipe) if args.fp8_format else None)
@@ -584,7 +595,7 @@ def bench(args):
     for size, module, algos, shard in groups:
         set_phase(f"building the model for {', '.join(algos)} (CP {size}{', emulated' if emulated else ''})")
         model, ps = build(args.shape, 1 if emulated else size, args.seed, args.device_obj, tp, impl, args.model,
-                          variant=module)
+                          variant=module, lm_fusions=args.lm_fusions)
         sharded = None
         if shard and size > 1 and not emulated:
             sharded = model.shard_weights(ps.get_context_parallel_group())

@@ -24,7 +24,7 @@ from torch import Tensor
 from megatron.core.models.gpt.gpt_model import GPTModel
 
 from ...modules import use_spava_rope
-from ...specs import backend_for_impl, cast_parameters, get_gpt_layer_spec
+from ...specs import backend_for_impl, cast_parameters, get_gpt_layer_spec, lm_fusion_settings
 from ..common.frame_parallel import encode_frame_parallel, split_groups
 from ..common.vision import vision_tp_config
 from ..common.vlm import TokenPositions, VideoLanguageModel, qwen2_text_config
@@ -48,11 +48,12 @@ class InternVL3Model(VideoLanguageModel):
     def __init__(self, cfg: InternVL3Config, *, tensor_parallel: int = 1, context_parallel: int = 1,
                  dtype: torch.dtype = torch.float32, backend: str = "local", core_attention=None,
                  use_cpu_initialization: bool = True, perform_initialization: bool = True,
-                 max_sequence_length: int = 1 << 20):
+                 max_sequence_length: int = 1 << 20, lm_fusions: Optional[str] = None):
         cfg.validate(tensor_parallel)
+        fused_config, fused_spec = lm_fusion_settings(lm_fusions, backend)
         text = qwen2_text_config(cfg, tensor_parallel=tensor_parallel, context_parallel=context_parallel,
                                  dtype=dtype, use_cpu_initialization=use_cpu_initialization,
-                                 perform_initialization=perform_initialization)
+                                 perform_initialization=perform_initialization, **fused_config)
         super().__init__(config=text)
         self.cfg = cfg
         self.backend = backend_for_impl(backend)
@@ -62,7 +63,8 @@ class InternVL3Model(VideoLanguageModel):
         self.multi_modal_projector = InternVLProjector(cfg, vision_tp, self.backend)
         self.language_model = GPTModel(
             config=text, transformer_layer_spec=get_gpt_layer_spec(
-                self.backend, core_attention=core_attention, normalization=text.normalization),
+                self.backend, core_attention=core_attention, normalization=text.normalization,
+                **fused_spec),
             vocab_size=cfg.padded_vocab_size, max_sequence_length=max_sequence_length,
             position_embedding_type="rope", rotary_base=cfg.rope_theta,
             share_embeddings_and_output_weights=cfg.tie_word_embeddings, parallel_output=False)

@@ -24,7 +24,7 @@ from torch import Tensor
 from megatron.core.models.gpt.gpt_model import GPTModel
 
 from ...modules import use_spava_rope
-from ...specs import backend_for_impl, cast_parameters, get_gpt_layer_spec
+from ...specs import backend_for_impl, cast_parameters, get_gpt_layer_spec, lm_fusion_settings
 from ..common.frame_parallel import encode_frame_parallel, split_groups
 from ..common.vision import vision_tp_config
 from ..common.vlm import VideoLanguageModel, qwen2_text_config
@@ -48,19 +48,20 @@ class Qwen25VLModel(VideoLanguageModel):
     def __init__(self, cfg: Qwen25VLConfig, *, tensor_parallel: int = 1, context_parallel: int = 1,
                  dtype: torch.dtype = torch.float32, backend: str = "local", core_attention=None,
                  use_cpu_initialization: bool = True, perform_initialization: bool = True,
-                 max_sequence_length: int = 1 << 20):
+                 max_sequence_length: int = 1 << 20, lm_fusions: Optional[str] = None):
         cfg.validate(tensor_parallel)
+        fused_config, fused_spec = lm_fusion_settings(lm_fusions, backend)
         text = qwen2_text_config(cfg, tensor_parallel=tensor_parallel, context_parallel=context_parallel,
                                  dtype=dtype, use_cpu_initialization=use_cpu_initialization,
                                  perform_initialization=perform_initialization,
-                                 mrope_section=list(cfg.mrope_section))
+                                 mrope_section=list(cfg.mrope_section), **fused_config)
         super().__init__(config=text)
         self.cfg = cfg
         self.visual = VisionEncoder(cfg.vision, vision_tp_config(
             cfg.vision, tensor_parallel, dtype, use_cpu_initialization, perform_initialization))
         self.language_model = GPTModel(
             config=text, transformer_layer_spec=get_gpt_layer_spec(
-                backend, core_attention=core_attention, normalization=text.normalization),
+                backend, core_attention=core_attention, normalization=text.normalization, **fused_spec),
             vocab_size=cfg.vocab_size, max_sequence_length=max_sequence_length,
             position_embedding_type="mrope", rotary_base=cfg.rope_theta,
             share_embeddings_and_output_weights=cfg.tie_word_embeddings, parallel_output=False)

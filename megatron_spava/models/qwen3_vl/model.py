@@ -27,7 +27,7 @@ from torch import Tensor
 
 from megatron.core.models.gpt.gpt_model import GPTModel
 
-from ...specs import backend_for_impl, cast_parameters, get_gpt_layer_spec
+from ...specs import backend_for_impl, cast_parameters, get_gpt_layer_spec, lm_fusion_settings
 from ..common.vision import vision_tp_config
 from ..common.vlm import VideoLanguageModel
 from ..qwen2_5_vl.model import encode_video_frame_parallel, split_frame_groups  # noqa: F401
@@ -37,12 +37,14 @@ from .vision import Qwen3VLVisionEncoder
 
 
 def qwen3_text_config(cfg: Qwen3VLConfig, *, tensor_parallel: int, context_parallel: int,
-                      dtype: torch.dtype, use_cpu_initialization: bool, perform_initialization: bool):
+                      dtype: torch.dtype, use_cpu_initialization: bool, perform_initialization: bool,
+                      **extra):
     """megatron-core's TransformerConfig of the Qwen3 language model: no QKV bias, QK-norm
     (RMSNorm over head_dim, megatron-core's qk_layernorm), explicit head_dim; for MoE,
     megatron-core's MoE layer with Qwen's router (top-k of the logits, softmax over those k =
     HF's softmax, top-k, re-normalise), no load balancing (inference), experts one after
-    another (SequentialMLP) behind the all-gather dispatcher, expert TP = TP."""
+    another (SequentialMLP) behind the all-gather dispatcher, expert TP = TP. `extra`: more
+    TransformerConfig fields (the fusions of `specs.lm_fusion_settings`)."""
     import torch.nn.functional as F
 
     from ..gpt import gpt_config
@@ -58,7 +60,7 @@ def qwen3_text_config(cfg: Qwen3VLConfig, *, tensor_parallel: int, context_paral
         tensor_parallel=tensor_parallel, context_parallel=context_parallel, dtype=dtype,
         kv_channels=cfg.head_dim, layernorm_epsilon=cfg.rms_norm_eps, add_qkv_bias=False,
         qk_layernorm=True, activation_func=F.silu, use_cpu_initialization=use_cpu_initialization,
-        perform_initialization=perform_initialization, **moe)
+        perform_initialization=perform_initialization, **moe, **extra)
 
 
 def _moe_router_without_te() -> None:
@@ -86,11 +88,12 @@ class Qwen3VLModel(VideoLanguageModel):
     def __init__(self, cfg: Qwen3VLConfig, *, tensor_parallel: int = 1, context_parallel: int = 1,
                  dtype: torch.dtype = torch.float32, backend: str = "local", core_attention=None,
                  use_cpu_initialization: bool = True, perform_initialization: bool = True,
-                 max_sequence_length: int = 1 << 20):
+                 max_sequence_length: int = 1 << 20, lm_fusions: Optional[str] = None):
         cfg.validate(tensor_parallel)
+        fused_config, fused_spec = lm_fusion_settings(lm_fusions, backend)
         text = qwen3_text_config(cfg, tensor_parallel=tensor_parallel, context_parallel=context_parallel,
                                  dtype=dtype, use_cpu_initialization=use_cpu_initialization,
-                                 perform_initialization=perform_initialization)
+                                 perform_initialization=perform_initialization, **fused_config)
         super().__init__(config=text)
         self.cfg = cfg
         self.backend = backend_for_impl(backend)
@@ -101,7 +104,7 @@ class Qwen3VLModel(VideoLanguageModel):
         self.language_model = GPTModel(
             config=text, transformer_layer_spec=get_gpt_layer_spec(
                 self.backend, core_attention=core_attention, normalization=text.normalization,
-                qk_layernorm=True, num_experts=cfg.num_experts or None),
+                qk_layernorm=True, num_experts=cfg.num_experts or None, **fused_spec),
             vocab_size=cfg.vocab_size, max_sequence_length=max_sequence_length,
             position_embedding_type="none",  # the interleaved M-RoPE is computed in forward
             share_embeddings_and_output_weights=cfg.tie_word_embeddings, parallel_output=False)
