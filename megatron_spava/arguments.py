@@ -87,7 +87,7 @@ def add_spava_args(parser: argparse.ArgumentParser, *, algorithm: bool = True) -
                            help=f"ablation: {effect}")
     group.add_argument("--spava-kernel", choices=KERNELS, default="auto",
                        help="attention kernel (default: %(default)s: fastest measured for the device)")
-    group.add_argument("--spava-merge-kernel", choices=MERGE_KERNELS, default="torch",
+    group.add_argument("--spava-merge-kernel", choices=MERGE_KERNELS, default="auto",
                        help="LSE merge of attention partials: torch (elementwise ops), triton (one fused "
                             "kernel; CUDA) or auto (triton on CUDA where it imports) (default: %(default)s)")
     group.add_argument("--spava-check-ranks-agree", action="store_true",

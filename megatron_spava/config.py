@@ -102,10 +102,11 @@ class SpavaConfig:
       kernel: attention kernel, one of KERNELS; "auto" picks the fastest measured one
         for the device and dtype (see ops.attention).
       merge_kernel: the LSE merge of attention partials (`ops.attention.merge_partials`), one of
-        MERGE_KERNELS: "torch" (elementwise torch ops; the default until a device run has
-        timed the kernel), "triton" (one fused kernel that reads each partial once and writes
-        the layer's output in its dtype; needs triton and CUDA tensors, else ValueError before
-        any collective) or "auto" (triton on CUDA where triton imports, else torch).
+        MERGE_KERNELS: "torch" (elementwise torch ops), "triton" (one fused kernel that reads
+        each partial once and writes the layer's output in its dtype; needs triton and CUDA
+        tensors, else ValueError before any collective) or "auto" (the default: triton on CUDA
+        where triton imports, else torch; on one H100 the kernel runs at its bytes floor, 6x
+        faster than the torch path: BENCHMARKS.md section 13).
       check_ranks_agree: validate inputs collectively, so that a bad input seen on one
         rank only still raises on every rank. Costs one small all-reduce and a host sync
         per call; inputs that are bad on every rank raise everywhere without it.
@@ -128,7 +129,7 @@ class SpavaConfig:
     passing: bool = True
     selection: str = "lse"
     kernel: str = "auto"
-    merge_kernel: str = "torch"
+    merge_kernel: str = "auto"
     check_ranks_agree: bool = False
 
     def __post_init__(self) -> None:

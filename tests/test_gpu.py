@@ -128,14 +128,15 @@ def test_no_host_sync_in_the_per_layer_path(world):
 @pytest.mark.parametrize("grid", [(4, 8, 8), (3, 6, 10)])  # uniform windows (slab path); ragged
 def test_vision_encoder_compiled_matches_hf_on_cuda(grid):
     """The vision encoder with torch.compile'd elementwise stages (the CUDA default) against
-    HF transformers' own vision model, float32 on the GPU."""
+    HF transformers' own vision model, float32 on the GPU; also fed from pinned host pixels."""
     if not _gpus():
         pytest.skip("needs a GPU")
     from megatron_spava.models.qwen2_5_vl import Qwen25VLConfig
     from megatron_spava.models.common.checkpoint_io import single_process_parallel_state
     from megatron_spava.models.qwen2_5_vl.convert import load_hf_into_model
-    from megatron_spava.models.qwen2_5_vl.model import Qwen25VLModel
+    from megatron_spava.models.qwen2_5_vl.model import Qwen25VLModel, encode_video_frame_parallel
     from megatron_spava.models.qwen2_5_vl.tiny import tiny_hf_config, tiny_hf_model
+    from megatron_spava.video.inputs import VideoQAInputs, pin_pixels
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
 
     torch.backends.cudnn.allow_tf32 = False  # HF's Conv3d patch embedding would run in TF32 (~3e-4)
@@ -153,5 +154,10 @@ def test_vision_encoder_compiled_matches_hf_on_cuda(grid):
         assert model.visual.compile_elementwise
         with torch.no_grad():
             out = model.visual.cuda()(pixels.cuda(), grid_thw)
+            # the same from page-locked host pixels, copied without blocking (video.inputs.pin_pixels)
+            inputs = pin_pixels(VideoQAInputs(torch.zeros(1, 1, dtype=torch.long), pixels, grid_thw))
+            assert inputs.pixel_values_videos.is_pinned() and not pixels.is_pinned()
+            pinned = encode_video_frame_parallel(model.visual, inputs.pixel_values_videos, grid_thw)
     err = relative_error(out, ref)
     assert err < 1e-5, err
+    assert relative_error(pinned, ref) < 1e-5

@@ -163,7 +163,7 @@ def test_bench_merge_smoke_run_on_cpu(tmp_path, interpreted=False):
 def test_switch_config_flag_and_variant():
     from megatron_spava.algos.registry import parse_variant, variant_config
     from megatron_spava.arguments import add_spava_args, spava_config_from_args
-    assert SpavaConfig().merge_kernel == "torch"
+    assert SpavaConfig().merge_kernel == "auto"
     assert set(MERGE_IMPLS) == {"torch", "triton", "auto"}
     with pytest.raises(ValueError, match="merge_kernel must be one of"):
         SpavaConfig(merge_kernel="cuda")
@@ -175,7 +175,7 @@ def test_switch_config_flag_and_variant():
         parse_variant("spava-merge-fast")
     parser = argparse.ArgumentParser()
     add_spava_args(parser)
-    assert spava_config_from_args(parser.parse_args([])).merge_kernel == "torch"
+    assert spava_config_from_args(parser.parse_args([])).merge_kernel == "auto"
     assert spava_config_from_args(parser.parse_args(["--spava-merge-kernel", "triton"])).merge_kernel == "triton"
     # auto: torch on CPU tensors; an unknown name: one line
     assert resolve_merge("auto", torch.device("cpu")) == "torch"

@@ -63,6 +63,7 @@ import torch.distributed as dist
 from . import kernels, layer
 from ..models import registry as _families
 from ..specs import LM_FUSIONS, resolve_lm_fusions
+from ..video.inputs import pin_pixels
 from .work import Shape
 from .inputs import prompt_lengths, synthetic_inputs, vision_flops_per_group  # noqa: F401 (this module's API)
 
@@ -110,6 +111,10 @@ def parse_args(argv=None):
                    help="the language model's fused kernels on TE layers: 'megatron' (Megatron-LM's "
                         "defaults: fused SwiGLU, residual add and RoPE), 'te-ops' (plus TE's operation "
                         "fuser for the MLP) or 'none' (default: 'megatron' on TE layers, 'none' on local)")
+    p.add_argument("--pin-pixels", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, keep the video's pixels in page-locked host memory, as a decoding "
+                        "pipeline would, so each rank's slice is copied to the GPU by DMA without "
+                        "blocking the host (video.inputs.pin_pixels) (default: on)")
     p.add_argument("--rate-tokens", type=int, default=None,
                    help="rows of the GEMM and causal-attention calls that measure the roofline's "
                         "rates (default: the largest --tokens, at most 65536 on CUDA, 1024 on CPU)")
@@ -563,7 +568,7 @@ def bench(args):
         raise ValueError(error)
     precisions = (["bf16", "fp8"] if args.fp8_compare else ["fp8"]) if args.fp8_format else ["bf16"]
     results = dict(shape=args.shape, model=family_of(args.shape, args.model), world=world, tp=tp, cp=cp, device=name, transformer_impl=impl,
-                   lm_fusions=resolve_lm_fusions(args.lm_fusions, impl),
+                   lm_fusions=resolve_lm_fusions(args.lm_fusions, impl), pinned_pixels=args.pin_pixels and args.device_obj.type == "cuda",
                    torch=torch.__version__, date=time.strftime("%Y-%m-%d"), runs={},
                    emulated=dict(cp=cp, rank=args.emulate_rank) if emulated else None,
                    fp8=dict(format=args.fp8_format, recipe=args.fp8_recipe) if args.fp8_format else None)
@@ -603,6 +608,8 @@ def bench(args):
             if size == 1 and n > args.full_max_tokens:
                 continue
             inputs = synthetic_inputs(model.cfg, n, args.seed, multiple)
+            if args.pin_pixels and args.device_obj.type == "cuda":
+                inputs = pin_pixels(inputs)  # as a decoding pipeline leaves them (not timed)
             for algo in algos:
                 group, me = ps.get_context_parallel_group(), 0
                 if emulated and size > 1:

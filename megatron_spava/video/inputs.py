@@ -5,6 +5,7 @@ prompt with dataclasses.replace) and `frame_groups` (the units frame parallelism
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,3 +46,21 @@ class InternVLInputs:
     def frame_groups(self) -> int:
         """Frames (each its own group)."""
         return int(self.pixel_values.shape[0])
+
+
+def pin_pixels(inputs):
+    """A copy of `inputs` (any of the types above) whose pixel tensors (fields named
+    pixel_values*) sit in page-locked host memory, as a decoding pipeline on a CUDA machine
+    leaves its frames: each rank's slice then reaches the GPU by DMA at the bus's speed and
+    without blocking the host (`to_device`), instead of through a pageable staging copy
+    (92 ms for one rank's 616 MB of float32 patches at 128K tokens, 7B shape, one H100:
+    BENCHMARKS.md section 13). Needs CUDA."""
+    pinned = {f.name: getattr(inputs, f.name).pin_memory() for f in dataclasses.fields(inputs)
+              if f.name.startswith("pixel_values") and isinstance(getattr(inputs, f.name), Tensor)}
+    return dataclasses.replace(inputs, **pinned)
+
+
+def to_device(pixels: Tensor, device) -> Tensor:
+    """pixels on `device`: asynchronously when they are page-locked (`pin_pixels`), in stream
+    order with the kernels that read them."""
+    return pixels.to(device, non_blocking=pixels.is_pinned())

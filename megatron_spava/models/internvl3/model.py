@@ -25,6 +25,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 
 from ...modules import use_spava_rope
 from ...specs import backend_for_impl, cast_parameters, get_gpt_layer_spec, lm_fusion_settings
+from ...video.inputs import to_device
 from ..common.frame_parallel import encode_frame_parallel, split_groups
 from ..common.vision import vision_tp_config
 from ..common.vlm import TokenPositions, VideoLanguageModel, qwen2_text_config
@@ -129,6 +130,6 @@ def encode_frames_frame_parallel(model: InternVL3Model, pixels: Tensor,
     is moved to the model's device.
     """
     device = model.vision_tower.device
-    encode = lambda lo, hi: model.encode_frames(pixels[lo:hi].to(device)).flatten(0, 1)  # noqa: E731
+    encode = lambda lo, hi: model.encode_frames(to_device(pixels[lo:hi], device)).flatten(0, 1)  # noqa: E731
     return encode_frame_parallel(encode, [model.cfg.tokens_per_tile] * pixels.shape[0], cp_group,
                                  unit="frame", units="frames")

@@ -25,6 +25,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 
 from ...modules import use_spava_rope
 from ...specs import backend_for_impl, cast_parameters, get_gpt_layer_spec, lm_fusion_settings
+from ...video.inputs import to_device
 from ..common.frame_parallel import encode_frame_parallel, split_groups
 from ..common.vision import vision_tp_config
 from ..common.vlm import VideoLanguageModel, qwen2_text_config
@@ -132,7 +133,7 @@ def encode_video_frame_parallel(visual: VisionEncoder, pixels: Tensor, grid_thw:
             else:
                 local_grid.append([video, 1, h, w])
         grid = torch.tensor([[t, h, w] for _, t, h, w in local_grid], dtype=torch.long)
-        return visual(pixels[starts[lo]:starts[hi]].to(visual.inv_freq.device), grid)
+        return visual(to_device(pixels[starts[lo]:starts[hi]], visual.inv_freq.device), grid)
 
     unit = visual.cfg.spatial_merge_size ** 2
     return encode_frame_parallel(encode, [p // unit for p in patches], cp_group,
