@@ -142,8 +142,9 @@ def qwen_checkpoints(tmp_path_factory):
 
 def _qwen_rank(paths, dtype_name):
     """HF / dist checkpoints (written by local and by TE layers) -> TE and local models:
-    weights bit-identical, and generate() (prefill + decode) agrees; the megatron
-    algorithm at CP=1 agrees with full attention on TE layers."""
+    weights bit-identical, and generate() (prefill + decode) agrees, on TE layers with each
+    choice of fusions (`specs.lm_fusion_settings`: the default "megatron", "none", "te-ops");
+    the megatron algorithm at CP=1 agrees with full attention on TE layers."""
     _exact_math()
     from unittest import mock
     from megatron.core import parallel_state as ps
@@ -161,9 +162,9 @@ def _qwen_rank(paths, dtype_name):
     cfg = Qwen25VLConfig.from_hf(hf)
     initialize_rng_tracker(inference_rng_tracker=True)
 
-    def model(backend, source, core=None):
+    def model(backend, source, core=None, lm_fusions=None):
         m = Qwen25VLModel(cfg, dtype=dtype, backend=backend, core_attention=core,
-                          use_cpu_initialization=True, perform_initialization=False)
+                          use_cpu_initialization=True, perform_initialization=False, lm_fusions=lm_fusions)
         if source == "hf":
             load_hf_into_model(m, hf, tp_rank=0, tp_size=1, progress=False)
         else:
@@ -190,9 +191,11 @@ def _qwen_rank(paths, dtype_name):
 
     results = {}
     with mock.patch.object(gen_module, "plan_layout", plan):
-        for name, backend, algo, core in (("local", "local", "full", None), ("te", "te", "full", None),
-                                          ("te_megatron", "te", "megatron", megatron_core_attention())):
-            m = local if name == "local" else model(backend, ckpt_local, core)
+        for name, backend, algo, core, fusions in (
+                ("local", "local", "full", None, None), ("te", "te", "full", None, None),  # te: "megatron" fusions
+                ("te_unfused", "te", "full", None, "none"), ("te_ops", "te", "full", None, "te-ops"),
+                ("te_megatron", "te", "megatron", megatron_core_attention(), None)):
+            m = local if name == "local" else model(backend, ckpt_local, core, fusions)
             out = gen_module.generate(m, inputs, algo=algo, max_new_tokens=4, eos_token_ids=[],
                                       device=torch.device("cuda"))
             results[name] = (out.tokens, out.first_logits.float())
