@@ -276,3 +276,26 @@ def test_bench_prefill_emulated_rank_with_fp8_on_one_gpu(tmp_path):
         assert r["ttft_median_s"] > 0 and all(r["part_floors_s"][p] >= 0 for p in r["parts_median_s"])
     assert runs["spava"]["predicted"]["ttft_s"] >= runs["spava"]["ttft_median_s"]
     assert "FP8 against bf16" in out.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _te(), reason="needs Transformer Engine")
+def test_bench_prefill_times_several_fusions_in_one_process(tmp_path):
+    """`--lm-fusions none megatron te-ops`: one model per choice in one process (one set of
+    measured rates, so the choices compare within the run), results keyed '<algo>+<fusions>'."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "megatron_spava.perf.bench_prefill", "--shape", "tiny",
+                          "--tokens", "2048", "--algos", "spava", "--emulate-cp", "2",
+                          "--transformer-impl", "transformer_engine", "--lm-fusions", "none", "megatron", "te-ops",
+                          "--repeats", "1", "--warmup", "1", "--json", str(tmp_path / "f.json")],
+                         cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    d = json.load(open(tmp_path / "f.json"))
+    runs = d["runs"]["2048"]
+    assert d["lm_fusions"] == ["none", "megatron", "te-ops"]
+    assert set(runs) == {"spava+none", "spava+megatron", "spava+te-ops"}
+    assert all(r["lm_fusions"] == k.split("+")[1] and r["ttft_median_s"] > 0 for k, r in runs.items())

@@ -12,7 +12,8 @@
 #      peak 69.7 GiB: it may not fit an H100's 79 GiB with FP8's extra buffers; a failure
 #      here leaves stage 2's results intact).
 # FP8: --fp8-format $FP8_FORMAT (default e4m3) --fp8-recipe $FP8_RECIPE (default delayed,
-# Megatron's default; tensorwise is the other Hopper recipe).
+# Megatron's default; tensorwise is the other Hopper recipe). The language model's fusions:
+# --lm-fusions $LM_FUSIONS (default megatron, Megatron-LM's; "megatron te-ops" times both).
 #
 # On the device, from the repository root, after installing the wheels (../shared/te/README.md):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -30,6 +31,7 @@ export MEGATRON_SPAVA_COMMIT=${MEGATRON_SPAVA_COMMIT:-$(git rev-parse --short HE
 FP8_FORMAT=${FP8_FORMAT:-e4m3}
 FP8_RECIPE=${FP8_RECIPE:-delayed}
 BUDGET_S=${BUDGET_S:-450}
+LM_FUSIONS=${LM_FUSIONS:-megatron}  # several ("megatron te-ops"): one model each, same process
 t0=$(date +%s)
 
 python3 - > "$OUT/versions.log" 2>&1 <<'EOF'
@@ -41,7 +43,7 @@ EOF
 echo "rc=$? commit $MEGATRON_SPAVA_COMMIT"; cat "$OUT/versions.log"
 
 timeout "${STAGE1_S:-300}" python3 -m megatron_spava.perf.bench_prefill --shape 7b --tokens 131072 262144 \
-    --algos spava full --emulate-cp 4 --transformer-impl transformer_engine \
+    --algos spava full --emulate-cp 4 --transformer-impl transformer_engine --lm-fusions $LM_FUSIONS \
     --fp8-format "$FP8_FORMAT" --fp8-recipe "$FP8_RECIPE" --fp8-compare \
     --full-max-tokens 131072 --repeats 2 --warmup 1 --json "$OUT/emulated.json" > "$OUT/emulated.log" 2>&1
 echo "stage 2 (emulated spava + full 128K) rc=$? after $(( $(date +%s) - t0 )) s"

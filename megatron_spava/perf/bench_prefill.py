@@ -107,10 +107,11 @@ def parse_args(argv=None):
     p.add_argument("--shard-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="CP algorithms keep 1/W of each LLM layer's weights per GPU, gathered layer "
                         "by layer (the model's shard_weights) (default: on)")
-    p.add_argument("--lm-fusions", choices=LM_FUSIONS, default=None,
+    p.add_argument("--lm-fusions", choices=LM_FUSIONS, nargs="+", default=None,
                    help="the language model's fused kernels on TE layers: 'megatron' (Megatron-LM's "
                         "defaults: fused SwiGLU, residual add and RoPE), 'te-ops' (plus TE's operation "
-                        "fuser for the MLP) or 'none' (default: 'megatron' on TE layers, 'none' on local)")
+                        "fuser for the MLP) or 'none'; several: one model each, in this process, results "
+                        "keyed '<algo>+<fusions>' (default: 'megatron' on TE layers, 'none' on local)")
     p.add_argument("--pin-pixels", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, keep the video's pixels in page-locked host memory, as a decoding "
                         "pipeline would, so each rank's slice is copied to the GPU by DMA without "
@@ -165,8 +166,9 @@ def parse_args(argv=None):
         error = fp8_error(args.fp8_format, args.fp8_recipe, args.device, args.transformer_impl)
         if error:
             p.error(error)
-    if args.lm_fusions not in (None, "none") and args.transformer_impl == "local":
-        p.error(f"--lm-fusions {args.lm_fusions} needs --transformer-impl transformer_engine "
+    fused = [f for f in args.lm_fusions or () if f != "none"]
+    if fused and args.transformer_impl == "local":
+        p.error(f"--lm-fusions {fused[0]} needs --transformer-impl transformer_engine "
                 f"(local layers run 'none')")
     wanted = [a for a in (args.algos or []) if variant_option(a)]  # their own (TE) core attention
     if wanted:
@@ -567,8 +569,9 @@ def bench(args):
     if error:
         raise ValueError(error)
     precisions = (["bf16", "fp8"] if args.fp8_compare else ["fp8"]) if args.fp8_format else ["bf16"]
+    fusions = [resolve_lm_fusions(f, impl) for f in args.lm_fusions or [None]]
     results = dict(shape=args.shape, model=family_of(args.shape, args.model), world=world, tp=tp, cp=cp, device=name, transformer_impl=impl,
-                   lm_fusions=resolve_lm_fusions(args.lm_fusions, impl), pinned_pixels=args.pin_pixels and args.device_obj.type == "cuda",
+                   lm_fusions=fusions, pinned_pixels=args.pin_pixels and args.device_obj.type == "cuda",
                    torch=torch.__version__, date=time.strftime("%Y-%m-%d"), runs={},
                    emulated=dict(cp=cp, rank=args.emulate_rank) if emulated else None,
                    fp8=dict(format=args.fp8_format, recipe=args.fp8_recipe) if args.fp8_format else None)
@@ -590,6 +593,7 @@ def bench(args):
     ours = [a for a in args.algos if a not in one_gpu and a not in modules]
     groups = ([(cp, None, ours, args.shard_weights)] if ours else []) + \
         [(cp, a, [a], False) for a in modules] + ([(1, None, one_gpu, False)] if one_gpu else [])
+    groups = [(*g, f) for f in fusions for g in groups]  # one model per group and choice of fusions
     for n in args.tokens:
         results["runs"][str(n)] = {}
     results["shard_weights"] = args.shard_weights
@@ -597,10 +601,11 @@ def bench(args):
     from megatron_spava.distributed import EmulatedGroup
     from megatron_spava.fp8 import set_fp8
     from megatron_spava.perf import emulate as em
-    for size, module, algos, shard in groups:
-        set_phase(f"building the model for {', '.join(algos)} (CP {size}{', emulated' if emulated else ''})")
+    for size, module, algos, shard, fusion in groups:
+        set_phase(f"building the model for {', '.join(algos)} (CP {size}{', emulated' if emulated else ''}, "
+                  f"fusions {fusion})")
         model, ps = build(args.shape, 1 if emulated else size, args.seed, args.device_obj, tp, impl, args.model,
-                          variant=module, lm_fusions=args.lm_fusions)
+                          variant=module, lm_fusions=fusion)
         sharded = None
         if shard and size > 1 and not emulated:
             sharded = model.shard_weights(ps.get_context_parallel_group())
@@ -624,11 +629,11 @@ def bench(args):
                             sharded.unshard()
                         sharded = model.shard_weights(group)
                 for precision in precisions:
-                    key = algo if precision == "bf16" else f"{algo}@fp8"
+                    key = (algo if len(fusions) == 1 else f"{algo}+{fusion}") + ("@fp8" if precision == "fp8" else "")
                     set_fp8(model, args.fp8_format if precision == "fp8" else None, args.fp8_recipe)
                     set_phase(f"running {key} at n={n}")
                     run = results["runs"][str(n)][key] = run_algo(model, ps, inputs, algo, args, group=group)
-                    run["precision"] = precision
+                    run["precision"], run["lm_fusions"] = precision, fusion
                     run["roofline"] = roofline(cfg, n, algo, size, rates, multiple) if tp == 1 else None
                     if tp == 1:
                         run.update(_parts(cfg, n, algo, size, rates, multiple, run, precision,

@@ -40,7 +40,8 @@ def load_measurements(extra_prefill: Sequence[str] = ()) -> Dict[str, object]:
                            tokens=r["tokens"], local_tokens=r["local_tokens"], world=prefill["world"],
                            exposed_comm_share=r.get("exposed_comm_share"),
                            source=path if os.path.isabs(path) else f"benchmarks/{path}")
-                on_one = runs_on_one_rank(algo.partition("@")[0])  # (a key of an FP8 run: <variant>@fp8)
+                # (keys: <variant>[+<fusions>][@fp8])
+                on_one = runs_on_one_rank(algo.partition("@")[0].partition("+")[0])
                 (one if on_one else by_world.setdefault(prefill["world"], [])).append(row)
     four = by_world.pop(4, [])
     two = by_world.pop(2, [])
