@@ -247,8 +247,9 @@ def test_rownorm_is_each_probe_rows_block_softmax_summed(shape, dtype, chunk, mo
     k_block = torch.randn(l, b, hk, d, generator=g).to(dtype)
     probes = (torch.randn(m, b, hq, d, generator=g) * torch.rand(1, 1, hq, 1, generator=g) * 4).to(dtype)
     scale = d ** -0.5
-    if chunk:
-        monkeypatch.setattr(selection, "_LOGITS_PER_CHUNK", chunk)
+    if chunk:  # rownorm's torch path is ops.lse_score's
+        from megatron_spava.ops import lse_score
+        monkeypatch.setattr(lse_score, "_LOGITS_PER_CHUNK", chunk)
     expected = _rownorm_reference(k_block, probes, scale)
     got = selection.selection_scores(k_block, probes, 1, scale, "rownorm")
     assert got.dtype == torch.float32 and got.shape == (b, hk, l)
@@ -288,3 +289,35 @@ def test_rownorm_on_cuda_matches_the_cpu(score):
     k, qq = torch.randn(777, 1, 4, 64), torch.randn(19, 1, 28, 64)
     got = selection.selection_scores(k.cuda(), qq.cuda(), 1, 0.125, score).cpu()
     torch.testing.assert_close(got, selection.selection_scores(k, qq, 1, 0.125, score), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lq", [64, 512])
+def test_rownorm_on_cuda_is_the_fused_kernel_and_matches_the_torch_path(lq, monkeypatch):
+    """On a CUDA device "rownorm" runs ops.lse_score's kernel twice (the swapped row pass,
+    then the per-key pass with the row offset) on a 16K-key block of the 7B shape (bf16); its
+    scores match a float64 reference (matmul + logsumexp) and the torch path on the same
+    inputs, and keep nearly the same top-k keys."""
+    from megatron_spava.ops import _lse_score_triton, lse_score
+    if not lse_score.triton_available():
+        pytest.skip("triton is not installed")
+    gen = torch.Generator(device="cuda").manual_seed(lq)
+    k = torch.randn(16384, 1, 4, 128, device="cuda", generator=gen).bfloat16()
+    qq = (torch.randn(lq, 1, 28, 128, device="cuda", generator=gen)
+          * (0.5 + 2 * torch.rand(1, 1, 28, 1, device="cuda", generator=gen))).bfloat16()
+    scale = 128 ** -0.5
+    launches = []
+    real = _lse_score_triton.launch
+    monkeypatch.setattr(_lse_score_triton, "launch", lambda *a, **kw: launches.append(kw.get("row_offset") is not None) or real(*a, **kw))
+    got = selection.selection_scores(k, qq, 1, scale, "rownorm")
+    assert launches == [False, True] and got.shape == (1, 4, 16384) and torch.isfinite(got).all()
+    torch_path = selection.rownorm_scores_torch(k, qq, scale)
+    x = torch.matmul(k.double().permute(1, 2, 0, 3),  # [b, hk, l, R], rows (j, g) g fastest
+                     qq.double().reshape(lq, 1, 4, 7, 128).permute(1, 2, 4, 0, 3).reshape(1, 4, 128, -1)) * scale
+    expected = torch.logsumexp(x - torch.logsumexp(x, dim=2, keepdim=True), dim=-1)
+    del x
+    assert float((got.double() - expected).abs().max()) < 1e-3
+    assert float((got - torch_path).abs().max()) < 1e-3
+    top_fused, top_torch = got.topk(1024, dim=-1).indices, torch_path.topk(1024, dim=-1).indices
+    kept = torch.tensor([len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top_fused[0], top_torch[0])])
+    assert float(kept.min()) >= 0.99 * 1024, kept

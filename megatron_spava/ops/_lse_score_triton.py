@@ -8,6 +8,12 @@ max / sum of exp2 per key in fp32. The logits never leave registers. Per key:
     s[t] = ln 2 * (m + log2 sum_r exp2(c * (x_r - m))),  x_r = q_r . k_t,  c = scale * log2(e)
 
 with m the running max of x (c > 0, so max of x is the max of the scaled logits).
+
+With HAS_OFFSET (a constexpr: without it the kernel compiles as if the switch were not
+there), each probe row r of KV head h has an offset o[b, h, r] (float32) subtracted from its
+scaled logits, s[t] = logsumexp_r (scale * q_r . k_t - o_r): inside the tile loop x_r becomes
+x_r - o_r / scale (in the units of the raw dots, so the running max and the final formula
+stay the same). This is the second pass of the `rownorm` score (`ops.lse_score.rownorm_scores`).
 """
 
 from __future__ import annotations
@@ -24,11 +30,14 @@ LOG2E = 1.0 / math.log(2.0)
 
 @triton.jit
 def _rows_tile(k, q_base, start, R, G, stride_qs, stride_qh, stride_qd, m_i, l_i, qk_scale,
+               o_base, stride_or, inv_scale,
                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-               PRECISION: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr):
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
+               HAS_OFFSET: tl.constexpr):
     """One tile of BLOCK_M probe rows from `start` against the key tile k: the updated running
     max m_i (of the raw dots) and sum l_i (of exp2(c * (x - m_i))) per key. MASKED: the last,
-    partial tile (rows >= R are left out); the full tiles before it need no masks."""
+    partial tile (rows >= R are left out); the full tiles before it need no masks.
+    HAS_OFFSET: x_r -= o_r * inv_scale, with o_r read at o_base + r * stride_or (float32)."""
     r = start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     j = r // G
@@ -47,6 +56,12 @@ def _rows_tile(k, q_base, start, R, G, stride_qs, stride_qh, stride_qd, m_i, l_i
     if UPCAST:
         q = q.to(tl.float32)
     x = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M] fp32
+    if HAS_OFFSET:  # the row's offset, in raw-dot units: c * (x - o / scale) = scale * x * log2(e) - o * log2(e)
+        if MASKED:
+            o = tl.load(o_base + r * stride_or, mask=r < R, other=0.0)
+        else:
+            o = tl.load(o_base + r * stride_or)
+        x = x - (o * inv_scale)[None, :]
     if MASKED:
         x = tl.where(r[None, :] < R, x, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(x, 1))
@@ -60,8 +75,10 @@ def _lse_kernel(Q, K, S, R, L_B, G,
                 stride_kb, stride_ks, stride_kh, stride_kd,
                 stride_sb, stride_sh, stride_st,
                 qk_scale, R_KEY, LB_KEY,
+                O, stride_ob, stride_oh, stride_or, inv_scale,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                HAS_OFFSET: tl.constexpr):
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -78,13 +95,18 @@ def _lse_kernel(Q, K, S, R, L_B, G,
     m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
     q_base = Q + b * stride_qb + h * G * stride_qh
+    o_base = O
+    if HAS_OFFSET:
+        o_base = O + b * stride_ob + h * stride_oh
     r_full = (R // BLOCK_M) * BLOCK_M
     for start in range(0, r_full, BLOCK_M):
         m_i, l_i = _rows_tile(k, q_base, start, R, G, stride_qs, stride_qh, stride_qd, m_i, l_i, qk_scale,
-                              D, BLOCK_D, BLOCK_M, PRECISION, UPCAST, False)
+                              o_base, stride_or, inv_scale,
+                              D, BLOCK_D, BLOCK_M, PRECISION, UPCAST, False, HAS_OFFSET)
     if r_full < R:
         m_i, l_i = _rows_tile(k, q_base, r_full, R, G, stride_qs, stride_qh, stride_qd, m_i, l_i, qk_scale,
-                              D, BLOCK_D, BLOCK_M, PRECISION, UPCAST, True)
+                              o_base, stride_or, inv_scale,
+                              D, BLOCK_D, BLOCK_M, PRECISION, UPCAST, True, HAS_OFFSET)
     s = (m_i * qk_scale + tl.log2(l_i)) * 0.6931471805599453
     tl.store(S + b * stride_sb + h * stride_sh + offs_n * stride_st, s, mask=offs_n < L_B)
 
@@ -100,8 +122,8 @@ INTERPRET_CONFIG = (16, 16, 1, 1)
 def kernel(interpret: bool):
     """The launchable kernel: autotuned over CONFIGS (compiled), or interpreted on the CPU.
 
-    Autotuning is keyed on the power-of-two buckets of R and l_b (R_KEY, LB_KEY), head dim and
-    dtypes, so a new query or block length within a bucket does not tune again."""
+    Autotuning is keyed on the power-of-two buckets of R and l_b (R_KEY, LB_KEY), head dim,
+    HAS_OFFSET and dtypes, so a new query or block length within a bucket does not tune again."""
     if interpret:
         if not triton.knobs.runtime.interpret:
             raise ValueError("lse_scores: the Triton kernel on CPU tensors runs in triton's interpreter, "
@@ -109,12 +131,14 @@ def kernel(interpret: bool):
         return triton.jit(_lse_kernel)
     configs = [triton.Config({"BLOCK_N": n, "BLOCK_M": m}, num_warps=w, num_stages=s)
                for n, m, w, s in CONFIGS]
-    return triton.autotune(configs=configs, key=["R_KEY", "LB_KEY", "BLOCK_D"])(_plain_jit())
+    return triton.autotune(configs=configs, key=["R_KEY", "LB_KEY", "BLOCK_D", "HAS_OFFSET"])(_plain_jit())
 
 
-def launch(q, k, out, scale: float, interpret: bool, config=None):
+def launch(q, k, out, scale: float, interpret: bool, config=None, row_offset=None):
     """q: [l_q, b, hq, d], k: [l_b, b, hk, d] (any strides), out: [b, hk, l_b] float32.
-    config: (BLOCK_N, BLOCK_M, num_warps, num_stages) to bypass the autotuner (benchmarks)."""
+    config: (BLOCK_N, BLOCK_M, num_warps, num_stages) to bypass the autotuner (benchmarks).
+    row_offset: None, or float32 [b, hk, l_q * (hq // hk)] (any strides; row r = j * G + g),
+    subtracted from row r's scaled logits (HAS_OFFSET)."""
     l_q, b, hq, d = q.shape
     l_b, _, hk, _ = k.shape
     g = hq // hk
@@ -126,19 +150,25 @@ def launch(q, k, out, scale: float, interpret: bool, config=None):
     # triton's interpreter multiplies bf16 tiles as their uint16 bit patterns (numpy has no
     # bf16): there the tiles are upcast to fp32 first, which is exact for the products.
     upcast = interpret and q.dtype == torch.bfloat16
+    has_offset = row_offset is not None
+    offset_args = ((row_offset, row_offset.stride(0), row_offset.stride(1), row_offset.stride(2), 1.0 / scale)
+                   if has_offset else (None, 0, 0, 0, 1.0))
     args = (q, k, out, rows, l_b, g,
             q.stride(1), q.stride(0), q.stride(2), q.stride(3),
             k.stride(1), k.stride(0), k.stride(2), k.stride(3),
             out.stride(0), out.stride(1), out.stride(2),
-            scale * LOG2E, triton.next_power_of_2(max(rows, 1)), triton.next_power_of_2(max(l_b, 1)))
+            scale * LOG2E, triton.next_power_of_2(max(rows, 1)), triton.next_power_of_2(max(l_b, 1)),
+            *offset_args)
     if interpret or config is not None:
         n, m, w, s = config or INTERPRET_CONFIG
         fn = kernel(True) if interpret else _plain_jit()
         fn[(triton.cdiv(l_b, n), hk, b)](*args, D=d, BLOCK_D=block_d, BLOCK_N=n, BLOCK_M=m,
-                                          PRECISION=precision, UPCAST=upcast, num_warps=w, num_stages=s)
+                                          PRECISION=precision, UPCAST=upcast, HAS_OFFSET=has_offset,
+                                          num_warps=w, num_stages=s)
     else:
         grid = lambda meta: (triton.cdiv(l_b, meta["BLOCK_N"]), hk, b)  # noqa: E731
-        kernel(False)[grid](*args, D=d, BLOCK_D=block_d, PRECISION=precision, UPCAST=False)
+        kernel(False)[grid](*args, D=d, BLOCK_D=block_d, PRECISION=precision, UPCAST=False,
+                            HAS_OFFSET=has_offset)
     return out
 
 
@@ -148,8 +178,9 @@ def best_config():
     return (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) if c else None
 
 
-#: lengths vary per call: compile once for all of them (strides keep their specialisation)
-_NOT_SPECIALIZED = ("R", "L_B", "G", "R_KEY", "LB_KEY")
+#: lengths vary per call: compile once for all of them (strides keep their specialisation, but
+#: the offset's head and batch strides are multiples of the row count)
+_NOT_SPECIALIZED = ("R", "L_B", "G", "R_KEY", "LB_KEY", "stride_ob", "stride_oh")
 
 
 @functools.lru_cache(maxsize=None)

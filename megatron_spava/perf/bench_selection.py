@@ -143,7 +143,8 @@ def main(argv=None):
                    help="BLOCK:QUERY size whose kernels to list per variant ('' for none; default %(default)s)")
     p.add_argument("--scores", nargs="+", default=[], metavar="SCORE",
                    help=f"also time these selection scores through select_passing, the library's path "
-                        f"(from {sorted(SCORERS)}; e.g. rownorm rownorm-max: torch paths, no fused kernel)")
+                        f"(from {sorted(SCORERS)}; e.g. rownorm rownorm-max: on CUDA their fused path, "
+                        f"two calls of the lse kernel)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     unknown = [name for name in args.scores if name not in SCORERS]

@@ -106,36 +106,26 @@ def max_share(scorer: Scorer) -> Scorer:
 lse_max_scores = max_share(lse_scores)
 
 
-def _key_chunks(k_block: torch.Tensor, rows: int) -> Iterator[Tuple[int, torch.Tensor]]:
-    """k_block [l, b, hk, d] -> (t, float32 keys [b, hk, c, d]) over chunks of c keys, each
-    small enough that its logits against `rows` probe rows per KV head stay under
-    _LOGITS_PER_CHUNK."""
-    l, b, hk, _ = k_block.shape
-    step = max(1, _LOGITS_PER_CHUNK // max(1, b * hk * rows))
-    for t in range(0, l, step):
-        yield t, k_block[t:t + step].permute(1, 2, 0, 3).float()
-
-
-def rownorm_scores(k_block: torch.Tensor, probes: torch.Tensor, scale: float) -> torch.Tensor:
+def rownorm_scores_torch(k_block: torch.Tensor, probes: torch.Tensor, scale: float) -> torch.Tensor:
     """s[t, h] = log sum over the probe tokens j and the group's heads g of
     softmax_{t' in block}(scale * q[j, g] . k[t', h]) at t: each probe row's attention
     within the block counts once, whatever its logit scale (SnapKV-like; BENCHMARKS.md
-    section 11). Two passes over key chunks of bounded memory (float32 logits): each row's
-    log-sum-exp over the block's keys, then each key's log-sum-exp over the rows of the
-    logits minus it. Per KV head, sum_t exp(s[t, h]) = the number of probe rows. Shapes as
-    `Scorer`; the normaliser is over k_block, which is one whole block."""
-    l, b, hk, _ = k_block.shape
-    grouped = _grouped(probes, hk)  # [b, hk, R, d]
-    rows = grouped.shape[2]
-    probes_t = grouped.transpose(-1, -2) * scale  # [b, hk, d, R]
-    out = torch.empty(b, hk, l, dtype=torch.float32, device=k_block.device)
-    if l == 0:
-        return out
-    row_lse = torch.logsumexp(torch.stack([torch.logsumexp(torch.matmul(keys, probes_t), dim=2)
-                                           for _, keys in _key_chunks(k_block, rows)]), dim=0)  # [b, hk, R]
-    for t, keys in _key_chunks(k_block, rows):
-        out[..., t:t + keys.shape[2]] = torch.logsumexp(torch.matmul(keys, probes_t) - row_lse.unsqueeze(2), dim=-1)
-    return out
+    section 11). `ops.lse_score.rownorm_scores`'s torch path: two passes over key chunks of
+    bounded memory (float32 logits): each row's log-sum-exp over the block's keys, then each
+    key's log-sum-exp over the rows of the logits minus it. Per KV head, sum_t exp(s[t, h]) =
+    the number of probe rows. Shapes as `Scorer`; the normaliser is over k_block, which is
+    one whole block."""
+    from ...ops import lse_score
+    return lse_score.rownorm_scores(probes, k_block, scale, impl="torch").permute(1, 2, 0)  # [b, hk, l]
+
+
+def rownorm_scores(k_block: torch.Tensor, probes: torch.Tensor, scale: float) -> torch.Tensor:
+    """`rownorm_scores_torch`'s definition, from `ops.lse_score.rownorm_scores`: on CUDA,
+    where triton imports, two calls of the fused lse kernel (each row's log-sum-exp over the
+    block, then each key's score with it as a per-row offset; no logits in memory);
+    elsewhere its torch path. Shapes as `Scorer`."""
+    from ...ops import lse_score
+    return lse_score.rownorm_scores(probes, k_block, scale).permute(1, 2, 0)  # [b, hk, l], no copy
 
 
 #: `rownorm` shared by the KV heads as `lse-max` shares `lse` (`max_share`).
