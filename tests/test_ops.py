@@ -169,12 +169,12 @@ def test_log_sum_exp_scores_equal_the_attention_mass_of_every_query_token_and_he
     padded = F.pad(expected, (2, 2), value=float("-inf"))
     pooled = torch.stack([padded[..., t:t + 5].amax(-1) for t in range(l)], dim=-1)
     torch.testing.assert_close(selection_scores(kb, qq, 5, scale, "lse").double(), pooled, rtol=1e-5, atol=1e-5)
-    import megatron_spava.algos.spava.selection as selection
-    chunk, selection._LOGITS_PER_CHUNK = selection._LOGITS_PER_CHUNK, 50  # several key chunks
+    import megatron_spava.ops.lse_score as lse_score  # where lse's torch path chunks its logits
+    chunk, lse_score._LOGITS_PER_CHUNK = lse_score._LOGITS_PER_CHUNK, 50  # several key chunks
     try:
         torch.testing.assert_close(selection_scores(kb, qq, 5, scale).double(), pooled, rtol=1e-5, atol=1e-5)
     finally:
-        selection._LOGITS_PER_CHUNK = chunk
+        lse_score._LOGITS_PER_CHUNK = chunk
 
 
 def test_lse_max_is_each_heads_log_share_maximised_over_the_kv_heads():
