@@ -345,4 +345,4 @@ def test_bench_prefill_refuses_fusions_on_local_layers(capsys):
     with pytest.raises(SystemExit):
         bench_prefill.main(["--device", "cpu", "--transformer-impl", "local", "--lm-fusions", "megatron",
                             "--tokens", "1024"])
-    assert "--lm-fusions megatron needs --transformer-impl transformer_engine" in capsys.readouterr().err
+    assert "--lm-fusions: lm_fusions='megatron' needs Transformer Engine layers" in capsys.readouterr().err

@@ -92,11 +92,11 @@ def rownorm_scores(q: torch.Tensor, k: torch.Tensor, scale: float, *, impl: str 
     Shapes, layout of the result (a view of a contiguous [b, Hk, l_b] buffer), impl and config
     as `lse_scores`; -inf where l_q == 0.
 
-    Triton: two kernel calls, no logits in memory. First row_lse [b, Hk, R] (R = l_q * G) from
-    the kernel with the roles swapped: the probe rows, regrouped into a [R, b, Hk, d] copy
+    Two passes of `lse_scores`'s dispatch (Triton: two kernel calls, no logits in memory;
+    torch: key chunks of float32 logits, at most _LOGITS_PER_CHUNK). First row_lse [b, Hk, R]
+    (R = l_q * G) with the roles swapped: the probe rows, regrouped into a [R, b, Hk, d] copy
     (the only copy: l_q * Hq * d elements), are the "keys" and the block's keys, read in
     place, the "probes" (G = 1). Then the per-key score with row_lse as `row_offset`.
-    Torch: the same two passes over key chunks of float32 logits (at most _LOGITS_PER_CHUNK).
     """
     q4, k4 = _check(q, k, scale, impl, "rownorm_scores")
     l_q, b, hq, d = q4.shape
@@ -104,13 +104,10 @@ def rownorm_scores(q: torch.Tensor, k: torch.Tensor, scale: float, *, impl: str 
     impl, scale = _resolve(impl, k), float(scale)
     out = torch.empty(b, hk, l_b, dtype=torch.float32, device=k.device)
     if l_b:
-        if impl == "triton":
-            # probe rows as keys: [l_q, b, Hk, G, d] -> [l_q, G, b, Hk, d] -> [R, b, Hk, d], r = j * G + g
-            rows = q4.unflatten(2, (hk, hq // hk)).permute(0, 3, 1, 2, 4).reshape(l_q * (hq // hk), b, hk, d)
-            row_lse = torch.empty(b, hk, rows.shape[0], dtype=torch.float32, device=k.device)
-            _scores_into(k4, rows, scale, row_lse, impl, config, None)
-        else:
-            row_lse = _row_lse_torch(q4, k4, scale)
+        # probe rows as keys: [l_q, b, Hk, G, d] -> [l_q, G, b, Hk, d] -> [R, b, Hk, d], r = j * G + g
+        rows = q4.unflatten(2, (hk, hq // hk)).permute(0, 3, 1, 2, 4).reshape(l_q * (hq // hk), b, hk, d)
+        row_lse = torch.empty(b, hk, rows.shape[0], dtype=torch.float32, device=k.device)
+        _scores_into(k4, rows, scale, row_lse, impl, config, None)
         _scores_into(q4, k4, scale, out, impl, config, row_lse)
     return out.permute(2, 0, 1) if k.dim() == 4 else out[0].t()
 
@@ -195,11 +192,3 @@ def _lse_torch(q4: torch.Tensor, k4: torch.Tensor, scale: float, out: torch.Tens
         if offset is not None:
             logits = logits - offset.unsqueeze(2)
         out[..., t:t + keys.shape[2]] = torch.logsumexp(logits, dim=-1)
-
-
-def _row_lse_torch(q4: torch.Tensor, k4: torch.Tensor, scale: float) -> torch.Tensor:
-    """rownorm's first pass on the torch path: float32 [b, hk, R], each probe row's
-    log-sum-exp over the l_b >= 1 keys, over key chunks of at most _LOGITS_PER_CHUNK logits."""
-    probes = _probe_matrix(q4, k4.shape[2], scale)  # [b, hk, d, R]
-    parts = [torch.logsumexp(torch.matmul(keys, probes), dim=2) for _, keys in _key_chunks(k4, probes.shape[-1])]
-    return torch.logsumexp(torch.stack(parts), dim=0)

@@ -166,10 +166,11 @@ def parse_args(argv=None):
         error = fp8_error(args.fp8_format, args.fp8_recipe, args.device, args.transformer_impl)
         if error:
             p.error(error)
-    fused = [f for f in args.lm_fusions or () if f != "none"]
-    if fused and args.transformer_impl == "local":
-        p.error(f"--lm-fusions {fused[0]} needs --transformer-impl transformer_engine "
-                f"(local layers run 'none')")
+    if args.transformer_impl:  # else checked once the impl is resolved (bench)
+        try:
+            [resolve_lm_fusions(f, args.transformer_impl) for f in args.lm_fusions or ()]
+        except ValueError as err:
+            p.error(f"--lm-fusions: {err}")
     wanted = [a for a in (args.algos or []) if variant_option(a)]  # their own (TE) core attention
     if wanted:
         from megatron_spava.specs import te_available
