@@ -9,8 +9,9 @@ megatron-core's own mechanism does the work: the two TransformerConfig fields ar
 the language model's config, and its `TransformerBlock.forward` enters
 `megatron.core.fp8_utils.get_fp8_context(config)` (Transformer Engine's `fp8_autocast`
 with `get_fp8_recipe(config)`: around the whole block for delayed scaling, per layer
-otherwise). Every TE linear of the language model is wrapped (`pad_tokens`) so that a rank's
-token count need not be a multiple of 16 (FP8 GEMM shapes): megatron-core's
+otherwise). Every MLP and every other TE linear of the language model is wrapped
+(`pad_tokens`, `padding_units`) so that a rank's token count need not be a multiple of 16
+(FP8 GEMM shapes): megatron-core's
 `prepare_model_for_fp8_inference` does the same with TE's fused (un)padding kernels, which
 fault past 2^31 elements (TE 2.11 `multi_unpadding`: fc1's output at 68K tokens per rank of
 the 7B shape, 256K tokens over 4 ranks, on an H100), so the padding here is torch's. Only the
@@ -98,7 +99,8 @@ def set_fp8(model, fmt: Optional[str], recipe: str = "delayed"):
     model's own dtype (`fmt` None), in place, through megatron-core: set
     TransformerConfig.fp8 / fp8_recipe on the config its modules share (its
     TransformerBlock enters `get_fp8_context` from them at every forward) and, for FP8, wrap
-    its TE linears once with `pad_tokens` (a wrapped linear runs unpadded outside FP8). Check
+    its MLPs and other TE linears once with `pad_tokens` (`padding_units`; a wrapped module runs
+    unpadded outside FP8). Check
     `fp8_error` first.
     Can be switched back and forth on one model. Returns the model."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -107,16 +109,31 @@ def set_fp8(model, fmt: Optional[str], recipe: str = "delayed"):
     if fmt is not None:
         from megatron.core.enums import Fp8Recipe
         from megatron.core.fp8_utils import TE_LINEAR_TYPES  # () without TE
-        linears = [m for m in lm.modules() if isinstance(m, TE_LINEAR_TYPES) and not getattr(m, "_spava_fp8_padded", False)]
-        if linears:
+        padded = [m for m in padding_units(lm, TE_LINEAR_TYPES) if not getattr(m, "_spava_fp8_padded", False)]
+        if padded:
             from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
-            for m in linears:
+            for m in padded:
                 m.forward, m._spava_fp8_padded = pad_tokens(m.forward, FP8GlobalStateManager.is_fp8_enabled), True
     for config in configs.values():  # one shared object, or per-layer copies of it
         config.fp8 = fmt
         if fmt is not None:
             config.fp8_recipe = Fp8Recipe(recipe)
     return model
+
+
+def padding_units(lm: torch.nn.Module, linear_types: tuple) -> list:
+    """The modules of `lm` that `set_fp8` pads (`pad_tokens`): each MLP whose linears are of
+    `linear_types` (TE's), as one unit, and every other such linear on its own. An MLP is
+    padded once at its input, so fc1, the activation and fc2 all run on the padded rows; padding
+    fc2's own input instead would copy the MLP's widest activation (s x ffn, 18,944 wide in
+    the 7B shape) once more per layer. Empty when `linear_types` is () (no TE)."""
+    from megatron.core.transformer.mlp import MLP
+    if not linear_types:
+        return []
+    mlps = [m for m in lm.modules() if isinstance(m, MLP)
+            and any(isinstance(c, linear_types) for c in m.modules())]
+    inside = {id(c) for m in mlps for c in m.modules()}
+    return mlps + [m for m in lm.modules() if isinstance(m, linear_types) and id(m) not in inside]
 
 
 def pad_tokens(forward: Callable, enabled: Callable[[], bool]) -> Callable:
@@ -126,7 +143,7 @@ def pad_tokens(forward: Callable, enabled: Callable[[], bool]) -> Callable:
     output loses them again (a view: rows are independent in a linear). Sequence-parallel
     linears are refused: their rows are split over the TP ranks before the GEMM."""
     owner = getattr(forward, "__self__", None)
-    if getattr(owner, "sequence_parallel", False):
+    if getattr(owner, "sequence_parallel", False) or getattr(getattr(owner, "config", None), "sequence_parallel", False):
         raise ValueError("FP8 inference here pads each TE linear's tokens itself; sequence-parallel "
                          "linears are not supported (turn --sequence-parallel off for prefill)")
 

@@ -206,6 +206,54 @@ def test_pad_tokens_gives_fp8_gemms_whole_tiles_and_the_caller_its_rows(s):
     torch.testing.assert_close(out, want)
 
 
+def test_fp8_pads_each_mlp_once_and_the_other_linears_alone():
+    """fp8.padding_units: an MLP is one padding unit (fc1, activation and fc2 run on its padded
+    rows, so fc2's wide input is not copied again), the attention's linears are padded alone;
+    wrapping those units with pad_tokens leaves the tiny model's logits as they were (the
+    linears' types stand in for TE's, which the CPU lacks)."""
+    run_ranks(_padding_units_body, 1, timeout=180)
+
+
+def _padding_units_body():
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.mlp import MLP
+
+    from megatron_spava import cpu_compat
+    from megatron_spava.fp8 import FP8_ROWS, pad_tokens, padding_units
+    from megatron_spava.inference.generate import generate
+    from megatron_spava.perf import bench_prefill as bp
+    from megatron_spava.perf import inputs as prompts
+    cpu_compat.apply()
+    device = torch.device("cpu")
+    model, _ = bp.build("tiny", 1, 0, device)
+    model = model.float()
+    types = (tensor_parallel.ColumnParallelLinear, tensor_parallel.RowParallelLinear)
+    lm = model.language_model
+    units = padding_units(lm, types)
+    mlps = [m for m in lm.modules() if isinstance(m, MLP)]
+    assert mlps and all(any(u is m for u in units) for m in mlps)
+    inside = {id(c) for m in mlps for c in m.modules() if c is not m}
+    assert not any(id(u) in inside for u in units)
+    attn_linears = [m for name, m in lm.named_modules() if name.endswith(("linear_qkv", "linear_proj"))]
+    assert attn_linears and all(any(u is m for u in units) for m in attn_linears)
+    assert padding_units(lm, ()) == []
+
+    inputs = prompts.synthetic_inputs(model.cfg, 700, 0)
+    run = lambda: generate(model, inputs, algo="full", max_new_tokens=1, eos_token_ids=[],  # noqa: E731
+                           device=device).first_logits.float()
+    want = run()
+    rows, given = [], []
+    for m in mlps:
+        m.register_forward_pre_hook(lambda mod, args: given.append(args[0].shape[0]))  # before the padding
+        m.linear_fc2.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
+    for u in units:
+        u.forward = pad_tokens(u.forward, lambda: True)
+    got = run()
+    assert given and any(r % FP8_ROWS for r in given), given  # the prompt's rows need padding
+    assert len(rows) == len(given) and all(r % FP8_ROWS == 0 and 0 <= r - g < FP8_ROWS for r, g in zip(rows, given))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_pad_tokens_refuses_sequence_parallel_linears():
     from megatron_spava.fp8 import pad_tokens
     m = _Rows()
