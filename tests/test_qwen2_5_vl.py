@@ -405,3 +405,74 @@ def test_segment_attention_matches_a_block_diagonal_mask(lengths):
         assert len(groups) == 1 and groups[0].rows is None  # one slab: the view path
     out = segment_attention(q, k, v, groups, 0.3)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- vision encoder: fused add + norm
+
+def _tiny_vision_encoder(dtype, seed=0):
+    """A 4-block tiny VisionEncoder (TP = 1) in `dtype`, random weights: norms 1 + N(0, 0.1),
+    the rest N(0, 0.1). Call inside single_process_parallel_state."""
+    from megatron_spava.models.common.vision import vision_tp_config
+    from megatron_spava.models.qwen2_5_vl.vision import VisionConfig, VisionEncoder
+    cfg = VisionConfig.from_hf(tiny_hf_config(vision_depth=4)["vision_config"])
+    visual = VisionEncoder(cfg, vision_tp_config(cfg, 1, dtype, cpu_init=True, init=False)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in visual.named_parameters():
+            noise = 0.1 * torch.randn(p.shape, generator=gen)
+            p.copy_(1 + noise if "norm" in name or "ln_q" in name else noise)
+    return visual
+
+
+def _unfused_reference(visual, pixels, grid_thw):
+    """The encoder's forward as it was before the residual adds were fused with the norms:
+    `x = x + branch` in the model dtype, then a separate RMSNorm (HF Qwen2's, written out);
+    the other stages through the encoder's own (unchanged) helpers."""
+    from megatron_spava.models.common.vision import column, row, segment_attention, segment_groups
+    from megatron_spava.models.qwen2_5_vl.vision import fused, vision_position_ids, window_index
+
+    def norm(mod, x):
+        xf = x.float()
+        return mod.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + mod.eps)).to(x.dtype)
+
+    cfg, unit = visual.cfg, visual.cfg.spatial_merge_size ** 2
+    weight = visual.patch_embed.proj.weight
+    x = pixels.to(weight.dtype) @ weight.reshape(weight.shape[0], -1).t()
+    n = x.shape[0]
+    pos = vision_position_ids(grid_thw, cfg.spatial_merge_size)
+    freqs = (pos[..., None].float() * visual.inv_freq).flatten(1)
+    windows, lengths = window_index(grid_thw, cfg)
+    permute = lambda t: t.reshape(n // unit, unit, -1)[windows].reshape(n, -1)  # noqa: E731
+    x, freqs = permute(x), permute(freqs)
+    cos, sin = freqs.cos(), freqs.sin()
+    frames = segment_groups([h * w for t, h, w in grid_thw.tolist() for _ in range(t)], "cpu")
+    wins = segment_groups(lengths, "cpu")
+    for i, b in enumerate(visual.blocks.children()):
+        qkv = column(b.attn.qkv, norm(b.norm1, x)).view(n, -1, 3, b.head_dim)
+        q, k = fused("rotary", qkv[:, :, :2], cos, sin).unbind(2)
+        o = segment_attention(q, k, qkv[:, :, 2], frames if i in cfg.fullatt_block_indexes else wins,
+                              b.head_dim ** -0.5)
+        x = x + row(b.attn.proj, o.reshape(n, -1))
+        gate_up, gate_up_bias, down = b._fused_mlp_weights()
+        gate, up = torch.nn.functional.linear(norm(b.norm2, x), gate_up, gate_up_bias).chunk(2, dim=-1)
+        x = x + row(b.mlp.down_proj, torch.nn.functional.silu(gate) * up, weight=down)
+    mlp = visual.merger.mlp
+    merged = norm(visual.merger.ln_q, x).reshape(n // unit, -1)
+    merged = row(getattr(mlp, "2"), torch.nn.functional.gelu(column(getattr(mlp, "0"), merged)))
+    return merged[torch.argsort(windows)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("grid", [(4, 8, 8), (2, 6, 10)])  # uniform windows; ragged
+def test_vision_encoder_fused_add_norm_is_bit_identical_to_unfused(dtype, grid):
+    """Each residual add fused with the norm that reads it (the next block's norm1, the
+    merger's ln_q) gives bit for bit the output of separate `x = x + y` and norm passes."""
+    from megatron_spava.models.common.checkpoint_io import single_process_parallel_state
+    t, h, w = grid
+    pixels = torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(3))
+    grid_thw = torch.tensor([list(grid)])
+    with single_process_parallel_state(), torch.no_grad():
+        visual = _tiny_vision_encoder(dtype)
+        out, ref = visual(pixels, grid_thw), _unfused_reference(visual, pixels, grid_thw)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.equal(out, ref)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -104,20 +104,31 @@ def _gated(gate: Tensor, up: Tensor, act_name: str) -> Tensor:
     return getattr(F, act_name)(gate) * up
 
 
-_EAGER = {"rms_norm": rms_norm, "rotary": _rotary, "gated": _gated}
+def _add_rms_norm(x: Tensor, y: Tensor, weight: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """A residual add and the RMSNorm that reads it: (s, rms_norm(s)) with s = x + y in x's
+    dtype, rounded before the norm reads it, exactly as `x = x + y; norm(x)`. x, y: [N, D]."""
+    s = x + y
+    return s, rms_norm(s, weight, eps)
+
+
+_EAGER = {"rms_norm": rms_norm, "rotary": _rotary, "gated": _gated, "add_rms_norm": _add_rms_norm}
+# Inductor options per stage. Fused into one kernel, Inductor would skip the bf16 rounding of
+# the residual sum before the norm reads it; emulate_precision_casts keeps every rounding that
+# eager does (the stored sum is the eager sum bit for bit, and the norm reads it).
+_OPTIONS = {"add_rms_norm": {"emulate_precision_casts": True}}
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(name: str):
     # Default dynamism: the first call specialises, a new row count recompiles once with only
     # that dimension symbolic (the head and channel sizes stay constants in the kernel).
-    return torch.compile(_EAGER[name])
+    return torch.compile(_EAGER[name], options=_OPTIONS.get(name))
 
 
 def fused(name: str, *args, compile: bool = False):
-    """Run elementwise stage `name` ("rms_norm", "rotary", "gated"): eagerly (a chain of
-    PyTorch kernels), or torch.compile'd into one Triton kernel when `compile` is set and
-    the inputs are on CUDA. Both compute the same float32 math."""
+    """Run elementwise stage `name` ("rms_norm", "add_rms_norm", "rotary", "gated"): eagerly
+    (a chain of PyTorch kernels), or torch.compile'd into one Triton kernel when `compile` is
+    set and the inputs are on CUDA. Both compute the same float32 math."""
     fn = _compiled(name) if compile and args[0].is_cuda else _EAGER[name]
     return fn(*args)
 
@@ -132,6 +143,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor, compile: bool = False) -> Tensor:
         return fused("rms_norm", x, self.weight, self.eps, compile=compile)
+
+    def add(self, x: Tensor, y: Optional[Tensor], compile: bool = False) -> Tuple[Tensor, Tensor]:
+        """(x + y, norm(x + y)) in one pass over x and y (`fused("add_rms_norm")`);
+        (x, norm(x)) when y is None. x, y: [N, D]."""
+        if y is None:
+            return x, self(x, compile)
+        return fused("add_rms_norm", x, y, self.weight, self.eps, compile=compile)
 
 
 def vision_position_ids(grid_thw: Tensor, merge: int) -> Tensor:
@@ -170,7 +188,10 @@ def window_index(grid_thw: Tensor, cfg: VisionConfig) -> Tuple[Tensor, List[int]
 
 
 class VisionBlock(MegatronModule):
-    """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x))."""
+    """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x)). Each residual add
+    is fused with the norm that reads it, so the MLP's add is left to the next block (or the
+    merger): a block takes the residual stream and the previous block's pending MLP output and
+    returns its own (`forward`)."""
 
     def __init__(self, cfg: VisionConfig, tp_config: TransformerConfig):
         super().__init__(config=tp_config)
@@ -210,27 +231,31 @@ class VisionBlock(MegatronModule):
             self._mlp_cache = (key, (gate_up, gate_up_bias, F.pad(dw, (0, pad)).contiguous()))
         return self._mlp_cache[1]
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, groups: Sequence[SegmentGroup],
-                compile: bool = False) -> Tensor:
-        """x: [N, D]; cos/sin: [N, head_dim / 2] float32; groups: attention segments
-        (`segment_groups`); compile: fuse the elementwise stages (`fused`)."""
+    def forward(self, x: Tensor, y: Optional[Tensor], cos: Tensor, sin: Tensor,
+                groups: Sequence[SegmentGroup], compile: bool = False) -> Tuple[Tensor, Tensor]:
+        """x: the residual stream [N, D]; y: the previous block's MLP output [N, D], not yet
+        added (None for the first block); cos/sin: [N, head_dim / 2] float32; groups: attention
+        segments (`segment_groups`); compile: fuse the elementwise stages (`fused`).
+        Returns (x + y + attn, mlp): this block's output is their sum, left for the next
+        add-and-norm. Under TP, row() returns the all-reduced branch outputs (plus bias)."""
         n = x.shape[0]
-        qkv = column(self.attn.qkv, self.norm1(x, compile)).view(n, -1, 3, self.head_dim)  # [N, heads/tp, 3, d]
+        x, h = self.norm1.add(x, y, compile)
+        qkv = column(self.attn.qkv, h).view(n, -1, 3, self.head_dim)  # [N, heads/tp, 3, d]
         q, k = fused("rotary", qkv[:, :, :2], cos, sin, compile=compile).unbind(2)
         o = segment_attention(q, k, qkv[:, :, 2], groups, self.head_dim ** -0.5)
-        x = x + row(self.attn.proj, o.reshape(n, -1))
+        x, h = self.norm2.add(x, row(self.attn.proj, o.reshape(n, -1)), compile)
         gate_up, gate_up_bias, down = self._fused_mlp_weights()
-        gu = F.linear(self.norm2(x, compile), gate_up, gate_up_bias)  # [N, 2 I'] (local I')
+        gu = F.linear(h, gate_up, gate_up_bias)  # [N, 2 I'] (local I')
         up = fused("gated", *gu.chunk(2, dim=-1), self.act_name, compile=compile)
-        return x + row(self.mlp.down_proj, up, weight=down)
+        return x, row(self.mlp.down_proj, up, weight=down)
 
 
 class VisionEncoder(MegatronModule):
     """pixel patches [N, C*T*P*P] + grid_thw [n, 3] -> merged tokens [N / m^2, out_hidden].
 
     Output rows follow the LLM's placeholder order (item, t, h/m, w/m).
-    `compile_elementwise` (default on): on CUDA, each block's norms, rotary and gated
-    activation run as torch.compile'd (Triton) kernels instead of chains of PyTorch kernels
+    `compile_elementwise` (default on): on CUDA, each block's residual adds with the norms
+    that read them, rotary and gated activation run as torch.compile'd (Triton) kernels instead of chains of PyTorch kernels
     (BENCHMARKS.md, "vision encoder"); the first forward pays the compilation."""
 
     def __init__(self, cfg: VisionConfig, tp_config: TransformerConfig,
@@ -276,9 +301,10 @@ class VisionEncoder(MegatronModule):
         frames = segment_groups([h * w for t, h, w in grid_thw.tolist() for _ in range(t)], x.device)
         windows_ = segment_groups(window_lengths, x.device)
         compile = self.compile_elementwise and x.is_cuda
+        y = None  # the pending MLP output of the block before, added by the next add-and-norm
         for i, block in enumerate(self.blocks.children()):
-            x = block(x, cos, sin, frames if i in cfg.fullatt_block_indexes else windows_, compile)
-        merged = self.merger.ln_q(x, compile).reshape(n // unit, -1)
+            x, y = block(x, y, cos, sin, frames if i in cfg.fullatt_block_indexes else windows_, compile)
+        merged = self.merger.ln_q.add(x, y, compile)[1].reshape(n // unit, -1)
         mlp = self.merger.mlp
         merged = row(getattr(mlp, "2"), F.gelu(column(getattr(mlp, "0"), merged)))
         return merged[torch.argsort(windows)]
