@@ -137,6 +137,20 @@ def resolve_lm_fusions(choice: Optional[str], backend: str) -> str:
     return choice
 
 
+def add_lm_fusions_arg(parser, several: bool = False):
+    """Add `--lm-fusions` (the language model's fused kernels, `resolve_lm_fusions`) to
+    `parser` or an argument group; several: it takes several values (one model each, for
+    benchmarks). Returns the parser."""
+    parser.add_argument(
+        "--lm-fusions", choices=LM_FUSIONS, nargs="+" if several else None, default=None,
+        help="the language model's fused kernels on TE layers: 'megatron' (Megatron-LM's defaults: "
+             "fused SwiGLU, residual add and RoPE), 'te-ops' (plus Transformer Engine's operation "
+             "fuser for the MLP) or 'none'" + ("; several: one model each, in this process, results "
+                                               "keyed '<algo>+<fusions>'" if several else "")
+             + " (default: 'megatron' on TE layers, 'none' on local ones)")
+    return parser
+
+
 def lm_fusion_settings(choice: Optional[str], backend: str) -> Tuple[Dict[str, bool], Dict[str, bool]]:
     """(TransformerConfig fields, get_gpt_layer_spec kwargs) of the fusions `choice`
     (`resolve_lm_fusions`) for `backend`."""

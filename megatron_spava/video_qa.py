@@ -44,7 +44,6 @@ from .arguments import add_spava_args, spava_config_from_args
 from .launch import (RankError, add_distributed_timeout_arg, distributed_timeout, init_distributed,
                      model_parallel_state, quiet_known_warnings, relaunch, report_rank_errors, set_phase,
                      under_torchrun)
-from .models.registry import DEFAULT as DEFAULT_FAMILY, FAMILIES, model_shapes
 from .tasks.needles import TASKS as NEEDLE_TASKS
 
 DEFAULT_WORK_DIR = os.path.join(os.path.expanduser("~"), ".cache", "megatron_spava")
@@ -52,6 +51,8 @@ DEFAULT_QUESTION = "What is happening in this video?"  # for a --video without -
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # the families import megatron-core: here, after main's warning filter, not at module import
+    from .models.registry import DEFAULT as DEFAULT_FAMILY, FAMILIES, model_shapes
     p = argparse.ArgumentParser(prog="megatron-spava-demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("model")
@@ -117,8 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true",
                      help="show every warning, progress bar and, for errors, the tracebacks")
     add_spava_args(p)
-    from .specs import add_transformer_impl_arg  # megatron-core: imported after the warning filter
+    from .specs import add_lm_fusions_arg, add_transformer_impl_arg  # megatron-core: after the warning filter
     add_transformer_impl_arg(p)
+    add_lm_fusions_arg(p)
+    from .fp8 import add_fp8_args
+    add_fp8_args(p)  # the language model's linears in FP8, as Megatron-LM spells it
     p.set_defaults(context_parallel_algo="spava")
     return p
 
@@ -163,7 +167,8 @@ class Options:
     a generated random checkpoint; video: the video file (the needle video's path when no
     --video/--frames-dir is given); needle: that needle sample, or None; questions: one or
     more; fps: frames sampled per second (0: every frame); max_frames: the frame cap (None:
-    none); spava_config: the SpavaConfig of --spava-*; transformer_impl: the layer backend.
+    none); spava_config: the SpavaConfig of --spava-*; transformer_impl: the layer backend;
+    lm_fusions: the language model's fused kernels (`specs.resolve_lm_fusions`).
     """
 
     args: argparse.Namespace
@@ -177,6 +182,7 @@ class Options:
     max_frames: Optional[int]
     spava_config: object
     transformer_impl: str
+    lm_fusions: str
     # the flags the job reads as parsed (FLAGS), filled by resolve_options
     tensor_model_parallel_size: int
     context_parallel_size: int
@@ -198,6 +204,8 @@ class Options:
     json: Optional[str]
     save_logits: Optional[str]
     verbose: bool
+    fp8_format: Optional[str]
+    fp8_recipe: str
 
     @property
     def question(self) -> str:
@@ -212,7 +220,7 @@ class Options:
 FLAGS = ("tensor_model_parallel_size", "context_parallel_size", "context_parallel_algo", "cp_comm_type",
          "device", "bf16", "shard_weights", "seed", "max_new_tokens", "model_shape", "random_weights",
          "hf_path", "megatron_path", "frames_dir", "frames_fps", "rope_convention", "compare", "json",
-         "save_logits", "verbose")
+         "save_logits", "verbose", "fp8_format", "fp8_recipe")
 
 
 def _needle_sample(args):
@@ -228,7 +236,7 @@ def resolve_options(args) -> Options:
     """Every decision the job makes from its flags, once (pure: nothing is written). Raises
     ValueError / FileNotFoundError for a family that cannot be resolved."""
     from .models.registry import resolve_family
-    from .specs import resolve_transformer_impl
+    from .specs import resolve_lm_fusions, resolve_transformer_impl
 
     given = args.hf_path or args.megatron_path
     if given and not os.path.isdir(given):
@@ -254,10 +262,19 @@ def resolve_options(args) -> Options:
         from .tasks.model import ASSET_DIR
         checkpoint = ASSET_DIR
     max_frames = args.max_frames if args.max_frames is not None else (None if sample is not None else 768)
+    impl = resolve_transformer_impl(args.transformer_impl, args.device, verbose=False)
+    try:
+        lm_fusions = resolve_lm_fusions(args.lm_fusions, impl)
+    except ValueError as err:
+        raise ValueError(f"--lm-fusions: {err}") from None
+    from .fp8 import fp8_error
+    error = fp8_error(args.fp8_format, args.fp8_recipe, args.device, impl)
+    if error:
+        raise ValueError(error)
     return Options(args=args, family=family, checkpoint=checkpoint, generated=generated, video=video,
                    needle=sample, questions=tuple(questions), fps=2.0 if fps is None else fps,
                    max_frames=max_frames, spava_config=spava_config_from_args(args),
-                   transformer_impl=resolve_transformer_impl(args.transformer_impl, args.device, verbose=False),
+                   transformer_impl=impl, lm_fusions=lm_fusions,
                    **{flag: getattr(args, flag) for flag in FLAGS})
 
 
@@ -334,7 +351,7 @@ def _build_model(opts: Options, tp: int, cp: int, device, algo: str):
     cfg = family.config(checkpoint)
     dtype = torch.bfloat16 if opts.bf16 else torch.float32
     from .specs import backend_for_impl
-    layers = dict(backend=backend_for_impl(opts.transformer_impl),
+    layers = dict(backend=backend_for_impl(opts.transformer_impl), lm_fusions=opts.lm_fusions,
                   core_attention=core_attention_for(algo, opts.cp_comm_type))
     if opts.random_weights:  # the same seed everywhere: equal weights on every CP rank and run
         torch.manual_seed(opts.seed)
@@ -343,7 +360,7 @@ def _build_model(opts: Options, tp: int, cp: int, device, algo: str):
         with torch.device(device):
             model = Model(cfg, tensor_parallel=tp, context_parallel=cp, dtype=dtype,
                           use_cpu_initialization=device.type == "cpu", **layers)
-        return model.to(device).eval(), ps
+        return _precision(model.to(device).eval(), opts), ps
     model = Model(cfg, tensor_parallel=tp, context_parallel=cp, dtype=dtype,
                   use_cpu_initialization=True, perform_initialization=False, **layers)
     if opts.megatron_path:
@@ -351,7 +368,15 @@ def _build_model(opts: Options, tp: int, cp: int, device, algo: str):
     else:
         convert.load_hf_into_model(model, checkpoint, tp_rank=ps.get_tensor_model_parallel_rank(),
                                    tp_size=tp, progress=dist.get_rank() == 0 and opts.verbose)
-    return model.to(device).eval(), ps
+    return _precision(model.to(device).eval(), opts), ps
+
+
+def _precision(model, opts: Options):
+    """`model` with its language model's linears in FP8 when --fp8-format is given (`fp8.set_fp8`)."""
+    if opts.fp8_format:
+        from .fp8 import set_fp8
+        set_fp8(model, opts.fp8_format, opts.fp8_recipe)
+    return model
 
 
 def _run_one(opts: Options, inputs, algo: str, tp: int, cp: int, device, queries=None):
@@ -383,6 +408,18 @@ def _run_one(opts: Options, inputs, algo: str, tp: int, cp: int, device, queries
                              f"NaN or inf): the checkpoint's weights or the activations overflow "
                              f"(check the checkpoint; without --bf16 the activations are float32)")
     return result
+
+
+def _layers(opts: Options) -> dict:
+    """The language model's layers as the report and the JSON give them: backend, fusions and
+    precision (fp8: "e4m3 (delayed)", or None)."""
+    fp8 = f"{opts.fp8_format} ({opts.fp8_recipe})" if opts.fp8_format else None
+    return dict(transformer_impl=opts.transformer_impl, lm_fusions=opts.lm_fusions, fp8=fp8)
+
+
+def _layers_line(result: dict) -> str:
+    return (f"layers: {result['transformer_impl']}, fusions {result['lm_fusions']}"
+            + (f", FP8 linears {result['fp8']}" if result.get("fp8") else ""))
 
 
 def _decode_rate(out) -> Optional[float]:
@@ -428,7 +465,7 @@ def run(opts: Options) -> dict:
         checkpoint=checkpoint, video=clip.source, frames=len(clip.frames), sampled_fps=clip.fps,
         prompt_tokens=int(inputs.input_ids.shape[1]), video_tokens=video_tokens,
         processor_backend=prompter.backend, processor_fallback_reason=prompter.fallback_reason,
-        question=opts.question, transformer_impl=opts.transformer_impl, model=family.name, runs={})
+        question=opts.question, model=family.name, **_layers(opts), runs={})
     sample = opts.needle
     if sample is not None:
         result.update(true_answer=sample.answer, needle_task=sample.task,
@@ -481,7 +518,7 @@ def run_questions(opts: Options) -> dict:
         runs["full"] = _run_one(opts, inputs, "full", tp, 1, device, queries)
     result = dict(checkpoint=opts.checkpoint, video=clip.source, frames=len(clip.frames),
                   context_tokens=int(context.shape[1]), questions=list(opts.questions),
-                  model=family.name, runs={})
+                  model=family.name, **_layers(opts), runs={})
     for name, outs in runs.items():
         result["runs"][name] = [dict(
             tp=tp, cp=cp if name != "full" else 1, tokens=out.tokens, query_tokens=int(q.shape[1]),
@@ -497,7 +534,7 @@ def run_questions(opts: Options) -> dict:
         torch.save({name: [o.first_logits for o in outs] for name, outs in runs.items()}, opts.save_logits)
     if rank == 0:
         print(f"\nVideo QA, {len(queries)} questions over one cached context: {result['video']} "
-              f"({result['frames']} frames, {result['context_tokens']} context tokens)")
+              f"({result['frames']} frames, {result['context_tokens']} context tokens; {_layers_line(result)})")
         print("ttft ms: the first question pays vision + context prefill; later ones the query pass only")
         for i, question in enumerate(opts.questions):
             print(f"question {i + 1}: {question!r}")
@@ -517,7 +554,7 @@ def print_report(result: dict, args) -> None:
     print()
     print(f"Video QA: {result['video']} ({result['frames']} frames at {result['sampled_fps']:.2f} fps, "
           f"{result['video_tokens']} video tokens, {result['prompt_tokens']} prompt tokens; "
-          f"processor: {result['processor_backend']}; layers: {result['transformer_impl']})")
+          f"processor: {result['processor_backend']}; {_layers_line(result)})")
     if result["processor_fallback_reason"] and args.verbose:
         print(f"(HF's processor not used: {result['processor_fallback_reason']})")
     print(f"question: {result['question']!r}")

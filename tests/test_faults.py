@@ -457,7 +457,11 @@ def test_megatron_algo_without_te_says_it_needs_transformer_engine():
     (["tools/eval_needles.py"], ["--checkpoint", "/nonexistent/ckpt"], "checkpoint not found"),
     (["tools/bench_prefill.py", "--shape", "tiny", "--device", "cpu"], ["--tokens", "-5"],
      "--tokens must be >= 1, got -5"),
-], ids=["eval-tokens", "eval-checkpoint", "bench-tokens"])
+    (["-m", "megatron_spava.video_qa"], ["--fp8-format", "e4m3"], "FP8 runs on a CUDA GPU"),
+    (["-m", "megatron_spava.video_qa"], ["--lm-fusions", "te-ops"], "--lm-fusions: lm_fusions='te-ops' needs "
+                                                                    "Transformer Engine layers"),
+    (["tools/eval_needles.py"], ["--lm-fusions", "megatron"], "--lm-fusions: lm_fusions='megatron' needs"),
+], ids=["eval-tokens", "eval-checkpoint", "bench-tokens", "qa-fp8-cpu", "qa-fusions-local", "eval-fusions-local"])
 def test_tools_report_bad_input_in_one_line(cmd, bad, expect):
     out = subprocess.run([sys.executable, *cmd, *bad], cwd=ROOT, env=ENV, capture_output=True, text=True,
                          timeout=120)

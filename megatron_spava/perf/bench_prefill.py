@@ -62,7 +62,7 @@ import torch.distributed as dist
 
 from . import kernels, layer
 from ..models import registry as _families
-from ..specs import LM_FUSIONS, resolve_lm_fusions
+from ..specs import add_lm_fusions_arg, resolve_lm_fusions
 from ..video.inputs import pin_pixels
 from .work import Shape
 from .inputs import prompt_lengths, synthetic_inputs, vision_flops_per_group  # noqa: F401 (this module's API)
@@ -107,11 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--shard-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="CP algorithms keep 1/W of each LLM layer's weights per GPU, gathered layer "
                         "by layer (the model's shard_weights) (default: on)")
-    p.add_argument("--lm-fusions", choices=LM_FUSIONS, nargs="+", default=None,
-                   help="the language model's fused kernels on TE layers: 'megatron' (Megatron-LM's "
-                        "defaults: fused SwiGLU, residual add and RoPE), 'te-ops' (plus TE's operation "
-                        "fuser for the MLP) or 'none'; several: one model each, in this process, results "
-                        "keyed '<algo>+<fusions>' (default: 'megatron' on TE layers, 'none' on local)")
+    add_lm_fusions_arg(p, several=True)
     p.add_argument("--pin-pixels", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, keep the video's pixels in page-locked host memory, as a decoding "
                         "pipeline would, so each rank's slice is copied to the GPU by DMA without "

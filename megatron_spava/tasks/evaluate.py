@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_spava_args(p, algorithm=False)  # budgets and switches every variant starts from
     from ..fp8 import add_fp8_args
     add_fp8_args(p)  # FP8 linears on TE layers: compare against a bf16 run of the same samples
-    from ..specs import add_transformer_impl_arg
+    from ..specs import add_lm_fusions_arg, add_transformer_impl_arg
     add_transformer_impl_arg(p, cp_comm_type=False)
+    add_lm_fusions_arg(p)
     p._option_string_actions["--transformer-impl"].help = (
         "the language model's layers: megatron-core's own (local) or Transformer Engine's "
         "(transformer_engine, CUDA only) (default: transformer_engine with --fp8-format, else local; "
@@ -120,15 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------- ranks
 
 def _build_model(checkpoint: str, cp: int, device, dtype, fp8_format=None, fp8_recipe="delayed",
-                 transformer_impl=None):
+                 transformer_impl=None, lm_fusions=None):
     """The checkpoint's family's megatron model (config.json's model_type), loaded, eval mode.
     transformer_impl: "transformer_engine" for Transformer Engine's layers (default: with
     fp8_format), else megatron-core's local layers; fp8_format: the language model's linears
-    in FP8 (megatron_spava.fp8)."""
+    in FP8 (megatron_spava.fp8); lm_fusions: the language model's fused kernels
+    (`specs.resolve_lm_fusions`; None: the backend's default)."""
     from ..models.registry import detect_family
     family = detect_family(checkpoint)
     te = (transformer_impl or ("transformer_engine" if fp8_format else "local")) == "transformer_engine"
     extra = {"backend": "transformer_engine"} if te else {}
+    extra["lm_fusions"] = lm_fusions
     model = family.model_class()(family.config(checkpoint), context_parallel=cp, dtype=dtype,
                                  use_cpu_initialization=True, perform_initialization=False, **extra)
     family.convert().load_hf_into_model(model, checkpoint, tp_rank=0, tp_size=1, progress=False)
@@ -213,12 +216,14 @@ def run(args) -> Optional[dict]:
     # groups it was built with), and the full-attention reference.
     ps = model_parallel_state(1, 1)
     full_group = ps.get_context_parallel_group()
-    full_model = _build_model(checkpoint, 1, device, dtype, args.fp8_format, args.fp8_recipe, args.transformer_impl)
+    full_model = _build_model(checkpoint, 1, device, dtype, args.fp8_format, args.fp8_recipe,
+                              args.transformer_impl, args.lm_fusions)
     full_capture = LayerCapture(full_model)
     setups = []
     for cp in cp_sizes:
         ps = model_parallel_state(1, cp)
-        model = _build_model(checkpoint, cp, device, dtype, args.fp8_format, args.fp8_recipe, args.transformer_impl)
+        model = _build_model(checkpoint, cp, device, dtype, args.fp8_format, args.fp8_recipe,
+                             args.transformer_impl, args.lm_fusions)
         setups.append(dict(cp=cp, model=model, capture=LayerCapture(model),
                            group=ps.get_context_parallel_group(), cp_rank=ps.get_context_parallel_rank(),
                            replica=ps.get_data_parallel_rank(), replicas=ps.get_data_parallel_world_size()))
@@ -357,7 +362,9 @@ def _meta(args, world, cp_sizes, checkpoint, device, wanted) -> dict:
                 device=(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
                 backend=dist.get_backend(), world=world, cp_sizes=cp_sizes, tokens=args.tokens,
                 tasks=args.tasks, samples=args.samples, seed=args.seed,
-                dtype="bfloat16" if args.bf16 else "float32", checkpoint=checkpoint, model=info,
+                dtype="bfloat16" if args.bf16 else "float32", transformer_impl=args.transformer_impl,
+                lm_fusions=args.lm_fusions, fp8=f"{args.fp8_format} ({args.fp8_recipe})" if args.fp8_format else None,
+                checkpoint=checkpoint, model=info,
                 algos=["full"] + [w[0] for w in wanted], torch=torch.__version__,
                 spava_config=dataclasses.asdict(spava_config_from_args(args)))
 
@@ -555,6 +562,11 @@ def check_args(args) -> None:
     if error:
         raise ValueError(error)
     args.transformer_impl = resolve_transformer_impl(impl, args.device, verbose=False)
+    from ..specs import resolve_lm_fusions
+    try:
+        args.lm_fusions = resolve_lm_fusions(args.lm_fusions, args.transformer_impl)
+    except ValueError as err:
+        raise ValueError(f"--lm-fusions: {err}") from None
     read_hf_config(args.checkpoint) if args.checkpoint else shipped_checkpoint()
 
 
