@@ -117,18 +117,22 @@ def get_gpt_layer_spec(backend: str = "local", *, algo: Optional[str] = None, co
 LM_FUSIONS = ("none", "megatron", "te-ops")
 
 
-def resolve_lm_fusions(choice: Optional[str], backend: str) -> str:
+def resolve_lm_fusions(choice: Optional[str], backend: str, fp8: bool = False) -> str:
     """The language model's fusions for `backend` ("local"/"te" or a --transformer-impl name):
-    `choice` checked, or its default when None: "megatron" on TE layers, "none" on local ones.
+    `choice` checked, or its default when None: on TE layers "megatron", or "te-ops" when the
+    linears run in FP8 (`fp8`); "none" on local ones.
 
     "none": every elementwise stage its own PyTorch kernels (what runs on the CPU);
     "megatron": what Megatron-LM turns on by default, megatron-core's fused SwiGLU and
     residual add (`bias_activation_fusion`, `bias_dropout_fusion`) and TE's fused RoPE
     (`apply_rope_fusion`); "te-ops": "megatron" plus TE's operation fuser for the MLP
     (`use_te_op_fuser`). Anything but "none" needs TE layers (TE provides the fused RoPE;
-    the fused paths are CUDA kernels). Same math; roundings may differ in the last bits."""
+    the fused paths are CUDA kernels). Same math; roundings may differ in the last bits.
+    Why te-ops only with FP8 (BENCHMARKS.md section 13, 2026-12-06 17:27, one process): its
+    fuser writes the SwiGLU's output in FP8 for fc2, so FP8 dense layers ran 2.5-3.8% faster
+    than under "megatron" (1.64x bf16 against 1.57-1.59x); in bf16 the two were within 1%."""
     backend = _backend(backend)
-    choice = choice or ("megatron" if backend == "te" else "none")
+    choice = choice or (("te-ops" if fp8 else "megatron") if backend == "te" else "none")
     if choice not in LM_FUSIONS:
         raise ValueError(f"lm_fusions={choice!r}: choose one of {LM_FUSIONS}")
     if choice != "none" and backend != "te":
@@ -147,7 +151,7 @@ def add_lm_fusions_arg(parser, several: bool = False):
              "fused SwiGLU, residual add and RoPE), 'te-ops' (plus Transformer Engine's operation "
              "fuser for the MLP) or 'none'" + ("; several: one model each, in this process, results "
                                                "keyed '<algo>+<fusions>'" if several else "")
-             + " (default: 'megatron' on TE layers, 'none' on local ones)")
+             + " (default on TE layers: 'megatron', or 'te-ops' with --fp8-format; 'none' on local ones)")
     return parser
 
 

@@ -264,7 +264,7 @@ def resolve_options(args) -> Options:
     max_frames = args.max_frames if args.max_frames is not None else (None if sample is not None else 768)
     impl = resolve_transformer_impl(args.transformer_impl, args.device, verbose=False)
     try:
-        lm_fusions = resolve_lm_fusions(args.lm_fusions, impl)
+        lm_fusions = resolve_lm_fusions(args.lm_fusions, impl, fp8=bool(args.fp8_format))
     except ValueError as err:
         raise ValueError(f"--lm-fusions: {err}") from None
     from .fp8 import fp8_error

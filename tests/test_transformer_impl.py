@@ -323,6 +323,9 @@ def test_lm_fusions_follow_megatron_lms_defaults_on_te_layers_only(mocked_te):
     choice on local layers or an unknown one is one clear error."""
     assert specs.resolve_lm_fusions(None, "local") == "none"
     assert specs.resolve_lm_fusions(None, "transformer_engine") == "megatron"
+    assert specs.resolve_lm_fusions(None, "transformer_engine", fp8=True) == "te-ops"  # FP8's default
+    assert specs.resolve_lm_fusions("megatron", "transformer_engine", fp8=True) == "megatron"
+    assert specs.resolve_lm_fusions(None, "local", fp8=True) == "none"
     fields = ("bias_activation_fusion", "bias_dropout_fusion", "apply_rope_fusion")
     config, spec = specs.lm_fusion_settings(None, "local")
     assert config == dict.fromkeys(fields, False) and spec == {}

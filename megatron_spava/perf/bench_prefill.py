@@ -51,6 +51,7 @@ other kernel does, over the run's wall time.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -162,6 +163,8 @@ def parse_args(argv=None):
         error = fp8_error(args.fp8_format, args.fp8_recipe, args.device, args.transformer_impl)
         if error:
             p.error(error)
+    if args.lm_fusions and len(set(args.lm_fusions)) < len(args.lm_fusions):
+        p.error(f"--lm-fusions: each choice once (got {' '.join(args.lm_fusions)})")
     if args.transformer_impl:  # else checked once the impl is resolved (bench)
         try:
             [resolve_lm_fusions(f, args.transformer_impl) for f in args.lm_fusions or ()]
@@ -566,7 +569,7 @@ def bench(args):
     if error:
         raise ValueError(error)
     precisions = (["bf16", "fp8"] if args.fp8_compare else ["fp8"]) if args.fp8_format else ["bf16"]
-    fusions = [resolve_lm_fusions(f, impl) for f in args.lm_fusions or [None]]
+    fusions = [resolve_lm_fusions(f, impl, fp8=bool(args.fp8_format)) for f in args.lm_fusions or [None]]
     results = dict(shape=args.shape, model=family_of(args.shape, args.model), world=world, tp=tp, cp=cp, device=name, transformer_impl=impl,
                    lm_fusions=fusions, pinned_pixels=args.pin_pixels and args.device_obj.type == "cuda",
                    torch=torch.__version__, date=time.strftime("%Y-%m-%d"), runs={},
@@ -637,7 +640,10 @@ def bench(args):
                                           shard=shard and size > 1, emulated=emulated and size > 1, me=me))
                     _report(rank, n, key, run)
             _save(rank, args, results)
-        del model
+        # every reference to this group's model (the sharded layers hold the language model),
+        # so the next group's model gets its memory (several --lm-fusions: one model each)
+        model = sharded = inputs = None
+        gc.collect()
         if args.device_obj.type == "cuda":
             torch.cuda.empty_cache()
     _speedups(results)

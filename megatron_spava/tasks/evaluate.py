@@ -564,7 +564,7 @@ def check_args(args) -> None:
     args.transformer_impl = resolve_transformer_impl(impl, args.device, verbose=False)
     from ..specs import resolve_lm_fusions
     try:
-        args.lm_fusions = resolve_lm_fusions(args.lm_fusions, args.transformer_impl)
+        args.lm_fusions = resolve_lm_fusions(args.lm_fusions, args.transformer_impl, fp8=bool(args.fp8_format))
     except ValueError as err:
         raise ValueError(f"--lm-fusions: {err}") from None
     read_hf_config(args.checkpoint) if args.checkpoint else shipped_checkpoint()
