@@ -317,6 +317,18 @@ def test_megatron_layout_errors_and_te_requirement():
             core_attention_for("megatron", "p2p")
 
 
+def test_needle_ranks_resolve_the_layers_as_the_launcher_does():
+    """The evaluation's ranks parse the flags again and run `resolve_layers` (the launcher's
+    check_args does too), so both build the layers and fusions the flags resolve to."""
+    from megatron_spava.tasks import evaluate
+    args = evaluate.build_parser().parse_args(["--tokens", "1024"])
+    evaluate.resolve_layers(args)
+    assert (args.transformer_impl, args.lm_fusions) == ("local", "none")
+    args = evaluate.build_parser().parse_args(["--lm-fusions", "te-ops"])
+    with pytest.raises(ValueError, match="--lm-fusions: .*needs Transformer Engine layers"):
+        evaluate.resolve_layers(args)
+
+
 def test_lm_fusions_follow_megatron_lms_defaults_on_te_layers_only(mocked_te):
     """'megatron' (the TE default) turns on the fusions Megatron-LM turns on by default;
     local layers run none of them; 'te-ops' adds TE's fused MLP to the layer spec; a fused
