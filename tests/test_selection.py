@@ -311,7 +311,7 @@ def test_rownorm_on_cuda_is_the_fused_kernel_and_matches_the_torch_path(lq, monk
     monkeypatch.setattr(_lse_score_triton, "launch", lambda *a, **kw: launches.append(kw.get("row_offset") is not None) or real(*a, **kw))
     got = selection.selection_scores(k, qq, 1, scale, "rownorm")
     assert launches == [False, True] and got.shape == (1, 4, 16384) and torch.isfinite(got).all()
-    torch_path = selection.rownorm_scores_torch(k, qq, scale)
+    torch_path = lse_score.rownorm_scores(qq, k, scale, impl="torch").permute(1, 2, 0)  # [b, hk, l]
     x = torch.matmul(k.double().permute(1, 2, 0, 3),  # [b, hk, l, R], rows (j, g) g fastest
                      qq.double().reshape(lq, 1, 4, 7, 128).permute(1, 2, 4, 0, 3).reshape(1, 4, 128, -1)) * scale
     expected = torch.logsumexp(x - torch.logsumexp(x, dim=2, keepdim=True), dim=-1)

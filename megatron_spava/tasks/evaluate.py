@@ -556,11 +556,6 @@ def check_args(args) -> None:
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}")
     distributed_timeout(args)
-    from ..fp8 import fp8_error
-    impl = args.transformer_impl or ("transformer_engine" if args.fp8_format else "local")
-    error = fp8_error(args.fp8_format, args.fp8_recipe, args.device, impl)
-    if error:
-        raise ValueError(error)
     resolve_layers(args)
     read_hf_config(args.checkpoint) if args.checkpoint else shipped_checkpoint()
 
@@ -569,9 +564,14 @@ def resolve_layers(args) -> None:
     """args.transformer_impl and args.lm_fusions resolved in place (their defaults: TE layers
     with --fp8-format, else local; `specs.resolve_lm_fusions`, te-ops with FP8). Run by the
     launching process (`check_args`) and by every rank, which parse the flags again.
-    ValueError for a choice these layers cannot run."""
+    ValueError (one line) for FP8 that cannot run here (`fp8.fp8_error`) or a choice these
+    layers cannot run."""
+    from ..fp8 import fp8_error
     from ..specs import resolve_lm_fusions, resolve_transformer_impl
     impl = args.transformer_impl or ("transformer_engine" if args.fp8_format else "local")
+    error = fp8_error(args.fp8_format, args.fp8_recipe, args.device, impl)
+    if error:
+        raise ValueError(error)
     args.transformer_impl = resolve_transformer_impl(impl, args.device, verbose=False)
     try:
         args.lm_fusions = resolve_lm_fusions(args.lm_fusions, args.transformer_impl, fp8=bool(args.fp8_format))

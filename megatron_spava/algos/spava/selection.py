@@ -106,24 +106,15 @@ def max_share(scorer: Scorer) -> Scorer:
 lse_max_scores = max_share(lse_scores)
 
 
-def rownorm_scores_torch(k_block: torch.Tensor, probes: torch.Tensor, scale: float) -> torch.Tensor:
+def rownorm_scores(k_block: torch.Tensor, probes: torch.Tensor, scale: float) -> torch.Tensor:
     """s[t, h] = log sum over the probe tokens j and the group's heads g of
     softmax_{t' in block}(scale * q[j, g] . k[t', h]) at t: each probe row's attention
     within the block counts once, whatever its logit scale (SnapKV-like; BENCHMARKS.md
-    section 11). `ops.lse_score.rownorm_scores`'s torch path: two passes over key chunks of
-    bounded memory (float32 logits): each row's log-sum-exp over the block's keys, then each
-    key's log-sum-exp over the rows of the logits minus it. Per KV head, sum_t exp(s[t, h]) =
-    the number of probe rows. Shapes as `Scorer`; the normaliser is over k_block, which is
-    one whole block."""
-    from ...ops import lse_score
-    return lse_score.rownorm_scores(probes, k_block, scale, impl="torch").permute(1, 2, 0)  # [b, hk, l]
-
-
-def rownorm_scores(k_block: torch.Tensor, probes: torch.Tensor, scale: float) -> torch.Tensor:
-    """`rownorm_scores_torch`'s definition, from `ops.lse_score.rownorm_scores`: on CUDA,
-    where triton imports, two calls of the fused lse kernel (each row's log-sum-exp over the
-    block, then each key's score with it as a per-row offset; no logits in memory);
-    elsewhere its torch path. Shapes as `Scorer`."""
+    section 11). Per KV head, sum_t exp(s[t, h]) = the number of probe rows; the normaliser
+    is over k_block, which is one whole block. `ops.lse_score.rownorm_scores`: on CUDA, where
+    triton imports, two calls of the fused lse kernel (each row's log-sum-exp over the block,
+    then each key's score with it as a per-row offset; no logits in memory); elsewhere its
+    torch path over key chunks. Shapes as `Scorer`."""
     from ...ops import lse_score
     return lse_score.rownorm_scores(probes, k_block, scale).permute(1, 2, 0)  # [b, hk, l], no copy
 
